@@ -1,0 +1,139 @@
+"""Structured-config schema: types every key of `conf/`, so a typo fails before training.
+
+The values live in the YAML files under `conf/`; these dataclasses only say what keys exist
+and of which type. Each group option's YAML names its schema first in its defaults list
+(`- /schema/model/softmax@_here_`); keeping the schemas in their own `schema/` groups keeps
+them out of the options a user picks from.
+"""
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from runner.errors import UserError
+
+
+@dataclass
+class SoftmaxConf:
+    name: str = "softmax"
+
+
+@dataclass
+class CnnRawConf:
+    name: str = "cnn_raw"
+    keep_prob: float = MISSING
+    init_stddev: float = MISSING
+    bias_init: float = MISSING
+
+
+@dataclass
+class CnnLayersConf:
+    name: str = "cnn_layers"
+    dropout_rate: float = MISSING
+
+
+@dataclass
+class SGDConf:
+    name: str = "sgd"
+    lr: float = MISSING
+    momentum: float = 0.0
+    nesterov: bool = False
+
+
+@dataclass
+class AdamConf:
+    name: str = "adam"
+    lr: float = MISSING
+    beta_1: float = MISSING
+    beta_2: float = MISSING
+    epsilon: float = MISSING
+    amsgrad: bool = False
+
+
+@dataclass
+class DataConf:
+    name: str = "mnist"
+    dir: str = MISSING
+    batch_size: int = MISSING
+    eval_batch_size: int = MISSING
+    validation_size: int = MISSING
+    limit: int | None = None
+    download: bool = MISSING
+    download_timeout_s: float = MISSING
+    mirrors: list[str] = field(default_factory=list)
+    sha256: dict[str, str] = field(default_factory=dict)
+
+
+class Loss(StrEnum):
+    sparse_softmax_cross_entropy = "sparse_softmax_cross_entropy"
+
+
+@dataclass
+class TrainerConf:
+    steps: int = MISSING
+    log_every: int = MISSING
+    eval_every: int = MISSING
+    loss: Loss = Loss.sparse_softmax_cross_entropy
+    progress_bar: bool = True
+    log_model: bool = True
+
+
+@dataclass
+class Config:
+    model: Any = MISSING
+    optimizer: Any = MISSING
+    data: DataConf = MISSING
+    trainer: TrainerConf = MISSING
+    seed: int = MISSING
+    experiment_name: str = MISSING
+    tracking_uri: str | None = None
+
+
+def register_configs() -> None:
+    """Store the schemas in Hydra's ConfigStore; called before Hydra composes."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="schema/model", name="softmax", node=SoftmaxConf)
+    cs.store(group="schema/model", name="cnn_raw", node=CnnRawConf)
+    cs.store(group="schema/model", name="cnn_layers", node=CnnLayersConf)
+    cs.store(group="schema/optimizer", name="sgd", node=SGDConf)
+    cs.store(group="schema/optimizer", name="adam", node=AdamConf)
+    cs.store(group="schema/data", name="mnist", node=DataConf)
+    cs.store(group="schema/trainer", name="trainer", node=TrainerConf)
+
+
+def check_config(cfg: Any) -> None:
+    """Reject values the types allow but training cannot use, naming the key and a fix."""
+    t, d = cfg.trainer, cfg.data
+    for key, value in {
+        "trainer.steps": t.steps,
+        "trainer.log_every": t.log_every,
+        "trainer.eval_every": t.eval_every,
+        "data.batch_size": d.batch_size,
+        "data.eval_batch_size": d.eval_batch_size,
+    }.items():
+        if value <= 0:
+            raise UserError(f"{key}={value} must be a positive integer")
+    if t.steps % t.log_every:
+        raise UserError(
+            f"trainer.steps={t.steps} must be a multiple of trainer.log_every={t.log_every}: "
+            f"training is logged in windows of log_every steps"
+        )
+    if t.eval_every % t.log_every:
+        raise UserError(
+            f"trainer.eval_every={t.eval_every} must be a multiple of "
+            f"trainer.log_every={t.log_every}"
+        )
+    keep_prob = cfg.model.get("keep_prob", 1.0)
+    if not 0.0 < keep_prob <= 1.0:
+        raise UserError(f"model.keep_prob={keep_prob} must be in (0, 1]; 1 turns dropout off")
+    dropout_rate = cfg.model.get("dropout_rate", 0.0)
+    if not 0.0 <= dropout_rate < 1.0:
+        raise UserError(f"model.dropout_rate={dropout_rate} must be in [0, 1); 0 turns dropout off")
+    if cfg.optimizer.lr <= 0:
+        raise UserError(f"optimizer.lr={cfg.optimizer.lr} must be positive")
+    if d.limit is not None and d.limit <= 0:
+        raise UserError(f"data.limit={d.limit} must be positive, or null for the whole data set")

@@ -1,0 +1,31 @@
+"""The three tutorial models, each built from its `model` config group option; all emit logits."""
+
+from typing import Any
+
+MODEL_NAMES = ("softmax", "cnn_raw", "cnn_layers")
+
+
+def build(cfg: Any) -> Any:
+    """A fresh, uncompiled `keras.Model` mapping (batch, 784) pixels to (batch, 10) logits."""
+    if cfg.name == "softmax":
+        from runner.models.softmax import build_softmax
+
+        return build_softmax()
+    if cfg.name == "cnn_raw":
+        from runner.models.cnn_raw import build_cnn_raw
+
+        return build_cnn_raw(cfg.keep_prob, cfg.init_stddev, cfg.bias_init)
+    if cfg.name == "cnn_layers":
+        from runner.models.cnn_layers import build_cnn_layers
+
+        return build_cnn_layers(cfg.dropout_rate)
+    raise ValueError(f"model.name={cfg.name!r} is not one of {', '.join(MODEL_NAMES)}")
+
+
+def loss(name: str) -> Any:
+    """The training loss named by `trainer.loss`."""
+    import keras
+
+    if name == "sparse_softmax_cross_entropy":
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    raise ValueError(f"trainer.loss={name!r} is unknown")

@@ -1,0 +1,46 @@
+"""Figures logged with each run: training curves and the test-set confusion matrix."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def training_curves(history: dict[str, list[tuple[int, float]]]) -> Figure:
+    """Loss and accuracy against optimizer step, training and validation on shared axes."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        for split in ("train", "val"):
+            points = history.get(f"{split}/{metric}", [])
+            if points:
+                steps, values = zip(*points, strict=True)
+                ax.plot(steps, values, marker="." if len(points) < 30 else None, label=split)
+        ax.set(title=metric, xlabel="step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return fig
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: int = 10) -> Figure:
+    """Counts of (true, predicted) class pairs, written in each cell."""
+    counts = np.bincount(labels * classes + predicted, minlength=classes * classes)
+    counts = counts.reshape(classes, classes)
+    fig, ax = plt.subplots(figsize=(7, 6), layout="constrained")
+    image = ax.imshow(counts, cmap="Blues")
+    fig.colorbar(image, ax=ax)
+    threshold = counts.max() / 2
+    for (true, pred), count in np.ndenumerate(counts):
+        colour = "white" if count > threshold else "black"
+        ax.text(pred, true, str(count), ha="center", va="center", fontsize=7, color=colour)
+    accuracy = np.trace(counts) / max(counts.sum(), 1)
+    ax.set(
+        title=f"Test confusion matrix (accuracy {accuracy:.4f})",
+        xlabel="predicted",
+        ylabel="true",
+        xticks=range(classes),
+        yticks=range(classes),
+    )
+    return fig

@@ -1,0 +1,143 @@
+"""MLflow bookkeeping for one training run: config, metrics, test results, plots and the model.
+
+Metrics are sent asynchronously so that logging every few steps does not stall training; the
+run is flushed before it ends, and a run that raises ends FAILED with the error in a tag.
+"""
+
+import logging
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from runner import plots
+from runner.data import Split
+
+log = logging.getLogger(__name__)
+
+MODEL_ARTIFACT = "model"
+
+
+class Recorder:
+    """Logs into the active MLflow run and keeps the metric histories for the plots."""
+
+    def __init__(self, run_id: str, steps: int):
+        self.run_id = run_id
+        self.steps = steps
+        self.history: dict[str, list[tuple[int, float]]] = {}
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        metrics = {key: float(value) for key, value in metrics.items()}
+        for key, value in metrics.items():
+            self.history.setdefault(key, []).append((step, value))
+        mlflow.log_metrics(metrics, step=step, synchronous=False)
+
+    def callback(self, steps_per_epoch: int) -> Any:
+        from runner.callbacks import MlflowMetrics
+
+        return MlflowMetrics(self, steps_per_epoch)
+
+    def log_test(self, test: Split, logits: np.ndarray, loss: float) -> None:
+        """Test metrics at the last step, the confusion matrix and the training curves."""
+        predicted = logits.argmax(axis=1)
+        accuracy = float(np.mean(predicted == test.y))
+        self.log_metrics({"test/loss": loss, "test/accuracy": accuracy}, step=self.steps)
+        log.info("test accuracy %.4f, test loss %.4f", accuracy, loss)
+        mlflow.log_figure(plots.confusion_matrix(test.y, predicted), "plots/confusion_matrix.png")
+        mlflow.log_figure(plots.training_curves(self.history), "plots/training_curves.png")
+
+    def log_model(self, model: Any, example: np.ndarray) -> None:
+        """The trained model and its signature; pinned requirements skip MLflow's slow inference."""
+        import keras
+        import tensorflow as tf
+        from mlflow.models import infer_signature
+
+        signature = infer_signature(example, model.predict(example, verbose=0))
+        # uv's environments have no pip, which MLflow reports as a warning while writing conda.yaml.
+        logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)
+        mlflow.keras.log_model(
+            model,
+            name=MODEL_ARTIFACT,
+            signature=signature,
+            pip_requirements=[
+                f"keras=={keras.__version__}",
+                f"tensorflow=={tf.__version__}",
+                f"mlflow=={mlflow.__version__}",
+            ],
+        )
+
+    def final_metrics(self) -> dict[str, float]:
+        return {key: values[-1][1] for key, values in self.history.items()}
+
+
+@contextmanager
+def mlflow_run(cfg: DictConfig) -> Iterator[Recorder]:
+    """One MLflow run around the training; ends FAILED (with an `error` tag) if anything raises."""
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    mlflow.set_experiment(cfg.experiment_name)
+    hydra_dir = _hydra_output_dir()
+    with mlflow.start_run(run_name=_run_name(cfg)) as run:
+        try:
+            log.info("MLflow run %s in experiment %r", run.info.run_id, cfg.experiment_name)
+            _log_config(cfg, hydra_dir)
+            yield Recorder(run.info.run_id, cfg.trainer.steps)
+        except BaseException as error:
+            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+            raise
+        finally:
+            mlflow.flush_async_logging()
+
+
+def _log_config(cfg: DictConfig, hydra_dir: Path | None) -> None:
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    mlflow.log_params(dict(flatten(resolved)))
+    mlflow.set_tags(
+        {
+            "model": cfg.model.name,
+            "optimizer": cfg.optimizer.name,
+            **({"git_commit": commit} if (commit := git_commit()) else {}),
+        }
+    )
+    mlflow.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
+    if hydra_dir is not None and (hydra_dir / ".hydra").is_dir():
+        mlflow.log_artifacts(str(hydra_dir / ".hydra"), "hydra")
+
+
+def flatten(tree: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Nested config to dotted keys: {"optimizer": {"lr": 0.5}} -> ("optimizer.lr", 0.5)."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def git_commit() -> str | None:
+    """The commit of the runner's own checkout, if it is one."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except OSError:
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _hydra_output_dir() -> Path | None:
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+
+
+def _run_name(cfg: DictConfig) -> str:
+    """The command-line overrides name the run, so a sweep's runs tell themselves apart."""
+    overrides = HydraConfig.get().job.override_dirname if HydraConfig.initialized() else ""
+    return overrides or cfg.model.name

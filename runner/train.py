@@ -1,0 +1,60 @@
+"""The `runner` command: compose the Hydra config, build data, model and optimizer, train, record.
+
+Only Hydra and OmegaConf are imported at module level, so `runner --cfg job` answers without
+loading TensorFlow or MLflow.
+"""
+
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from runner.config import check_config, register_configs
+from runner.errors import UserError
+
+register_configs()
+
+# conf/ sits beside the package in the checkout, which uv installs in editable mode.
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train one model as `cfg` says and record it in MLflow; returns the final metrics."""
+    check_config(cfg)
+    # TensorFlow's C++ INFO lines (CPU features, oneDNN) drown the training log; warnings stay.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+    import keras
+
+    from runner import data, models, optim, tracking
+    from runner.fitting import evaluate_logits, fit
+
+    keras.utils.set_random_seed(cfg.seed)
+    splits = data.load_mnist(cfg.data)
+    model = models.build(cfg.model)
+    model.compile(
+        optimizer=optim.build(cfg.optimizer),
+        loss=models.loss(cfg.trainer.loss),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+    with tracking.mlflow_run(cfg) as recorder:
+        fit(model, splits, cfg, recorder)
+        recorder.log_test(
+            splits.test, *evaluate_logits(model, splits.test, cfg.data.eval_batch_size)
+        )
+        if cfg.trainer.log_model:
+            recorder.log_model(model, splits.test.x[:8])
+        return recorder.final_metrics()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except UserError as error:
+        raise SystemExit(f"runner: error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()
