@@ -2,6 +2,7 @@
 
 import gzip
 import hashlib
+import http.client
 import logging
 import urllib.request
 import zlib
@@ -105,7 +106,7 @@ def download(
             with urllib.request.urlopen(url, timeout=timeout_s) as response:
                 payload = response.read()
             parse_idx(_decompress(payload, url), sha256, url)
-        except (OSError, UserError) as error:
+        except (OSError, ValueError, http.client.HTTPException, UserError) as error:
             failures.append(f"  {url}: {error}")
             continue
         directory.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,50 @@
+"""Shared fixtures: the real MNIST folder, composed configs, and a scratch MLflow store."""
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from runner.config import register_configs
+from runner.train import CONF_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mnist_path() -> Path:
+    """MNIST_DIR; else data/mnist, where `uv run runner` downloads it; else CI's ../shared copy."""
+    if "MNIST_DIR" in os.environ:
+        return Path(os.environ["MNIST_DIR"]).resolve()
+    downloaded = REPO / "data" / "mnist"
+    return downloaded if downloaded.is_dir() else REPO.parent / "shared" / "data" / "mnist"
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    path = mnist_path()
+    if (
+        not (path / "train-images-idx3-ubyte.gz").is_file()
+        and not (path / "train-images-idx3-ubyte").is_file()
+    ):
+        pytest.fail(
+            f"MNIST IDX files not found in {path}: set MNIST_DIR to the folder holding them"
+        )
+    return path
+
+
+def compose_config(overrides: list[str] = ()) -> DictConfig:
+    """The config `runner OVERRIDES` would run with, composed without running it."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture
+def in_tmp_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mnist_dir: Path) -> Path:
+    """Work in an empty directory, where MLflow's embedded store (mlflow.db, mlruns/) lands."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MNIST_DIR", str(mnist_dir))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path

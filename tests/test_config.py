@@ -1,0 +1,120 @@
+"""The config is the interface: every option composes, and bad input fails before training."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from runner.config import check_config
+from runner.errors import UserError
+
+from .conftest import compose_config
+
+RUNNER = [sys.executable, "-m", "runner"]
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_groups_hold_the_options_the_tutorials_need():
+    assert options("model") == ["cnn_layers", "cnn_raw", "softmax"]
+    assert {"sgd", "adam"} <= set(options("optimizer"))
+    assert options("data") == ["mnist"]
+
+
+@pytest.mark.parametrize("model", options("model"))
+@pytest.mark.parametrize("optimizer", options("optimizer"))
+def test_every_option_composes_and_passes_checks(model, optimizer):
+    cfg = compose_config([f"model={model}", f"optimizer={optimizer}"])
+    assert cfg.model.name == model
+    assert cfg.optimizer.name == optimizer
+    assert cfg.optimizer.lr > 0
+    assert OmegaConf.missing_keys(cfg) == set()
+    check_config(cfg)
+
+
+def test_every_yaml_starts_with_a_usage_comment():
+    for path in CONF.rglob("*.yaml"):
+        assert path.read_text().startswith("# "), f"{path} lacks its first-line usage comment"
+
+
+def test_defaults_match_the_tutorials():
+    cfg = compose_config()
+    assert (cfg.model.name, cfg.optimizer.name, cfg.optimizer.lr) == ("softmax", "sgd", 0.5)
+    assert (cfg.trainer.steps, cfg.data.batch_size, cfg.trainer.log_every) == (1000, 100, 100)
+    raw = compose_config(["model=cnn_raw", "optimizer=adam"])
+    assert raw.model.keep_prob == 0.5 and raw.model.init_stddev == 0.1
+    assert raw.optimizer.lr == 1e-4 and raw.optimizer.epsilon == 1e-8
+    assert compose_config(["model=cnn_layers"]).model.dropout_rate == 0.4
+
+
+def test_tracking_uri_follows_the_environment(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert compose_config().tracking_uri == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert compose_config().tracking_uri == "http://127.0.0.1:5000"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.steps=0"], "trainer.steps=0 must be a positive integer"),
+        (["data.batch_size=-5"], "data.batch_size=-5 must be a positive integer"),
+        (["trainer.steps=250"], "must be a multiple of trainer.log_every=100"),
+        (["trainer.eval_every=150"], "trainer.eval_every=150 must be a multiple"),
+        (["model=cnn_raw", "model.keep_prob=0"], "model.keep_prob=0.0 must be in (0, 1]"),
+        (["model=cnn_layers", "model.dropout_rate=1.0"], "model.dropout_rate=1.0 must be in"),
+        (["optimizer.lr=0"], "optimizer.lr=0.0 must be positive"),
+        (["data.limit=0"], "data.limit=0 must be positive"),
+    ],
+)
+def test_check_config_names_the_bad_key(overrides, message):
+    with pytest.raises(UserError) as error:
+        check_config(compose_config(overrides))
+    assert message in str(error.value)
+
+
+def run_runner(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*RUNNER, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimizer.lrr=0.1", "Key 'lrr' not in 'SGDConf'"),
+        ("trainer.steps=many", "Value 'many' of type 'str' could not be converted to Integer"),
+        ("model=resnet", "Could not find 'model/resnet'"),
+    ],
+)
+def test_bad_override_exits_non_zero_naming_it(override, message, tmp_path):
+    result = run_runner(override, cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not (tmp_path / "mlflow.db").exists(), "a config error must not start an MLflow run"
+
+
+def test_user_error_is_one_line_without_traceback(tmp_path):
+    result = run_runner("trainer.steps=-1", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "runner: error: trainer.steps=-1 must be a positive integer" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_printing_the_config_does_not_import_tensorflow(tmp_path):
+    probe = (
+        "import sys; sys.argv = ['runner', '--cfg', 'job', 'model=cnn_layers'];"
+        "import runner.train as t\n"
+        "try:\n    t.main()\nexcept SystemExit:\n    pass\n"
+        "heavy = sorted(m for m in ('tensorflow', 'keras', 'mlflow') if m in sys.modules)\n"
+        "print('HEAVY', heavy)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert "name: cnn_layers" in result.stdout
+    assert "HEAVY []" in result.stdout, result.stdout + result.stderr

@@ -1,0 +1,578 @@
+"""Tests for runner.data: the IDX loader, its checks, the mirror download and the tf.data pipeline.
+
+The real MNIST files come from MNIST_DIR (default: ../shared/data/mnist beside the repo root).
+Downloads are exercised against an HTTP server on 127.0.0.1 that the tests start themselves;
+nothing here touches the internet.
+"""
+
+import functools
+import gzip
+import hashlib
+import http.client
+import http.server
+import re
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from runner.data import (
+    FILES,
+    TEST_IMAGES,
+    TEST_LABELS,
+    TRAIN_IMAGES,
+    TRAIN_LABELS,
+    Split,
+    download,
+    load_mnist,
+    parse_idx,
+    read_idx,
+    training_dataset,
+)
+from runner.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MNIST_YAML = REPO_ROOT / "conf" / "data" / "mnist.yaml"
+
+
+def data_cfg(directory: Path, **overrides):
+    """conf/data/mnist.yaml as a DictConfig, with `dir` set explicitly and `overrides` applied."""
+    cfg = OmegaConf.load(MNIST_YAML)
+    del cfg["defaults"]
+    cfg.dir = str(directory)
+    for key, value in overrides.items():
+        cfg[key] = value
+    return cfg
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """`array` (uint8) encoded as an IDX file of unsigned bytes."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = b"\0\0\x08" + bytes([array.ndim])
+    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.tobytes()
+
+
+def sha256(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+def fake_mnist_contents(n_train: int = 20, n_test: int = 10, n_train_labels: int | None = None):
+    """Decompressed IDX content of a tiny MNIST lookalike, by file name."""
+    rng = np.random.default_rng(0)
+    n_train_labels = n_train if n_train_labels is None else n_train_labels
+    return {
+        TRAIN_IMAGES: idx_bytes(rng.integers(0, 256, (n_train, 28, 28))),
+        TRAIN_LABELS: idx_bytes(np.arange(n_train_labels) % 10),
+        TEST_IMAGES: idx_bytes(rng.integers(0, 256, (n_test, 28, 28))),
+        TEST_LABELS: idx_bytes((np.arange(n_test) + 3) % 10),
+    }
+
+
+def write_fake_mnist(directory: Path, contents: dict[str, bytes], compress: bool = True) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, content in contents.items():
+        if compress:
+            (directory / f"{name}.gz").write_bytes(gzip.compress(content))
+        else:
+            (directory / name).write_bytes(content)
+    return directory
+
+
+def closed_port_url() -> str:
+    """A URL on 127.0.0.1 whose port was just bound and released, so connections are refused."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"
+
+
+# --------------------------------------------------------------------------- real MNIST files
+
+
+@pytest.fixture(scope="module")
+def real_splits(mnist_dir):
+    return load_mnist(data_cfg(mnist_dir, download=False))
+
+
+def test_real_split_sizes_and_pixels(real_splits):
+    for split, n in (
+        (real_splits.train, 55000),
+        (real_splits.validation, 5000),
+        (real_splits.test, 10000),
+    ):
+        assert split.x.shape == (n, 784)
+        assert split.x.dtype == np.float32
+        assert split.y.shape == (n,)
+        assert split.x.min() == 0.0
+        assert split.x.max() == 1.0
+        assert set(np.unique(split.y)) == set(range(10))
+
+
+def test_real_validation_is_first_training_images(real_splits, mnist_dir):
+    np.testing.assert_array_equal(real_splits.validation.y[:10], [5, 0, 4, 1, 9, 2, 1, 3, 1, 4])
+    # The training split continues where validation stops: image 5000 onwards.
+    raw = read_idx(mnist_dir / f"{TRAIN_LABELS}.gz")
+    np.testing.assert_array_equal(real_splits.train.y, raw[5000:])
+    np.testing.assert_array_equal(real_splits.validation.y, raw[:5000])
+
+
+def test_real_training_statistics(real_splits):
+    y = np.concatenate([real_splits.validation.y, real_splits.train.y])
+    x = np.concatenate([real_splits.validation.x, real_splits.train.x])
+    assert len(y) == 60000
+    assert np.sum(y == 0) == 5923
+    assert np.sum(y == 1) == 6742
+    assert float(x.mean(dtype=np.float64)) == pytest.approx(33.318 / 255, abs=1e-3)
+
+
+def test_real_limit_keeps_first_examples(real_splits, mnist_dir):
+    limited = load_mnist(data_cfg(mnist_dir, download=False, limit=7))
+    for name in ("train", "validation", "test"):
+        full, small = getattr(real_splits, name), getattr(limited, name)
+        assert small.x.shape == (7, 784)
+        np.testing.assert_array_equal(small.x, full.x[:7])
+        np.testing.assert_array_equal(small.y, full.y[:7])
+
+
+def test_real_files_match_configured_checksums(mnist_dir):
+    cfg = data_cfg(mnist_dir)
+    path = mnist_dir / f"{TEST_LABELS}.gz"
+    labels = read_idx(path, cfg.sha256[TEST_LABELS])
+    assert labels.shape == (10000,)
+    with pytest.raises(UserError, match="SHA-256"):
+        read_idx(path, cfg.sha256[TRAIN_LABELS])
+
+
+# --------------------------------------------------------------------------- IDX parsing
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
+def test_read_idx_roundtrip(tmp_path, compress):
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    content = idx_bytes(images)
+    path = tmp_path / ("images.gz" if compress else "images")
+    path.write_bytes(gzip.compress(content) if compress else content)
+
+    result = read_idx(path, sha256(content))  # the checksum is of the decompressed content
+
+    assert result.dtype == np.uint8
+    np.testing.assert_array_equal(result, images)
+
+
+def test_parse_idx_labels():
+    labels = np.array([7, 2, 1, 0, 4], dtype=np.uint8)
+    np.testing.assert_array_equal(parse_idx(idx_bytes(labels), None, "labels"), labels)
+
+
+def test_read_idx_truncated_file(tmp_path):
+    content = idx_bytes(np.ones((2, 3, 3), dtype=np.uint8))[:-8]  # promises 18 bytes, holds 10
+    path = tmp_path / "short-idx3-ubyte"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=r"short-idx3-ubyte.*truncated") as info:
+        read_idx(path)
+    assert "18" in str(info.value) and "10" in str(info.value)
+
+
+def test_read_idx_truncated_inside_header(tmp_path):
+    path = tmp_path / "stub-idx3-ubyte"
+    path.write_bytes(b"\0\0\x08\x03\0\0\0\x02")  # rank 3 needs 12 bytes of dimensions
+    with pytest.raises(UserError, match=r"stub-idx3-ubyte.*truncated"):
+        read_idx(path)
+
+
+def test_read_idx_too_long(tmp_path):
+    path = tmp_path / "long-idx1-ubyte"
+    path.write_bytes(idx_bytes(np.zeros(4, dtype=np.uint8)) + b"\0")
+    with pytest.raises(UserError, match=r"long-idx1-ubyte.*too long"):
+        read_idx(path)
+
+
+def test_read_idx_not_idx(tmp_path):
+    path = tmp_path / "page.html"
+    path.write_bytes(b"<html>Not Found</html>")
+    with pytest.raises(UserError, match=r"page\.html.*not an IDX file"):
+        read_idx(path)
+
+
+def test_read_idx_truncated_gzip(tmp_path):
+    compressed = gzip.compress(idx_bytes(np.arange(200, dtype=np.uint8)))
+    path = tmp_path / "cut-idx1-ubyte.gz"
+    path.write_bytes(compressed[: len(compressed) // 2])
+    with pytest.raises(UserError, match=r"cut-idx1-ubyte\.gz.*gzip data is corrupt or truncated"):
+        read_idx(path)
+
+
+def test_read_idx_garbage_gzip_body(tmp_path):
+    header = gzip.compress(b"")[:10]  # a valid gzip member header
+    body = np.random.default_rng(1).integers(0, 256, 300, dtype=np.uint8).tobytes()
+    path = tmp_path / "noise-idx1-ubyte.gz"
+    path.write_bytes(header + body)
+    with pytest.raises(UserError, match=r"noise-idx1-ubyte\.gz.*gzip data is corrupt"):
+        read_idx(path)
+
+
+def test_read_idx_checksum_mismatch(tmp_path):
+    content = idx_bytes(np.arange(10, dtype=np.uint8))
+    path = tmp_path / "labels-idx1-ubyte.gz"
+    path.write_bytes(gzip.compress(content))
+    wrong = sha256(content + b"x")
+    with pytest.raises(UserError, match=r"labels-idx1-ubyte\.gz.*SHA-256") as info:
+        read_idx(path, wrong)
+    assert wrong in str(info.value)
+    assert sha256(content) in str(info.value)
+
+
+# --------------------------------------------------------------------------- load_mnist, fake data
+
+
+def fake_cfg(directory: Path, **overrides):
+    settings = {"sha256": {}, "validation_size": 5, "download": False} | overrides
+    return data_cfg(directory, **settings)
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
+def test_load_fake_mnist(tmp_path, compress):
+    contents = fake_mnist_contents()
+    directory = write_fake_mnist(tmp_path / "mnist", contents, compress=compress)
+
+    splits = load_mnist(fake_cfg(directory))
+
+    images = parse_idx(contents[TRAIN_IMAGES], None, "x").reshape(20, 784) / np.float32(255)
+    labels = np.arange(20) % 10
+    assert splits.validation.x.shape == (5, 784)
+    assert splits.train.x.shape == (15, 784)
+    assert splits.test.x.shape == (10, 784)
+    assert splits.train.y.dtype == np.int32
+    np.testing.assert_allclose(splits.validation.x, images[:5])
+    np.testing.assert_allclose(splits.train.x, images[5:])
+    np.testing.assert_array_equal(splits.validation.y, labels[:5])
+    np.testing.assert_array_equal(splits.train.y, labels[5:])
+    np.testing.assert_array_equal(splits.test.y, (np.arange(10) + 3) % 10)
+
+
+def test_load_checks_checksums(tmp_path):
+    contents = fake_mnist_contents()
+    directory = write_fake_mnist(tmp_path / "mnist", contents)
+    good = {name: sha256(content) for name, content in contents.items()}
+    assert load_mnist(data_cfg(directory, sha256=good, validation_size=5, download=False))
+
+    bad = dict(good, **{TEST_IMAGES: sha256(b"something else")})
+    with pytest.raises(UserError, match=rf"{TEST_IMAGES}\.gz.*SHA-256"):
+        load_mnist(data_cfg(directory, sha256=bad, validation_size=5, download=False))
+
+
+def test_load_image_label_count_mismatch(tmp_path):
+    directory = write_fake_mnist(tmp_path / "mnist", fake_mnist_contents(n_train_labels=19))
+    with pytest.raises(UserError, match=rf"{TRAIN_IMAGES}.*20 images but 19 labels"):
+        load_mnist(fake_cfg(directory))
+
+
+@pytest.mark.parametrize("validation_size", [0, 20, 25])
+def test_load_validation_size_out_of_range(tmp_path, validation_size):
+    directory = write_fake_mnist(tmp_path / "mnist", fake_mnist_contents())
+    with pytest.raises(UserError, match=r"data\.validation_size=.* between 1 and 19"):
+        load_mnist(fake_cfg(directory, validation_size=validation_size))
+
+
+def test_load_wrong_rank(tmp_path):
+    contents = fake_mnist_contents()
+    contents[TEST_IMAGES] = idx_bytes(np.zeros((10, 784), dtype=np.uint8))
+    directory = write_fake_mnist(tmp_path / "mnist", contents)
+    with pytest.raises(UserError, match=rf"{TEST_IMAGES}.*\(N, 28, 28\)"):
+        load_mnist(fake_cfg(directory))
+
+
+def test_load_limit_on_fake(tmp_path):
+    directory = write_fake_mnist(tmp_path / "mnist", fake_mnist_contents())
+    splits = load_mnist(fake_cfg(directory, limit=3))
+    np.testing.assert_array_equal(splits.validation.y, [0, 1, 2])
+    np.testing.assert_array_equal(splits.train.y, [5, 6, 7])
+    np.testing.assert_array_equal(splits.test.y, [3, 4, 5])
+
+
+def test_load_missing_file_without_download(tmp_path):
+    contents = fake_mnist_contents()
+    del contents[TEST_LABELS]
+    directory = write_fake_mnist(tmp_path / "mnist", contents)
+    with pytest.raises(UserError, match=re.escape(TEST_LABELS)) as info:
+        load_mnist(fake_cfg(directory))
+    message = str(info.value)
+    assert str(directory.resolve()) in message
+    assert "data.dir" in message
+    assert "MNIST_DIR" in message
+    assert not (directory / f"{TEST_LABELS}.gz").exists()
+
+
+def test_load_missing_folder_without_download(tmp_path):
+    with pytest.raises(UserError, match=rf"{TRAIN_IMAGES}.*not found.*data\.dir.*MNIST_DIR"):
+        load_mnist(fake_cfg(tmp_path / "nowhere"))
+
+
+# --------------------------------------------------------------------------- downloads
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):
+        pass
+
+
+class _DropsConnectionHandler(http.server.BaseHTTPRequestHandler):
+    """Promises 1000 bytes, sends a few, and hangs up: a mirror failing mid-transfer."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        self.wfile.write(b"\x1f\x8b\x08\x00partial")
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, format, *args):
+        pass
+
+
+def _start_server(request, handler) -> str:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+
+    def stop():
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+    request.addfinalizer(stop)
+    return f"http://127.0.0.1:{server.server_address[1]}/"
+
+
+@pytest.fixture
+def serve(request, tmp_path_factory):
+    """serve(): a fresh folder served over HTTP on 127.0.0.1, as (base URL, folder)."""
+
+    def start() -> tuple[str, Path]:
+        root = tmp_path_factory.mktemp("mirror")
+        handler = functools.partial(_QuietHandler, directory=str(root))
+        return _start_server(request, handler), root
+
+    return start
+
+
+def test_download_good_file(serve, tmp_path):
+    url, root = serve()
+    content = idx_bytes(np.arange(12, dtype=np.uint8).reshape(3, 4))
+    (root / "tiny-idx2-ubyte.gz").write_bytes(gzip.compress(content))
+    target_dir = tmp_path / "new" / "folder"  # created on demand
+
+    path = download("tiny-idx2-ubyte", target_dir, [url], sha256(content), 5)
+
+    assert path == target_dir / "tiny-idx2-ubyte.gz"
+    assert path.read_bytes() == (root / "tiny-idx2-ubyte.gz").read_bytes()
+    np.testing.assert_array_equal(read_idx(path, sha256(content)), np.arange(12).reshape(3, 4))
+    assert sorted(p.name for p in target_dir.iterdir()) == ["tiny-idx2-ubyte.gz"]
+
+
+def test_download_refuses_corrupted_copy(serve, tmp_path):
+    url, root = serve()
+    content = idx_bytes(np.arange(12, dtype=np.uint8))
+    tampered = idx_bytes(np.arange(1, 13, dtype=np.uint8))
+    (root / "tiny-idx1-ubyte.gz").write_bytes(gzip.compress(tampered))
+
+    with pytest.raises(UserError, match=r"could not download tiny-idx1-ubyte") as info:
+        download("tiny-idx1-ubyte", tmp_path, [url], sha256(content), 5)
+
+    message = str(info.value)
+    assert f"{url}tiny-idx1-ubyte.gz" in message
+    assert "SHA-256" in message
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a .part file
+
+
+def test_download_refuses_truncated_gzip(serve, tmp_path):
+    url, root = serve()
+    compressed = gzip.compress(idx_bytes(np.arange(100, dtype=np.uint8)))
+    (root / "tiny-idx1-ubyte.gz").write_bytes(compressed[:-20])
+    with pytest.raises(UserError, match=r"tiny-idx1-ubyte\.gz.*corrupt or truncated"):
+        download("tiny-idx1-ubyte", tmp_path, [url], None, 5)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_falls_through_unreachable_and_bad_mirrors(serve, tmp_path):
+    content = idx_bytes(np.arange(6, dtype=np.uint8))
+    bad_url, bad_root = serve()
+    (bad_root / "tiny-idx1-ubyte.gz").write_bytes(gzip.compress(b"\0\0\x08\x01garbage"))
+    empty_url, _ = serve()  # answers 404
+    good_url, good_root = serve()
+    (good_root / "tiny-idx1-ubyte.gz").write_bytes(gzip.compress(content))
+    mirrors = [closed_port_url(), bad_url, empty_url, good_url]
+
+    path = download("tiny-idx1-ubyte", tmp_path, mirrors, sha256(content), 5)
+
+    np.testing.assert_array_equal(read_idx(path, sha256(content)), np.arange(6))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-idx1-ubyte.gz"]
+
+
+def test_download_accepts_uncompressed_payload(serve, tmp_path):
+    # A mirror may serve the decompressed file under the .gz name; it still verifies and loads.
+    url, root = serve()
+    content = idx_bytes(np.arange(6, dtype=np.uint8))
+    (root / "tiny-idx1-ubyte.gz").write_bytes(content)
+    path = download("tiny-idx1-ubyte", tmp_path, [url], sha256(content), 5)
+    np.testing.assert_array_equal(read_idx(path, sha256(content)), np.arange(6))
+
+
+def test_download_all_mirrors_fail(serve, tmp_path):
+    refused = closed_port_url()
+    missing_url, _ = serve()  # answers 404
+    corrupt_url, corrupt_root = serve()
+    (corrupt_root / "tiny-idx1-ubyte.gz").write_bytes(gzip.compress(b"not idx at all"))
+    mirrors = [refused, missing_url, corrupt_url]
+
+    with pytest.raises(UserError, match=r"every mirror failed") as info:
+        download("tiny-idx1-ubyte", tmp_path / "out", mirrors, None, 5)
+
+    message = str(info.value)
+    for mirror in mirrors:
+        assert f"{mirror}tiny-idx1-ubyte.gz" in message
+    assert "404" in message
+    assert "not an IDX file" in message
+    assert "data.dir" in message and "MNIST_DIR" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_download_without_mirrors(tmp_path):
+    with pytest.raises(UserError, match=r"data\.mirrors is empty"):
+        download("tiny-idx1-ubyte", tmp_path, [], None, 5)
+
+
+def test_download_mirror_without_trailing_slash(serve, tmp_path):
+    url, root = serve()
+    (root / "sub").mkdir()
+    content = idx_bytes(np.arange(3, dtype=np.uint8))
+    (root / "sub" / "tiny-idx1-ubyte.gz").write_bytes(gzip.compress(content))
+    path = download("tiny-idx1-ubyte", tmp_path, [f"{url}sub"], sha256(content), 5)
+    assert path.is_file()
+
+
+def test_download_falls_through_mirror_that_hangs_up(request, serve, tmp_path):
+    flaky_url = _start_server(request, _DropsConnectionHandler)
+    good_url, good_root = serve()
+    content = idx_bytes(np.arange(6, dtype=np.uint8))
+    (good_root / "tiny-idx1-ubyte.gz").write_bytes(gzip.compress(content))
+
+    path = download("tiny-idx1-ubyte", tmp_path, [flaky_url, good_url], sha256(content), 5)
+
+    assert path.is_file()
+
+
+def test_download_falls_through_malformed_mirror(serve, tmp_path):
+    good_url, good_root = serve()
+    content = idx_bytes(np.arange(6, dtype=np.uint8))
+    (good_root / "tiny-idx1-ubyte.gz").write_bytes(gzip.compress(content))
+    mirrors = ["127.0.0.1/mnist/", good_url]  # no scheme and no port: urllib rejects it
+
+    path = download("tiny-idx1-ubyte", tmp_path, mirrors, sha256(content), 5)
+
+    assert path.is_file()
+
+
+def test_load_mnist_downloads_missing_files(serve, tmp_path):
+    url, root = serve()
+    contents = fake_mnist_contents()
+    write_fake_mnist(root, contents)
+    checksums = {name: sha256(content) for name, content in contents.items()}
+    target = tmp_path / "empty"
+    target.mkdir()
+    cfg = data_cfg(
+        target,
+        download=True,
+        download_timeout_s=5,
+        mirrors=[closed_port_url(), url],
+        sha256=checksums,
+        validation_size=5,
+    )
+
+    splits = load_mnist(cfg)
+
+    assert sorted(p.name for p in target.iterdir()) == sorted(f"{name}.gz" for name in FILES)
+    assert (len(splits.train.y), len(splits.validation.y), len(splits.test.y)) == (15, 5, 10)
+    np.testing.assert_array_equal(splits.validation.y, np.arange(5))
+
+    # Once present, the files are used as they are: no mirror is needed any more.
+    cfg.mirrors = [closed_port_url()]
+    again = load_mnist(cfg)
+    np.testing.assert_array_equal(again.train.x, splits.train.x)
+
+
+def test_load_mnist_download_of_one_missing_file(serve, tmp_path):
+    url, root = serve()
+    contents = fake_mnist_contents()
+    write_fake_mnist(root, contents)
+    local = dict(contents)
+    del local[TRAIN_LABELS]
+    target = write_fake_mnist(tmp_path / "mnist", local, compress=False)
+
+    load_mnist(fake_cfg(target, download=True, download_timeout_s=5, mirrors=[url]))
+
+    assert (target / f"{TRAIN_LABELS}.gz").is_file()
+    assert not (target / f"{TRAIN_IMAGES}.gz").exists()  # present files are not fetched again
+
+
+# --------------------------------------------------------------------------- tf.data pipeline
+
+
+@pytest.fixture(scope="module")
+def indexed_split():
+    """60 examples whose first pixel and label both hold the example's index."""
+    n = 60
+    x = np.zeros((n, 784), dtype=np.float32)
+    x[:, 0] = np.arange(n)
+    return Split(x, np.arange(n, dtype=np.int32))
+
+
+def first_batches(split: Split, batch_size: int, seed: int, count: int):
+    dataset = training_dataset(split, batch_size, seed)
+    return [(x.numpy(), y.numpy()) for x, y in dataset.take(count)]
+
+
+def test_training_dataset_batches(indexed_split):
+    batches = first_batches(indexed_split, 10, seed=1, count=6)
+    assert len(batches) == 6
+    for x, y in batches:
+        assert x.shape == (10, 784) and x.dtype == np.float32
+        assert y.shape == (10,) and y.dtype == np.int32
+        np.testing.assert_array_equal(x[:, 0], y)  # images stay with their labels
+
+
+def test_training_dataset_epoch_covers_each_example_once(indexed_split):
+    batches = first_batches(indexed_split, 10, seed=3, count=12)
+    first_epoch = np.concatenate([y for _, y in batches[:6]])
+    second_epoch = np.concatenate([y for _, y in batches[6:]])
+    np.testing.assert_array_equal(np.sort(first_epoch), np.arange(60))
+    np.testing.assert_array_equal(np.sort(second_epoch), np.arange(60))
+    assert not np.array_equal(first_epoch, np.arange(60))  # shuffled
+    assert not np.array_equal(first_epoch, second_epoch)  # reshuffled each epoch
+
+
+def test_training_dataset_seeded_order(indexed_split):
+    a = np.concatenate([y for _, y in first_batches(indexed_split, 10, seed=7, count=9)])
+    b = np.concatenate([y for _, y in first_batches(indexed_split, 10, seed=7, count=9)])
+    c = np.concatenate([y for _, y in first_batches(indexed_split, 10, seed=8, count=9)])
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a[:60], c[:60])
+
+
+def test_training_dataset_is_endless_across_epochs(indexed_split):
+    # 60 examples in batches of 25: the stream of shuffled epochs is cut into full batches.
+    batches = first_batches(indexed_split, 25, seed=0, count=5)
+    assert [len(y) for _, y in batches] == [25] * 5
+    stream = np.concatenate([y for _, y in batches])
+    np.testing.assert_array_equal(np.sort(stream[:60]), np.arange(60))
+    np.testing.assert_array_equal(np.sort(stream[60:120]), np.arange(60))
+
+
+def test_training_dataset_batch_larger_than_split(indexed_split):
+    with pytest.raises(UserError, match=r"data\.batch_size=61 exceeds the 60"):
+        training_dataset(indexed_split, 61, seed=0)

@@ -1,0 +1,79 @@
+"""The three tutorial models: shapes, parameter counts, initialisers and dropout as published."""
+
+import keras
+import numpy as np
+import pytest
+
+from runner import models, optim
+from runner.models.cnn_raw import KeepProbDropout
+
+from .conftest import compose_config
+
+PARAMETERS = {"softmax": 7_850, "cnn_raw": 3_274_634, "cnn_layers": 3_274_634}
+
+
+def build(name: str) -> keras.Model:
+    return models.build(compose_config([f"model={name}"]).model)
+
+
+@pytest.mark.parametrize("name", sorted(PARAMETERS))
+def test_parameter_count_and_logits_shape(name):
+    model = build(name)
+    assert model.count_params() == PARAMETERS[name]
+    logits = model(np.random.default_rng(0).random((3, 784), dtype=np.float32))
+    assert tuple(logits.shape) == (3, 10)
+
+
+def test_softmax_starts_at_zero_and_predicts_uniformly():
+    model = build("softmax")
+    assert all(not np.any(w) for w in model.get_weights())
+    probabilities = keras.ops.softmax(model(np.ones((1, 784), np.float32)))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(probabilities), 0.1)
+
+
+def test_cnn_raw_uses_the_tutorials_initialisers():
+    keras.utils.set_random_seed(0)
+    model = build("cnn_raw")
+    kernels = [layer.kernel.numpy() for layer in model.layers if hasattr(layer, "kernel")]
+    biases = [layer.bias.numpy() for layer in model.layers if hasattr(layer, "bias")]
+    assert [k.shape for k in kernels] == [(5, 5, 1, 32), (5, 5, 32, 64), (3136, 1024), (1024, 10)]
+    for bias in biases:
+        np.testing.assert_allclose(bias, 0.1)
+    fc1 = kernels[2]
+    assert np.abs(fc1).max() <= 0.2 + 1e-6, "truncated at two standard deviations"
+    # A normal(0, 0.1) truncated at +-2 sigma has a standard deviation of 0.088.
+    assert fc1.std() == pytest.approx(0.088, abs=0.002)
+
+
+@pytest.mark.parametrize("name", ["cnn_raw", "cnn_layers"])
+def test_dropout_only_while_training(name):
+    keras.utils.set_random_seed(1)
+    model = build(name)
+    x = np.random.default_rng(1).random((4, 784), dtype=np.float32)
+    np.testing.assert_array_equal(model(x, training=False), model(x, training=False))
+    assert not np.allclose(model(x, training=True), model(x, training=True))
+
+
+def test_cnn_raw_keep_prob_keeps_that_fraction():
+    layer = KeepProbDropout(0.5, seed=3)
+    kept = keras.ops.convert_to_numpy(layer(np.ones((200, 1024), np.float32), training=True))
+    assert set(np.unique(kept)) == {0.0, 2.0}, "kept units are scaled by 1 / keep_prob"
+    assert (kept > 0).mean() == pytest.approx(0.5, abs=0.01)
+
+
+def test_cnn_raw_round_trips_through_keras_saving(tmp_path):
+    model = build("cnn_raw")
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    x = np.random.default_rng(2).random((2, 784), dtype=np.float32)
+    np.testing.assert_allclose(loaded(x), model(x), rtol=1e-6)
+
+
+def test_optimizers_carry_the_configured_knobs():
+    adam = optim.build(compose_config(["optimizer=adam", "optimizer.lr=3e-4"]).optimizer)
+    assert isinstance(adam, keras.optimizers.Adam)
+    assert float(adam.learning_rate) == pytest.approx(3e-4)
+    assert adam.epsilon == 1e-8
+    sgd = optim.build(compose_config(["optimizer.momentum=0.9"]).optimizer)
+    assert isinstance(sgd, keras.optimizers.SGD)
+    assert (float(sgd.learning_rate), sgd.momentum) == (0.5, 0.9)

@@ -1,0 +1,164 @@
+"""End to end: the `runner` command trains, reaches the tutorials' accuracy and records it all."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from runner import fitting
+from runner.train import train
+
+from .conftest import compose_config
+
+METRICS = ["train/loss", "train/accuracy", "val/loss", "val/accuracy", "test/loss", "test/accuracy"]
+
+
+def only_run(store: Path, experiment: str = "mnist") -> mlflow.entities.Run:
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+@pytest.fixture(scope="module")
+def softmax_run(tmp_path_factory, mnist_dir) -> tuple[Path, subprocess.CompletedProcess]:
+    """`runner model=softmax trainer.steps=300`, run as a user would, in an empty directory."""
+    work = tmp_path_factory.mktemp("softmax")
+    env = {**os.environ, "MNIST_DIR": str(mnist_dir)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    runner = Path(sys.executable).with_name("runner")
+    result = subprocess.run(
+        [str(runner), "model=softmax", "trainer.steps=300"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work, result
+
+
+def test_softmax_reaches_the_tutorial_accuracy(softmax_run):
+    work, _ = softmax_run
+    run = only_run(work)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test/accuracy"] >= 0.85
+
+
+def test_run_records_metrics_at_optimizer_steps(softmax_run):
+    work, _ = softmax_run
+    run = only_run(work)
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    assert set(METRICS) <= set(run.data.metrics)
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in history] == [100, 200, 300]
+    assert history[-1].value < history[0].value
+    # Validated every eval_every=500 steps and after the last: here only at step 300.
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")] == [300]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test/accuracy")] == [300]
+
+
+def test_run_records_config_tags_and_artifacts(softmax_run):
+    work, _ = softmax_run
+    run = only_run(work)
+    params = run.data.params
+    assert params["model.name"] == "softmax"
+    assert params["optimizer.lr"] == "0.5"
+    assert params["trainer.steps"] == "300"
+    assert params["seed"] == "42"
+    assert run.data.tags["model"] == "softmax"
+    assert run.info.run_name == "model=softmax,trainer.steps=300"
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    artifacts = artifact_paths(client, run.info.run_id)
+    expected = {
+        "config.yaml",
+        "hydra/overrides.yaml",
+        "plots/training_curves.png",
+        "plots/confusion_matrix.png",
+    }
+    assert expected <= artifacts
+    config = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")
+    assert "steps: 300" in config and "${" not in config, "the config is logged resolved"
+    overrides = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/hydra/overrides.yaml")
+    assert "trainer.steps=300" in overrides
+    assert (work / "mlruns").is_dir(), "artifacts land in ./mlruns beside ./mlflow.db"
+
+
+def test_logged_model_loads_back_and_predicts(softmax_run, mnist_dir):
+    work, _ = softmax_run
+    run = only_run(work)
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    [logged] = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], output_format="list"
+    )
+    assert logged.source_run_id == run.info.run_id
+    model = mlflow.keras.load_model(logged.model_uri)
+    from runner.data import TEST_IMAGES, TEST_LABELS, read_idx
+
+    images = read_idx(mnist_dir / f"{TEST_IMAGES}.gz")[:500].reshape(500, 784) / 255.0
+    labels = read_idx(mnist_dir / f"{TEST_LABELS}.gz")[:500]
+    accuracy = np.mean(model.predict(images, verbose=0).argmax(axis=1) == labels)
+    assert accuracy >= 0.85
+    signature = mlflow.models.get_model_info(logged.model_uri).signature
+    assert tuple(signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 784)
+
+
+def short_run(overrides: list[str], store: Path) -> dict[str, float]:
+    cfg = compose_config(
+        [
+            f"tracking_uri=sqlite:///{store / 'mlflow.db'}",
+            "data.limit=2000",
+            "trainer.log_every=20",
+            "trainer.eval_every=40",
+            "trainer.steps=80",
+            "trainer.progress_bar=false",
+            "trainer.log_model=false",
+            *overrides,
+        ]
+    )
+    return train(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=cnn_raw", "optimizer=adam", "data.batch_size=50"],
+        ["model=cnn_layers", "optimizer.lr=0.05"],
+    ],
+    ids=["cnn_raw", "cnn_layers"],
+)
+def test_short_cnn_run_lowers_training_loss(overrides, in_tmp_store):
+    final = short_run(overrides, in_tmp_store)
+    run = only_run(in_tmp_store)
+    client = MlflowClient(f"sqlite:///{in_tmp_store / 'mlflow.db'}")
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert len(losses) == 4
+    assert losses[-1] < losses[0] * 0.9
+    assert final["test/accuracy"] > 0.3, "well above chance after 80 steps"
+    assert run.info.status == "FINISHED"
+
+
+def test_failed_training_ends_the_run_failed(in_tmp_store, monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(fitting, "evaluate_logits", crash)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        short_run(["trainer.steps=20", "trainer.eval_every=20"], in_tmp_store)
+    run = only_run(in_tmp_store)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"] == "RuntimeError: disk on fire"
+    assert "train/loss" in run.data.metrics, "what was measured before the crash is kept"
