@@ -80,6 +80,9 @@ def test_run_records_config_tags_and_artifacts(softmax_run):
     assert params["trainer.steps"] == "300"
     assert params["seed"] == "42"
     assert run.data.tags["model"] == "softmax"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert run.data.tags["git_commit"] == head.stdout.strip()
     assert run.info.run_name == "model=softmax,trainer.steps=300"
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     artifacts = artifact_paths(client, run.info.run_id)
