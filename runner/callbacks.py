@@ -4,9 +4,15 @@ The runner trains in "epochs" of `trainer.log_every` steps, so each epoch's aver
 exactly the tutorial's periodic training report; these callbacks translate back to steps.
 """
 
+import logging
 from typing import Any
 
 import keras
+import numpy as np
+
+from runner.data import Split, batch_indices
+
+log = logging.getLogger(__name__)
 
 
 class MlflowMetrics(keras.callbacks.Callback):
@@ -34,3 +40,38 @@ class StepProgbar(keras.callbacks.ProgbarLogger):
         if self.verbose:
             first, last = epoch * self.target + 1, (epoch + 1) * self.target
             print(f"Steps {first}-{last} of {self.epochs * self.target}", flush=True)
+
+
+class ProbabilityLogger(keras.callbacks.Callback):
+    """The TF Layers guide's logging hook: every `every` steps, print the softmax probabilities
+    of the first examples of the batch that step trained on.
+
+    It replays the training order from the same seed (`batch_indices`), keeping only every
+    `every`-th batch, so it reads no batch off the training pipeline and costs nothing between.
+    """
+
+    def __init__(
+        self, train: Split, batch_size: int, seed: int, every: int, examples: int, logits: bool
+    ):
+        super().__init__()
+        self.x = train.x
+        self.logits = logits
+        self.every = every
+        self.examples = examples
+        shard = batch_indices(len(train.y), batch_size, seed).shard(every, every - 1)
+        self.batches = iter(shard)
+        self.first_step = 1
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.first_step = epoch * self.params["steps"] + 1
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        step = self.first_step + batch
+        if step % self.every:
+            return
+        rows = next(self.batches).numpy()[: self.examples]
+        outputs = self.model(self.x[rows], training=False)
+        if self.logits:
+            outputs = keras.ops.softmax(outputs)
+        rows = keras.ops.convert_to_numpy(outputs)
+        log.info("step %d: probabilities = %s", step, np.array2string(rows, precision=3))

@@ -16,13 +16,24 @@ from omegaconf import MISSING
 from runner.errors import UserError
 
 
+class Output(StrEnum):
+    logits = "logits"
+    probabilities = "probabilities"
+
+
 @dataclass
-class SoftmaxConf:
+class ModelConf:
+    name: str = MISSING
+    output: Output = Output.logits
+
+
+@dataclass
+class SoftmaxConf(ModelConf):
     name: str = "softmax"
 
 
 @dataclass
-class CnnRawConf:
+class CnnRawConf(ModelConf):
     name: str = "cnn_raw"
     keep_prob: float = MISSING
     init_stddev: float = MISSING
@@ -30,7 +41,7 @@ class CnnRawConf:
 
 
 @dataclass
-class CnnLayersConf:
+class CnnLayersConf(ModelConf):
     name: str = "cnn_layers"
     dropout_rate: float = MISSING
 
@@ -69,6 +80,14 @@ class DataConf:
 
 class Loss(StrEnum):
     sparse_softmax_cross_entropy = "sparse_softmax_cross_entropy"
+    cross_entropy_of_probabilities = "cross_entropy_of_probabilities"
+
+
+# What each loss expects the model to emit.
+LOSS_INPUT = {
+    Loss.sparse_softmax_cross_entropy: Output.logits,
+    Loss.cross_entropy_of_probabilities: Output.probabilities,
+}
 
 
 @dataclass
@@ -77,6 +96,8 @@ class TrainerConf:
     log_every: int = MISSING
     eval_every: int = MISSING
     loss: Loss = Loss.sparse_softmax_cross_entropy
+    log_probabilities_every: int = MISSING
+    log_probabilities_examples: int = MISSING
     progress_bar: bool = True
     log_model: bool = True
 
@@ -114,6 +135,7 @@ def check_config(cfg: Any) -> None:
         "trainer.eval_every": t.eval_every,
         "data.batch_size": d.batch_size,
         "data.eval_batch_size": d.eval_batch_size,
+        "trainer.log_probabilities_examples": t.log_probabilities_examples,
     }.items():
         if value <= 0:
             raise UserError(f"{key}={value} must be a positive integer")
@@ -126,6 +148,16 @@ def check_config(cfg: Any) -> None:
         raise UserError(
             f"trainer.eval_every={t.eval_every} must be a multiple of "
             f"trainer.log_every={t.log_every}"
+        )
+    if t.log_probabilities_every < 0:
+        raise UserError(
+            f"trainer.log_probabilities_every={t.log_probabilities_every} must be 0 (off) "
+            f"or positive"
+        )
+    if LOSS_INPUT[t.loss] != cfg.model.output:
+        raise UserError(
+            f"trainer.loss={t.loss} expects the model to emit {LOSS_INPUT[t.loss]}, but "
+            f"model.output={cfg.model.output}: set model.output={LOSS_INPUT[t.loss]}"
         )
     keep_prob = cfg.model.get("keep_prob", 1.0)
     if not 0.0 < keep_prob <= 1.0:

@@ -176,7 +176,18 @@ def training_dataset(split: Split, batch_size: int, seed: int) -> Any:
     import tensorflow as tf
 
     x, y = tf.constant(split.x), tf.constant(split.y)
-    n = len(split.y)
+    return (
+        batch_indices(len(split.y), batch_size, seed)
+        .map(lambda idx: (tf.gather(x, idx), tf.gather(y, idx)))
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def batch_indices(n: int, batch_size: int, seed: int) -> Any:
+    """The example indices of each training batch, in training order: the same `seed` replays
+    the same sequence, so a callback can tell which examples a given step trained on."""
+    import tensorflow as tf
+
     if batch_size > n:
         raise UserError(f"data.batch_size={batch_size} exceeds the {n} training examples")
     return (
@@ -184,6 +195,4 @@ def training_dataset(split: Split, batch_size: int, seed: int) -> Any:
         .shuffle(n, seed=seed, reshuffle_each_iteration=True)
         .repeat()
         .batch(batch_size, drop_remainder=True)
-        .map(lambda idx: (tf.gather(x, idx), tf.gather(y, idx)))
-        .prefetch(tf.data.AUTOTUNE)
     )

@@ -4,7 +4,7 @@ from typing import Any
 
 import numpy as np
 
-from runner.callbacks import StepProgbar
+from runner.callbacks import ProbabilityLogger, StepProgbar
 from runner.data import Split, Splits, training_dataset
 
 
@@ -13,6 +13,17 @@ def fit(model: Any, splits: Splits, cfg: Any, recorder: Any) -> None:
     trainer = cfg.trainer
     validation = (splits.validation.x, splits.validation.y)
     callbacks = [recorder.callback(trainer.log_every)]
+    if trainer.log_probabilities_every:
+        callbacks.append(
+            ProbabilityLogger(
+                splits.train,
+                cfg.data.batch_size,
+                cfg.seed,
+                trainer.log_probabilities_every,
+                trainer.log_probabilities_examples,
+                logits=cfg.model.output == "logits",
+            )
+        )
     if trainer.progress_bar:
         callbacks.append(StepProgbar())
     model.fit(
@@ -33,8 +44,9 @@ def fit(model: Any, splits: Splits, cfg: Any, recorder: Any) -> None:
         recorder.log_metrics({f"val/{k}": v for k, v in final.items()}, step=trainer.steps)
 
 
-def evaluate_logits(model: Any, split: Split, batch_size: int) -> tuple[np.ndarray, float]:
-    """The model's logits for `split` and their mean loss, from one pass over it."""
-    logits = model.predict(split.x, batch_size=batch_size, verbose=0)
-    loss = float(np.mean(model.loss(split.y, logits)))
-    return logits, loss
+def evaluate_outputs(model: Any, split: Split, batch_size: int) -> tuple[np.ndarray, float]:
+    """The model's outputs (logits or probabilities) for `split` and their mean loss, from one
+    pass over it."""
+    outputs = model.predict(split.x, batch_size=batch_size, verbose=0)
+    loss = float(np.mean(model.loss(split.y, outputs)))
+    return outputs, loss

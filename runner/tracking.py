@@ -43,9 +43,9 @@ class Recorder:
 
         return MlflowMetrics(self, steps_per_epoch)
 
-    def log_test(self, test: Split, logits: np.ndarray, loss: float) -> None:
+    def log_test(self, test: Split, outputs: np.ndarray, loss: float) -> None:
         """Test metrics at the last step, the confusion matrix and the training curves."""
-        predicted = logits.argmax(axis=1)
+        predicted = outputs.argmax(axis=1)
         accuracy = float(np.mean(predicted == test.y))
         self.log_metrics({"test/loss": loss, "test/accuracy": accuracy}, step=self.steps)
         log.info("test accuracy %.4f, test loss %.4f", accuracy, loss)

@@ -28,7 +28,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import keras
 
     from runner import data, models, optim, tracking
-    from runner.fitting import evaluate_logits, fit
+    from runner.fitting import evaluate_outputs, fit
 
     keras.utils.set_random_seed(cfg.seed)
     splits = data.load_mnist(cfg.data)
@@ -41,7 +41,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with tracking.mlflow_run(cfg) as recorder:
         fit(model, splits, cfg, recorder)
         recorder.log_test(
-            splits.test, *evaluate_logits(model, splits.test, cfg.data.eval_batch_size)
+            splits.test, *evaluate_outputs(model, splits.test, cfg.data.eval_batch_size)
         )
         if cfg.trainer.log_model:
             recorder.log_model(model, splits.test.x[:8])

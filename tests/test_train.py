@@ -158,7 +158,7 @@ def test_failed_training_ends_the_run_failed(in_tmp_store, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(fitting, "evaluate_logits", crash)
+    monkeypatch.setattr(fitting, "evaluate_outputs", crash)
     with pytest.raises(RuntimeError, match="disk on fire"):
         short_run(["trainer.steps=20", "trainer.eval_every=20"], in_tmp_store)
     run = only_run(in_tmp_store)

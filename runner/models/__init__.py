@@ -1,4 +1,5 @@
-"""The three tutorial models, each built from its `model` config group option; all emit logits."""
+"""The three tutorial models, built from the `model` config group; they emit logits unless
+`model.output=probabilities` puts a softmax on top, as the R edition of the tutorial does."""
 
 from typing import Any
 
@@ -6,7 +7,17 @@ MODEL_NAMES = ("softmax", "cnn_raw", "cnn_layers")
 
 
 def build(cfg: Any) -> Any:
-    """A fresh, uncompiled `keras.Model` mapping (batch, 784) pixels to (batch, 10) logits."""
+    """A fresh, uncompiled `keras.Model` mapping (batch, 784) pixels to (batch, 10) outputs."""
+    model = _build_logits_model(cfg)
+    if cfg.output == "logits":
+        return model
+    import keras
+
+    probabilities = keras.layers.Softmax(name="probabilities")(model.output)
+    return keras.Model(model.input, probabilities, name=model.name)
+
+
+def _build_logits_model(cfg: Any) -> Any:
     if cfg.name == "softmax":
         from runner.models.softmax import build_softmax
 
@@ -28,4 +39,8 @@ def loss(name: str) -> Any:
 
     if name == "sparse_softmax_cross_entropy":
         return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    if name == "cross_entropy_of_probabilities":
+        from runner.models.losses import cross_entropy_of_probabilities
+
+        return cross_entropy_of_probabilities
     raise ValueError(f"trainer.loss={name!r} is unknown")

@@ -1,0 +1,126 @@
+"""The seed tutorials' presets: their settings, short runs, and the guide's probability log."""
+
+import logging
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from runner.config import check_config
+from runner.data import batch_indices, load_mnist
+from runner.errors import UserError
+from runner.train import train
+
+from .conftest import compose_config
+
+PRESETS = {
+    # name: (model, output, optimizer, lr, steps, batch, loss, probabilities every)
+    "deep_mnist_softmax": ("softmax", "logits", "sgd", 0.5, 1000, 100, "sparse", 0),
+    "deep_mnist_cnn": ("cnn_raw", "logits", "adam", 1e-4, 20000, 50, "sparse", 0),
+    "layers_cnn": ("cnn_layers", "logits", "sgd", 0.001, 20000, 100, "sparse", 50),
+    "deep_mnist_r": ("softmax", "probabilities", "sgd", 0.5, 1000, 100, "cross", 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_sets_the_tutorials_values(name):
+    cfg = compose_config([f"experiment={name}"])
+    model, output, optimizer, lr, steps, batch, loss, every = PRESETS[name]
+    assert (cfg.model.name, cfg.model.output) == (model, output)
+    assert (cfg.optimizer.name, cfg.optimizer.lr) == (optimizer, lr)
+    assert (cfg.trainer.steps, cfg.data.batch_size) == (steps, batch)
+    assert cfg.trainer.loss.startswith(loss)
+    assert cfg.trainer.log_probabilities_every == every
+    check_config(cfg)
+
+
+def test_cnn_presets_keep_the_tutorials_dropout_and_logging():
+    cnn = compose_config(["experiment=deep_mnist_cnn"])
+    assert cnn.model.keep_prob == 0.5 and cnn.optimizer.epsilon == 1e-8
+    assert cnn.trainer.log_every == 100
+    assert compose_config(["experiment=layers_cnn"]).model.dropout_rate == 0.4
+
+
+def test_loss_and_model_output_must_agree():
+    cfg = compose_config(["trainer.loss=cross_entropy_of_probabilities"])
+    with pytest.raises(UserError, match="set model.output=probabilities"):
+        check_config(cfg)
+
+
+def quick(name: str, store: Path, *overrides: str) -> dict[str, float]:
+    return train(
+        compose_config(
+            [
+                f"experiment={name}",
+                f"tracking_uri=sqlite:///{store / 'mlflow.db'}",
+                "trainer.progress_bar=false",
+                "trainer.log_model=false",
+                *overrides,
+            ]
+        )
+    )
+
+
+@pytest.mark.parametrize("name", ["deep_mnist_softmax", "deep_mnist_r"])
+def test_short_softmax_presets_learn(name, in_tmp_store):
+    final = quick(name, in_tmp_store, "trainer.steps=300")
+    assert final["test/accuracy"] >= 0.88
+    assert np.isfinite(final["test/loss"])
+
+
+def test_r_loss_is_the_mean_of_minus_sum_y_log_y():
+    from runner.models.losses import cross_entropy_of_probabilities
+
+    probabilities = np.array([[0.7, 0.2, 0.1] + [0.0] * 7, [0.1] * 10], np.float32)
+    labels = np.array([0, 3])
+    expected = -(np.log(0.7) + np.log(0.1)) / 2
+    loss = keras.losses.get(cross_entropy_of_probabilities)(labels, probabilities)
+    assert float(np.mean(loss)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_probabilities_of_the_trained_batch_are_logged(in_tmp_store, mnist_dir, caplog):
+    caplog.set_level(logging.INFO, logger="runner.callbacks")
+    cfg_overrides = [
+        "experiment=layers_cnn",
+        "trainer.steps=40",
+        "trainer.log_every=20",
+        "trainer.eval_every=40",
+        "trainer.log_probabilities_every=20",
+        "trainer.log_probabilities_examples=2",
+        "data.limit=600",
+        "optimizer.lr=0.05",
+    ]
+    models = []
+    import runner.models as model_factory
+
+    build = model_factory.build
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model_factory, "build", lambda cfg: models.append(build(cfg)) or models[-1])
+        train(
+            compose_config(
+                [
+                    *cfg_overrides,
+                    f"tracking_uri=sqlite:///{in_tmp_store}/m.db",
+                    "trainer.progress_bar=false",
+                    "trainer.log_model=false",
+                ]
+            )
+        )
+    lines = [r.getMessage() for r in caplog.records if "probabilities = [[" in r.getMessage()]
+    assert [line.split(":")[0] for line in lines] == ["step 20", "step 40"]
+    logged = np.array(_parse_rows(lines[-1]))
+    assert logged.shape == (2, 10)
+    np.testing.assert_allclose(logged.sum(axis=1), 1.0, atol=0.01)
+    # At the last step the weights are final, so the rows can be recomputed from the batch that
+    # step trained on: the 40th batch of the seeded training order.
+    cfg = compose_config(cfg_overrides)
+    train_split = load_mnist(cfg.data).train
+    rows = list(batch_indices(len(train_split.y), 100, cfg.seed).take(40))[-1].numpy()[:2]
+    expected = keras.ops.softmax(models[0](train_split.x[rows], training=False))
+    np.testing.assert_allclose(logged, keras.ops.convert_to_numpy(expected), atol=2e-3)
+
+
+def _parse_rows(line: str) -> list[list[float]]:
+    body = line.split("probabilities = ")[1]
+    return [[float(v) for v in row.split()] for row in body.strip("[]").split("]\n [")]
