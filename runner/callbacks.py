@@ -69,9 +69,9 @@ class ProbabilityLogger(keras.callbacks.Callback):
         step = self.first_step + batch
         if step % self.every:
             return
-        rows = next(self.batches).numpy()[: self.examples]
-        outputs = self.model(self.x[rows], training=False)
+        examples = next(self.batches).numpy()[: self.examples]
+        outputs = self.model(self.x[examples], training=False)
         if self.logits:
             outputs = keras.ops.softmax(outputs)
-        rows = keras.ops.convert_to_numpy(outputs)
-        log.info("step %d: probabilities = %s", step, np.array2string(rows, precision=3))
+        probabilities = np.array2string(keras.ops.convert_to_numpy(outputs), precision=3)
+        log.info("step %d: probabilities = %s", step, probabilities)
