@@ -113,10 +113,30 @@ class Config:
     tracking_uri: str | None = None
 
 
+@dataclass
+class EvaluateConf:
+    data: DataConf = MISSING
+    run_id: str | None = None
+    model_uri: str | None = None
+    tracking_uri: str = MISSING
+
+
+@dataclass
+class PredictConf:
+    run_id: str | None = None
+    model_uri: str | None = None
+    # A path, a glob, a folder of PNGs, or a list of those.
+    images: Any = MISSING
+    invert: bool = False
+    tracking_uri: str = MISSING
+
+
 def register_configs() -> None:
     """Store the schemas in Hydra's ConfigStore; called before Hydra composes."""
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+    cs.store(name="evaluate_schema", node=EvaluateConf)
+    cs.store(name="predict_schema", node=PredictConf)
     cs.store(group="schema/model", name="softmax", node=SoftmaxConf)
     cs.store(group="schema/model", name="cnn_raw", node=CnnRawConf)
     cs.store(group="schema/model", name="cnn_layers", node=CnnLayersConf)

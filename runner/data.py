@@ -49,10 +49,8 @@ def load_mnist(cfg: Any) -> Splits:
 
     Pixels are scaled to [0, 1]; `limit` keeps the first examples of each split.
     """
-    directory = Path(cfg.dir).expanduser()
-    arrays = {name: read_idx(locate(directory, name, cfg), cfg.sha256.get(name)) for name in FILES}
-    train_all = _split(arrays[TRAIN_IMAGES], arrays[TRAIN_LABELS], directory / TRAIN_IMAGES)
-    test = _split(arrays[TEST_IMAGES], arrays[TEST_LABELS], directory / TEST_IMAGES)
+    train_all = _read_split(cfg, TRAIN_IMAGES, TRAIN_LABELS)
+    test = load_test(cfg)
     n_val = cfg.validation_size
     if not 0 < n_val < len(train_all.y):
         raise UserError(
@@ -62,11 +60,22 @@ def load_mnist(cfg: Any) -> Splits:
     return Splits(
         train=Split(train_all.x[n_val:], train_all.y[n_val:]).head(cfg.limit),
         validation=train_all.head(n_val).head(cfg.limit),
-        test=test.head(cfg.limit),
+        test=test,
     )
 
 
-def _split(images: np.ndarray, labels: np.ndarray, where: Path) -> Split:
+def load_test(cfg: Any) -> Split:
+    """Only the 10,000 test images (the first `limit` of them), for evaluating a trained model."""
+    return _read_split(cfg, TEST_IMAGES, TEST_LABELS).head(cfg.limit)
+
+
+def _read_split(cfg: Any, images_file: str, labels_file: str) -> Split:
+    directory = Path(cfg.dir).expanduser()
+    images, labels = (
+        read_idx(locate(directory, name, cfg), cfg.sha256.get(name))
+        for name in (images_file, labels_file)
+    )
+    where = directory / images_file
     if images.ndim != 3 or labels.ndim != 1:
         raise UserError(
             f"{where}: expected images of shape (N, 28, 28) and labels of shape (N,), "

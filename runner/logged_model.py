@@ -1,0 +1,62 @@
+"""Find and load a model that a training run logged to MLflow, by run id or by model URI."""
+
+from dataclasses import dataclass
+from typing import Any
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from runner.errors import UserError
+
+
+@dataclass(frozen=True)
+class LoggedModel:
+    model: Any
+    uri: str
+    run: Any  # the training run (mlflow.entities.Run), for its config
+
+
+def load(run_id: str | None, model_uri: str | None, tracking_uri: str) -> LoggedModel:
+    """The Keras model `run_id` logged, or the one at `model_uri` (models:/, runs:/, a path)."""
+    if bool(run_id) == bool(model_uri):
+        raise UserError("give exactly one of run_id=<MLflow run id> or model_uri=<model URI>")
+    mlflow.set_tracking_uri(tracking_uri)
+    # Registers the runner's own layers and losses, which the saved models refer to by name.
+    import runner.models.cnn_raw  # noqa: F401
+    import runner.models.losses  # noqa: F401
+
+    try:
+        uri = model_uri or _model_of_run(run_id)
+        info = mlflow.models.get_model_info(uri)
+        model = mlflow.keras.load_model(uri)
+        run = mlflow.get_run(info.run_id) if info.run_id else None
+    except MlflowException as error:
+        raise UserError(f"cannot load the model: {error.message}") from None
+    return LoggedModel(model, uri, run)
+
+
+def _model_of_run(run_id: str) -> str:
+    try:
+        run = mlflow.get_run(run_id)
+    except MlflowException:
+        raise UserError(
+            f"no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()}: run this "
+            f"where the run was recorded, or set MLFLOW_TRACKING_URI"
+        ) from None
+    models = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}'",
+        output_format="list",
+    )
+    if not models:
+        raise UserError(
+            f"run {run_id} logged no model (was it trained with trainer.log_model=false?)"
+        )
+    return models[0].model_uri
+
+
+def outputs_probabilities(model: Any) -> bool:
+    """Whether the model ends in a softmax (model.output=probabilities) rather than logits."""
+    import keras
+
+    return isinstance(model.layers[-1], keras.layers.Softmax)

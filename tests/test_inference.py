@@ -1,0 +1,116 @@
+"""`runner-eval` and `runner-predict` on a model that a test trained and logged."""
+
+import gzip
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from runner.data import TEST_IMAGES, TEST_LABELS, read_idx
+from runner.train import train
+
+from .conftest import compose_config
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, mnist_dir) -> tuple[Path, str]:
+    """A 300-step softmax run with its model logged, in a scratch folder's default store."""
+    work = tmp_path_factory.mktemp("inference")
+    old = Path.cwd()
+    os.chdir(work)
+    try:
+        cfg = compose_config(
+            [
+                f"data.dir={mnist_dir}",
+                f"tracking_uri=sqlite:///{work}/mlflow.db",
+                "trainer.steps=300",
+                "trainer.progress_bar=false",
+            ]
+        )
+        train(cfg)
+    finally:
+        os.chdir(old)
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=["mnist"])
+    return work, runs.run_id[0]
+
+
+def run(command: str, *args: str, cwd: Path, mnist_dir: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MNIST_DIR": str(mnist_dir)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(
+        [str(BIN / command), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_eval_prints_the_guides_dict(trained, mnist_dir):
+    work, run_id = trained
+    result = run("runner-eval", f"run_id={run_id}", cwd=work, mnist_dir=mnist_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = re.search(
+        r"\{'loss': ([\d.]+), 'accuracy': ([\d.]+), 'global_step': 300\}", result.stdout
+    )
+    assert found, result.stdout
+    assert float(found.group(2)) >= 0.85
+    assert not (work / "outputs" / "runner-eval").exists()
+
+
+def test_eval_by_model_uri_matches_eval_by_run(trained, mnist_dir):
+    import mlflow
+
+    work, run_id = trained
+    mlflow.set_tracking_uri(f"sqlite:///{work}/mlflow.db")
+    experiment = mlflow.get_experiment_by_name("mnist").experiment_id
+    [model] = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
+    by_uri = run("runner-eval", f"model_uri={model.model_uri}", cwd=work, mnist_dir=mnist_dir)
+    by_run = run("runner-eval", f"run_id={run_id}", cwd=work, mnist_dir=mnist_dir)
+    assert by_uri.returncode == 0, by_uri.stderr[-2000:]
+    assert by_uri.stdout.strip().splitlines()[-1] == by_run.stdout.strip().splitlines()[-1]
+
+
+def test_eval_of_an_unknown_run_is_a_clear_error(trained, mnist_dir):
+    work, _ = trained
+    result = run("runner-eval", "run_id=0123456789abcdef", cwd=work, mnist_dir=mnist_dir)
+    assert result.returncode == 1
+    assert "no run '0123456789abcdef' in the tracking store" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_predict_classifies_test_digits_written_as_png(trained, mnist_dir, tmp_path):
+    work, run_id = trained
+    images = read_idx(mnist_dir / f"{TEST_IMAGES}.gz")[:2]
+    labels = read_idx(mnist_dir / f"{TEST_LABELS}.gz")[:2]
+    Image.fromarray(images[0]).save(tmp_path / "first.png")
+    Image.fromarray(images[1]).resize((112, 112)).save(tmp_path / "second_large.png")
+    result = run(
+        "runner-predict", f"run_id={run_id}", f"images={tmp_path}", cwd=work, mnist_dir=mnist_dir
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    classes = dict(re.findall(r"/(\w+)\.png: class (\d)", result.stdout))
+    assert classes == {"first": str(labels[0]), "second_large": str(labels[1])}
+    assert "probabilities = [" in result.stdout
+
+
+def test_predict_rejects_what_is_not_an_image(trained, mnist_dir, tmp_path):
+    work, run_id = trained
+    (tmp_path / "notes.png").write_bytes(gzip.compress(b"not a picture"))
+    result = run(
+        "runner-predict",
+        f"run_id={run_id}",
+        f"images={tmp_path}/notes.png",
+        cwd=work,
+        mnist_dir=mnist_dir,
+    )
+    assert result.returncode == 1
+    assert "notes.png: not a readable image" in result.stderr
+    missing = run(
+        "runner-predict", f"run_id={run_id}", "images=nowhere/*.png", cwd=work, mnist_dir=mnist_dir
+    )
+    assert "images='nowhere/*.png' matches no file" in missing.stderr
