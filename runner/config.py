@@ -96,6 +96,7 @@ class TrainerConf:
     log_every: int = MISSING
     eval_every: int = MISSING
     loss: Loss = Loss.sparse_softmax_cross_entropy
+    deterministic: bool = MISSING
     log_probabilities_every: int = MISSING
     log_probabilities_examples: int = MISSING
     progress_bar: bool = True

@@ -42,6 +42,7 @@ class Splits:
     train: Split
     validation: Split
     test: Split
+    files: dict[str, Path]  # each IDX file read, by its name without .gz
 
 
 def load_mnist(cfg: Any) -> Splits:
@@ -49,8 +50,8 @@ def load_mnist(cfg: Any) -> Splits:
 
     Pixels are scaled to [0, 1]; `limit` keeps the first examples of each split.
     """
-    train_all = _read_split(cfg, TRAIN_IMAGES, TRAIN_LABELS)
-    test = load_test(cfg)
+    train_all, train_files = _read_split(cfg, TRAIN_IMAGES, TRAIN_LABELS)
+    test, test_files = _read_split(cfg, TEST_IMAGES, TEST_LABELS)
     n_val = cfg.validation_size
     if not 0 < n_val < len(train_all.y):
         raise UserError(
@@ -60,22 +61,21 @@ def load_mnist(cfg: Any) -> Splits:
     return Splits(
         train=Split(train_all.x[n_val:], train_all.y[n_val:]).head(cfg.limit),
         validation=train_all.head(n_val).head(cfg.limit),
-        test=test,
+        test=test.head(cfg.limit),
+        files={**train_files, **test_files},
     )
 
 
 def load_test(cfg: Any) -> Split:
     """Only the 10,000 test images (the first `limit` of them), for evaluating a trained model."""
-    return _read_split(cfg, TEST_IMAGES, TEST_LABELS).head(cfg.limit)
+    return _read_split(cfg, TEST_IMAGES, TEST_LABELS)[0].head(cfg.limit)
 
 
-def _read_split(cfg: Any, images_file: str, labels_file: str) -> Split:
+def _read_split(cfg: Any, images_file: str, labels_file: str) -> tuple[Split, dict[str, Path]]:
     directory = Path(cfg.dir).expanduser()
-    images, labels = (
-        read_idx(locate(directory, name, cfg), cfg.sha256.get(name))
-        for name in (images_file, labels_file)
-    )
-    where = directory / images_file
+    files = {name: locate(directory, name, cfg) for name in (images_file, labels_file)}
+    images, labels = (read_idx(path, cfg.sha256.get(name)) for name, path in files.items())
+    where = files[images_file]
     if images.ndim != 3 or labels.ndim != 1:
         raise UserError(
             f"{where}: expected images of shape (N, 28, 28) and labels of shape (N,), "
@@ -87,7 +87,7 @@ def _read_split(cfg: Any, images_file: str, labels_file: str) -> Split:
             f"files must come from the same release"
         )
     x = images.reshape(len(images), -1).astype(np.float32) / 255.0
-    return Split(x, labels.astype(np.int32))
+    return Split(x, labels.astype(np.int32)), files
 
 
 def locate(directory: Path, name: str, cfg: Any) -> Path:

@@ -5,7 +5,6 @@ run is flushed before it ends, and a run that raises ends FAILED with the error 
 """
 
 import logging
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from runner import plots
+from runner import environment, plots
 from runner.data import Split
 
 log = logging.getLogger(__name__)
@@ -77,8 +76,11 @@ class Recorder:
 
 
 @contextmanager
-def mlflow_run(cfg: DictConfig) -> Iterator[Recorder]:
-    """One MLflow run around the training; ends FAILED (with an `error` tag) if anything raises."""
+def mlflow_run(cfg: DictConfig, data_files: dict[str, Path]) -> Iterator[Recorder]:
+    """One MLflow run around the training; ends FAILED (with an `error` tag) if anything raises.
+
+    Besides the config it records the environment (`environment.json`, and tags for versions,
+    devices and commit), so that a run can be rerun and a difference explained."""
     mlflow.set_tracking_uri(cfg.tracking_uri)
     mlflow.set_experiment(cfg.experiment_name)
     hydra_dir = _hydra_output_dir()
@@ -86,6 +88,7 @@ def mlflow_run(cfg: DictConfig) -> Iterator[Recorder]:
         try:
             log.info("MLflow run %s in experiment %r", run.info.run_id, cfg.experiment_name)
             _log_config(cfg, hydra_dir)
+            _log_environment(data_files)
             yield Recorder(run.info.run_id, cfg.trainer.steps)
         except BaseException as error:
             mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
@@ -97,16 +100,16 @@ def mlflow_run(cfg: DictConfig) -> Iterator[Recorder]:
 def _log_config(cfg: DictConfig, hydra_dir: Path | None) -> None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     mlflow.log_params(dict(flatten(resolved)))
-    mlflow.set_tags(
-        {
-            "model": cfg.model.name,
-            "optimizer": cfg.optimizer.name,
-            **({"git_commit": commit} if (commit := git_commit()) else {}),
-        }
-    )
+    mlflow.set_tags({"model": cfg.model.name, "optimizer": cfg.optimizer.name})
     mlflow.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
     if hydra_dir is not None and (hydra_dir / ".hydra").is_dir():
         mlflow.log_artifacts(str(hydra_dir / ".hydra"), "hydra")
+
+
+def _log_environment(data_files: dict[str, Path]) -> None:
+    described = environment.describe(data_files)
+    mlflow.set_tags(environment.tags(described))
+    mlflow.log_dict(described, "environment.json")
 
 
 def flatten(tree: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -116,21 +119,6 @@ def flatten(tree: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield from flatten(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
-
-
-def git_commit() -> str | None:
-    """The commit of the runner's own checkout, if it is one."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except OSError:
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def _hydra_output_dir() -> Path | None:

@@ -29,8 +29,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     from runner import data, models, optim, tracking
     from runner.fitting import evaluate_outputs, fit
+    from runner.reproducibility import start_clean
 
-    keras.utils.set_random_seed(cfg.seed)
+    start_clean(cfg.seed, cfg.trainer.deterministic)
     splits = data.load_mnist(cfg.data)
     model = models.build(cfg.model)
     model.compile(
@@ -38,7 +39,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         loss=models.loss(cfg.trainer.loss),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
-    with tracking.mlflow_run(cfg) as recorder:
+    with tracking.mlflow_run(cfg, splits.files) as recorder:
         fit(model, splits, cfg, recorder)
         recorder.log_test(
             splits.test, *evaluate_outputs(model, splits.test, cfg.data.eval_batch_size)

@@ -1,0 +1,73 @@
+"""What a run needs to be rerun and compared: versions, platform, devices, code and data."""
+
+import hashlib
+import platform
+import subprocess
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("keras", "tensorflow", "mlflow", "hydra-core", "numpy")
+_CHECKOUT = Path(__file__).resolve().parent
+
+
+def describe(data_files: dict[str, Path]) -> dict[str, Any]:
+    """The environment.json of a run."""
+    return {
+        "python": platform.python_version(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "devices": devices(),
+        "git": {"commit": _git("rev-parse", "HEAD"), "dirty": git_dirty()},
+        "data_sha256": {name: file_sha256(path) for name, path in data_files.items()},
+    }
+
+
+def tags(environment: dict[str, Any]) -> dict[str, str]:
+    """The part of the environment one filters runs on, as MLflow tags."""
+    found = {
+        "python_version": environment["python"],
+        "keras_version": environment["packages"]["keras"],
+        "tensorflow_version": environment["packages"]["tensorflow"],
+        "devices": ", ".join(environment["devices"]),
+        "git_commit": environment["git"]["commit"],
+        "git_dirty": environment["git"]["dirty"],
+    }
+    return {key: str(value) for key, value in found.items() if value is not None}
+
+
+def devices() -> list[str]:
+    import tensorflow as tf
+
+    return [
+        device.name.removeprefix("/physical_device:")
+        for device in tf.config.list_physical_devices()
+    ]
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def git_dirty() -> bool | None:
+    """Whether the runner's checkout has uncommitted changes; None outside a checkout."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status)
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=_CHECKOUT, capture_output=True, text=True, timeout=10
+        )
+    except OSError:
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None

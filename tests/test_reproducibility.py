@@ -1,0 +1,75 @@
+"""Equal configs give equal runs, whatever ran before in the process; each run records its
+environment."""
+
+import json
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from runner.environment import file_sha256
+from runner.train import train
+
+from .conftest import compose_config
+
+SHORT = [
+    "data.limit=1000",
+    "trainer.steps=30",
+    "trainer.log_every=10",
+    "trainer.eval_every=30",
+    "trainer.progress_bar=false",
+    "trainer.log_model=false",
+]
+
+
+def histories(store_uri: str, experiment: str) -> list[dict[str, list[tuple[int, float]]]]:
+    """Every run's metric histories, oldest run first."""
+    client = MlflowClient(store_uri)
+    runs = client.search_runs(
+        [client.get_experiment_by_name(experiment).experiment_id],
+        order_by=["attributes.start_time ASC"],
+    )
+    return [
+        {
+            key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+            for key in sorted(run.data.metrics)
+        }
+        for run in runs
+    ]
+
+
+@pytest.mark.parametrize("model", ["cnn_raw", "softmax"])
+def test_same_config_gives_identical_metric_histories(model, in_tmp_store):
+    store = f"sqlite:///{in_tmp_store / 'mlflow.db'}"
+    base = [f"model={model}", f"tracking_uri={store}", f"experiment_name={model}", *SHORT]
+    if model == "cnn_raw":
+        base += ["optimizer=adam", "data.batch_size=50"]
+    train(compose_config(base))
+    # A run with another seed in between must leave nothing behind for the third.
+    train(compose_config([*base, "seed=7", "trainer.deterministic=false"]))
+    train(compose_config(base))
+    first, other, third = histories(store, model)
+    assert first == third
+    assert first != other
+    assert len(first["train/loss"]) == 3
+
+
+def test_run_records_its_environment(in_tmp_store, mnist_dir):
+    store = f"sqlite:///{in_tmp_store / 'mlflow.db'}"
+    train(compose_config([f"tracking_uri={store}", *SHORT]))
+    client = MlflowClient(store)
+    [run] = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
+    env = json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/environment.json"))
+    assert set(env["packages"]) == {"keras", "tensorflow", "mlflow", "hydra-core", "numpy"}
+    assert env["devices"][0].startswith("CPU")
+    assert env["data_sha256"]["t10k-labels-idx1-ubyte"] == file_sha256(
+        mnist_dir / "t10k-labels-idx1-ubyte.gz"
+    )
+    assert len(env["data_sha256"]) == 4
+    tags = run.data.tags
+    assert tags["keras_version"] == env["packages"]["keras"]
+    assert tags["tensorflow_version"] == env["packages"]["tensorflow"]
+    assert tags["devices"].startswith("CPU:0")
+    if env["git"]["commit"]:
+        assert tags["git_commit"] == env["git"]["commit"]
+        assert tags["git_dirty"] in {"True", "False"}
