@@ -35,6 +35,7 @@ TARGET = {
     "layers_cnn": 0.970,
     "deep_mnist_r": 0.915,
 }
+NOTES = "## Notes"
 HEADER = (
     "| preset | steps | batch | test accuracy | target | tutorial | wall time | device | date "
     "| command |\n|---|---|---|---|---|---|---|---|---|---|\n"
@@ -85,10 +86,15 @@ def run_preset(name: str, extra: list[str]) -> str:
 
 
 def merge(rows: dict[str, str]) -> str:
-    """The results table with `rows` replacing those of the same presets, in preset order."""
-    old = {}
+    """The results table with `rows` replacing those of the same presets, in preset order;
+    a `## Notes` section written under the table by hand is kept."""
+    old, notes = {}, ""
     if RESULTS.exists():
-        for line in RESULTS.read_text().splitlines():
+        text = RESULTS.read_text()
+        if NOTES in text:
+            text, notes = text.split(NOTES, 1)
+            notes = f"\n{NOTES}{notes}"
+        for line in text.splitlines():
             cells = [c.strip() for c in line.strip("|").split("|")]
             if line.startswith("| ") and cells[0] in TUTORIAL:
                 old[cells[0]] = line
@@ -97,7 +103,10 @@ def merge(rows: dict[str, str]) -> str:
     return (
         "# Seed tutorials reproduced\n\n"
         "Each row is one full run of a preset, measured by `benchmarks/reproduce_seeds.py`; "
-        "wall time is the whole command, start-up and test evaluation included.\n\n" + HEADER + body
+        "wall time is the whole command, start-up and test evaluation included.\n\n"
+        + HEADER
+        + body
+        + notes
     )
 
 
