@@ -11,24 +11,50 @@ import keras
 import numpy as np
 
 from runner.data import Split, batch_indices
+from runner.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+class StepCallback(keras.callbacks.Callback):
+    """Knows the optimizer step of each batch: step = epoch * steps per epoch + batch + 1."""
+
+    first_step = 1
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.first_step = epoch * self.params["steps"] + 1
 
 
 class MlflowMetrics(keras.callbacks.Callback):
     """Logs `train/<metric>` and `val/<metric>` at the optimizer step each epoch ends on."""
 
-    def __init__(self, recorder: Any, steps_per_epoch: int):
+    def __init__(self, recorder: Any):
         super().__init__()
         self.recorder = recorder
-        self.steps_per_epoch = steps_per_epoch
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         metrics = {
             (f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"): value
             for key, value in (logs or {}).items()
         }
-        self.recorder.log_metrics(metrics, step=(epoch + 1) * self.steps_per_epoch)
+        self.recorder.log_metrics(metrics, step=(epoch + 1) * self.params["steps"])
+
+
+class TrainingDiverged(UserError):
+    """The training loss stopped being a finite number."""
+
+
+class StopOnNonFiniteLoss(StepCallback):
+    """Stops training at the step whose loss is NaN or infinite, naming that step; unlike Keras's
+    TerminateOnNaN it raises, so the run ends FAILED rather than looking finished."""
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        loss = float((logs or {}).get("loss", 0.0))
+        if not np.isfinite(loss):
+            raise TrainingDiverged(
+                f"the training loss became {loss} at step {self.first_step + batch}; "
+                f"lower optimizer.lr or check the data"
+            )
 
 
 class StepProgbar(keras.callbacks.ProgbarLogger):
@@ -42,7 +68,7 @@ class StepProgbar(keras.callbacks.ProgbarLogger):
             print(f"Steps {first}-{last} of {self.epochs * self.target}", flush=True)
 
 
-class ProbabilityLogger(keras.callbacks.Callback):
+class ProbabilityLogger(StepCallback):
     """The TF Layers guide's logging hook: every `every` steps, print the softmax probabilities
     of the first examples of the batch that step trained on.
 
@@ -60,10 +86,6 @@ class ProbabilityLogger(keras.callbacks.Callback):
         self.examples = examples
         shard = batch_indices(len(train.y), batch_size, seed).shard(every, every - 1)
         self.batches = iter(shard)
-        self.first_step = 1
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self.first_step = epoch * self.params["steps"] + 1
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         step = self.first_step + batch

@@ -4,7 +4,7 @@ from typing import Any
 
 import numpy as np
 
-from runner.callbacks import ProbabilityLogger, StepProgbar
+from runner.callbacks import ProbabilityLogger, StepProgbar, StopOnNonFiniteLoss
 from runner.data import Split, Splits, training_dataset
 
 
@@ -12,7 +12,7 @@ def fit(model: Any, splits: Splits, cfg: Any, recorder: Any) -> None:
     """Train `trainer.steps` steps; validate every `eval_every` steps and after the last one."""
     trainer = cfg.trainer
     validation = (splits.validation.x, splits.validation.y)
-    callbacks = [recorder.callback(trainer.log_every)]
+    callbacks = [recorder.callback(), StopOnNonFiniteLoss()]
     if trainer.log_probabilities_every:
         callbacks.append(
             ProbabilityLogger(

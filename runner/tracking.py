@@ -5,6 +5,7 @@ run is flushed before it ends, and a run that raises ends FAILED with the error 
 """
 
 import logging
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,10 +14,12 @@ from typing import Any
 import mlflow
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from runner import environment, plots
 from runner.data import Split
+from runner.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +40,10 @@ class Recorder:
             self.history.setdefault(key, []).append((step, value))
         mlflow.log_metrics(metrics, step=step, synchronous=False)
 
-    def callback(self, steps_per_epoch: int) -> Any:
+    def callback(self) -> Any:
         from runner.callbacks import MlflowMetrics
 
-        return MlflowMetrics(self, steps_per_epoch)
+        return MlflowMetrics(self)
 
     def log_test(self, test: Split, outputs: np.ndarray, loss: float) -> None:
         """Test metrics at the last step, the confusion matrix and the training curves."""
@@ -81,8 +84,7 @@ def mlflow_run(cfg: DictConfig, data_files: dict[str, Path]) -> Iterator[Recorde
 
     Besides the config it records the environment (`environment.json`, and tags for versions,
     devices and commit), so that a run can be rerun and a difference explained."""
-    mlflow.set_tracking_uri(cfg.tracking_uri)
-    mlflow.set_experiment(cfg.experiment_name)
+    open_store(cfg.tracking_uri, cfg.experiment_name)
     hydra_dir = _hydra_output_dir()
     with mlflow.start_run(run_name=_run_name(cfg)) as run:
         try:
@@ -95,6 +97,24 @@ def mlflow_run(cfg: DictConfig, data_files: dict[str, Path]) -> Iterator[Recorde
             raise
         finally:
             mlflow.flush_async_logging()
+
+
+def open_store(uri: str, experiment_name: str) -> None:
+    """Point MLflow at `uri` and the experiment, failing fast with a clear message: MLflow itself
+    retries an unreachable server for minutes before it gives up."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
+        except (OSError, ValueError) as error:
+            raise UserError(
+                f"the MLflow tracking server {uri} does not answer ({error}): start it, correct "
+                f"MLFLOW_TRACKING_URI (or tracking_uri), or unset it to record into ./mlflow.db"
+            ) from None
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.set_experiment(experiment_name)
+    except MlflowException as error:
+        raise UserError(f"cannot use the MLflow tracking store {uri}: {error.message}") from None
 
 
 def _log_config(cfg: DictConfig, hydra_dir: Path | None) -> None:

@@ -165,3 +165,37 @@ def test_failed_training_ends_the_run_failed(in_tmp_store, monkeypatch):
     assert run.info.status == "FAILED"
     assert run.data.tags["error"] == "RuntimeError: disk on fire"
     assert "train/loss" in run.data.metrics, "what was measured before the crash is kept"
+
+
+def test_diverging_loss_stops_the_run_failed_at_its_step(in_tmp_store):
+    from runner.callbacks import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match=r"the training loss became (nan|inf) at step \d+"):
+        short_run(["experiment=deep_mnist_r", "optimizer.lr=1e6"], in_tmp_store)
+    run = only_run(in_tmp_store)
+    assert run.info.status == "FAILED"
+    assert "TrainingDiverged: the training loss became" in run.data.tags["error"]
+
+
+def test_unreachable_tracking_server_is_a_clear_error(tmp_path, mnist_dir):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {
+        **os.environ,
+        "MNIST_DIR": str(mnist_dir),
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "runner", "trainer.steps=100"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert f"the MLflow tracking server http://127.0.0.1:{port} does not answer" in result.stderr
+    assert "Traceback" not in result.stderr
