@@ -1,6 +1,7 @@
 """What a run needs to be rerun and compared: versions, platform, devices, code and data."""
 
 import hashlib
+import os
 import platform
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
@@ -18,6 +19,7 @@ def describe(data_files: dict[str, Path]) -> dict[str, Any]:
         "packages": {name: _version(name) for name in PACKAGES},
         "platform": platform.platform(),
         "machine": platform.machine(),
+        "cpu": cpu(),
         "devices": devices(),
         "git": {"commit": _git("rev-parse", "HEAD"), "dirty": git_dirty()},
         "data_sha256": {name: file_sha256(path) for name, path in data_files.items()},
@@ -35,6 +37,19 @@ def tags(environment: dict[str, Any]) -> dict[str, str]:
         "git_dirty": environment["git"]["dirty"],
     }
     return {key: str(value) for key, value in found.items() if value is not None}
+
+
+def cpu() -> str:
+    """The processor model and the cores this process may use: kernels, and so the last bits of
+    a result, can differ between processors."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {len(os.sched_getaffinity(0))} cores"
 
 
 def devices() -> list[str]:

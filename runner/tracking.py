@@ -79,7 +79,9 @@ class Recorder:
 
 
 @contextmanager
-def mlflow_run(cfg: DictConfig, data_files: dict[str, Path]) -> Iterator[Recorder]:
+def mlflow_run(
+    cfg: DictConfig, data_files: dict[str, Path], tags: dict[str, str] | None = None
+) -> Iterator[Recorder]:
     """One MLflow run around the training; ends FAILED (with an `error` tag) if anything raises.
 
     Besides the config it records the environment (`environment.json`, and tags for versions,
@@ -91,6 +93,7 @@ def mlflow_run(cfg: DictConfig, data_files: dict[str, Path]) -> Iterator[Recorde
             log.info("MLflow run %s in experiment %r", run.info.run_id, cfg.experiment_name)
             _log_config(cfg, hydra_dir)
             _log_environment(data_files)
+            mlflow.set_tags(tags or {})
             yield Recorder(run.info.run_id, cfg.trainer.steps)
         except BaseException as error:
             mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])

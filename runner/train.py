@@ -5,6 +5,7 @@ loading TensorFlow or MLflow.
 """
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
@@ -19,8 +20,9 @@ register_configs()
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Train one model as `cfg` says and record it in MLflow; returns the final metrics."""
+def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, float]:
+    """Train one model as `cfg` says and record it in MLflow, with `tags` added to the run;
+    returns the final metrics."""
     check_config(cfg)
     # TensorFlow's C++ INFO lines (CPU features, oneDNN) drown the training log; warnings stay.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
@@ -39,7 +41,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         loss=models.loss(cfg.trainer.loss),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
-    with tracking.mlflow_run(cfg, splits.files) as recorder:
+    with tracking.mlflow_run(cfg, splits.files, tags) as recorder:
         fit(model, splits, cfg, recorder)
         recorder.log_test(
             splits.test, *evaluate_outputs(model, splits.test, cfg.data.eval_batch_size)
@@ -47,6 +49,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.trainer.log_model:
             recorder.log_model(model, splits.test.x[:8])
         return recorder.final_metrics()
+
+
+def compose(overrides: Sequence[str] = ()) -> DictConfig:
+    """The config `runner OVERRIDES` would train with, for calling `train` from Python."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

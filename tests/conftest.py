@@ -4,11 +4,9 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from runner.config import register_configs
-from runner.train import CONF_DIR
+from runner.train import compose
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,9 +34,7 @@ def mnist_dir() -> Path:
 
 def compose_config(overrides: list[str] = ()) -> DictConfig:
     """The config `runner OVERRIDES` would run with, composed without running it."""
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+    return compose(overrides)
 
 
 @pytest.fixture

@@ -1,0 +1,141 @@
+"""`runner-repro RUN_ID`: rerun a logged run from its logged config and compare every metric
+history step by step. Exits 0 when they agree (exactly, or within --rtol/--atol), 1 otherwise,
+printing the first differing step of each metric and the environment differences that may
+explain them."""
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+History = dict[str, list[tuple[int, float]]]
+
+
+@dataclass(frozen=True)
+class Difference:
+    metric: str
+    step: int
+    expected: float | None
+    found: float | None
+
+
+def compare(expected: History, found: History, rtol: float = 0.0, atol: float = 0.0) -> list:
+    """The first differing step of each metric; a step or metric on one side only differs too."""
+    differences = []
+    for metric in sorted(expected.keys() | found.keys()):
+        want, got = dict(expected.get(metric, [])), dict(found.get(metric, []))
+        for step in sorted(want.keys() | got.keys()):
+            a, b = want.get(step), got.get(step)
+            if a is None or b is None or not math.isclose(a, b, rel_tol=rtol, abs_tol=atol):
+                differences.append(Difference(metric, step, a, b))
+                break
+    return differences
+
+
+def environment_differences(expected: dict, found: dict) -> list[tuple[str, Any, Any]]:
+    """(key, expected, found) for each dotted environment.json key whose values differ."""
+    from runner.tracking import flatten
+
+    want, got = dict(flatten(expected)), dict(flatten(found))
+    return [
+        (key, want.get(key), got.get(key))
+        for key in sorted(want.keys() | got.keys())
+        if want.get(key) != got.get(key)
+    ]
+
+
+def histories(client: Any, run: Any) -> History:
+    return {
+        key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+        for key in sorted(run.data.metrics)
+    }
+
+
+def logged_environment(run: Any) -> dict:
+    """The run's environment.json; empty for runs logged before the runner recorded one."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/environment.json"))
+    except MlflowException:
+        return {}
+
+
+def report(differences: list[Difference], environment: list[tuple[str, Any, Any]]) -> str:
+    lines = [f"{'metric':<16} {'first differing step':>20} {'original':>14} {'rerun':>14}"]
+    lines += [
+        f"{d.metric:<16} {d.step:>20} {_number(d.expected):>14} {_number(d.found):>14}"
+        for d in differences
+    ]
+    if environment:
+        lines += ["", f"{'environment':<40} {'original':<30} rerun"]
+        lines += [f"{key:<40} {str(a):<30} {b}" for key, a, b in environment]
+    else:
+        lines += ["", "The environments are the same (versions, platform, devices, commit, data)."]
+    return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    return "missing" if value is None else f"{value:.8g}"
+
+
+def rerun(run_id: str, tracking_uri: str, overrides: list[str]) -> tuple[Any, Any]:
+    """Train again from `run_id`'s logged config; returns (original run, new run)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from omegaconf import OmegaConf
+
+    from runner.errors import UserError
+    from runner.train import train
+
+    client = mlflow.MlflowClient(tracking_uri)
+    try:
+        original = client.get_run(run_id)
+        logged = mlflow.artifacts.load_text(f"{original.info.artifact_uri}/config.yaml")
+    except MlflowException as error:
+        raise UserError(f"cannot read run {run_id} in {tracking_uri}: {error.message}") from None
+    cfg = OmegaConf.merge(OmegaConf.create(logged), OmegaConf.from_dotlist(overrides))
+    cfg.tracking_uri = tracking_uri
+    train(cfg, tags={"repro_of": run_id})
+    return original, client.get_run(mlflow.last_active_run().info.run_id)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="runner-repro", description=__doc__)
+    parser.add_argument("run_id", help="the MLflow run to reproduce")
+    parser.add_argument("--rtol", type=float, default=0.0, help="relative tolerance (default 0)")
+    parser.add_argument("--atol", type=float, default=0.0, help="absolute tolerance (default 0)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change the logged config, e.g. --set data.dir=/data/mnist on another machine",
+    )
+    args = parser.parse_args(argv)
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+
+    from runner.errors import UserError
+
+    try:
+        original, repeat = rerun(args.run_id, uri, args.overrides)
+    except UserError as error:
+        raise SystemExit(f"runner-repro: error: {error}") from None
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    differences = compare(
+        histories(client, original), histories(client, repeat), args.rtol, args.atol
+    )
+    environments = [logged_environment(run) for run in (original, repeat)]
+    print(f"original run {original.info.run_id}, rerun {repeat.info.run_id}")
+    if not differences:
+        print(f"every metric history agrees (rtol={args.rtol}, atol={args.atol})")
+        return
+    print(report(differences, environment_differences(*environments)))
+    sys.exit(1)

@@ -1,0 +1,91 @@
+"""`runner-repro`: rerun a logged run and compare its metric histories step by step."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from runner.repro import Difference, compare, environment_differences
+
+BIN = Path(sys.executable).parent
+QUICK = [
+    "data.limit=1000",
+    "trainer.steps=30",
+    "trainer.log_every=10",
+    "trainer.eval_every=30",
+    "trainer.progress_bar=false",
+    "trainer.log_model=false",
+]
+
+
+def command(name: str, *args: str, cwd: Path, mnist_dir: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MNIST_DIR": str(mnist_dir)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(
+        [str(BIN / name), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory, mnist_dir) -> tuple[Path, str]:
+    work = tmp_path_factory.mktemp("repro")
+    result = command("runner", *QUICK, cwd=work, mnist_dir=mnist_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    client = MlflowClient(f"sqlite:///{work}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
+    return work, run.info.run_id
+
+
+def test_repro_of_an_unchanged_run_agrees_exactly(logged_run, mnist_dir):
+    work, run_id = logged_run
+    result = command("runner-repro", run_id, cwd=work, mnist_dir=mnist_dir)
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    assert "every metric history agrees (rtol=0.0, atol=0.0)" in result.stdout
+    client = MlflowClient(f"sqlite:///{work}/mlflow.db")
+    tagged = client.search_runs(
+        [client.get_experiment_by_name("mnist").experiment_id],
+        filter_string=f"tags.repro_of = '{run_id}'",
+    )
+    assert len(tagged) == 1 and tagged[0].info.status == "FINISHED"
+
+
+def test_repro_that_differs_exits_1_with_the_first_differing_steps(logged_run, mnist_dir):
+    work, run_id = logged_run
+    result = command(
+        "runner-repro", run_id, "--set", "optimizer.lr=0.4", cwd=work, mnist_dir=mnist_dir
+    )
+    assert result.returncode == 1
+    rows = {
+        line.split()[0]: line.split()[1]
+        for line in result.stdout.splitlines()
+        if line.startswith(("train/", "val/", "test/"))
+    }
+    assert rows["train/loss"] == "10"
+    assert rows["test/accuracy"] == "30"
+
+
+def test_repro_of_an_unknown_run_is_a_clear_error(logged_run, mnist_dir):
+    work, _ = logged_run
+    result = command("runner-repro", "feedfacefeedface", cwd=work, mnist_dir=mnist_dir)
+    assert result.returncode == 1
+    assert "runner-repro: error: cannot read run feedfacefeedface" in result.stderr
+
+
+def test_compare_finds_changed_missing_and_tolerated_values():
+    expected = {"loss": [(10, 1.0), (20, 0.5)], "acc": [(10, 0.1)]}
+    assert compare(expected, expected) == []
+    found = {"loss": [(10, 1.0), (20, 0.5001)], "acc": [(10, 0.1), (20, 0.2)]}
+    assert compare(expected, found) == [
+        Difference("acc", 20, None, 0.2),
+        Difference("loss", 20, 0.5, 0.5001),
+    ]
+    assert compare({"loss": expected["loss"]}, {"loss": found["loss"]}, rtol=1e-3) == []
+
+
+def test_environment_differences_name_the_dotted_key():
+    a = {"packages": {"keras": "3.15.1", "numpy": "2.4"}, "cpu": "x"}
+    b = {"packages": {"keras": "3.16.0", "numpy": "2.4"}, "cpu": "x"}
+    assert environment_differences(a, b) == [("packages.keras", "3.15.1", "3.16.0")]
