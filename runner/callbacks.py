@@ -77,7 +77,14 @@ class ProbabilityLogger(StepCallback):
     """
 
     def __init__(
-        self, train: Split, batch_size: int, seed: int, every: int, examples: int, logits: bool
+        self,
+        train: Split,
+        batch_size: int,
+        seed: int,
+        every: int,
+        examples: int,
+        logits: bool,
+        start_step: int = 0,
     ):
         super().__init__()
         self.x = train.x
@@ -85,7 +92,7 @@ class ProbabilityLogger(StepCallback):
         self.every = every
         self.examples = examples
         shard = batch_indices(len(train.y), batch_size, seed).shard(every, every - 1)
-        self.batches = iter(shard)
+        self.batches = iter(shard.skip(start_step // every))
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         step = self.first_step + batch

@@ -97,6 +97,10 @@ class TrainerConf:
     eval_every: int = MISSING
     loss: Loss = Loss.sparse_softmax_cross_entropy
     deterministic: bool = MISSING
+    checkpoint_every: int = MISSING
+    keep_checkpoints: int = MISSING
+    checkpoint_dir: str | None = None
+    resume: bool = False
     log_probabilities_every: int = MISSING
     log_probabilities_examples: int = MISSING
     progress_bar: bool = True
@@ -157,6 +161,8 @@ def check_config(cfg: Any) -> None:
         "data.batch_size": d.batch_size,
         "data.eval_batch_size": d.eval_batch_size,
         "trainer.log_probabilities_examples": t.log_probabilities_examples,
+        "trainer.checkpoint_every": t.checkpoint_every,
+        "trainer.keep_checkpoints": t.keep_checkpoints,
     }.items():
         if value <= 0:
             raise UserError(f"{key}={value} must be a positive integer")
@@ -164,6 +170,11 @@ def check_config(cfg: Any) -> None:
         raise UserError(
             f"trainer.steps={t.steps} must be a multiple of trainer.log_every={t.log_every}: "
             f"training is logged in windows of log_every steps"
+        )
+    if t.checkpoint_every % t.log_every:
+        raise UserError(
+            f"trainer.checkpoint_every={t.checkpoint_every} must be a multiple of "
+            f"trainer.log_every={t.log_every}"
         )
     if t.eval_every % t.log_every:
         raise UserError(

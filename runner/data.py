@@ -176,8 +176,9 @@ def parse_idx(content: bytes, sha256: str | None, source: object) -> np.ndarray:
     return np.frombuffer(content, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def training_dataset(split: Split, batch_size: int, seed: int) -> Any:
-    """Endless batches in a seeded order, reshuffled every epoch, prefetched behind training.
+def training_dataset(split: Split, batch_size: int, seed: int, start_step: int = 0) -> Any:
+    """Endless batches in a seeded order, reshuffled every epoch, prefetched behind training;
+    `start_step` skips the batches a resumed run has already trained on.
 
     Shuffling indices and gathering whole batches costs one op per batch instead of one per
     example, which keeps the input pipeline off the critical path even for the softmax model.
@@ -187,6 +188,7 @@ def training_dataset(split: Split, batch_size: int, seed: int) -> Any:
     x, y = tf.constant(split.x), tf.constant(split.y)
     return (
         batch_indices(len(split.y), batch_size, seed)
+        .skip(start_step)
         .map(lambda idx: (tf.gather(x, idx), tf.gather(y, idx)))
         .prefetch(tf.data.AUTOTUNE)
     )

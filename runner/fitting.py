@@ -4,15 +4,28 @@ from typing import Any
 
 import numpy as np
 
+from runner import checkpoints
 from runner.callbacks import ProbabilityLogger, StepProgbar, StopOnNonFiniteLoss
+from runner.checkpoints import Checkpointer
 from runner.data import Split, Splits, training_dataset
 
 
-def fit(model: Any, splits: Splits, cfg: Any, recorder: Any) -> None:
-    """Train `trainer.steps` steps; validate every `eval_every` steps and after the last one."""
+def fit(model: Any, splits: Splits, cfg: Any, recorder: Any, start_step: int = 0) -> None:
+    """Train from `start_step` to `trainer.steps`; validate every `eval_every` steps and after
+    the last one; checkpoint every `checkpoint_every` steps and after the last one."""
     trainer = cfg.trainer
     validation = (splits.validation.x, splits.validation.y)
-    callbacks = [recorder.callback(), StopOnNonFiniteLoss()]
+    callbacks = [
+        recorder.callback(),
+        StopOnNonFiniteLoss(),
+        Checkpointer(
+            checkpoints.directory_for(trainer.checkpoint_dir),
+            trainer.checkpoint_every,
+            trainer.steps,
+            recorder.run_id,
+            trainer.keep_checkpoints,
+        ),
+    ]
     if trainer.log_probabilities_every:
         callbacks.append(
             ProbabilityLogger(
@@ -22,13 +35,15 @@ def fit(model: Any, splits: Splits, cfg: Any, recorder: Any) -> None:
                 trainer.log_probabilities_every,
                 trainer.log_probabilities_examples,
                 logits=cfg.model.output == "logits",
+                start_step=start_step,
             )
         )
     if trainer.progress_bar:
         callbacks.append(StepProgbar())
     model.fit(
-        training_dataset(splits.train, cfg.data.batch_size, cfg.seed),
+        training_dataset(splits.train, cfg.data.batch_size, cfg.seed, start_step),
         steps_per_epoch=trainer.log_every,
+        initial_epoch=start_step // trainer.log_every,
         epochs=trainer.steps // trainer.log_every,
         validation_data=validation,
         validation_batch_size=cfg.data.eval_batch_size,

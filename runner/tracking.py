@@ -27,18 +27,26 @@ MODEL_ARTIFACT = "model"
 
 
 class Recorder:
-    """Logs into the active MLflow run and keeps the metric histories for the plots."""
+    """Logs into the active MLflow run and keeps the metric histories for the plots.
 
-    def __init__(self, run_id: str, steps: int):
+    A resumed run starts from the histories already in MLflow and skips any step logged before
+    the interruption, so each metric keeps one value a step."""
+
+    def __init__(self, run_id: str, steps: int, history: dict | None = None):
         self.run_id = run_id
         self.steps = steps
-        self.history: dict[str, list[tuple[int, float]]] = {}
+        self.history: dict[str, list[tuple[int, float]]] = history or {}
+        self._logged = {(key, step) for key, points in self.history.items() for step, _ in points}
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        metrics = {key: float(value) for key, value in metrics.items()}
+        metrics = {
+            key: float(value) for key, value in metrics.items() if (key, step) not in self._logged
+        }
         for key, value in metrics.items():
             self.history.setdefault(key, []).append((step, value))
-        mlflow.log_metrics(metrics, step=step, synchronous=False)
+            self._logged.add((key, step))
+        if metrics:
+            mlflow.log_metrics(metrics, step=step, synchronous=False)
 
     def callback(self) -> Any:
         from runner.callbacks import MlflowMetrics
@@ -80,26 +88,46 @@ class Recorder:
 
 @contextmanager
 def mlflow_run(
-    cfg: DictConfig, data_files: dict[str, Path], tags: dict[str, str] | None = None
+    cfg: DictConfig,
+    data_files: dict[str, Path],
+    tags: dict[str, str] | None = None,
+    resume_run_id: str | None = None,
 ) -> Iterator[Recorder]:
     """One MLflow run around the training; ends FAILED (with an `error` tag) if anything raises.
 
     Besides the config it records the environment (`environment.json`, and tags for versions,
-    devices and commit), so that a run can be rerun and a difference explained."""
+    devices and commit), so that a run can be rerun and a difference explained. With
+    `resume_run_id` it reopens that run, whose config is already logged."""
     open_store(cfg.tracking_uri, cfg.experiment_name)
     hydra_dir = _hydra_output_dir()
-    with mlflow.start_run(run_name=_run_name(cfg)) as run:
+    started = (
+        mlflow.start_run(run_id=resume_run_id)
+        if resume_run_id
+        else mlflow.start_run(run_name=_run_name(cfg))
+    )
+    with started as run:
         try:
-            log.info("MLflow run %s in experiment %r", run.info.run_id, cfg.experiment_name)
-            _log_config(cfg, hydra_dir)
+            run_id = run.info.run_id
+            log.info("MLflow run %s in experiment %r", run_id, cfg.experiment_name)
+            history = _logged_history(run_id) if resume_run_id else None
+            if not resume_run_id:
+                _log_config(cfg, hydra_dir)
             _log_environment(data_files)
             mlflow.set_tags(tags or {})
-            yield Recorder(run.info.run_id, cfg.trainer.steps)
+            yield Recorder(run_id, cfg.trainer.steps, history)
         except BaseException as error:
             mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
             raise
         finally:
             mlflow.flush_async_logging()
+
+
+def _logged_history(run_id: str) -> dict[str, list[tuple[int, float]]]:
+    client = mlflow.MlflowClient()
+    return {
+        key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+        for key in client.get_run(run_id).data.metrics
+    }
 
 
 def open_store(uri: str, experiment_name: str) -> None:

@@ -29,20 +29,25 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
 
     import keras
 
-    from runner import data, models, optim, tracking
+    from runner import checkpoints, data, models, optim, tracking
     from runner.fitting import evaluate_outputs, fit
     from runner.reproducibility import start_clean
 
     start_clean(cfg.seed, cfg.trainer.deterministic)
     splits = data.load_mnist(cfg.data)
-    model = models.build(cfg.model)
-    model.compile(
-        optimizer=optim.build(cfg.optimizer),
-        loss=models.loss(cfg.trainer.loss),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-    )
-    with tracking.mlflow_run(cfg, splits.files, tags) as recorder:
-        fit(model, splits, cfg, recorder)
+    resumed = checkpoints.resume_point(cfg.trainer) if cfg.trainer.resume else None
+    if resumed:
+        model = resumed.load_model()
+    else:
+        model = models.build(cfg.model)
+        model.compile(
+            optimizer=optim.build(cfg.optimizer),
+            loss=models.loss(cfg.trainer.loss),
+            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        )
+    run_id = resumed.run_id if resumed else None
+    with tracking.mlflow_run(cfg, splits.files, tags, resume_run_id=run_id) as recorder:
+        fit(model, splits, cfg, recorder, start_step=resumed.step if resumed else 0)
         recorder.log_test(
             splits.test, *evaluate_outputs(model, splits.test, cfg.data.eval_batch_size)
         )
