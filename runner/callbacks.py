@@ -1,10 +1,13 @@
 """Keras callbacks that report training in optimizer steps rather than Keras epochs.
 
 The runner trains in "epochs" of `trainer.log_every` steps, so each epoch's averaged metrics are
-exactly the tutorial's periodic training report; these callbacks translate back to steps.
+exactly the tutorial's periodic training report. The step itself is read from the optimizer's
+iteration count, which stays right across resumes and interrupted epochs.
 """
 
 import logging
+import signal
+import threading
 from typing import Any
 
 import keras
@@ -16,13 +19,9 @@ from runner.errors import UserError
 log = logging.getLogger(__name__)
 
 
-class StepCallback(keras.callbacks.Callback):
-    """Knows the optimizer step of each batch: step = epoch * steps per epoch + batch + 1."""
-
-    first_step = 1
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self.first_step = epoch * self.params["steps"] + 1
+def optimizer_step(model: keras.Model) -> int:
+    """How many optimizer steps `model` has taken: the step a batch-end callback reports on."""
+    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
 
 
 class MlflowMetrics(keras.callbacks.Callback):
@@ -37,14 +36,14 @@ class MlflowMetrics(keras.callbacks.Callback):
             (f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"): value
             for key, value in (logs or {}).items()
         }
-        self.recorder.log_metrics(metrics, step=(epoch + 1) * self.params["steps"])
+        self.recorder.log_metrics(metrics, step=optimizer_step(self.model))
 
 
 class TrainingDiverged(UserError):
     """The training loss stopped being a finite number."""
 
 
-class StopOnNonFiniteLoss(StepCallback):
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
     """Stops training at the step whose loss is NaN or infinite, naming that step; unlike Keras's
     TerminateOnNaN it raises, so the run ends FAILED rather than looking finished."""
 
@@ -52,7 +51,7 @@ class StopOnNonFiniteLoss(StepCallback):
         loss = float((logs or {}).get("loss", 0.0))
         if not np.isfinite(loss):
             raise TrainingDiverged(
-                f"the training loss became {loss} at step {self.first_step + batch}; "
+                f"the training loss became {loss} at step {optimizer_step(self.model)}; "
                 f"lower optimizer.lr or check the data"
             )
 
@@ -60,15 +59,48 @@ class StopOnNonFiniteLoss(StepCallback):
 class StepProgbar(keras.callbacks.ProgbarLogger):
     """Keras's progress bar, headed by the steps it covers instead of "Epoch i/n"."""
 
+    def __init__(self, total_steps: int):
+        super().__init__()
+        self.total_steps = total_steps
+
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._reset_progbar()
         self._maybe_init_progbar()
         if self.verbose:
-            first, last = epoch * self.target + 1, (epoch + 1) * self.target
-            print(f"Steps {first}-{last} of {self.epochs * self.target}", flush=True)
+            first = optimizer_step(self.model) + 1
+            last = first + self.target - 1
+            print(f"Steps {first}-{last} of {self.total_steps}", flush=True)
 
 
-class ProbabilityLogger(StepCallback):
+class StopOnSignal(keras.callbacks.Callback):
+    """Ctrl-C (SIGINT) and SIGTERM stop training at the end of the step under way, instead of
+    killing it mid-step, so that a checkpoint can be written; `received` names the signal."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may handle signals
+        for number in (signal.SIGINT, signal.SIGTERM):
+            self._previous[number] = signal.signal(number, self._request_stop)
+
+    def _request_stop(self, number: int, frame: Any) -> None:
+        self.received = signal.Signals(number).name
+        log.warning("%s received: stopping after this step", self.received)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self.received:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+
+class ProbabilityLogger(keras.callbacks.Callback):
     """The TF Layers guide's logging hook: every `every` steps, print the softmax probabilities
     of the first examples of the batch that step trained on.
 
@@ -95,7 +127,7 @@ class ProbabilityLogger(StepCallback):
         self.batches = iter(shard.skip(start_step // every))
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        step = self.first_step + batch
+        step = optimizer_step(self.model)
         if step % self.every:
             return
         examples = next(self.batches).numpy()[: self.examples]

@@ -106,8 +106,9 @@ def _seed_states(model: keras.Model) -> list[Any]:
 
 
 class Checkpointer(keras.callbacks.Callback):
-    """Saves a checkpoint every `every` steps and at the last step, after the step's metrics
-    have reached MLflow, so a resumed run neither loses nor repeats a logged step."""
+    """Saves a checkpoint every `every` steps, at the last step and where training was stopped,
+    after the step's metrics have reached MLflow, so a resumed run neither loses nor repeats a
+    logged step."""
 
     def __init__(self, directory: Path, every: int, last: int, run_id: str, keep: int):
         super().__init__()
@@ -115,8 +116,10 @@ class Checkpointer(keras.callbacks.Callback):
         self.run_id, self.keep = run_id, keep
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        step = (epoch + 1) * self.params["steps"]
-        if step % self.every == 0 or step == self.last:
+        from runner.callbacks import optimizer_step
+
+        step = optimizer_step(self.model)
+        if step % self.every == 0 or step == self.last or self.model.stop_training:
             import mlflow
 
             mlflow.flush_async_logging()

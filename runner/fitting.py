@@ -5,21 +5,25 @@ from typing import Any
 import numpy as np
 
 from runner import checkpoints
-from runner.callbacks import ProbabilityLogger, StepProgbar, StopOnNonFiniteLoss
+from runner.callbacks import ProbabilityLogger, StepProgbar, StopOnNonFiniteLoss, StopOnSignal
 from runner.checkpoints import Checkpointer
 from runner.data import Split, Splits, training_dataset
+from runner.errors import Interrupted
 
 
 def fit(model: Any, splits: Splits, cfg: Any, recorder: Any, start_step: int = 0) -> None:
     """Train from `start_step` to `trainer.steps`; validate every `eval_every` steps and after
-    the last one; checkpoint every `checkpoint_every` steps and after the last one."""
+    the last one; checkpoint every `checkpoint_every` steps, after the last one and on SIGINT
+    or SIGTERM, which then raise `Interrupted`."""
     trainer = cfg.trainer
-    validation = (splits.validation.x, splits.validation.y)
+    stop = StopOnSignal()
+    folder = checkpoints.directory_for(trainer.checkpoint_dir)
     callbacks = [
         recorder.callback(),
         StopOnNonFiniteLoss(),
+        stop,
         Checkpointer(
-            checkpoints.directory_for(trainer.checkpoint_dir),
+            folder,
             trainer.checkpoint_every,
             trainer.steps,
             recorder.run_id,
@@ -39,24 +43,62 @@ def fit(model: Any, splits: Splits, cfg: Any, recorder: Any, start_step: int = 0
             )
         )
     if trainer.progress_bar:
-        callbacks.append(StepProgbar())
+        callbacks.append(StepProgbar(trainer.steps))
+    aligned = min(-(-start_step // trainer.log_every) * trainer.log_every, trainer.steps)
+    if start_step < aligned:  # a run stopped mid-window first finishes that window on its own
+        at_eval = aligned % trainer.eval_every == 0
+        _fit_windows(model, splits, cfg, callbacks, start_step, 1, aligned - start_step, at_eval)
+    if not stop.received and aligned < trainer.steps:
+        windows = (trainer.steps - aligned) // trainer.log_every
+        _fit_windows(model, splits, cfg, callbacks, aligned, windows, trainer.log_every, True)
+    if stop.received:
+        from runner.callbacks import optimizer_step
+
+        raise Interrupted(
+            f"stopped by {stop.received} at step {optimizer_step(model)}, checkpoint written "
+            f"to {folder}; carry on with the same command plus trainer.resume=true "
+            f"(and hydra.run.dir=<this run's output folder>)",
+            exit_code=130 if stop.received == "SIGINT" else 143,
+        )
+    if trainer.steps % trainer.eval_every:
+        final = model.evaluate(
+            splits.validation.x,
+            splits.validation.y,
+            batch_size=cfg.data.eval_batch_size,
+            verbose=0,
+            return_dict=True,
+        )
+        recorder.log_metrics({f"val/{k}": v for k, v in final.items()}, step=trainer.steps)
+
+
+def _fit_windows(
+    model: Any,
+    splits: Splits,
+    cfg: Any,
+    callbacks: list,
+    start: int,
+    windows: int,
+    window: int,
+    validate: bool,
+) -> None:
+    """`windows` Keras epochs of `window` steps from step `start`. Keras numbers the epochs from
+    start // window, so with window = log_every, validation_freq lands on multiples of
+    eval_every; a lone shorter window validates at its end if `validate`."""
+    trainer = cfg.trainer
+    first = start // window
+    full = window == trainer.log_every
     model.fit(
-        training_dataset(splits.train, cfg.data.batch_size, cfg.seed, start_step),
-        steps_per_epoch=trainer.log_every,
-        initial_epoch=start_step // trainer.log_every,
-        epochs=trainer.steps // trainer.log_every,
-        validation_data=validation,
+        training_dataset(splits.train, cfg.data.batch_size, cfg.seed, start),
+        steps_per_epoch=window,
+        initial_epoch=first,
+        epochs=first + windows,
+        validation_data=(splits.validation.x, splits.validation.y) if validate else None,
         validation_batch_size=cfg.data.eval_batch_size,
-        validation_freq=trainer.eval_every // trainer.log_every,
+        validation_freq=trainer.eval_every // trainer.log_every if full else 1,
         callbacks=callbacks,
         verbose=1 if trainer.progress_bar else 0,
         shuffle=False,  # the dataset shuffles itself, seeded
     )
-    if trainer.steps % trainer.eval_every:
-        final = model.evaluate(
-            *validation, batch_size=cfg.data.eval_batch_size, verbose=0, return_dict=True
-        )
-        recorder.log_metrics({f"val/{k}": v for k, v in final.items()}, step=trainer.steps)
 
 
 def evaluate_outputs(model: Any, split: Split, batch_size: int) -> tuple[np.ndarray, float]:

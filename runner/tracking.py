@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner import environment, plots
 from runner.data import Split
-from runner.errors import UserError
+from runner.errors import Interrupted, UserError
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,9 @@ def mlflow_run(
             yield Recorder(run_id, cfg.trainer.steps, history)
         except BaseException as error:
             mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+            if isinstance(error, Interrupted | KeyboardInterrupt):
+                mlflow.flush_async_logging()
+                mlflow.end_run("KILLED")  # the context manager would record FAILED
             raise
         finally:
             mlflow.flush_async_logging()

@@ -5,6 +5,7 @@ loading TensorFlow or MLflow.
 """
 
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -70,7 +71,8 @@ def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
     except UserError as error:
-        raise SystemExit(f"runner: error: {error}") from None
+        print(f"runner: error: {error}", file=sys.stderr)
+        raise SystemExit(getattr(error, "exit_code", 1)) from None
 
 
 if __name__ == "__main__":

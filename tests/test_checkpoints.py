@@ -75,26 +75,59 @@ def final_weights(run_dir: Path) -> list[np.ndarray]:
     return final.load_model().get_weights()
 
 
-def test_run_killed_and_resumed_ends_as_if_never_interrupted(tmp_path, mnist_dir, monkeypatch):
+def only_run(store: Path):
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
+    return client, run
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, mnist_dir) -> Path:
+    """The CNN run left alone, in-process."""
+    folder = tmp_path_factory.mktemp("reference")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.setenv("MNIST_DIR", str(mnist_dir))
+        train(compose_config([*CNN, f"tracking_uri=sqlite:///{folder}/mlflow.db"]))
+    return folder
+
+
+def interrupt(
+    tmp_path: Path, mnist_dir: Path, how: signal.Signals
+) -> tuple[list[str], dict, int, str]:
+    """Start the CNN run as a user would, and send it `how` once its first checkpoint exists."""
     env = {**os.environ, "MNIST_DIR": str(mnist_dir)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    killed_dir = tmp_path / "killed" / "run"
-    command = [sys.executable, "-m", "runner", *CNN, f"hydra.run.dir={killed_dir}"]
+    command = [sys.executable, "-m", "runner", *CNN, f"hydra.run.dir={tmp_path / 'run'}"]
     process = subprocess.Popen(
-        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    first = killed_dir / "checkpoints" / "step-0000040" / "state.json"
+    first = tmp_path / "run" / "checkpoints" / "step-0000040" / "state.json"
     deadline = time.monotonic() + 240
     while not first.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert checkpoints.latest(killed_dir / "checkpoints").step < 200
+    process.send_signal(how)
+    _, stderr = process.communicate(timeout=120)
+    return command, env, process.returncode, stderr
 
+
+def assert_same_end(tmp_path: Path, reference: Path) -> None:
+    for got, want in zip(final_weights(tmp_path / "run"), final_weights(reference), strict=True):
+        np.testing.assert_array_equal(got, want)
+    client, run = only_run(tmp_path)
+    _, ref_run = only_run(reference)
+    assert run.info.status == "FINISHED"
+    for key in ("test/accuracy", "test/loss", "val/accuracy", "val/loss"):
+        assert run.data.metrics[key] == ref_run.data.metrics[key], key
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert len(steps) == len(set(steps)), "no step logged twice"
+    assert set(range(20, 201, 20)) <= set(steps), "no window missing"
+
+
+def resume(command: list[str], env: dict, cwd: Path) -> None:
     resumed = subprocess.run(
         [*command, "trainer.resume=true"],
-        cwd=tmp_path,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -102,28 +135,26 @@ def test_run_killed_and_resumed_ends_as_if_never_interrupted(tmp_path, mnist_dir
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
-    reference_dir = tmp_path / "reference"
-    reference_dir.mkdir()
-    monkeypatch.chdir(reference_dir)
-    monkeypatch.setenv("MNIST_DIR", str(mnist_dir))
-    train(
-        compose_config(
-            [
-                *CNN,
-                f"tracking_uri=sqlite:///{reference_dir}/mlflow.db",
-                f"trainer.checkpoint_dir={reference_dir}/checkpoints",
-            ]
-        )
-    )
 
-    for got, want in zip(final_weights(killed_dir), final_weights(reference_dir), strict=True):
-        np.testing.assert_array_equal(got, want)
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    [run] = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
-    assert run.info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    assert steps == list(range(20, 201, 20)), "every step logged once, none missing"
-    reference = MlflowClient(f"sqlite:///{reference_dir}/mlflow.db")
-    [ref_run] = reference.search_runs([reference.get_experiment_by_name("mnist").experiment_id])
-    for key in ("test/accuracy", "test/loss", "val/accuracy", "train/loss"):
-        assert run.data.metrics[key] == ref_run.data.metrics[key], key
+def test_run_killed_and_resumed_ends_as_if_never_interrupted(tmp_path, mnist_dir, reference):
+    command, env, code, _ = interrupt(tmp_path, mnist_dir, signal.SIGKILL)
+    assert code == -signal.SIGKILL, "the run finished before it could be killed"
+    assert checkpoints.latest(tmp_path / "run" / "checkpoints").step < 200
+    resume(command, env, tmp_path)
+    assert_same_end(tmp_path, reference)
+
+
+def test_ctrl_c_checkpoints_marks_killed_and_resumes_to_the_same_end(
+    tmp_path, mnist_dir, reference
+):
+    command, env, code, stderr = interrupt(tmp_path, mnist_dir, signal.SIGINT)
+    assert code == 130, stderr[-3000:]
+    assert "runner: error: stopped by SIGINT at step" in stderr
+    assert "Traceback" not in stderr
+    stopped = checkpoints.latest(tmp_path / "run" / "checkpoints")
+    assert 40 < stopped.step < 200
+    assert f"at step {stopped.step}," in stderr
+    _, run = only_run(tmp_path)
+    assert run.info.status == "KILLED"
+    resume(command, env, tmp_path)
+    assert_same_end(tmp_path, reference)
