@@ -9,6 +9,8 @@ import math
 import os
 import sys
 from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 History = dict[str, list[tuple[int, float]]]
@@ -100,6 +102,12 @@ def rerun(run_id: str, tracking_uri: str, overrides: list[str]) -> tuple[Any, An
         raise UserError(f"cannot read run {run_id} in {tracking_uri}: {error.message}") from None
     cfg = OmegaConf.merge(OmegaConf.create(logged), OmegaConf.from_dotlist(overrides))
     cfg.tracking_uri = tracking_uri
+    # A fresh folder, so the rerun neither resumes from nor overwrites the original's checkpoints.
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    cfg.trainer.checkpoint_dir = str(
+        Path("outputs") / "repro" / f"{run_id}_{stamp}" / "checkpoints"
+    )
+    cfg.trainer.resume = False
     train(cfg, tags={"repro_of": run_id})
     return original, client.get_run(mlflow.last_active_run().info.run_id)
 

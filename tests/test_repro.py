@@ -50,6 +50,9 @@ def test_repro_of_an_unchanged_run_agrees_exactly(logged_run, mnist_dir):
         filter_string=f"tags.repro_of = '{run_id}'",
     )
     assert len(tagged) == 1 and tagged[0].info.status == "FINISHED"
+    [fresh] = (work / "outputs" / "repro").iterdir()
+    assert fresh.name.startswith(f"{run_id}_")
+    assert (fresh / "checkpoints" / "step-0000030").is_dir()
 
 
 def test_repro_that_differs_exits_1_with_the_first_differing_steps(logged_run, mnist_dir):
