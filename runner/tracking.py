@@ -97,8 +97,8 @@ def mlflow_run(
 
     Besides the config it records the environment (`environment.json`, and tags for versions,
     devices and commit), so that a run can be rerun and a difference explained. With
-    `resume_run_id` it reopens that run, whose config is already logged."""
-    open_store(cfg.tracking_uri, cfg.experiment_name)
+    `resume_run_id` it reopens that run, whose config is already logged. Call `open_store` first.
+    """
     hydra_dir = _hydra_output_dir()
     started = (
         mlflow.start_run(run_id=resume_run_id)
@@ -109,7 +109,7 @@ def mlflow_run(
         try:
             run_id = run.info.run_id
             log.info("MLflow run %s in experiment %r", run_id, cfg.experiment_name)
-            history = _logged_history(run_id) if resume_run_id else None
+            history = _reopen(run_id) if resume_run_id else None
             if not resume_run_id:
                 _log_config(cfg, hydra_dir)
             _log_environment(data_files)
@@ -125,11 +125,16 @@ def mlflow_run(
             mlflow.flush_async_logging()
 
 
-def _logged_history(run_id: str) -> dict[str, list[tuple[int, float]]]:
+def _reopen(run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """The metric histories a resumed run has logged so far; the interruption's `error` tag
+    goes, since the run now carries on."""
     client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    if "error" in run.data.tags:
+        client.delete_tag(run_id, "error")
     return {
         key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
-        for key in client.get_run(run_id).data.metrics
+        for key in run.data.metrics
     }
 
 

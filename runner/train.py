@@ -25,12 +25,15 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
     """Train one model as `cfg` says and record it in MLflow, with `tags` added to the run;
     returns the final metrics."""
     check_config(cfg)
+    from runner import tracking
+
+    tracking.open_store(cfg.tracking_uri, cfg.experiment_name)  # before minutes of training
     # TensorFlow's C++ INFO lines (CPU features, oneDNN) drown the training log; warnings stay.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
     import keras
 
-    from runner import checkpoints, data, models, optim, tracking
+    from runner import checkpoints, data, models, optim
     from runner.fitting import evaluate_outputs, fit
     from runner.reproducibility import start_clean
 

@@ -117,6 +117,7 @@ def assert_same_end(tmp_path: Path, reference: Path) -> None:
     client, run = only_run(tmp_path)
     _, ref_run = only_run(reference)
     assert run.info.status == "FINISHED"
+    assert "error" not in run.data.tags
     for key in ("test/accuracy", "test/loss", "val/accuracy", "val/loss"):
         assert run.data.metrics[key] == ref_run.data.metrics[key], key
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]

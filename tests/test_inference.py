@@ -7,11 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 from PIL import Image
 
 from runner.data import TEST_IMAGES, TEST_LABELS, read_idx
-from runner.train import train
+from runner.errors import UserError
+from runner.evaluate import evaluate
+from runner.predict import predict
+from runner.train import CONF_DIR, train
 
 from .conftest import compose_config
 
@@ -36,8 +42,6 @@ def trained(tmp_path_factory, mnist_dir) -> tuple[Path, str]:
         train(cfg)
     finally:
         os.chdir(old)
-    import mlflow
-
     runs = mlflow.search_runs(experiment_names=["mnist"])
     return work, runs.run_id[0]
 
@@ -62,25 +66,33 @@ def test_eval_prints_the_guides_dict(trained, mnist_dir):
     assert not (work / "outputs" / "runner-eval").exists()
 
 
-def test_eval_by_model_uri_matches_eval_by_run(trained, mnist_dir):
-    import mlflow
+def app_config(name: str, overrides: list[str]) -> DictConfig:
+    """The config `runner-eval` (name="evaluate") or `runner-predict` would run with."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
 
+
+def test_eval_by_model_uri_matches_eval_by_run(trained, mnist_dir):
     work, run_id = trained
+    store = f"tracking_uri=sqlite:///{work}/mlflow.db"
     mlflow.set_tracking_uri(f"sqlite:///{work}/mlflow.db")
     experiment = mlflow.get_experiment_by_name("mnist").experiment_id
     [model] = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
-    by_uri = run("runner-eval", f"model_uri={model.model_uri}", cwd=work, mnist_dir=mnist_dir)
-    by_run = run("runner-eval", f"run_id={run_id}", cwd=work, mnist_dir=mnist_dir)
-    assert by_uri.returncode == 0, by_uri.stderr[-2000:]
-    assert by_uri.stdout.strip().splitlines()[-1] == by_run.stdout.strip().splitlines()[-1]
+    data = f"data.dir={mnist_dir}"
+    by_run = evaluate(app_config("evaluate", [f"run_id={run_id}", store, data]))
+    by_uri = evaluate(app_config("evaluate", [f"model_uri={model.model_uri}", store, data]))
+    assert by_uri == by_run
 
 
-def test_eval_of_an_unknown_run_is_a_clear_error(trained, mnist_dir):
+def test_eval_of_an_unknown_run_is_a_clear_error(trained):
     work, _ = trained
-    result = run("runner-eval", "run_id=0123456789abcdef", cwd=work, mnist_dir=mnist_dir)
-    assert result.returncode == 1
-    assert "no run '0123456789abcdef' in the tracking store" in result.stderr
-    assert "Traceback" not in result.stderr
+    cfg = app_config(
+        "evaluate", ["run_id=0123456789abcdef", f"tracking_uri=sqlite:///{work}/mlflow.db"]
+    )
+    with pytest.raises(UserError, match="no run '0123456789abcdef' in the tracking store"):
+        evaluate(cfg)
+    with pytest.raises(UserError, match="give exactly one of run_id"):
+        evaluate(app_config("evaluate", [f"tracking_uri=sqlite:///{work}/mlflow.db"]))
 
 
 def test_predict_classifies_test_digits_written_as_png(trained, mnist_dir, tmp_path):
@@ -98,19 +110,13 @@ def test_predict_classifies_test_digits_written_as_png(trained, mnist_dir, tmp_p
     assert "probabilities = [" in result.stdout
 
 
-def test_predict_rejects_what_is_not_an_image(trained, mnist_dir, tmp_path):
+def test_predict_rejects_what_is_not_an_image(trained, tmp_path):
     work, run_id = trained
     (tmp_path / "notes.png").write_bytes(gzip.compress(b"not a picture"))
-    result = run(
-        "runner-predict",
-        f"run_id={run_id}",
-        f"images={tmp_path}/notes.png",
-        cwd=work,
-        mnist_dir=mnist_dir,
-    )
-    assert result.returncode == 1
-    assert "notes.png: not a readable image" in result.stderr
-    missing = run(
-        "runner-predict", f"run_id={run_id}", "images=nowhere/*.png", cwd=work, mnist_dir=mnist_dir
-    )
-    assert "images='nowhere/*.png' matches no file" in missing.stderr
+    store = f"tracking_uri=sqlite:///{work}/mlflow.db"
+    cfg = app_config("predict", [f"run_id={run_id}", f"images={tmp_path}/notes.png", store])
+    with pytest.raises(UserError, match="notes.png: not a readable image"):
+        predict(cfg)
+    cfg = app_config("predict", [f"run_id={run_id}", "images=nowhere/*.png", store])
+    with pytest.raises(UserError, match=r"images='nowhere/\*.png' matches no file"):
+        predict(cfg)

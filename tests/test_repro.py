@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from runner.repro import Difference, compare, environment_differences
+from runner.errors import UserError
+from runner.repro import Difference, compare, environment_differences, rerun
 
 BIN = Path(sys.executable).parent
 QUICK = [
@@ -70,11 +71,10 @@ def test_repro_that_differs_exits_1_with_the_first_differing_steps(logged_run, m
     assert rows["test/accuracy"] == "30"
 
 
-def test_repro_of_an_unknown_run_is_a_clear_error(logged_run, mnist_dir):
+def test_repro_of_an_unknown_run_is_a_clear_error(logged_run):
     work, _ = logged_run
-    result = command("runner-repro", "feedfacefeedface", cwd=work, mnist_dir=mnist_dir)
-    assert result.returncode == 1
-    assert "runner-repro: error: cannot read run feedfacefeedface" in result.stderr
+    with pytest.raises(UserError, match="cannot read run feedfacefeedface"):
+        rerun("feedfacefeedface", f"sqlite:///{work}/mlflow.db", [])
 
 
 def test_compare_finds_changed_missing_and_tolerated_values():
