@@ -1,6 +1,8 @@
 """Shared fixtures: the real MNIST folder, composed configs, and a scratch MLflow store."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,30 @@ def in_tmp_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mnist_dir: Pat
     monkeypatch.setenv("MNIST_DIR", str(mnist_dir))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path
+
+
+# A run of seconds: few steps on the first examples of each split, nothing printed or saved
+# beyond the metrics.
+QUICK = [
+    "data.limit=1000",
+    "trainer.steps=30",
+    "trainer.log_every=10",
+    "trainer.eval_every=30",
+    "trainer.progress_bar=false",
+    "trainer.log_model=false",
+]
+
+
+def cli(name: str, *args: str, cwd: Path, mnist_dir: Path) -> subprocess.CompletedProcess:
+    """One of the project's commands (`runner`, `runner-eval`, ...) run as a user would, in
+    `cwd`, recording into the default store there."""
+    env = {**os.environ, "MNIST_DIR": str(mnist_dir)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(
+        [str(Path(sys.executable).with_name(name)), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

@@ -3,8 +3,6 @@
 import gzip
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -19,9 +17,7 @@ from runner.evaluate import evaluate
 from runner.predict import predict
 from runner.train import CONF_DIR, train
 
-from .conftest import compose_config
-
-BIN = Path(sys.executable).parent
+from .conftest import cli, compose_config
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +42,9 @@ def trained(tmp_path_factory, mnist_dir) -> tuple[Path, str]:
     return work, runs.run_id[0]
 
 
-def run(command: str, *args: str, cwd: Path, mnist_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MNIST_DIR": str(mnist_dir)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run(
-        [str(BIN / command), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
-
-
 def test_eval_prints_the_guides_dict(trained, mnist_dir):
     work, run_id = trained
-    result = run("runner-eval", f"run_id={run_id}", cwd=work, mnist_dir=mnist_dir)
+    result = cli("runner-eval", f"run_id={run_id}", cwd=work, mnist_dir=mnist_dir)
     assert result.returncode == 0, result.stderr[-2000:]
     found = re.search(
         r"\{'loss': ([\d.]+), 'accuracy': ([\d.]+), 'global_step': 300\}", result.stdout
@@ -101,7 +89,7 @@ def test_predict_classifies_test_digits_written_as_png(trained, mnist_dir, tmp_p
     labels = read_idx(mnist_dir / f"{TEST_LABELS}.gz")[:2]
     Image.fromarray(images[0]).save(tmp_path / "first.png")
     Image.fromarray(images[1]).resize((112, 112)).save(tmp_path / "second_large.png")
-    result = run(
+    result = cli(
         "runner-predict", f"run_id={run_id}", f"images={tmp_path}", cwd=work, mnist_dir=mnist_dir
     )
     assert result.returncode == 0, result.stderr[-2000:]

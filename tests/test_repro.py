@@ -1,8 +1,5 @@
 """`runner-repro`: rerun a logged run and compare its metric histories step by step."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,29 +8,13 @@ from mlflow import MlflowClient
 from runner.errors import UserError
 from runner.repro import Difference, compare, environment_differences, rerun
 
-BIN = Path(sys.executable).parent
-QUICK = [
-    "data.limit=1000",
-    "trainer.steps=30",
-    "trainer.log_every=10",
-    "trainer.eval_every=30",
-    "trainer.progress_bar=false",
-    "trainer.log_model=false",
-]
-
-
-def command(name: str, *args: str, cwd: Path, mnist_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MNIST_DIR": str(mnist_dir)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run(
-        [str(BIN / name), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
+from .conftest import QUICK, cli
 
 
 @pytest.fixture(scope="module")
 def logged_run(tmp_path_factory, mnist_dir) -> tuple[Path, str]:
     work = tmp_path_factory.mktemp("repro")
-    result = command("runner", *QUICK, cwd=work, mnist_dir=mnist_dir)
+    result = cli("runner", *QUICK, cwd=work, mnist_dir=mnist_dir)
     assert result.returncode == 0, result.stderr[-2000:]
     client = MlflowClient(f"sqlite:///{work}/mlflow.db")
     [run] = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
@@ -42,7 +23,7 @@ def logged_run(tmp_path_factory, mnist_dir) -> tuple[Path, str]:
 
 def test_repro_of_an_unchanged_run_agrees_exactly(logged_run, mnist_dir):
     work, run_id = logged_run
-    result = command("runner-repro", run_id, cwd=work, mnist_dir=mnist_dir)
+    result = cli("runner-repro", run_id, cwd=work, mnist_dir=mnist_dir)
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
     assert "every metric history agrees (rtol=0.0, atol=0.0)" in result.stdout
     client = MlflowClient(f"sqlite:///{work}/mlflow.db")
@@ -58,9 +39,7 @@ def test_repro_of_an_unchanged_run_agrees_exactly(logged_run, mnist_dir):
 
 def test_repro_that_differs_exits_1_with_the_first_differing_steps(logged_run, mnist_dir):
     work, run_id = logged_run
-    result = command(
-        "runner-repro", run_id, "--set", "optimizer.lr=0.4", cwd=work, mnist_dir=mnist_dir
-    )
+    result = cli("runner-repro", run_id, "--set", "optimizer.lr=0.4", cwd=work, mnist_dir=mnist_dir)
     assert result.returncode == 1
     rows = {
         line.split()[0]: line.split()[1]

@@ -8,47 +8,33 @@ import pytest
 from mlflow import MlflowClient
 
 from runner.environment import file_sha256
+from runner.repro import histories
 from runner.train import train
 
-from .conftest import compose_config
-
-SHORT = [
-    "data.limit=1000",
-    "trainer.steps=30",
-    "trainer.log_every=10",
-    "trainer.eval_every=30",
-    "trainer.progress_bar=false",
-    "trainer.log_model=false",
-]
+from .conftest import QUICK, compose_config
 
 
-def histories(store_uri: str, experiment: str) -> list[dict[str, list[tuple[int, float]]]]:
+def histories_of(store_uri: str, experiment: str) -> list[dict]:
     """Every run's metric histories, oldest run first."""
     client = MlflowClient(store_uri)
     runs = client.search_runs(
         [client.get_experiment_by_name(experiment).experiment_id],
         order_by=["attributes.start_time ASC"],
     )
-    return [
-        {
-            key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
-            for key in sorted(run.data.metrics)
-        }
-        for run in runs
-    ]
+    return [histories(client, run) for run in runs]
 
 
 @pytest.mark.parametrize("model", ["cnn_raw", "softmax"])
 def test_same_config_gives_identical_metric_histories(model, in_tmp_store):
     store = f"sqlite:///{in_tmp_store / 'mlflow.db'}"
-    base = [f"model={model}", f"tracking_uri={store}", f"experiment_name={model}", *SHORT]
+    base = [f"model={model}", f"tracking_uri={store}", f"experiment_name={model}", *QUICK]
     if model == "cnn_raw":
         base += ["optimizer=adam", "data.batch_size=50"]
     train(compose_config(base))
     # A run with another seed in between must leave nothing behind for the third.
     train(compose_config([*base, "seed=7", "trainer.deterministic=false"]))
     train(compose_config(base))
-    first, other, third = histories(store, model)
+    first, other, third = histories_of(store, model)
     assert first == third
     assert first != other
     assert len(first["train/loss"]) == 3
@@ -56,7 +42,7 @@ def test_same_config_gives_identical_metric_histories(model, in_tmp_store):
 
 def test_run_records_its_environment(in_tmp_store, mnist_dir):
     store = f"sqlite:///{in_tmp_store / 'mlflow.db'}"
-    train(compose_config([f"tracking_uri={store}", *SHORT]))
+    train(compose_config([f"tracking_uri={store}", *QUICK]))
     client = MlflowClient(store)
     [run] = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
     env = json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/environment.json"))
