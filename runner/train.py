@@ -31,24 +31,14 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
     # TensorFlow's C++ INFO lines (CPU features, oneDNN) drown the training log; warnings stay.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-    import keras
-
-    from runner import checkpoints, data, models, optim
+    from runner import checkpoints, data, models
     from runner.fitting import evaluate_outputs, fit
     from runner.reproducibility import start_clean
 
     start_clean(cfg.seed, cfg.trainer.deterministic)
     splits = data.load_mnist(cfg.data)
     resumed = checkpoints.resume_point(cfg.trainer) if cfg.trainer.resume else None
-    if resumed:
-        model = resumed.load_model()
-    else:
-        model = models.build(cfg.model)
-        model.compile(
-            optimizer=optim.build(cfg.optimizer),
-            loss=models.loss(cfg.trainer.loss),
-            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        )
+    model = resumed.load_model() if resumed else models.compiled(cfg)
     run_id = resumed.run_id if resumed else None
     with tracking.mlflow_run(cfg, splits.files, tags, resume_run_id=run_id) as recorder:
         fit(model, splits, cfg, recorder, start_step=resumed.step if resumed else 0)

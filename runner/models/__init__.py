@@ -33,6 +33,21 @@ def _build_logits_model(cfg: Any) -> Any:
     raise ValueError(f"model.name={cfg.name!r} is not one of {', '.join(MODEL_NAMES)}")
 
 
+def compiled(cfg: Any) -> Any:
+    """A fresh model compiled with the configured optimizer and loss, measuring accuracy."""
+    import keras
+
+    from runner import optim
+
+    model = build(cfg.model)
+    model.compile(
+        optimizer=optim.build(cfg.optimizer),
+        loss=loss(cfg.trainer.loss),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+    return model
+
+
 def loss(name: str) -> Any:
     """The training loss named by `trainer.loss`."""
     import keras
