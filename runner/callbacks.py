@@ -8,6 +8,8 @@ iteration count, which stays right across resumes and interrupted epochs.
 import logging
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import keras
@@ -136,3 +138,21 @@ class ProbabilityLogger(keras.callbacks.Callback):
             outputs = keras.ops.softmax(outputs)
         probabilities = np.array2string(keras.ops.convert_to_numpy(outputs), precision=3)
         log.info("step %d: probabilities = %s", step, probabilities)
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Outside the training steps (loading, testing, logging the model), SIGTERM raises
+    KeyboardInterrupt as Ctrl-C does, so the MLflow run ends KILLED instead of staying RUNNING."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(number: int, frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(number).name)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

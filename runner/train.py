@@ -32,6 +32,7 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
     from runner import checkpoints, data, models
+    from runner.callbacks import terminate_as_interrupt
     from runner.fitting import evaluate_outputs, fit
     from runner.reproducibility import start_clean
 
@@ -40,7 +41,10 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
     resumed = checkpoints.resume_point(cfg.trainer) if cfg.trainer.resume else None
     model = resumed.load_model() if resumed else models.compiled(cfg)
     run_id = resumed.run_id if resumed else None
-    with tracking.mlflow_run(cfg, splits.files, tags, resume_run_id=run_id) as recorder:
+    with (
+        terminate_as_interrupt(),
+        tracking.mlflow_run(cfg, splits.files, tags, resume_run_id=run_id) as recorder,
+    ):
         fit(model, splits, cfg, recorder, start_step=resumed.step if resumed else 0)
         recorder.log_test(
             splits.test, *evaluate_outputs(model, splits.test, cfg.data.eval_batch_size)

@@ -199,3 +199,17 @@ def test_unreachable_tracking_server_is_a_clear_error(tmp_path, mnist_dir):
     assert result.returncode == 1
     assert f"the MLflow tracking server http://127.0.0.1:{port} does not answer" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_sigterm_after_training_ends_the_run_killed(in_tmp_store, monkeypatch):
+    import signal
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(fitting, "evaluate_outputs", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        short_run(["trainer.steps=20", "trainer.eval_every=20"], in_tmp_store)
+    assert only_run(in_tmp_store).info.status == "KILLED"
+    assert signal.getsignal(signal.SIGTERM) == before, "the handler is put back"
