@@ -13,6 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import mlflow
+from hydra.core.hydra_config import HydraConfig
+
+from runner.callbacks import optimizer_step
+from runner.errors import UserError
+from runner.models import register_custom_objects
 
 _PREFIX = "step-"
 _PARTIAL = ".partial"
@@ -26,9 +32,7 @@ class Checkpoint:
 
     def load_model(self) -> keras.Model:
         """The model as it was at `step`, compiled, with its optimizer and dropout state."""
-        import runner.models.cnn_raw  # noqa: F401  registers the custom layers
-        import runner.models.losses  # noqa: F401
-
+        register_custom_objects()
         model = keras.saving.load_model(self.path / "model.keras")
         seeds = json.loads((self.path / "state.json").read_text())["seed_states"]
         for variable, value in zip(_seed_states(model), seeds, strict=True):
@@ -39,8 +43,6 @@ class Checkpoint:
 def directory_for(configured: str | None) -> Path:
     """`trainer.checkpoint_dir`, else `checkpoints/` in the Hydra run's output folder (or in the
     working directory when `train` is called from Python)."""
-    from hydra.core.hydra_config import HydraConfig
-
     if configured:
         return Path(configured)
     if HydraConfig.initialized():
@@ -50,8 +52,6 @@ def directory_for(configured: str | None) -> Path:
 
 def resume_point(trainer: Any) -> Checkpoint:
     """The checkpoint `trainer.resume=true` carries on from, or a clear error if there is none."""
-    from runner.errors import UserError
-
     directory = directory_for(trainer.checkpoint_dir)
     found = latest(directory)
     if found is None:
@@ -116,11 +116,7 @@ class Checkpointer(keras.callbacks.Callback):
         self.run_id, self.keep = run_id, keep
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        from runner.callbacks import optimizer_step
-
         step = optimizer_step(self.model)
         if step % self.every == 0 or step == self.last or self.model.stop_training:
-            import mlflow
-
             mlflow.flush_async_logging()
             save(self.model, self.directory, step, self.run_id, self.keep)

@@ -5,7 +5,13 @@ from typing import Any
 import numpy as np
 
 from runner import checkpoints
-from runner.callbacks import ProbabilityLogger, StepProgbar, StopOnNonFiniteLoss, StopOnSignal
+from runner.callbacks import (
+    ProbabilityLogger,
+    StepProgbar,
+    StopOnNonFiniteLoss,
+    StopOnSignal,
+    optimizer_step,
+)
 from runner.checkpoints import Checkpointer
 from runner.data import Split, Splits, training_dataset
 from runner.errors import Interrupted
@@ -52,8 +58,6 @@ def fit(model: Any, splits: Splits, cfg: Any, recorder: Any, start_step: int = 0
         windows = (trainer.steps - aligned) // trainer.log_every
         _fit_windows(model, splits, cfg, callbacks, aligned, windows, trainer.log_every, True)
     if stop.received:
-        from runner.callbacks import optimizer_step
-
         raise Interrupted(
             f"stopped by {stop.received} at step {optimizer_step(model)}, checkpoint written "
             f"to {folder}; carry on with the same command plus trainer.resume=true "

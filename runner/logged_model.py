@@ -7,6 +7,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from runner.errors import UserError
+from runner.models import register_custom_objects
 
 
 @dataclass(frozen=True)
@@ -21,10 +22,7 @@ def load(run_id: str | None, model_uri: str | None, tracking_uri: str) -> Logged
     if bool(run_id) == bool(model_uri):
         raise UserError("give exactly one of run_id=<MLflow run id> or model_uri=<model URI>")
     mlflow.set_tracking_uri(tracking_uri)
-    # Registers the runner's own layers and losses, which the saved models refer to by name.
-    import runner.models.cnn_raw  # noqa: F401
-    import runner.models.losses  # noqa: F401
-
+    register_custom_objects()
     try:
         uri = model_uri or _model_of_run(run_id)
         info = mlflow.models.get_model_info(uri)

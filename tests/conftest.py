@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Run
 from omegaconf import DictConfig
 
 from runner.train import compose
@@ -73,3 +75,16 @@ def cli(name: str, *args: str, cwd: Path, mnist_dir: Path) -> subprocess.Complet
         text=True,
         timeout=300,
     )
+
+
+def store_client(folder: Path) -> MlflowClient:
+    """A client of the embedded store a run in `folder` wrote (folder/mlflow.db)."""
+    return MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+
+
+def only_run(folder: Path, experiment: str = "mnist") -> Run:
+    """The one run in `folder`'s store, failing if there are more or none."""
+    client = store_client(folder)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1
+    return runs[0]

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mlflow import MlflowClient
 
 from runner import checkpoints
 from runner.errors import UserError
 from runner.train import train
 
-from .conftest import compose_config
+from .conftest import compose_config, only_run, store_client
 
 CNN = [
     "model=cnn_raw",
@@ -48,7 +47,7 @@ def test_checkpoints_are_written_atomically_and_pruned(in_tmp_store):
     folder = in_tmp_store / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["step-0000040", "step-0000060"]
     state = json.loads((folder / "step-0000060" / "state.json").read_text())
-    run = MlflowClient(f"sqlite:///{in_tmp_store}/mlflow.db").get_run(state["run_id"])
+    run = store_client(in_tmp_store).get_run(state["run_id"])
     assert state["step"] == 60 and run.info.status == "FINISHED"
     # A checkpoint interrupted mid-write, or a folder without its state, is never taken.
     (folder / "step-0000080.partial").mkdir()
@@ -73,12 +72,6 @@ def final_weights(run_dir: Path) -> list[np.ndarray]:
     final = checkpoints.latest(run_dir / "checkpoints")
     assert final.step == 200
     return final.load_model().get_weights()
-
-
-def only_run(store: Path):
-    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
-    [run] = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
-    return client, run
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +107,8 @@ def interrupt(
 def assert_same_end(tmp_path: Path, reference: Path) -> None:
     for got, want in zip(final_weights(tmp_path / "run"), final_weights(reference), strict=True):
         np.testing.assert_array_equal(got, want)
-    client, run = only_run(tmp_path)
-    _, ref_run = only_run(reference)
+    client, run = store_client(tmp_path), only_run(tmp_path)
+    ref_run = only_run(reference)
     assert run.info.status == "FINISHED"
     assert "error" not in run.data.tags
     for key in ("test/accuracy", "test/loss", "val/accuracy", "val/loss"):
@@ -155,7 +148,7 @@ def test_ctrl_c_checkpoints_marks_killed_and_resumes_to_the_same_end(
     stopped = checkpoints.latest(tmp_path / "run" / "checkpoints")
     assert 40 < stopped.step < 200
     assert f"at step {stopped.step}," in stderr
-    _, run = only_run(tmp_path)
+    run = only_run(tmp_path)
     assert run.info.status == "KILLED"
     resume(command, env, tmp_path)
     assert_same_end(tmp_path, reference)

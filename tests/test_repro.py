@@ -3,12 +3,11 @@
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
 
 from runner.errors import UserError
 from runner.repro import Difference, compare, environment_differences, rerun
 
-from .conftest import QUICK, cli
+from .conftest import QUICK, cli, store_client
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +15,7 @@ def logged_run(tmp_path_factory, mnist_dir) -> tuple[Path, str]:
     work = tmp_path_factory.mktemp("repro")
     result = cli("runner", *QUICK, cwd=work, mnist_dir=mnist_dir)
     assert result.returncode == 0, result.stderr[-2000:]
-    client = MlflowClient(f"sqlite:///{work}/mlflow.db")
+    client = store_client(work)
     [run] = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
     return work, run.info.run_id
 
@@ -26,7 +25,7 @@ def test_repro_of_an_unchanged_run_agrees_exactly(logged_run, mnist_dir):
     result = cli("runner-repro", run_id, cwd=work, mnist_dir=mnist_dir)
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
     assert "every metric history agrees (rtol=0.0, atol=0.0)" in result.stdout
-    client = MlflowClient(f"sqlite:///{work}/mlflow.db")
+    client = store_client(work)
     tagged = client.search_runs(
         [client.get_experiment_by_name("mnist").experiment_id],
         filter_string=f"tags.repro_of = '{run_id}'",

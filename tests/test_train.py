@@ -13,16 +13,9 @@ from mlflow import MlflowClient
 from runner import fitting
 from runner.train import train
 
-from .conftest import compose_config
+from .conftest import compose_config, only_run, store_client
 
 METRICS = ["train/loss", "train/accuracy", "val/loss", "val/accuracy", "test/loss", "test/accuracy"]
-
-
-def only_run(store: Path, experiment: str = "mnist") -> mlflow.entities.Run:
-    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    assert len(runs) == 1
-    return runs[0]
 
 
 def artifact_paths(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
@@ -61,7 +54,7 @@ def test_softmax_reaches_the_tutorial_accuracy(softmax_run):
 def test_run_records_metrics_at_optimizer_steps(softmax_run):
     work, _ = softmax_run
     run = only_run(work)
-    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    client = store_client(work)
     assert set(METRICS) <= set(run.data.metrics)
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in history] == [100, 200, 300]
@@ -84,7 +77,7 @@ def test_run_records_config_tags_and_artifacts(softmax_run):
     if head.returncode == 0:
         assert run.data.tags["git_commit"] == head.stdout.strip()
     assert run.info.run_name == "model=softmax,trainer.steps=300"
-    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    client = store_client(work)
     artifacts = artifact_paths(client, run.info.run_id)
     expected = {
         "config.yaml",
@@ -146,7 +139,7 @@ def short_run(overrides: list[str], store: Path) -> dict[str, float]:
 def test_short_cnn_run_lowers_training_loss(overrides, in_tmp_store):
     final = short_run(overrides, in_tmp_store)
     run = only_run(in_tmp_store)
-    client = MlflowClient(f"sqlite:///{in_tmp_store / 'mlflow.db'}")
+    client = store_client(in_tmp_store)
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert len(losses) == 4
     assert losses[-1] < losses[0] * 0.9

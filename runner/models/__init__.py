@@ -6,6 +6,13 @@ from typing import Any
 MODEL_NAMES = ("softmax", "cnn_raw", "cnn_layers")
 
 
+def register_custom_objects() -> None:
+    """Make the runner's own layers and losses known to Keras, which a saved model refers to by
+    name: call before loading one."""
+    import runner.models.cnn_raw  # noqa: F401
+    import runner.models.losses  # noqa: F401
+
+
 def build(cfg: Any) -> Any:
     """A fresh, uncompiled `keras.Model` mapping (batch, 784) pixels to (batch, 10) outputs."""
     model = _build_logits_model(cfg)
