@@ -2,6 +2,7 @@
 
     uv run python benchmarks/reproduce_seeds.py                       # all four presets
     uv run python benchmarks/reproduce_seeds.py deep_mnist_softmax    # only some; other rows stay
+    uv run python benchmarks/reproduce_seeds.py layers_cnn --seeds 1,2,3  # spread over seeds
 
 Each preset runs as `runner experiment=NAME` in its own subprocess and scratch folder (MLflow
 store included); its test accuracy is read back from that store, its wall time is the whole
@@ -12,6 +13,7 @@ import argparse
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,25 +65,55 @@ def device() -> str:
     return f"CPU: {len(os.sched_getaffinity(0))} cores, {model}"
 
 
-def run_preset(name: str, extra: list[str]) -> str:
-    """One table row for `runner experiment=NAME`, run in a scratch folder."""
-    command = ["runner", f"experiment={name}", "trainer.progress_bar=false", *extra]
+def run_preset(name: str, extra: list[str]) -> tuple[dict, dict, float]:
+    """Params, metrics and wall seconds of `runner experiment=NAME`, run in a scratch folder."""
     with tempfile.TemporaryDirectory(prefix=f"seed-{name}-") as work:
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}
         start = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-m", "runner", *command[1:]], cwd=work, env=env, check=True
+            [sys.executable, "-m", "runner", *command(name, extra)[1:]],
+            cwd=work,
+            env=env,
+            check=True,
         )
         wall = time.perf_counter() - start
         client = MlflowClient(env["MLFLOW_TRACKING_URI"])
         [run] = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
-    params, metrics = run.data.params, run.data.metrics
+    return run.data.params, run.data.metrics, wall
+
+
+def command(name: str, extra: list[str]) -> list[str]:
+    return ["runner", f"experiment={name}", "trainer.progress_bar=false", *extra]
+
+
+def result_row(name: str, extra: list[str]) -> str:
+    """One results-table row for a full run of preset NAME."""
+    params, metrics, wall = run_preset(name, extra)
     accuracy = metrics["test/accuracy"]
     verdict = "met" if accuracy >= TARGET[name] else "MISSED"
     return (
         f"| {name} | {params['trainer.steps']} | {params['data.batch_size']} | {accuracy:.4f} "
         f"| >= {TARGET[name]} ({verdict}) | {TUTORIAL[name]} | {wall / 60:.1f} min | {device()} "
-        f"| {date.today()} | `uv run {' '.join(command)}` |"
+        f"| {date.today()} | `uv run {' '.join(command(name, extra))}` |"
+    )
+
+
+def seed_spread(name: str, seeds: list[int], extra: list[str]) -> str:
+    """A table of one preset's test accuracy for each seed, with mean, spread and hits."""
+    rows, accuracies = [], []
+    for seed in seeds:
+        _, metrics, wall = run_preset(name, [*extra, f"seed={seed}"])
+        accuracies.append(metrics["test/accuracy"])
+        rows.append(f"| {seed} | {accuracies[-1]:.4f} | {wall / 60:.1f} min |")
+        print(rows[-1], flush=True)
+    hits = sum(a >= TARGET[name] for a in accuracies)
+    return (
+        f"{name} on {device()}, {date.today()}\n\n| seed | test accuracy | wall time |\n"
+        "|---|---|---|\n" + "\n".join(rows) + "\n\n"
+        f"mean {statistics.mean(accuracies):.4f}, "
+        f"sd {statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0:.4f}, "
+        f"min {min(accuracies):.4f}, max {max(accuracies):.4f}; "
+        f"{hits} of {len(accuracies)} seeds reach >= {TARGET[name]}"
     )
 
 
@@ -119,17 +151,25 @@ def main() -> None:
         default=[],
         help="extra runner override for every preset (not for published rows)",
     )
+    parser.add_argument(
+        "--seeds",
+        type=lambda text: [int(s) for s in text.split(",")],
+        help="comma-separated seeds: print each preset's accuracy spread over them instead "
+        "of writing the results table",
+    )
     args = parser.parse_args()
+    made_by = f"uv run python benchmarks/reproduce_seeds.py {' '.join(sys.argv[1:])}"
+    if args.seeds:
+        for name in args.presets:
+            print(f"\n{seed_spread(name, args.seeds, args.override)}\n\nmade by: {made_by}")
+        return
     rows = {}
     for name in args.presets:
-        rows[name] = run_preset(name, args.override)
+        rows[name] = result_row(name, args.override)
         print(rows[name], flush=True)
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(merge(rows))
-    print(
-        f"\nwrote {RESULTS.relative_to(REPO)}; made by: uv run python "
-        f"benchmarks/reproduce_seeds.py {' '.join(args.presets)}"
-    )
+    print(f"\nwrote {RESULTS.relative_to(REPO)}; made by: {made_by}")
 
 
 if __name__ == "__main__":
