@@ -8,12 +8,14 @@ iteration count, which stays right across resumes and interrupted epochs.
 import logging
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from runner.data import Split, batch_indices
 from runner.errors import UserError
@@ -34,11 +36,57 @@ class MlflowMetrics(keras.callbacks.Callback):
         self.recorder = recorder
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        metrics = {
-            (f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"): value
-            for key, value in (logs or {}).items()
-        }
+        metrics = {_metric_name(key): value for key, value in (logs or {}).items()}
         self.recorder.log_metrics(metrics, step=optimizer_step(self.model))
+
+
+def _metric_name(key: str) -> str:
+    """Keras's `loss` and `val_loss` as `train/loss` and `val/loss`; `perf/...` stays."""
+    if "/" in key:
+        return key
+    return f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+
+
+class Throughput(keras.callbacks.Callback):
+    """Adds `perf/steps_per_sec` and `perf/examples_per_sec` to each window's logs, timed over
+    its training steps only (validation excluded), and on a GPU `perf/gpu_peak_mb`, the peak
+    memory TensorFlow allocated on GPU:0 in the window.
+
+    The first execution of each `fit` is left out: it traces and compiles the step function."""
+
+    def __init__(self, batch_size: int, steps_per_execution: int):
+        super().__init__()
+        self.batch_size = batch_size
+        self.steps_per_call = steps_per_execution
+        self.gpu = bool(tf.config.list_logical_devices("GPU"))
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.traced = False
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.start = self.end = time.perf_counter() if self.traced else None
+        self.steps = 0
+        if self.gpu:
+            tf.config.experimental.reset_memory_stats("GPU:0")
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        now = time.perf_counter()
+        if not self.traced:
+            self.traced, self.start, self.end = True, now, now
+            return
+        self.steps += self.steps_per_call
+        self.end = now
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is None:
+            return
+        if self.steps and self.end > self.start:
+            rate = self.steps / (self.end - self.start)
+            logs["perf/steps_per_sec"] = rate
+            logs["perf/examples_per_sec"] = rate * self.batch_size
+        if self.gpu:
+            peak = tf.config.experimental.get_memory_info("GPU:0")["peak"]
+            logs["perf/gpu_peak_mb"] = peak / 2**20
 
 
 class TrainingDiverged(UserError):
@@ -119,6 +167,7 @@ class ProbabilityLogger(keras.callbacks.Callback):
         examples: int,
         logits: bool,
         start_step: int = 0,
+        steps_per_execution: int = 1,
     ):
         super().__init__()
         self.x = train.x
@@ -128,9 +177,10 @@ class ProbabilityLogger(keras.callbacks.Callback):
         shard = batch_indices(len(train.y), batch_size, seed).shard(every, every - 1)
         self.batches = iter(shard.skip(start_step // every))
         self.step = start_step
+        self.steps_per_call = steps_per_execution
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self.step += 1  # one call a step; cheaper than reading the optimizer's counter each time
+        self.step += self.steps_per_call  # cheaper than reading the optimizer's counter
         if self.step % self.every:
             return
         examples = next(self.batches).numpy()[: self.examples]

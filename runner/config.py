@@ -90,6 +90,19 @@ LOSS_INPUT = {
 }
 
 
+class Precision(StrEnum):
+    auto = "auto"
+    float32 = "float32"
+    mixed_float16 = "mixed_float16"
+    mixed_bfloat16 = "mixed_bfloat16"
+
+
+class Strategy(StrEnum):
+    auto = "auto"
+    single = "single"
+    mirrored = "mirrored"
+
+
 @dataclass
 class TrainerConf:
     steps: int = MISSING
@@ -105,6 +118,15 @@ class TrainerConf:
     log_probabilities_examples: int = MISSING
     progress_bar: bool = True
     log_model: bool = True
+    precision: Precision = Precision.auto
+    # "auto", "true" or "false"; typed str because a field cannot be both a bool and "auto".
+    jit_compile: str = "auto"
+    # "auto" or a positive integer, likewise.
+    steps_per_execution: str = "auto"
+    strategy: Strategy = Strategy.auto
+    cpu_devices: int = 1
+    system_metrics: bool = True
+    system_metrics_every_s: float = 10.0
 
 
 @dataclass
@@ -199,5 +221,20 @@ def check_config(cfg: Any) -> None:
         raise UserError(f"model.dropout_rate={dropout_rate} must be in [0, 1); 0 turns dropout off")
     if cfg.optimizer.lr <= 0:
         raise UserError(f"optimizer.lr={cfg.optimizer.lr} must be positive")
+    _check_device_settings(t)
     if d.limit is not None and d.limit <= 0:
         raise UserError(f"data.limit={d.limit} must be positive, or null for the whole data set")
+
+
+def _check_device_settings(t: Any) -> None:
+    if str(t.jit_compile).lower() not in ("auto", "true", "false"):
+        raise UserError(f"trainer.jit_compile={t.jit_compile} must be auto, true or false")
+    spe = str(t.steps_per_execution)
+    if spe != "auto" and not (spe.isdigit() and int(spe) > 0):
+        raise UserError(f"trainer.steps_per_execution={spe} must be auto or a positive integer")
+    if t.cpu_devices < 1:
+        raise UserError(f"trainer.cpu_devices={t.cpu_devices} must be 1 or more")
+    if t.system_metrics_every_s <= 0:
+        raise UserError(
+            f"trainer.system_metrics_every_s={t.system_metrics_every_s} must be positive"
+        )

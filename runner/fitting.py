@@ -10,21 +10,34 @@ from runner.callbacks import (
     StepProgbar,
     StopOnNonFiniteLoss,
     StopOnSignal,
+    Throughput,
     optimizer_step,
 )
 from runner.checkpoints import Checkpointer
 from runner.data import Split, Splits, training_dataset
-from runner.errors import Interrupted
+from runner.devices import Plan
+from runner.errors import Interrupted, UserError
 
 
-def fit(model: Any, splits: Splits, cfg: Any, recorder: Any, start_step: int = 0) -> None:
+def fit(
+    model: Any, splits: Splits, cfg: Any, recorder: Any, plan: Plan, start_step: int = 0
+) -> None:
     """Train from `start_step` to `trainer.steps`; validate every `eval_every` steps and after
     the last one; checkpoint every `checkpoint_every` steps, after the last one and on SIGINT
-    or SIGTERM, which then raise `Interrupted`."""
+    or SIGTERM, which then raise `Interrupted`. Each step trains on `data.batch_size` examples
+    per replica."""
     trainer = cfg.trainer
+    if start_step % plan.steps_per_execution:
+        raise UserError(
+            f"the checkpoint is at step {start_step}, which trainer.steps_per_execution="
+            f"{plan.steps_per_execution} does not divide; resume with the steps_per_execution "
+            f"the run started with"
+        )
+    batch = cfg.data.batch_size * plan.replicas
     stop = StopOnSignal()
     folder = checkpoints.directory_for(trainer.checkpoint_dir)
     callbacks = [
+        Throughput(batch, plan.steps_per_execution),  # first: adds to the logs the others see
         recorder.callback(),
         StopOnNonFiniteLoss(),
         stop,
@@ -40,12 +53,13 @@ def fit(model: Any, splits: Splits, cfg: Any, recorder: Any, start_step: int = 0
         callbacks.append(
             ProbabilityLogger(
                 splits.train,
-                cfg.data.batch_size,
+                batch,
                 cfg.seed,
                 trainer.log_probabilities_every,
                 trainer.log_probabilities_examples,
                 logits=cfg.model.output == "logits",
                 start_step=start_step,
+                steps_per_execution=plan.steps_per_execution,
             )
         )
     if trainer.progress_bar:
@@ -53,10 +67,14 @@ def fit(model: Any, splits: Splits, cfg: Any, recorder: Any, start_step: int = 0
     aligned = min(-(-start_step // trainer.log_every) * trainer.log_every, trainer.steps)
     if start_step < aligned:  # a run stopped mid-window first finishes that window on its own
         at_eval = aligned % trainer.eval_every == 0
-        _fit_windows(model, splits, cfg, callbacks, start_step, 1, aligned - start_step, at_eval)
+        _fit_windows(
+            model, splits, cfg, batch, callbacks, start_step, 1, aligned - start_step, at_eval
+        )
     if not stop.received and aligned < trainer.steps:
         windows = (trainer.steps - aligned) // trainer.log_every
-        _fit_windows(model, splits, cfg, callbacks, aligned, windows, trainer.log_every, True)
+        _fit_windows(
+            model, splits, cfg, batch, callbacks, aligned, windows, trainer.log_every, True
+        )
     if stop.received:
         raise Interrupted(
             f"stopped by {stop.received} at step {optimizer_step(model)}, checkpoint written "
@@ -79,6 +97,7 @@ def _fit_windows(
     model: Any,
     splits: Splits,
     cfg: Any,
+    batch: int,
     callbacks: list,
     start: int,
     windows: int,
@@ -92,7 +111,7 @@ def _fit_windows(
     first = start // window
     full = window == trainer.log_every
     model.fit(
-        training_dataset(splits.train, cfg.data.batch_size, cfg.seed, start),
+        training_dataset(splits.train, batch, cfg.seed, start),
         steps_per_epoch=window,
         initial_epoch=first,
         epochs=first + windows,

@@ -49,10 +49,16 @@ def environment_differences(expected: dict, found: dict) -> list[tuple[str, Any,
     ]
 
 
+# Metrics that measure the machine (speed, memory, load), not the model: no two runs agree.
+MEASUREMENTS = ("perf/", "system/")
+
+
 def histories(client: Any, run: Any) -> History:
+    """The run's result metrics, each as (step, value) points."""
     return {
         key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
         for key in sorted(run.data.metrics)
+        if not key.startswith(MEASUREMENTS)
     }
 
 

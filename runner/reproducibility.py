@@ -1,8 +1,9 @@
 """A clean, seeded start for every run, so equal configs give bitwise-equal results."""
 
 
-def start_clean(seed: int, deterministic: bool) -> None:
-    """Forget what earlier runs in this process left behind, then seed everything.
+def start_clean(seed: int, deterministic: bool, precision: str = "float32") -> None:
+    """Forget what earlier runs in this process left behind, set the dtype policy `precision`,
+    then seed everything.
 
     The joblib launcher reuses worker processes between sweep jobs, and Keras and TensorFlow keep
     global state (graph names, dtype policy, seeds, the determinism flag) across them.
@@ -11,7 +12,7 @@ def start_clean(seed: int, deterministic: bool) -> None:
     import tensorflow as tf
 
     keras.backend.clear_session()
-    keras.config.set_dtype_policy("float32")
+    keras.config.set_dtype_policy(precision)
     keras.utils.set_random_seed(seed)
     if deterministic:
         tf.config.experimental.enable_op_determinism()

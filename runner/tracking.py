@@ -100,10 +100,12 @@ def mlflow_run(
     `resume_run_id` it reopens that run, whose config is already logged. Call `open_store` first.
     """
     hydra_dir = _hydra_output_dir()
-    started = (
-        mlflow.start_run(run_id=resume_run_id)
-        if resume_run_id
-        else mlflow.start_run(run_name=_run_name(cfg))
+    # System metrics (psutil; nvidia-ml-py for GPUs) are sampled on a thread while the run is on.
+    mlflow.set_system_metrics_sampling_interval(cfg.trainer.system_metrics_every_s)
+    started = mlflow.start_run(
+        run_id=resume_run_id,
+        run_name=None if resume_run_id else _run_name(cfg),
+        log_system_metrics=cfg.trainer.system_metrics,
     )
     with started as run:
         try:

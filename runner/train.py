@@ -4,6 +4,7 @@ Only Hydra and OmegaConf are imported at module level, so `runner --cfg job` ans
 loading TensorFlow or MLflow.
 """
 
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from runner.config import check_config, register_configs
 from runner.errors import UserError
 
 register_configs()
+log = logging.getLogger(__name__)
 
 # conf/ sits beside the package in the checkout, which uv installs in editable mode.
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -31,21 +33,26 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
     # TensorFlow's C++ INFO lines (CPU features, oneDNN) drown the training log; warnings stay.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-    from runner import checkpoints, data, models
+    from runner import checkpoints, data, devices, models
     from runner.callbacks import terminate_as_interrupt
     from runner.fitting import evaluate_outputs, fit
     from runner.reproducibility import start_clean
 
-    start_clean(cfg.seed, cfg.trainer.deterministic)
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)  # tf.distribute's INFO chatter
+    found = devices.detect(cfg.trainer.cpu_devices)  # before anything runs on them
+    plan = devices.plan(cfg.trainer, found)
+    log.info("devices: %s; %s", found.describe(), plan.describe())
+    start_clean(cfg.seed, cfg.trainer.deterministic, plan.precision)
     splits = data.load_mnist(cfg.data)
     resumed = checkpoints.resume_point(cfg.trainer) if cfg.trainer.resume else None
-    model = resumed.load_model() if resumed else models.compiled(cfg)
-    run_id = resumed.run_id if resumed else None
+    with devices.distribution(plan).scope():
+        model = models.compiled(cfg, plan, resumed.load_model() if resumed else None)
+    run_tags = {**found.tags(), **plan.tags(), **(tags or {})}
     with (
         terminate_as_interrupt(),
-        tracking.mlflow_run(cfg, splits.files, tags, resume_run_id=run_id) as recorder,
+        tracking.mlflow_run(cfg, splits.files, run_tags, resumed and resumed.run_id) as recorder,
     ):
-        fit(model, splits, cfg, recorder, start_step=resumed.step if resumed else 0)
+        fit(model, splits, cfg, recorder, plan, start_step=resumed.step if resumed else 0)
         recorder.log_test(
             splits.test, *evaluate_outputs(model, splits.test, cfg.data.eval_batch_size)
         )

@@ -20,7 +20,7 @@ def build(cfg: Any) -> Any:
         return model
     import keras
 
-    probabilities = keras.layers.Softmax(name="probabilities")(model.output)
+    probabilities = keras.layers.Softmax(name="probabilities", dtype="float32")(model.output)
     return keras.Model(model.input, probabilities, name=model.name)
 
 
@@ -40,17 +40,20 @@ def _build_logits_model(cfg: Any) -> Any:
     raise ValueError(f"model.name={cfg.name!r} is not one of {', '.join(MODEL_NAMES)}")
 
 
-def compiled(cfg: Any) -> Any:
-    """A fresh model compiled with the configured optimizer and loss, measuring accuracy."""
+def compiled(cfg: Any, plan: Any, model: Any = None) -> Any:
+    """`model` (else a fresh one) compiled as `plan` says, with the configured loss, measuring
+    accuracy; a loaded model keeps its optimizer and so its state."""
     import keras
 
     from runner import optim
 
-    model = build(cfg.model)
+    model = model or build(cfg.model)
     model.compile(
-        optimizer=optim.build(cfg.optimizer),
+        optimizer=getattr(model, "optimizer", None) or optim.build(cfg.optimizer),
         loss=loss(cfg.trainer.loss),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        jit_compile=plan.jit_compile,
+        steps_per_execution=plan.steps_per_execution,
     )
     return model
 

@@ -14,5 +14,5 @@ def build_cnn_layers(dropout_rate: float) -> keras.Model:
     x = layers.Flatten()(x)
     x = layers.Dense(1024, activation="relu", name="dense")(x)
     x = layers.Dropout(dropout_rate)(x)
-    logits = layers.Dense(10, name="logits")(x)
+    logits = layers.Dense(10, name="logits", dtype="float32")(x)  # float32 under mixed
     return keras.Model(inputs, logits, name="cnn_layers")

@@ -119,5 +119,5 @@ def build_cnn_raw(keep_prob: float, init_stddev: float, bias_init: float) -> ker
     x = keras.layers.Reshape((7 * 7 * 64,))(x)
     x = RawDense(1024, relu=True, name="fc1", **init)(x)
     x = KeepProbDropout(keep_prob, name="dropout")(x)
-    logits = RawDense(10, name="logits", **init)(x)
+    logits = RawDense(10, name="logits", dtype="float32", **init)(x)  # float32 under mixed
     return keras.Model(inputs, logits, name="cnn_raw")
