@@ -46,18 +46,29 @@ class CnnLayersConf(ModelConf):
     dropout_rate: float = MISSING
 
 
+class Schedule(StrEnum):
+    constant = "constant"
+    cosine = "cosine"
+
+
 @dataclass
-class SGDConf:
-    name: str = "sgd"
+class OptimizerConf:
+    name: str = MISSING
     lr: float = MISSING
+    schedule: Schedule = Schedule.constant
+    warmup_steps: int = 0
+
+
+@dataclass
+class SGDConf(OptimizerConf):
+    name: str = "sgd"
     momentum: float = 0.0
     nesterov: bool = False
 
 
 @dataclass
-class AdamConf:
+class AdamConf(OptimizerConf):
     name: str = "adam"
-    lr: float = MISSING
     beta_1: float = MISSING
     beta_2: float = MISSING
     epsilon: float = MISSING
@@ -221,6 +232,11 @@ def check_config(cfg: Any) -> None:
         raise UserError(f"model.dropout_rate={dropout_rate} must be in [0, 1); 0 turns dropout off")
     if cfg.optimizer.lr <= 0:
         raise UserError(f"optimizer.lr={cfg.optimizer.lr} must be positive")
+    if not 0 <= cfg.optimizer.warmup_steps < t.steps:
+        raise UserError(
+            f"optimizer.warmup_steps={cfg.optimizer.warmup_steps} must be at least 0 and "
+            f"below trainer.steps={t.steps}"
+        )
     _check_device_settings(t)
     if d.limit is not None and d.limit <= 0:
         raise UserError(f"data.limit={d.limit} must be positive, or null for the whole data set")

@@ -70,10 +70,56 @@ def test_cnn_raw_round_trips_through_keras_saving(tmp_path):
 
 
 def test_optimizers_carry_the_configured_knobs():
-    adam = optim.build(compose_config(["optimizer=adam", "optimizer.lr=3e-4"]).optimizer)
+    adam = optim.build(compose_config(["optimizer=adam", "optimizer.lr=3e-4"]).optimizer, 100)
     assert isinstance(adam, keras.optimizers.Adam)
     assert float(adam.learning_rate) == pytest.approx(3e-4)
     assert adam.epsilon == 1e-8
-    sgd = optim.build(compose_config(["optimizer.momentum=0.9"]).optimizer)
+    sgd = optim.build(compose_config(["optimizer.momentum=0.9"]).optimizer, 100)
     assert isinstance(sgd, keras.optimizers.SGD)
     assert (float(sgd.learning_rate), sgd.momentum) == (0.5, 0.9)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_fused_adam_updates_as_keras_adam_does(amsgrad):
+    """Same formula, one kernel: the weights after a few steps agree to float rounding."""
+    from runner.fused_adam import FusedAdam
+
+    rng = np.random.default_rng(3)
+    start = rng.normal(size=(300, 40)).astype("float32")
+    grads = [rng.normal(size=start.shape).astype("float32") for _ in range(4)]
+    weights = []
+    for optimizer in (
+        keras.optimizers.Adam(1e-2, epsilon=1e-8, amsgrad=amsgrad),
+        FusedAdam(1e-2, epsilon=1e-8, amsgrad=amsgrad),
+    ):
+        variable = keras.Variable(start)
+        for grad in grads:
+            optimizer.apply([grad], [variable])
+        weights.append(variable.numpy())
+    assert not np.allclose(weights[0], start)
+    np.testing.assert_allclose(weights[1], weights[0], rtol=1e-6, atol=1e-6)  # weights ~ 1
+
+
+@pytest.mark.parametrize(
+    ("schedule", "warmup", "expected"),
+    [
+        ("constant", 0, [0.01, 0.01, 0.01, 0.01]),
+        ("constant", 10, [0.0, 0.005, 0.01, 0.01]),
+        ("cosine", 10, [0.0, 0.005, 0.01, 0.0]),
+        (
+            "cosine",
+            0,
+            [
+                0.01,
+                0.01 * (1 + np.cos(np.pi * 5 / 110)) / 2,
+                0.01 * (1 + np.cos(np.pi * 10 / 110)) / 2,
+                0.0,
+            ],
+        ),
+    ],
+)
+def test_learning_rate_schedules(schedule, warmup, expected):
+    """Rates at steps 0, 5, 10 and 110, the last step of a 110-step run."""
+    rate = optim.learning_rate(0.01, schedule, warmup, 110)
+    at = [float(rate(step)) if callable(rate) else rate for step in (0, 5, 10, 110)]
+    np.testing.assert_allclose(at, expected, atol=1e-7)

@@ -9,6 +9,7 @@ MODEL_NAMES = ("softmax", "cnn_raw", "cnn_layers")
 def register_custom_objects() -> None:
     """Make the runner's own layers and losses known to Keras, which a saved model refers to by
     name: call before loading one."""
+    import runner.fused_adam  # noqa: F401
     import runner.models.cnn_raw  # noqa: F401
     import runner.models.losses  # noqa: F401
 
@@ -49,7 +50,8 @@ def compiled(cfg: Any, plan: Any, model: Any = None) -> Any:
 
     model = model or build(cfg.model)
     model.compile(
-        optimizer=getattr(model, "optimizer", None) or optim.build(cfg.optimizer),
+        optimizer=getattr(model, "optimizer", None)
+        or optim.build(cfg.optimizer, cfg.trainer.steps),
         loss=loss(cfg.trainer.loss),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=plan.jit_compile,
