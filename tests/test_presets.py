@@ -124,3 +124,17 @@ def test_probabilities_of_the_trained_batch_are_logged(in_tmp_store, mnist_dir, 
 def _parse_rows(line: str) -> list[list[float]]:
     body = line.split("probabilities = ")[1]
     return [[float(v) for v in row.split()] for row in body.strip("[]").split("]\n [")]
+
+
+def test_fast_cnn_keeps_the_tutorial_network_and_changes_only_the_schedule():
+    fast, tutorial = (compose_config([f"experiment={n}"]) for n in ("fast_cnn", "deep_mnist_cnn"))
+    assert fast.model == tutorial.model
+    assert (fast.optimizer.name, fast.optimizer.schedule) == ("adam", "cosine")
+    assert fast.trainer.steps * fast.data.batch_size < tutorial.trainer.steps * 50 / 4
+    check_config(fast)
+
+
+def test_short_fast_cnn_schedule_learns(in_tmp_store):
+    """Its schedule squeezed into 200 steps already gets most digits right."""
+    metrics = quick("fast_cnn", in_tmp_store, "trainer.steps=200", "optimizer.warmup_steps=10")
+    assert metrics["test/accuracy"] >= 0.93
