@@ -1,17 +1,17 @@
-"""Figures logged with each run: training curves and the test-set confusion matrix."""
+"""Figures logged with each run: training curves and the test-set confusion matrix.
 
-import matplotlib
+They are plain `Figure` objects, not pyplot's, so no global registry keeps them alive across
+the runs of one process (a sweep worker) and no GUI backend is needed.
+"""
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 
 def training_curves(history: dict[str, list[tuple[int, float]]]) -> Figure:
     """Loss and accuracy against optimizer step, training and validation on shared axes."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
     for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
         for split in ("train", "val"):
             points = history.get(f"{split}/{metric}", [])
@@ -28,7 +28,8 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: int = 1
     """Counts of (true, predicted) class pairs, written in each cell."""
     counts = np.bincount(labels * classes + predicted, minlength=classes * classes)
     counts = counts.reshape(classes, classes)
-    fig, ax = plt.subplots(figsize=(7, 6), layout="constrained")
+    fig = Figure(figsize=(7, 6), layout="constrained")
+    ax = fig.subplots()
     image = ax.imshow(counts, cmap="Blues")
     fig.colorbar(image, ax=ax)
     threshold = counts.max() / 2
