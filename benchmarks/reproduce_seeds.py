@@ -146,7 +146,9 @@ def merge(rows: dict[str, str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("presets", nargs="*", default=list(TUTORIAL), choices=list(TUTORIAL))
+    parser.add_argument(
+        "presets", nargs="*", choices=[*TUTORIAL, []], metavar="PRESET", help=f"of {list(TUTORIAL)}"
+    )
     parser.add_argument(
         "--override",
         action="append",
@@ -160,6 +162,7 @@ def main() -> None:
         "of writing the results table",
     )
     args = parser.parse_args()
+    args.presets = args.presets or list(TUTORIAL)
     made_by = f"uv run python benchmarks/reproduce_seeds.py {' '.join(sys.argv[1:])}"
     if args.seeds:
         for name in args.presets:

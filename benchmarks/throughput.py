@@ -178,14 +178,16 @@ def _tutorial_cnn(x, keep_prob):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument(
+        "models", nargs="*", choices=[*MODELS, []], metavar="MODEL", help=f"of {list(MODELS)}"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], help="runner override, k=v")
     args = parser.parse_args()
     mnist = compose([]).data
     train_split = data.load_mnist(mnist).train
     rows = []
-    for name in args.models:
+    for name in args.models or MODELS:
         rates: dict[str, list[float]] = {
             "runner": [],
             "runner 1": [],
