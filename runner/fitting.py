@@ -27,12 +27,6 @@ def fit(
     or SIGTERM, which then raise `Interrupted`. Each step trains on `data.batch_size` examples
     per replica."""
     trainer = cfg.trainer
-    if start_step % plan.steps_per_execution:
-        raise UserError(
-            f"the checkpoint is at step {start_step}, which trainer.steps_per_execution="
-            f"{plan.steps_per_execution} does not divide; resume with the steps_per_execution "
-            f"the run started with"
-        )
     batch = cfg.data.batch_size * plan.replicas
     stop = StopOnSignal()
     folder = checkpoints.directory_for(trainer.checkpoint_dir)
@@ -91,6 +85,16 @@ def fit(
             return_dict=True,
         )
         recorder.log_metrics({f"val/{k}": v for k, v in final.items()}, step=trainer.steps)
+
+
+def check_resumable(start_step: int, plan: Plan) -> None:
+    """Windows end on multiples of steps_per_execution, so a resumed run must start on one."""
+    if start_step % plan.steps_per_execution:
+        raise UserError(
+            f"the checkpoint is at step {start_step}, which trainer.steps_per_execution="
+            f"{plan.steps_per_execution} does not divide; resume with the steps_per_execution "
+            f"the run started with"
+        )
 
 
 def _fit_windows(

@@ -35,7 +35,7 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
 
     from runner import checkpoints, data, devices, models
     from runner.callbacks import terminate_as_interrupt
-    from runner.fitting import evaluate_outputs, fit
+    from runner.fitting import check_resumable, evaluate_outputs, fit
     from runner.reproducibility import start_clean
 
     logging.getLogger("tensorflow").setLevel(logging.WARNING)  # tf.distribute's INFO chatter
@@ -45,6 +45,7 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
     start_clean(cfg.seed, cfg.trainer.deterministic, plan.precision)
     splits = data.load_mnist(cfg.data)
     resumed = checkpoints.resume_point(cfg.trainer) if cfg.trainer.resume else None
+    check_resumable(resumed.step if resumed else 0, plan)
     with devices.distribution(plan).scope():
         model = models.compiled(cfg, plan, resumed.load_model() if resumed else None)
     run_tags = {**found.tags(), **plan.tags(), **(tags or {})}

@@ -82,6 +82,14 @@ def test_bad_device_settings_name_the_key(override, message):
         check_config(compose_config([override]))
 
 
+def test_resuming_between_executions_is_refused():
+    from runner.fitting import check_resumable
+
+    check_resumable(100, plan(CPU))
+    with pytest.raises(UserError, match="step 137, which trainer.steps_per_execution=50"):
+        check_resumable(137, plan(CPU))
+
+
 def test_strategy_auto_mirrors_over_several_gpus_only():
     assert (plan(gpus((9, 0))).strategy, plan(gpus((9, 0))).replicas) == ("single", 1)
     two = plan(gpus((9, 0), (9, 0)))
