@@ -14,16 +14,13 @@ noise, which the seeds show.
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-from layers_cnn_spread_jax import load, seeds
+from layers_cnn_spread_jax import json_of, load, seeds, train_and_test
 
 WARMUP_FRACTION = 0.05
 
@@ -37,7 +34,6 @@ def train_one(candidate: str, seed: int, directory: Path) -> dict:
     batch, steps, peak = candidate.split(":")
     batch, steps, peak = int(batch), int(steps), float(peak)
     start = time.perf_counter()
-    x_train, y_train, x_test, y_test = load(directory)
     keras.utils.set_random_seed(seed)
     model = build_cnn_raw(keep_prob=0.5, init_stddev=0.1, bias_init=0.1)
     warmup = int(steps * WARMUP_FRACTION)
@@ -47,38 +43,21 @@ def train_one(candidate: str, seed: int, directory: Path) -> dict:
         warmup_target=peak,
         warmup_steps=warmup,
     )
-    model.compile(
-        optimizer=keras.optimizers.Adam(schedule, epsilon=1e-8),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
-    order = np.random.default_rng(seed)
-    per_epoch = len(y_train) // batch
-    for done in range(0, steps, per_epoch):
-        take = order.permutation(len(y_train))[: min(per_epoch, steps - done) * batch]
-        model.fit(x_train[take], y_train[take], batch_size=batch, shuffle=False, verbose=0)
-    result = model.evaluate(x_test, y_test, batch_size=1000, verbose=0, return_dict=True)
+    optimizer = keras.optimizers.Adam(schedule, epsilon=1e-8)
+    accuracy = train_and_test(model, optimizer, load(directory), batch, steps, seed)
     return {
         "candidate": candidate,
         "seed": seed,
-        "accuracy": result["accuracy"],
+        "accuracy": accuracy,
         "seconds": time.perf_counter() - start,
     }
 
 
 def in_subprocess(candidate: str, seed: int, args: argparse.Namespace) -> dict | None:
     command = [sys.executable, __file__, "--one", candidate, str(seed), "--data", str(args.data)]
-    env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", **os.environ}
-    try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired:
-        print(f"{candidate} seed {seed}: timed out", flush=True)
-        return None
-    if done.returncode:
-        print(f"{candidate} seed {seed} failed:\n{done.stderr[-2000:]}", flush=True)
-        return None
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"{candidate} seed {seed}: {result['accuracy']:.4f}", flush=True)
+    result = json_of(command, f"{candidate} seed {seed}", 600)
+    if result:
+        print(f"{candidate} seed {seed}: {result['accuracy']:.4f}", flush=True)
     return result
 
 

@@ -22,6 +22,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -55,18 +56,31 @@ def train_one(seed: int, directory: Path, steps: int) -> tuple[int, float, float
     x_train, y_train, x_test, y_test = load(directory)
     keras.utils.set_random_seed(seed)
     model = build_cnn_layers(DROPOUT)
+    accuracy = train_and_test(
+        model, keras.optimizers.SGD(LR), (x_train, y_train, x_test, y_test), BATCH, steps, seed
+    )
+    return seed, accuracy, time.perf_counter() - start
+
+
+def train_and_test(
+    model: Any, optimizer: Any, data: tuple[np.ndarray, ...], batch: int, steps: int, seed: int
+) -> float:
+    """Test accuracy after `steps` steps of `batch` examples, in freshly shuffled epochs."""
+    import keras
+
+    x_train, y_train, x_test, y_test = data
     model.compile(
-        optimizer=keras.optimizers.SGD(LR),
+        optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
     order = np.random.default_rng(seed)
-    per_epoch = len(y_train) // BATCH
+    per_epoch = len(y_train) // batch
     for done in range(0, steps, per_epoch):
-        take = order.permutation(len(y_train))[: min(per_epoch, steps - done) * BATCH]
-        model.fit(x_train[take], y_train[take], batch_size=BATCH, shuffle=False, verbose=0)
-    accuracy = model.evaluate(x_test, y_test, batch_size=1000, verbose=0, return_dict=True)
-    return seed, accuracy["accuracy"], time.perf_counter() - start
+        take = order.permutation(len(y_train))[: min(per_epoch, steps - done) * batch]
+        model.fit(x_train[take], y_train[take], batch_size=batch, shuffle=False, verbose=0)
+    result = model.evaluate(x_test, y_test, batch_size=1000, verbose=0, return_dict=True)
+    return result["accuracy"]
 
 
 def seeds(text: str) -> list[int]:
@@ -94,24 +108,26 @@ def main() -> None:
 def in_subprocess(seed: int, args: argparse.Namespace) -> tuple[int, float, float] | None:
     """One seed in its own process, so that seeds train in parallel on one GPU."""
     command = [sys.executable, __file__, "--one", str(seed), "--data", str(args.data)]
+    result = json_of([*command, "--steps", str(args.steps)], f"seed {seed}", args.minutes * 60)
+    if result:
+        print(f"seed {seed}: {result[1]:.4f} in {result[2]:.0f} s", flush=True)
+        return tuple(result)
+    return None
+
+
+def json_of(command: list[str], label: str, timeout_s: float) -> Any:
+    """The last line `command` prints, read as JSON; None, said why, if it fails or times out.
+    JAX takes GPU memory as it needs it, so that several such processes share the GPU."""
     env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", **os.environ}
     try:
-        done = subprocess.run(
-            [*command, "--steps", str(args.steps)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=args.minutes * 60,
-        )
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        print(f"seed {seed}: not done after {args.minutes} min", flush=True)
+        print(f"{label}: not done after {timeout_s / 60:.1f} min", flush=True)
         return None
     if done.returncode:
-        print(f"seed {seed} failed:\n{done.stderr[-2000:]}", flush=True)
+        print(f"{label} failed:\n{done.stderr[-2000:]}", flush=True)
         return None
-    result = tuple(json.loads(done.stdout.strip().splitlines()[-1]))
-    print(f"seed {seed}: {result[1]:.4f} in {result[2]:.0f} s", flush=True)
-    return result
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def table(results: list[tuple[int, float, float]]) -> str:
