@@ -140,6 +140,12 @@ class TrainerConf:
     system_metrics_every_s: float = 10.0
 
 
+# The metrics every run ends with, each a sweeper may optimise.
+RESULT_METRICS = tuple(
+    f"{split}/{name}" for split in ("train", "val", "test") for name in ("loss", "accuracy")
+)
+
+
 @dataclass
 class Config:
     model: Any = MISSING
@@ -149,6 +155,7 @@ class Config:
     seed: int = MISSING
     experiment_name: str = MISSING
     tracking_uri: str | None = None
+    optimized_metric: str = "val/accuracy"
 
 
 @dataclass
@@ -238,6 +245,11 @@ def check_config(cfg: Any) -> None:
             f"below trainer.steps={t.steps}"
         )
     _check_device_settings(t)
+    if cfg.optimized_metric not in RESULT_METRICS:
+        raise UserError(
+            f"optimized_metric={cfg.optimized_metric} is not a metric every run records; "
+            f"choose one of {', '.join(RESULT_METRICS)}"
+        )
     if d.limit is not None and d.limit <= 0:
         raise UserError(f"data.limit={d.limit} must be positive, or null for the whole data set")
 

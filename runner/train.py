@@ -71,10 +71,15 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
         return hydra_compose(config_name="config", overrides=list(overrides))
 
 
+def objective(cfg: DictConfig) -> float:
+    """Train, then give `optimized_metric`'s final value: what a Hydra sweeper optimises."""
+    return train(cfg)[cfg.optimized_metric]
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float:
     try:
-        train(cfg)
+        return objective(cfg)
     except UserError as error:
         print(f"runner: error: {error}", file=sys.stderr)
         raise SystemExit(getattr(error, "exit_code", 1)) from None

@@ -124,3 +124,8 @@ def test_printing_the_config_does_not_import_tensorflow(tmp_path):
     )
     assert "name: cnn_layers" in result.stdout
     assert "HEAVY []" in result.stdout, result.stdout + result.stderr
+
+
+def test_an_unknown_optimized_metric_is_named_with_the_choices():
+    with pytest.raises(UserError, match=r"optimized_metric=val/acc is not .*val/accuracy"):
+        check_config(compose_config(["optimized_metric=val/acc"]))

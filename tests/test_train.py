@@ -11,9 +11,9 @@ import pytest
 from mlflow import MlflowClient
 
 from runner import fitting
-from runner.train import train
+from runner.train import objective, train
 
-from .conftest import compose_config, only_run, store_client
+from .conftest import QUICK, compose_config, only_run, store_client
 
 METRICS = ["train/loss", "train/accuracy", "val/loss", "val/accuracy", "test/loss", "test/accuracy"]
 
@@ -206,3 +206,8 @@ def test_sigterm_after_training_ends_the_run_killed(in_tmp_store, monkeypatch):
         short_run(["trainer.steps=20", "trainer.eval_every=20"], in_tmp_store)
     assert only_run(in_tmp_store).info.status == "KILLED"
     assert signal.getsignal(signal.SIGTERM) == before, "the handler is put back"
+
+
+def test_runner_returns_the_optimized_metric_for_sweepers(in_tmp_store):
+    value = objective(compose_config([*QUICK, "model=softmax", "optimized_metric=val/loss"]))
+    assert value == mlflow.last_active_run().data.metrics["val/loss"]
