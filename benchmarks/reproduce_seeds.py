@@ -11,8 +11,6 @@ command's, start-up included. Rows for presets not run this time are kept from t
 
 import argparse
 import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -22,6 +20,8 @@ from datetime import date
 from pathlib import Path
 
 from mlflow import MlflowClient
+
+from runner.environment import cpu_cores, cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results.md"
@@ -59,12 +59,7 @@ def device() -> str:
         gpu = ""
     if gpu:
         return f"GPU: {gpu.splitlines()[0]}"
-    cpuinfo = Path("/proc/cpuinfo")
-    model = platform.processor() or platform.machine()
-    if cpuinfo.exists():
-        found = re.search(r"model name\s*:\s*(.+)", cpuinfo.read_text())
-        model = found.group(1).strip() if found else model
-    return f"CPU: {len(os.sched_getaffinity(0))} cores, {model}"
+    return f"CPU: {cpu_cores()} cores, {cpu_model()}"
 
 
 def run_preset(name: str, extra: list[str]) -> tuple[dict, dict, float]:

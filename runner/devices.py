@@ -3,10 +3,10 @@ execution and distribution strategy."""
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
+from runner.environment import cpu_cores
 from runner.errors import UserError
 
 # Largest steps_per_execution that `auto` picks. At 50 the softmax model trained 2.6x faster than
@@ -86,8 +86,7 @@ def detect(cpu_devices: int = 1) -> Devices:
             tf.config.experimental.set_memory_growth(gpu, True)
     _split_cpu(tf, cpu_devices)
     gpus = tuple(_gpu(tf, gpu, index) for index, gpu in enumerate(physical_gpus))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return Devices(gpus, cores or 1, len(tf.config.list_logical_devices("CPU")))
+    return Devices(gpus, cpu_cores(), len(tf.config.list_logical_devices("CPU")))
 
 
 def _split_cpu(tf: Any, count: int) -> None:

@@ -42,14 +42,24 @@ def tags(environment: dict[str, Any]) -> dict[str, str]:
 def cpu() -> str:
     """The processor model and the cores this process may use: kernels, and so the last bits of
     a result, can differ between processors."""
-    model = platform.processor() or platform.machine()
+    return f"{cpu_model()}, {cpu_cores()} cores"
+
+
+def cpu_model() -> str:
+    """The processor's marketing name where Linux tells it, else what `platform` knows."""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         for line in cpuinfo.read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {len(os.sched_getaffinity(0))} cores"
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity where the OS has one, as Linux does)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def devices() -> list[str]:

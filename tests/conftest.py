@@ -62,7 +62,9 @@ QUICK = [
 ]
 
 
-def cli(name: str, *args: str, cwd: Path, mnist_dir: Path) -> subprocess.CompletedProcess:
+def cli(
+    name: str, *args: str, cwd: Path, mnist_dir: Path, timeout: int = 300
+) -> subprocess.CompletedProcess:
     """One of the project's commands (`runner`, `runner-eval`, ...) run as a user would, in
     `cwd`, recording into the default store there."""
     env = {**os.environ, "MNIST_DIR": str(mnist_dir)}
@@ -73,7 +75,7 @@ def cli(name: str, *args: str, cwd: Path, mnist_dir: Path) -> subprocess.Complet
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
 
 

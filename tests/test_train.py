@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from runner import fitting
 from runner.train import objective, train
 
-from .conftest import QUICK, compose_config, only_run, store_client
+from .conftest import QUICK, cli, compose_config, only_run, store_client
 
 METRICS = ["train/loss", "train/accuracy", "val/loss", "val/accuracy", "test/loss", "test/accuracy"]
 
@@ -29,16 +29,8 @@ def artifact_paths(client: MlflowClient, run_id: str, path: str = "") -> set[str
 def softmax_run(tmp_path_factory, mnist_dir) -> tuple[Path, subprocess.CompletedProcess]:
     """`runner model=softmax trainer.steps=300`, run as a user would, in an empty directory."""
     work = tmp_path_factory.mktemp("softmax")
-    env = {**os.environ, "MNIST_DIR": str(mnist_dir)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    runner = Path(sys.executable).with_name("runner")
-    result = subprocess.run(
-        [str(runner), "model=softmax", "trainer.steps=300"],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = cli(
+        "runner", "model=softmax", "trainer.steps=300", cwd=work, mnist_dir=mnist_dir, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return work, result
