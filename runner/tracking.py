@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from runner import environment, plots
 from runner.data import Split
 from runner.errors import Interrupted, UserError
+from runner.sweep import SweepJob
 
 log = logging.getLogger(__name__)
 
@@ -92,19 +93,23 @@ def mlflow_run(
     data_files: dict[str, Path],
     tags: dict[str, str] | None = None,
     resume_run_id: str | None = None,
+    sweep_job: SweepJob | None = None,
 ) -> Iterator[Recorder]:
     """One MLflow run around the training; ends FAILED (with an `error` tag) if anything raises.
 
     Besides the config it records the environment (`environment.json`, and tags for versions,
     devices and commit), so that a run can be rerun and a difference explained. With
-    `resume_run_id` it reopens that run, whose config is already logged. Call `open_store` first.
+    `resume_run_id` it reopens that run, whose config is already logged; a new run of a
+    `sweep_job` is nested under the sweep's parent run. Call `open_store` first.
     """
     hydra_dir = _hydra_output_dir()
     # System metrics (psutil; nvidia-ml-py for GPUs) are sampled on a thread while the run is on.
     mlflow.set_system_metrics_sampling_interval(cfg.trainer.system_metrics_every_s)
     started = mlflow.start_run(
         run_id=resume_run_id,
-        run_name=None if resume_run_id else _run_name(cfg),
+        run_name=None if resume_run_id else _run_name(cfg, sweep_job),
+        nested=sweep_job is not None,
+        parent_run_id=sweep_job.parent_run_id if sweep_job and not resume_run_id else None,
         log_system_metrics=cfg.trainer.system_metrics,
     )
     with started as run:
@@ -141,8 +146,18 @@ def _reopen(run_id: str) -> dict[str, list[tuple[int, float]]]:
 
 
 def open_store(uri: str, experiment_name: str) -> None:
-    """Point MLflow at `uri` and the experiment, failing fast with a clear message: MLflow itself
-    retries an unreachable server for minutes before it gives up."""
+    """Point MLflow at `uri` and the experiment (created if new), failing fast with a clear
+    message."""
+    connect(uri)
+    try:
+        mlflow.set_experiment(experiment_name)
+    except MlflowException as error:
+        raise UserError(f"cannot use the MLflow tracking store {uri}: {error.message}") from None
+
+
+def connect(uri: str) -> None:
+    """Point MLflow at `uri`, probing a server first: MLflow itself retries an unreachable
+    server for minutes before it gives up."""
     if uri.startswith(("http://", "https://")):
         try:
             urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
@@ -152,10 +167,6 @@ def open_store(uri: str, experiment_name: str) -> None:
                 f"MLFLOW_TRACKING_URI (or tracking_uri), or unset it to record into ./mlflow.db"
             ) from None
     mlflow.set_tracking_uri(uri)
-    try:
-        mlflow.set_experiment(experiment_name)
-    except MlflowException as error:
-        raise UserError(f"cannot use the MLflow tracking store {uri}: {error.message}") from None
 
 
 def _log_config(cfg: DictConfig, hydra_dir: Path | None) -> None:
@@ -186,7 +197,9 @@ def _hydra_output_dir() -> Path | None:
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
 
 
-def _run_name(cfg: DictConfig) -> str:
+def _run_name(cfg: DictConfig, sweep_job: SweepJob | None) -> str:
     """The command-line overrides name the run, so a sweep's runs tell themselves apart."""
+    if sweep_job:
+        return sweep_job.name
     overrides = HydraConfig.get().job.override_dirname if HydraConfig.initialized() else ""
     return overrides or cfg.model.name

@@ -11,10 +11,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
 from runner.config import check_config, register_configs
-from runner.errors import UserError
+from runner.errors import Interrupted, UserError
+from runner.sweep import in_multirun
 
 register_configs()
 log = logging.getLogger(__name__)
@@ -33,12 +35,13 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
     # TensorFlow's C++ INFO lines (CPU features, oneDNN) drown the training log; warnings stay.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-    from runner import checkpoints, data, devices, models
+    from runner import checkpoints, data, devices, models, sweep
     from runner.callbacks import terminate_as_interrupt
     from runner.fitting import check_resumable, evaluate_outputs, fit
     from runner.reproducibility import start_clean
 
     logging.getLogger("tensorflow").setLevel(logging.WARNING)  # tf.distribute's INFO chatter
+    logging.getLogger("tensorflow").addFilter(_not_retracing)
     found = devices.detect(cfg.trainer.cpu_devices)  # before anything runs on them
     plan = devices.plan(cfg.trainer, found)
     log.info("devices: %s; %s", found.describe(), plan.describe())
@@ -51,7 +54,9 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
     run_tags = {**found.tags(), **plan.tags(), **(tags or {})}
     with (
         terminate_as_interrupt(),
-        tracking.mlflow_run(cfg, splits.files, run_tags, resumed and resumed.run_id) as recorder,
+        tracking.mlflow_run(
+            cfg, splits.files, run_tags, resumed and resumed.run_id, sweep.current_job()
+        ) as recorder,
     ):
         fit(model, splits, cfg, recorder, plan, start_step=resumed.step if resumed else 0)
         recorder.log_test(
@@ -60,6 +65,12 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
         if cfg.trainer.log_model:
             recorder.log_model(model, splits.test.x[:8])
         return recorder.final_metrics()
+
+
+def _not_retracing(record: logging.LogRecord) -> bool:
+    """Drops TensorFlow's retracing warning, which a sweep's jobs in one process all trigger:
+    each builds a new model, hence new functions to trace."""
+    return "triggered tf.function retracing" not in record.getMessage()
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:
@@ -76,12 +87,21 @@ def objective(cfg: DictConfig) -> float:
     return train(cfg)[cfg.optimized_metric]
 
 
+class JobFailed(CompactHydraException):
+    """A sweep's job hit a `UserError`: Hydra records the job as failed, goes on with the others
+    (or the sweeper counts a failed trial), and prints this one line at the end."""
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
     try:
         return objective(cfg)
     except UserError as error:
-        print(f"runner: error: {error}", file=sys.stderr)
+        message = f"runner: error: {error}"
+        if in_multirun() and not isinstance(error, Interrupted):
+            log.error(message)
+            raise JobFailed(message) from None
+        print(message, file=sys.stderr)
         raise SystemExit(getattr(error, "exit_code", 1)) from None
 
 

@@ -1,0 +1,184 @@
+"""`runner-compare`: the runs of a sweep, or of a whole experiment, side by side.
+
+One row a run: its name and status, the parameters that differ between the runs, and the final
+value of the chosen metrics, sorted by one of them. The same table is logged to a sweep's parent
+run when the sweep ends (`runner.sweep`).
+"""
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from runner.errors import UserError
+
+DEFAULT_METRICS = ("test/accuracy", "val/accuracy", "test/loss", "val/loss")
+FORMATS = ("table", "markdown", "csv")
+# Tags a sweep's parent run carries (runner.sweep); `sweep.dir` marks a run as a sweep.
+SWEEP_DIR_TAG = "sweep.dir"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def table(runs: pd.DataFrame, metrics: Sequence[str], sort_by: str | None = None) -> pd.DataFrame:
+    """`runs` as `mlflow.search_runs` gives them, reduced to what tells them apart.
+
+    Parameters equal in every run are left out; a metric a run lacks is blank. Sorting puts the
+    best first: lowest for a loss, highest for anything else."""
+    params = [column for column in runs.columns if column.startswith("params.")]
+    differing = [column for column in params if runs[column].astype(str).nunique() > 1]
+    out = pd.DataFrame(
+        {
+            "run": runs.get("tags.mlflow.runName", runs["run_id"]),
+            "run_id": runs["run_id"],
+            "status": runs["status"],
+        }
+    )
+    for column in differing:
+        out[column.removeprefix("params.")] = runs[column]
+    for metric in metrics:
+        out[metric] = runs.get(f"metrics.{metric}", pd.Series(float("nan"), index=runs.index))
+    if sort_by:
+        if sort_by not in out.columns:
+            out[sort_by] = runs.get(f"metrics.{sort_by}", float("nan"))
+        out = out.sort_values(sort_by, ascending="loss" in sort_by, na_position="last")
+    return out.reset_index(drop=True)
+
+
+def render(rows: pd.DataFrame, fmt: str) -> str:
+    """The table as aligned text, GitHub markdown or CSV; numbers to 4 decimals."""
+    if fmt == "csv":
+        return rows.to_csv(index=False)
+    cells = rows.map(_cell)
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(rows.columns) + " |", "|" + "---|" * len(rows.columns)]
+        lines += ["| " + " | ".join(row) + " |" for row in cells.itertuples(index=False)]
+        return "\n".join(lines) + "\n"
+    return cells.to_string(index=False) + "\n"
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return "" if pd.isna(value) else f"{value:.4f}"
+    return "" if value is None else str(value)
+
+
+def latest_sweep(experiment_id: str) -> str | None:
+    """The run id of the experiment's most recent sweep parent, if it has any."""
+    import mlflow
+
+    found = mlflow.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{SWEEP_DIR_TAG}` LIKE '%'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return None if found.empty else str(found["run_id"].iloc[0])
+
+
+def children(experiment_id: str, parent_run_id: str) -> pd.DataFrame:
+    """The runs nested under `parent_run_id`, in the order they started."""
+    import mlflow
+
+    return mlflow.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+        order_by=["attributes.start_time ASC"],
+    )
+
+
+def select_runs(experiment_name: str, parent: str | None, everything: bool) -> pd.DataFrame:
+    """The runs to compare: a sweep's children (`parent`, else the latest sweep), or with
+    `everything` every run of the experiment but the sweep parents."""
+    import mlflow
+
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        names = ", ".join(e.name for e in mlflow.search_experiments()) or "none"
+        raise UserError(
+            f"no experiment named {experiment_name!r} in this store (it has: {names}); "
+            f"pick one with --experiment"
+        )
+    if everything:
+        runs = mlflow.search_runs([experiment.experiment_id])
+        if f"tags.{SWEEP_DIR_TAG}" in runs.columns:
+            runs = runs[runs[f"tags.{SWEEP_DIR_TAG}"].isna()]
+        return runs
+    if parent is None:
+        parent = latest_sweep(experiment.experiment_id)
+        if parent is None:
+            raise UserError(
+                f"experiment {experiment_name!r} has no sweep yet: run one with "
+                f"`uv run runner -m ...`, or pass --all to compare every run"
+            )
+    runs = children(experiment.experiment_id, parent)
+    if runs.empty:
+        raise UserError(f"run {parent} has no child runs in experiment {experiment_name!r}")
+    return runs
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="runner-compare",
+        description="Compare the runs of a sweep (the latest by default) or of an experiment.",
+    )
+    parser.add_argument("--parent", metavar="RUN_ID", help="the sweep's parent run")
+    parser.add_argument(
+        "--all", action="store_true", help="every run of the experiment instead of one sweep"
+    )
+    parser.add_argument("--experiment", default="mnist", help="experiment name (default: mnist)")
+    parser.add_argument(
+        "--metrics",
+        nargs="+",
+        default=list(DEFAULT_METRICS),
+        metavar="METRIC",
+        help=f"final values to show (default: {' '.join(DEFAULT_METRICS)})",
+    )
+    parser.add_argument(
+        "--sort",
+        default="val/accuracy",
+        metavar="METRIC",
+        help="best first by this metric: lowest for a loss, else highest (default: val/accuracy)",
+    )
+    parser.add_argument("--format", choices=FORMATS, default="table")
+    parser.add_argument(
+        "--tracking-uri",
+        help="the MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from runner import tracking
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    try:
+        tracking.connect(_existing_store(uri))
+        runs = select_runs(args.experiment, args.parent, args.all)
+    except UserError as error:
+        print(f"runner-compare: error: {error}", file=sys.stderr)
+        return 1
+    sys.stdout.write(render(table(runs, args.metrics, args.sort), args.format))
+    return 0
+
+
+def _existing_store(uri: str) -> str:
+    """`uri`, with a SQLite path made absolute: MLflow caches a store by its URI, so a relative
+    one would keep reading the first folder's file. A missing file is an error, as opening it
+    would create an empty store."""
+    if not uri.startswith("sqlite:///"):
+        return uri
+    path = Path(uri.removeprefix("sqlite:///")).absolute()
+    if not path.is_file():
+        raise UserError(
+            f"no MLflow store at {path}: run this where `uv run runner` recorded its runs, "
+            f"or point --tracking-uri (or MLFLOW_TRACKING_URI) at the store"
+        )
+    return f"sqlite:///{path}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

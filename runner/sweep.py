@@ -1,0 +1,149 @@
+"""Hydra multirun as nested MLflow runs: one parent run a sweep, each job a child under it.
+
+Hydra calls `NestedRuns` in the process that starts the sweep, but the jobs may run elsewhere
+(joblib's workers, submitit's processes, SLURM nodes). The parent's id reaches them through a
+file in the sweep directory, which every launcher already shares with its jobs.
+"""
+
+import atexit
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+# Written into the sweep directory for the jobs: the parent run's id, and the keys that the
+# sweep's command line sets to one value for every job.
+SWEEP_FILE = "mlflow_sweep.json"
+COMPARISON_TABLE = "sweep/comparison.json"
+CURVES_PLOT = "sweep/val_accuracy.png"
+
+
+class NestedRuns(Callback):
+    """Opens the sweep's parent run before the first job and closes it after the last, with a
+    comparison of its children. A sweep that stops early still ends its parent, as FAILED."""
+
+    def __init__(self) -> None:
+        self.parent_run_id: str | None = None
+        self.optimized_metric = "val/accuracy"
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        import mlflow
+
+        from runner import tracking
+
+        tracking.open_store(config.tracking_uri, config.experiment_name)
+        sweep_dir = Path(config.hydra.sweep.dir).absolute()
+        overrides = " ".join(config.hydra.overrides.task)
+        run = mlflow.MlflowClient().create_run(
+            mlflow.get_experiment_by_name(config.experiment_name).experiment_id,
+            run_name=f"sweep {overrides}"[:250],
+            tags={
+                "sweep.dir": str(sweep_dir),
+                "sweep.overrides": overrides,
+                "sweep.sweeper": config.hydra.sweeper._target_.rsplit(".", 1)[-1],
+                "sweep.launcher": config.hydra.launcher._target_.rsplit(".", 1)[-1],
+            },
+        )
+        self.parent_run_id = run.info.run_id
+        self.optimized_metric = config.optimized_metric
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / SWEEP_FILE).write_text(
+            json.dumps(
+                {
+                    "parent_run_id": self.parent_run_id,
+                    "fixed": _fixed_keys(list(config.hydra.overrides.task)),
+                }
+            )
+        )
+        log.info("MLflow parent run %s for the sweep in %s", self.parent_run_id, sweep_dir)
+        # Hydra skips on_multirun_end when a job fails or the sweep is interrupted.
+        atexit.register(self._finish, "FAILED")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._finish("FINISHED")
+        atexit.unregister(self._finish)
+
+    def _finish(self, status: str) -> None:
+        import mlflow
+
+        if self.parent_run_id is None:
+            return
+        client = mlflow.MlflowClient()
+        try:
+            summarize(client, self.parent_run_id, self.optimized_metric)
+        except Exception as error:  # the parent must still end, whatever the summary hit
+            log.warning("could not summarise the sweep in its parent run: %s", error)
+        if status == "FAILED":
+            client.set_tag(
+                self.parent_run_id,
+                "error",
+                "the sweep did not complete: a job failed or it was interrupted (see its log)",
+            )
+        client.set_terminated(self.parent_run_id, status)
+        self.parent_run_id = None
+
+
+def summarize(client: Any, parent_run_id: str, optimized_metric: str) -> None:
+    """Log the children's comparison table and validation curves to the parent run, and the
+    best child's `optimized_metric` as the parent's `best/...` metric."""
+    from runner import compare, plots
+
+    parent = client.get_run(parent_run_id)
+    runs = compare.children(parent.info.experiment_id, parent_run_id)
+    if runs.empty:
+        return
+    rows = compare.table(runs, compare.DEFAULT_METRICS, sort_by=optimized_metric)
+    client.log_table(parent_run_id, data=rows, artifact_file=COMPARISON_TABLE)
+    curves = {
+        name: [(m.step, m.value) for m in client.get_metric_history(run_id, "val/accuracy")]
+        for name, run_id in zip(runs["tags.mlflow.runName"], runs["run_id"], strict=True)
+    }
+    client.log_figure(parent_run_id, plots.sweep_curves(curves, "val/accuracy"), CURVES_PLOT)
+    best = rows[optimized_metric].dropna()
+    if not best.empty:
+        client.log_metric(parent_run_id, f"best/{optimized_metric}", float(best.iloc[0]))
+        client.set_tag(parent_run_id, "sweep.best_run_id", rows["run_id"][best.index[0]])
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    parent_run_id: str
+    # "#NUM" and the overrides that set this job apart from the rest of the sweep.
+    name: str
+
+
+def current_job() -> SweepJob | None:
+    """The sweep this job belongs to; None outside a sweep."""
+    if not in_multirun():
+        return None
+    hydra = HydraConfig.get()
+    path = Path(hydra.sweep.dir).absolute() / SWEEP_FILE
+    if not path.is_file():  # the NestedRuns callback was switched off
+        return None
+    sweep = json.loads(path.read_text())
+    own = [o for o in hydra.overrides.task if o.split("=", 1)[0] not in sweep["fixed"]]
+    return SweepJob(sweep["parent_run_id"], " ".join([f"#{hydra.job.num}", *own])[:250])
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _fixed_keys(overrides: list[str]) -> list[str]:
+    """The keys of the overrides that do not sweep (`a=1` but not `a=1,2`), as written."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [
+        text.split("=", 1)[0]
+        for text, override in zip(overrides, parsed, strict=True)
+        if not override.is_sweep_override()
+    ]
