@@ -40,7 +40,7 @@ def test_every_option_composes_and_passes_checks(model, optimizer):
 def test_every_yaml_starts_with_a_usage_comment():
     for path in CONF.rglob("*.yaml"):
         lines = path.read_text().splitlines()
-        if path.parent.name == "experiment":
+        if path.parent.name in ("experiment", "hparams_search"):
             # Hydra reads the package header only before any other comment.
             assert lines[0] == "# @package _global_", path
             lines = lines[1:]

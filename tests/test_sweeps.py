@@ -1,0 +1,204 @@
+"""A grid sweep as a user runs it: one MLflow parent run, a child a job, the comparison logged to
+the parent, `runner-compare` on the store, and the sweep seen in the MLflow UI in Chromium."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from runner import compare, sweep
+
+from .conftest import QUICK, cli, store_client
+
+GRID = ["model=softmax,cnn_layers", "optimizer.lr=0.1,0.01"]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory, mnist_dir) -> Path:
+    """The README's sweep, made short: 2 models x 2 rates, with the basic launcher."""
+    work = tmp_path_factory.mktemp("grid")
+    result = cli("runner", "-m", *GRID, *QUICK, cwd=work, mnist_dir=mnist_dir, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work
+
+
+def sweep_runs(work: Path) -> tuple:
+    """(parent, children) of the one sweep in `work`'s store."""
+    client = store_client(work)
+    experiment = client.get_experiment_by_name("mnist").experiment_id
+    runs = client.search_runs([experiment])
+    parents = [r for r in runs if "sweep.dir" in r.data.tags]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    return parents[0], children, runs
+
+
+def test_sweep_is_one_parent_run_with_a_child_run_a_job(grid):
+    parent, children, runs = sweep_runs(grid)
+    assert len(runs) == 5 and len(children) == 4
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["sweep.overrides"] == " ".join([*GRID, *QUICK])
+    sweep_dir = Path(parent.data.tags["sweep.dir"])
+    assert sweep_dir.parent.parent == grid / "multirun"
+    assert json.loads((sweep_dir / sweep.SWEEP_FILE).read_text())["parent_run_id"] == (
+        parent.info.run_id
+    )
+    assert parent.data.tags["sweep.launcher"] == "BasicLauncher"
+    grid_points = {(r.data.params["model.name"], r.data.params["optimizer.lr"]) for r in children}
+    assert grid_points == {(m, lr) for m in ("softmax", "cnn_layers") for lr in ("0.1", "0.01")}
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert {"test/accuracy", "val/accuracy", "train/loss"} <= child.data.metrics.keys()
+        # Named by what sets the job apart, not by the overrides every job shares.
+        name = child.data.tags["mlflow.runName"]
+        assert name.startswith("#") and "model=" in name and "data.limit" not in name
+
+
+def test_parent_run_holds_the_comparison_table_and_plot(grid):
+    parent, children, _ = sweep_runs(grid)
+    client = store_client(grid)
+    logged = json.loads(
+        Path(
+            client.download_artifacts(parent.info.run_id, sweep.COMPARISON_TABLE, str(grid))
+        ).read_text()
+    )
+    table = pd.DataFrame(logged["data"], columns=logged["columns"])
+    assert len(table) == 4
+    assert {"model.name", "optimizer.lr", "val/accuracy", "test/accuracy"} <= set(table.columns)
+    assert "data.limit" not in table.columns  # equal in every run
+    best = max(c.data.metrics["val/accuracy"] for c in children)
+    assert table["val/accuracy"].iloc[0] == pytest.approx(best)
+    assert parent.data.metrics["best/val/accuracy"] == pytest.approx(best)
+    local = client.download_artifacts(parent.info.run_id, sweep.CURVES_PLOT, str(grid))
+    assert Path(local).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_prints_the_latest_sweep_best_first(grid, monkeypatch, capsys):
+    monkeypatch.chdir(grid)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert compare.main(["--format", "csv"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    header = lines[0].split(",")
+    assert header[:3] == ["run", "run_id", "status"]
+    assert {"model.name", "optimizer.lr", *compare.DEFAULT_METRICS} <= set(header)
+    accuracies = [float(line.split(",")[header.index("val/accuracy")]) for line in lines[1:]]
+    assert len(accuracies) == 4 and accuracies == sorted(accuracies, reverse=True)
+
+    parent, _, _ = sweep_runs(grid)
+    args = ["--parent", parent.info.run_id, "--format", "markdown", "--sort", "test/loss"]
+    assert compare.main([*args, "--metrics", "test/loss"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert rows[0].startswith("| run | run_id | status |") and rows[1].startswith("|---|")
+    losses = [float(row.strip("| ").split(" | ")[-1]) for row in rows[2:]]
+    assert len(losses) == 4 and losses == sorted(losses)
+
+
+def test_compare_lists_every_run_of_an_experiment_but_the_parents(grid, monkeypatch, capsys):
+    monkeypatch.chdir(grid)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert compare.main(["--all"]) == 0
+    out = capsys.readouterr().out
+    assert len(out.strip().splitlines()) == 1 + 4
+    assert "sweep model=" not in out
+
+
+def test_compare_names_what_is_wrong(grid, monkeypatch, capsys):
+    monkeypatch.chdir(grid)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert compare.main(["--experiment", "nope"]) == 1
+    assert "no experiment named 'nope'" in capsys.readouterr().err
+    assert compare.main(["--parent", "0" * 32]) == 1
+    assert f"run {'0' * 32} has no child runs" in capsys.readouterr().err
+    assert compare.main(["--tracking-uri", f"sqlite:///{grid / 'absent.db'}"]) == 1
+    assert "no MLflow store at" in capsys.readouterr().err
+    assert not (grid / "absent.db").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_ui(grid):
+    """`mlflow server` on a free loopback port, over the grid's store; stopped by its pid."""
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{grid / 'mlflow.db'}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=grid,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its workers share the process group, stopped with it
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=5).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start: {server.stderr.read()[-2000:]}")
+                time.sleep(1)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_mlflow_ui_shows_the_sweep_in_chromium(grid, mlflow_ui, tmp_path):
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is missing in CI: .ci/run installs Debian's chromium")
+        pytest.skip("needs Debian's chromium (apt-get install chromium chromium-driver)")
+    from playwright.sync_api import sync_playwright
+
+    parent, children, _ = sweep_runs(grid)
+    experiment = parent.info.experiment_id
+    screenshot = tmp_path / "mlflow_ui_sweep.png"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        page = browser.new_page(viewport={"width": 1920, "height": 800})
+        try:
+            page.goto(f"{mlflow_ui}/#/experiments/{experiment}/runs")
+            names = page.locator('[role="gridcell"][col-id="attributes.`Run Name`"]')
+            names.filter(has_text=parent.data.tags["mlflow.runName"]).wait_for(timeout=60_000)
+            page.get_by_role("button", name="Close").click()  # the assistant's side panel
+            names.first.locator("button").click()  # expands the parent into its children
+            for child in children:
+                names.filter(has_text=child.data.tags["mlflow.runName"]).wait_for(timeout=10_000)
+            page.get_by_role("button", name="Columns", exact=True).click()
+            page.get_by_role("dialog").get_by_text("val/accuracy", exact=True).click()
+            page.keyboard.press("Escape")
+            page.locator('[role="columnheader"]', has_text="val/accuracy").first.wait_for()
+            cells = page.locator('[role="gridcell"][col-id*="val/accuracy"]')
+            shown = {round(float(text), 4) for text in cells.all_inner_texts() if text != "-"}
+        finally:
+            page.screenshot(path=screenshot, full_page=True)
+            browser.close()
+    assert shown == {round(c.data.metrics["val/accuracy"], 4) for c in children}
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
