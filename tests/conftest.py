@@ -97,3 +97,14 @@ def only_run(folder: Path, experiment: str = "mnist") -> Run:
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     assert len(runs) == 1
     return runs[0]
+
+
+def parents_and_children(folder: Path) -> tuple[list[Run], list[Run]]:
+    """The sweep parent runs in `folder`'s store, and their children: every run there."""
+    client = store_client(folder)
+    runs = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
+    parents = [r for r in runs if "sweep.dir" in r.data.tags]
+    ids = {p.info.run_id for p in parents}
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in ids]
+    assert len(parents) + len(children) == len(runs)
+    return parents, children

@@ -17,6 +17,9 @@ from runner.train import train
 
 from .conftest import compose_config, only_run, store_client
 
+# One worker runs this file: its tests share a module-scoped run.
+pytestmark = pytest.mark.xdist_group("test_checkpoints")
+
 CNN = [
     "model=cnn_raw",
     "optimizer=adam",

@@ -34,6 +34,9 @@ from runner.data import (
 )
 from runner.errors import UserError
 
+# One worker runs this file: its tests share a module-scoped run.
+pytestmark = pytest.mark.xdist_group("test_data")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MNIST_YAML = REPO_ROOT / "conf" / "data" / "mnist.yaml"
 

@@ -19,6 +19,9 @@ from runner.train import CONF_DIR, train
 
 from .conftest import cli, compose_config
 
+# One worker runs this file: its tests share a module-scoped run.
+pytestmark = pytest.mark.xdist_group("test_inference")
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, mnist_dir) -> tuple[Path, str]:

@@ -9,6 +9,9 @@ from runner.repro import Difference, compare, environment_differences, rerun
 
 from .conftest import QUICK, cli, store_client
 
+# One worker runs this file: its tests share a module-scoped run.
+pytestmark = pytest.mark.xdist_group("test_repro")
+
 
 @pytest.fixture(scope="module")
 def logged_run(tmp_path_factory, mnist_dir) -> tuple[Path, str]:

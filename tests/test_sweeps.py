@@ -17,7 +17,10 @@ import pytest
 
 from runner import compare, sweep
 
-from .conftest import QUICK, cli, store_client
+from .conftest import QUICK, cli, parents_and_children, store_client
+
+# One worker runs this file: its tests share a module-scoped run.
+pytestmark = pytest.mark.xdist_group("test_sweeps")
 
 GRID = ["model=softmax,cnn_layers", "optimizer.lr=0.1,0.01"]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -34,18 +37,13 @@ def grid(tmp_path_factory, mnist_dir) -> Path:
 
 def sweep_runs(work: Path) -> tuple:
     """(parent, children) of the one sweep in `work`'s store."""
-    client = store_client(work)
-    experiment = client.get_experiment_by_name("mnist").experiment_id
-    runs = client.search_runs([experiment])
-    parents = [r for r in runs if "sweep.dir" in r.data.tags]
-    assert len(parents) == 1
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    return parents[0], children, runs
+    [parent], children = parents_and_children(work)
+    return parent, children
 
 
 def test_sweep_is_one_parent_run_with_a_child_run_a_job(grid):
-    parent, children, runs = sweep_runs(grid)
-    assert len(runs) == 5 and len(children) == 4
+    parent, children = sweep_runs(grid)
+    assert len(children) == 4
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["sweep.overrides"] == " ".join([*GRID, *QUICK])
     sweep_dir = Path(parent.data.tags["sweep.dir"])
@@ -65,7 +63,7 @@ def test_sweep_is_one_parent_run_with_a_child_run_a_job(grid):
 
 
 def test_parent_run_holds_the_comparison_table_and_plot(grid):
-    parent, children, _ = sweep_runs(grid)
+    parent, children = sweep_runs(grid)
     client = store_client(grid)
     logged = json.loads(
         Path(
@@ -94,7 +92,7 @@ def test_compare_prints_the_latest_sweep_best_first(grid, monkeypatch, capsys):
     accuracies = [float(line.split(",")[header.index("val/accuracy")]) for line in lines[1:]]
     assert len(accuracies) == 4 and accuracies == sorted(accuracies, reverse=True)
 
-    parent, _, _ = sweep_runs(grid)
+    parent, _ = sweep_runs(grid)
     args = ["--parent", parent.info.run_id, "--format", "markdown", "--sort", "test/loss"]
     assert compare.main([*args, "--metrics", "test/loss"]) == 0
     rows = capsys.readouterr().out.strip().splitlines()
@@ -144,6 +142,8 @@ def mlflow_ui(grid):
             "127.0.0.1",
             "--port",
             str(port),
+            "--workers",  # one is plenty for a test, and starts in half the time of four
+            "1",
         ],
         cwd=grid,
         stdout=subprocess.DEVNULL,
@@ -174,7 +174,7 @@ def test_mlflow_ui_shows_the_sweep_in_chromium(grid, mlflow_ui, tmp_path):
         pytest.skip("needs Debian's chromium (apt-get install chromium chromium-driver)")
     from playwright.sync_api import sync_playwright
 
-    parent, children, _ = sweep_runs(grid)
+    parent, children = sweep_runs(grid)
     experiment = parent.info.experiment_id
     screenshot = tmp_path / "mlflow_ui_sweep.png"
     with sync_playwright() as playwright:

@@ -15,6 +15,9 @@ from runner.train import objective, train
 
 from .conftest import QUICK, cli, compose_config, only_run, store_client
 
+# One worker runs this file: its tests share a module-scoped run.
+pytestmark = pytest.mark.xdist_group("test_train")
+
 METRICS = ["train/loss", "train/accuracy", "val/loss", "val/accuracy", "test/loss", "test/accuracy"]
 
 
