@@ -1,6 +1,5 @@
-"""Sweeps through the other launchers and the Optuna sweeper: each job still a child of the one
-parent run, parallel jobs all recorded in the one SQLite store, and failures leave nothing
-RUNNING."""
+"""Sweeps through the other launchers: each job still a child of the one parent run, parallel
+jobs all recorded in the one SQLite store, and failures leave nothing RUNNING."""
 
 from pathlib import Path
 
