@@ -12,14 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from runner.errors import UserError
+from runner.sweep import SWEEP_DIR_TAG
 
 DEFAULT_METRICS = ("test/accuracy", "val/accuracy", "test/loss", "val/loss")
 FORMATS = ("table", "markdown", "csv")
-# Tags a sweep's parent run carries (runner.sweep); `sweep.dir` marks a run as a sweep.
-SWEEP_DIR_TAG = "sweep.dir"
-PARENT_TAG = "mlflow.parentRunId"
 
 
 def table(runs: pd.DataFrame, metrics: Sequence[str], sort_by: str | None = None) -> pd.DataFrame:
@@ -31,7 +30,7 @@ def table(runs: pd.DataFrame, metrics: Sequence[str], sort_by: str | None = None
     differing = [column for column in params if runs[column].astype(str).nunique() > 1]
     out = pd.DataFrame(
         {
-            "run": runs.get("tags.mlflow.runName", runs["run_id"]),
+            "run": runs.get(f"tags.{MLFLOW_RUN_NAME}", runs["run_id"]),
             "run_id": runs["run_id"],
             "status": runs["status"],
         }
@@ -84,7 +83,7 @@ def children(experiment_id: str, parent_run_id: str) -> pd.DataFrame:
 
     return mlflow.search_runs(
         [experiment_id],
-        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'",
         order_by=["attributes.start_time ASC"],
     )
 

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 # Written into the sweep directory for the jobs: the parent run's id, and the keys that the
 # sweep's command line sets to one value for every job.
 SWEEP_FILE = "mlflow_sweep.json"
+# The tag that marks a run as a sweep's parent, holding the sweep directory.
+SWEEP_DIR_TAG = "sweep.dir"
 COMPARISON_TABLE = "sweep/comparison.json"
 CURVES_PLOT = "sweep/val_accuracy.png"
 
@@ -46,7 +48,7 @@ class NestedRuns(Callback):
             mlflow.get_experiment_by_name(config.experiment_name).experiment_id,
             run_name=f"sweep {overrides}"[:250],
             tags={
-                "sweep.dir": str(sweep_dir),
+                SWEEP_DIR_TAG: str(sweep_dir),
                 "sweep.overrides": overrides,
                 "sweep.sweeper": config.hydra.sweeper._target_.rsplit(".", 1)[-1],
                 "sweep.launcher": config.hydra.launcher._target_.rsplit(".", 1)[-1],

@@ -14,9 +14,9 @@ import hydra
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
+from runner import sweep
 from runner.config import check_config, register_configs
 from runner.errors import Interrupted, UserError
-from runner.sweep import in_multirun
 
 register_configs()
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
     # TensorFlow's C++ INFO lines (CPU features, oneDNN) drown the training log; warnings stay.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-    from runner import checkpoints, data, devices, models, sweep
+    from runner import checkpoints, data, devices, models
     from runner.callbacks import terminate_as_interrupt
     from runner.fitting import check_resumable, evaluate_outputs, fit
     from runner.reproducibility import start_clean
@@ -73,13 +73,16 @@ def _not_retracing(record: logging.LogRecord) -> bool:
     return "triggered tf.function retracing" not in record.getMessage()
 
 
-def compose(overrides: Sequence[str] = ()) -> DictConfig:
-    """The config `runner OVERRIDES` would train with, for calling `train` from Python."""
+def compose(overrides: Sequence[str] = (), with_hydra: bool = False) -> DictConfig:
+    """The config `runner OVERRIDES` would train with, for calling `train` from Python; with
+    `with_hydra`, Hydra's own settings (launcher, sweeper, callbacks) under `hydra` too."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+        return hydra_compose(
+            config_name="config", overrides=list(overrides), return_hydra_config=with_hydra
+        )
 
 
 def objective(cfg: DictConfig) -> float:
@@ -98,7 +101,7 @@ def main(cfg: DictConfig) -> float:
         return objective(cfg)
     except UserError as error:
         message = f"runner: error: {error}"
-        if in_multirun() and not isinstance(error, Interrupted):
+        if sweep.in_multirun() and not isinstance(error, Interrupted):
             log.error(message)
             raise JobFailed(message) from None
         print(message, file=sys.stderr)

@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from omegaconf import DictConfig
 
-from runner.train import CONF_DIR, compose
+from runner.train import compose
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,13 +39,7 @@ def mnist_dir() -> Path:
 def compose_config(overrides: list[str] = (), hydra: bool = False) -> DictConfig:
     """The config `runner OVERRIDES` would run with, composed without running it; with `hydra`,
     Hydra's own settings (launcher, sweeper, callbacks) too."""
-    if not hydra:
-        return compose(overrides)
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose("config", list(overrides), return_hydra_config=True)
+    return compose(overrides, with_hydra=hydra)
 
 
 @pytest.fixture
