@@ -9,6 +9,7 @@ def test_optuna_search_runs_trials_as_children_and_resumes_its_study(tmp_path, m
     search = ["hparams_search=cnn_optuna", *QUICK]
     first = cli("runner", *search, "hydra.sweeper.n_trials=1", cwd=tmp_path, mnist_dir=mnist_dir)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "FutureWarning" not in first.stderr  # Optuna's notes on the plugin's old API
     study = optuna.load_study(study_name="cnn_optuna", storage=f"sqlite:///{tmp_path}/optuna.db")
     [trial] = study.trials
     assert trial.state.name == "COMPLETE" and trial.params["data.batch_size"] in (50, 100, 200)

@@ -8,16 +8,11 @@ because Hydra imports every plugin module at each start.
 """
 
 import logging
-import warnings
 from typing import Any
 
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 
 log = logging.getLogger(__name__)
-
-# hydra-optuna-sweeper 1.3 speaks Optuna 2's API, which Optuna 4 and 5 still take, with a
-# FutureWarning for every deprecated sampler argument and distribution it passes: noise to users.
-warnings.filterwarnings("ignore", message=r".*has been deprecated in v\d", category=FutureWarning)
 
 
 class ResumableOptunaSweeper(OptunaSweeper):
