@@ -1,19 +1,22 @@
 """Training steps per second of the runner, of bare Keras `fit`, and of the tutorial's own loop.
 
-    uv run python benchmarks/throughput.py                      # all models, 3 repeats
-    uv run python benchmarks/throughput.py cnn_raw --repeats 5 --set trainer.jit_compile=true
+    uv run python benchmarks/throughput.py                      # all models, 5 repeats
+    uv run python benchmarks/throughput.py cnn_raw --repeats 7 --set trainer.jit_compile=true
 
 Everything runs in this one process, on the same MNIST training images, at the tutorials' batch
-sizes; each repeat measures the contenders one after the other, so the ratios compare figures
-taken side by side. Each figure is steps per second after warm-up (the first execution, which
-traces the step function, is excluded); the table gives the median over the repeats.
+sizes. Each repeat measures the contenders one after the other, so a repeat's ratios compare
+figures taken side by side; the table gives the median over repeats of each figure and of each
+ratio. Every contender is timed the same way: training runs in windows of 50 steps (100 for the
+tutorial loop, so that each window holds one of its accuracy checks), the first window holds the
+tracing and is dropped, and a repeat's figure is the median rate of the other windows.
 
 - runner: `runner.train.train` as `uv run runner model=NAME` would run it (callbacks, MLflow
-  logging and system metrics on; scratch store), read off its own `perf/steps_per_sec`; and
-  again with `trainer.steps_per_execution=1`, Keras's default, which isolates the cost of the
-  runner's callbacks and logging from the gain of running several steps per call.
-- bare fit: the same Keras model and optimizer, compiled with Keras defaults, `model.fit` on a
-  plain batched `tf.data` pipeline with nothing else.
+  logging and system metrics on, scratch store), read off its own `perf/steps_per_sec`.
+- bare fit: what the runner trains, with nothing around it: the same compiled model (optimizer,
+  steps per execution), the same input pipeline, and `model.fit` with a timing callback only.
+  runner/bare is the cost of the runner's callbacks, logging and system metrics.
+- Keras fit: the same model as a Keras user would first write it: `compile` with Keras's
+  defaults (one step per execution) and a `from_tensor_slices` pipeline that shuffles examples.
 - tutorial: "Deep MNIST for Experts" as its text writes it, in TF1 style through
   `tf.compat.v1` (graph, placeholders, `feed_dict`, `Session.run`, `next_batch` on a shuffled
   numpy array); the CNN loop evaluates training accuracy every 100 steps, as the text does.
@@ -33,58 +36,80 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from reproduce_seeds import device  # noqa: E402
 
-from runner import data, models, optim  # noqa: E402
+from runner import data, devices, models  # noqa: E402
 from runner.train import compose, train  # noqa: E402
 
-# Model: (batch size, optimizer override, steps timed per measurement, logging window).
+WINDOW = 50
+# Model: (batch size, optimizer override, timed windows per measurement).
 MODELS = {
-    "softmax": (100, "optimizer=sgd", 2000, 500),
-    "cnn_raw": (50, "optimizer=adam", 200, 50),
-    "cnn_layers": (100, "optimizer=sgd", 150, 50),
+    "softmax": (100, "optimizer=sgd", 20),
+    "cnn_raw": (50, "optimizer=adam", 6),
+    "cnn_layers": (100, "optimizer=sgd", 5),
 }
 TUTORIAL_MODELS = ("softmax", "cnn_raw")
+CONTENDERS = ("runner", "bare fit", "Keras fit", "tutorial")
+
+
+def runner_config(name: str, work: str, extra: list[str]) -> object:
+    batch, optimizer, windows = MODELS[name]
+    steps = WINDOW * (windows + 1)
+    return compose(
+        [
+            f"model={name}",
+            optimizer,
+            f"data.batch_size={batch}",
+            f"trainer.steps={steps}",
+            f"trainer.log_every={WINDOW}",
+            f"trainer.eval_every={steps}",
+            f"trainer.checkpoint_every={steps}",
+            f"trainer.checkpoint_dir={work}/checkpoints",
+            "trainer.progress_bar=false",
+            "trainer.log_model=false",
+            f"tracking_uri=sqlite:///{work}/mlflow.db",
+            f"experiment_name=throughput-{name}",
+            *extra,
+        ]
+    )
 
 
 def runner_rate(name: str, extra: list[str]) -> float:
-    batch, optimizer, steps, window = MODELS[name]
-    with tempfile.TemporaryDirectory() as work:
-        cfg = compose(
-            [
-                f"model={name}",
-                optimizer,
-                f"data.batch_size={batch}",
-                f"trainer.steps={steps + window}",
-                f"trainer.log_every={window}",
-                f"trainer.eval_every={steps + window}",
-                f"trainer.checkpoint_every={steps + window}",
-                f"trainer.checkpoint_dir={work}/checkpoints",
-                "trainer.progress_bar=false",
-                "trainer.log_model=false",
-                f"tracking_uri=sqlite:///{work}/mlflow.db",
-                f"experiment_name=throughput-{name}",
-                *extra,
-            ]
-        )
-        train(cfg)
-        import mlflow
+    import mlflow
 
+    with tempfile.TemporaryDirectory() as work:
+        train(runner_config(name, work, extra))
         run = mlflow.last_active_run()
         history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "perf/steps_per_sec")
-        # The first window holds the tracing; the others are steady state.
-        return statistics.median(m.value for m in history if m.step > window)
+        return statistics.median(m.value for m in history)
 
 
-def bare_fit_rate(name: str, train_split: data.Split) -> float:
+def bare_fit_rate(name: str, extra: list[str], train_split: data.Split) -> float:
+    import keras
+
+    with tempfile.TemporaryDirectory() as work:
+        cfg = runner_config(name, work, extra)
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(cfg.seed)
+    plan = devices.plan(cfg.trainer, devices.detect())
+    model = models.compiled(cfg, plan)
+    dataset = data.training_dataset(train_split, cfg.data.batch_size, cfg.seed)
+    return _timed_fit(model, dataset, MODELS[name][2], plan.steps_per_execution)
+
+
+def keras_fit_rate(name: str, train_split: data.Split) -> float:
     import keras
     import tensorflow as tf
 
-    batch, optimizer, steps, _ = MODELS[name]
+    KERAS_OPTIMIZERS = {
+        "optimizer=adam": keras.optimizers.Adam,
+        "optimizer=sgd": keras.optimizers.SGD,
+    }
+    batch, optimizer, windows = MODELS[name]
     cfg = compose([f"model={name}", optimizer])
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
     model = models.build(cfg.model)
     model.compile(
-        optimizer=optim.build(cfg.optimizer, 10_000),
+        optimizer=KERAS_OPTIMIZERS[optimizer](learning_rate=cfg.optimizer.lr),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
@@ -95,10 +120,30 @@ def bare_fit_rate(name: str, train_split: data.Split) -> float:
         .batch(batch, drop_remainder=True)
         .prefetch(tf.data.AUTOTUNE)
     )
-    model.fit(dataset, steps_per_epoch=10, epochs=1, verbose=0, shuffle=False)  # warm-up: tracing
-    start = time.perf_counter()
-    model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
-    return steps / (time.perf_counter() - start)
+    return _timed_fit(model, dataset, windows, steps_per_execution=1)
+
+
+def _timed_fit(model, dataset, windows: int, steps_per_execution: int) -> float:
+    """The median rate of `windows` windows of `fit`, after one window of tracing."""
+    from runner.callbacks import Throughput
+
+    rates = []
+
+    class Record(Throughput):
+        def on_epoch_end(self, epoch, logs=None):
+            super().on_epoch_end(epoch, logs)
+            if "perf/steps_per_sec" in logs:
+                rates.append(logs["perf/steps_per_sec"])
+
+    model.fit(
+        dataset,
+        steps_per_epoch=WINDOW,
+        epochs=windows + 1,
+        callbacks=[Record(1, steps_per_execution)],
+        verbose=0,
+        shuffle=False,  # the dataset shuffles itself
+    )
+    return statistics.median(rates)
 
 
 def tutorial_rate(name: str, train_split: data.Split) -> float:
@@ -106,7 +151,8 @@ def tutorial_rate(name: str, train_split: data.Split) -> float:
     import tensorflow as tf
 
     v1 = tf.compat.v1
-    batch, _, steps, _ = MODELS[name]
+    batch, _, windows = MODELS[name]
+    window = 2 * WINDOW
     images, labels = train_split.x, np.eye(10, dtype=np.float32)[train_split.y]
     order = np.random.default_rng(0).permutation(len(labels))
     position = 0
@@ -140,18 +186,17 @@ def tutorial_rate(name: str, train_split: data.Split) -> float:
         accuracy = tf.reduce_mean(tf.cast(correct, tf.float32))
         with v1.Session(graph=graph) as sess:
             sess.run(v1.global_variables_initializer())
-
-            def run_steps(count: int) -> None:
-                for i in range(count):
+            rates = []
+            for w in range(windows // 2 + 1):
+                start = time.perf_counter()
+                for i in range(window):
                     xs, ys = next_batch()
                     if name != "softmax" and i % 100 == 0:
                         sess.run(accuracy, feed_dict={x: xs, y_: ys, keep_prob: 1.0})
                     sess.run(train_step, feed_dict={x: xs, y_: ys, **feed_extra})
-
-            run_steps(10)  # warm-up
-            start = time.perf_counter()
-            run_steps(steps)
-            return steps / (time.perf_counter() - start)
+                if w:  # the first window holds the graph's first runs
+                    rates.append(window / (time.perf_counter() - start))
+            return statistics.median(rates)
 
 
 def _tutorial_cnn(x, keep_prob):
@@ -176,61 +221,66 @@ def _tutorial_cnn(x, keep_prob):
     return tf.matmul(h_fc1_drop, weight([1024, 10])) + bias([10])
 
 
+def measure(name: str, extra: list[str], train_split: data.Split) -> dict[str, float]:
+    """One repeat: every contender once, side by side."""
+    rates = {
+        "runner": runner_rate(name, extra),
+        "bare fit": bare_fit_rate(name, extra, train_split),
+        "Keras fit": keras_fit_rate(name, train_split),
+    }
+    if name in TUTORIAL_MODELS:
+        rates["tutorial"] = tutorial_rate(name, train_split)
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "models", nargs="*", choices=[*MODELS, []], metavar="MODEL", help=f"of {list(MODELS)}"
     )
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--set", action="append", default=[], help="runner override, k=v")
     args = parser.parse_args()
-    mnist = compose([]).data
-    train_split = data.load_mnist(mnist).train
-    rows = []
+    train_split = data.load_mnist(compose([]).data).train
+    medians, singles = [], []
     for name in args.models or MODELS:
-        rates: dict[str, list[float]] = {
-            "runner": [],
-            "runner 1": [],
-            "bare fit": [],
-            "tutorial": [],
-        }
+        repeats = []
         for _ in range(args.repeats):
-            rates["runner"].append(runner_rate(name, args.set))
-            rates["runner 1"].append(
-                runner_rate(name, [*args.set, "trainer.steps_per_execution=1"])
-            )
-            rates["bare fit"].append(bare_fit_rate(name, train_split))
-            if name in TUTORIAL_MODELS:
-                rates["tutorial"].append(tutorial_rate(name, train_split))
-            print(name, {k: [round(r, 1) for r in v] for k, v in rates.items()}, flush=True)
-        rows.append(row(name, rates))
-    print(table(rows, args))
+            repeats.append(measure(name, args.set, train_split))
+            print(name, {k: round(v, 1) for k, v in repeats[-1].items()}, flush=True)
+        medians.append(median_row(name, repeats))
+        singles.append(singles_row(name, repeats))
+    print(f"\nsteps/s, median of {args.repeats} repeats; {device()}\n")
+    ratios = ("runner/bare", "runner/tutorial", "Keras fit/tutorial")
+    print(markdown_header(["model", "batch", *CONTENDERS, *ratios]))
+    print("\n".join(medians))
+    print("\nEach repeat's figures (" + ", ".join(CONTENDERS) + "):\n")
+    print(markdown_header(["model", *CONTENDERS]))
+    print("\n".join(singles))
+    print(f"\nmade by: uv run python benchmarks/throughput.py {' '.join(sys.argv[1:])}")
 
 
-def row(name: str, rates: dict[str, list[float]]) -> str:
-    median = {k: statistics.median(v) if v else None for k, v in rates.items()}
-
-    def cell(value: float | None, digits: int = 1) -> str:
-        return "n/a" if value is None else f"{value:.{digits}f}"
-
-    runner, single, bare, tutorial = (
-        median[k] for k in ("runner", "runner 1", "bare fit", "tutorial")
-    )
-    return (
-        f"| {name} | {MODELS[name][0]} | {cell(runner)} | {cell(single)} | {cell(bare)} "
-        f"| {cell(tutorial)} | {cell(runner / bare, 2)} | {cell(single / bare, 2)} "
-        f"| {cell(tutorial and runner / tutorial, 2)} |"
-    )
+def markdown_header(columns: list[str]) -> str:
+    return "| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|"
 
 
-def table(rows: list[str], args: argparse.Namespace) -> str:
-    return (
-        f"\nsteps/s, median of {args.repeats}; {device()}\n\n"
-        "| model | batch | runner | runner, 1 step/execution | bare fit | tutorial loop "
-        "| runner/bare | runner 1/bare | runner/tutorial |\n"
-        "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
-        f"made by: uv run python benchmarks/throughput.py {' '.join(sys.argv[1:])}"
-    )
+def median_row(name: str, repeats: list[dict[str, float]]) -> str:
+    """Median figures, and the median of each repeat's own ratio (figures taken side by side)."""
+
+    def median(values: list[float]) -> str:
+        return f"{statistics.median(values):.2f}" if values else "n/a"
+
+    rates = [median([r[c] for r in repeats if c in r]) for c in CONTENDERS]
+    ratios = [
+        median([r[a] / r[b] for r in repeats if b in r])
+        for a, b in (("runner", "bare fit"), ("runner", "tutorial"), ("Keras fit", "tutorial"))
+    ]
+    return f"| {name} | {MODELS[name][0]} | " + " | ".join(rates + ratios) + " |"
+
+
+def singles_row(name: str, repeats: list[dict[str, float]]) -> str:
+    cells = [", ".join(f"{r[c]:.1f}" for r in repeats if c in r) or "n/a" for c in CONTENDERS]
+    return f"| {name} | " + " | ".join(cells) + " |"
 
 
 if __name__ == "__main__":
