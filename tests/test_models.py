@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from runner import models, optim
-from runner.models.cnn_raw import KeepProbDropout
+from runner.models.cnn_raw import ConvReluPool, KeepProbDropout, RawDense
 
 from .conftest import compose_config
 
@@ -123,3 +123,40 @@ def test_learning_rate_schedules(schedule, warmup, expected):
     rate = optim.learning_rate(0.01, schedule, warmup, 110)
     at = [float(rate(step)) if callable(rate) else rate for step in (0, 5, 10, 110)]
     np.testing.assert_allclose(at, expected, atol=1e-7)
+
+
+def _tutorial_order(layer, x):
+    """What the tutorial computes: relu(conv(x) + b) or relu(x @ W + b), then for a conv layer
+    the 2x2 max-pool."""
+    from keras import ops
+
+    if isinstance(layer, ConvReluPool):
+        y = ops.relu(ops.conv(x, layer.kernel, strides=1, padding="same") + layer.bias)
+        return ops.max_pool(y, pool_size=2, strides=2, padding="same")
+    return ops.relu(ops.matmul(x, layer.kernel) + layer.bias)
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape"),
+    [
+        (ConvReluPool(64, init_stddev=0.1, bias_init=0.1), (6, 14, 14, 32)),
+        (RawDense(1024, relu=True, init_stddev=0.1, bias_init=0.1), (6, 3136)),
+    ],
+    ids=["conv-pools-first", "dense-einsum-gradient"],
+)
+def test_cnn_raw_layers_compute_the_tutorials_function_and_gradients(layer, shape):
+    """The layers reorder (pool before bias and ReLU) and regroup (the input gradient) the
+    tutorial's arithmetic for speed; outputs and gradients must be the tutorial's."""
+    import tensorflow as tf
+
+    x = tf.constant(np.random.default_rng(4).normal(size=shape).astype("float32"))
+    layer.build(shape)
+    results = []
+    for compute in (layer, lambda inputs: _tutorial_order(layer, inputs)):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = compute(x)
+            loss = tf.reduce_sum(y * tf.cos(y))  # a non-uniform upstream gradient
+        results.append([y, *tape.gradient(loss, [x, *layer.trainable_variables])])
+    for ours, tutorial in zip(*results, strict=True):
+        np.testing.assert_allclose(ours, tutorial, rtol=1e-5, atol=1e-5)
