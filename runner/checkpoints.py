@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import keras
-import mlflow
 from hydra.core.hydra_config import HydraConfig
 
 from runner.callbacks import optimizer_step
@@ -107,16 +106,16 @@ def _seed_states(model: keras.Model) -> list[Any]:
 
 class Checkpointer(keras.callbacks.Callback):
     """Saves a checkpoint every `every` steps, at the last step and where training was stopped,
-    after the step's metrics have reached MLflow, so a resumed run neither loses nor repeats a
+    after flushing `recorder`'s metrics to MLflow, so a resumed run neither loses nor repeats a
     logged step."""
 
-    def __init__(self, directory: Path, every: int, last: int, run_id: str, keep: int):
+    def __init__(self, directory: Path, every: int, last: int, recorder: Any, keep: int):
         super().__init__()
         self.directory, self.every, self.last = directory, every, last
-        self.run_id, self.keep = run_id, keep
+        self.recorder, self.keep = recorder, keep
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         step = optimizer_step(self.model)
         if step % self.every == 0 or step == self.last or self.model.stop_training:
-            mlflow.flush_async_logging()
-            save(self.model, self.directory, step, self.run_id, self.keep)
+            self.recorder.flush()
+            save(self.model, self.directory, step, self.recorder.run_id, self.keep)

@@ -138,6 +138,7 @@ class TrainerConf:
     cpu_devices: int = 1
     system_metrics: bool = True
     system_metrics_every_s: float = 10.0
+    metrics_flush_every_s: float = 5.0
 
 
 # The metrics every run ends with, each a sweeper may optimise.
@@ -265,4 +266,9 @@ def _check_device_settings(t: Any) -> None:
     if t.system_metrics_every_s <= 0:
         raise UserError(
             f"trainer.system_metrics_every_s={t.system_metrics_every_s} must be positive"
+        )
+    if t.metrics_flush_every_s < 0:
+        raise UserError(
+            f"trainer.metrics_flush_every_s={t.metrics_flush_every_s} must be 0 (write every "
+            f"window's metrics at once) or more"
         )

@@ -39,7 +39,7 @@ def fit(
             folder,
             trainer.checkpoint_every,
             trainer.steps,
-            recorder.run_id,
+            recorder,
             trainer.keep_checkpoints,
         ),
     ]

@@ -1,10 +1,13 @@
 """MLflow bookkeeping for one training run: config, metrics, test results, plots and the model.
 
-Metrics are sent asynchronously so that logging every few steps does not stall training; the
-run is flushed before it ends, and a run that raises ends FAILED with the error in a tag.
+Training metrics are buffered and written in one batch every `trainer.metrics_flush_every_s`
+seconds, at each checkpoint and when the run ends: a write to the SQLite store costs about 6 ms
+whatever its size, a fifth of a softmax logging window. A run that raises ends FAILED with the
+error in a tag.
 """
 
 import logging
+import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +17,7 @@ from typing import Any
 import mlflow
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,24 +34,38 @@ MODEL_ARTIFACT = "model"
 class Recorder:
     """Logs into the active MLflow run and keeps the metric histories for the plots.
 
+    Metrics wait in memory, stamped with the time they were logged, until `flush` writes them in
+    one batch, which `log_metrics` does once `flush_every_s` seconds have passed since the last.
     A resumed run starts from the histories already in MLflow and skips any step logged before
     the interruption, so each metric keeps one value a step."""
 
-    def __init__(self, run_id: str, steps: int, history: dict | None = None):
+    def __init__(
+        self, run_id: str, steps: int, history: dict | None = None, flush_every_s: float = 0.0
+    ):
         self.run_id = run_id
         self.steps = steps
         self.history: dict[str, list[tuple[int, float]]] = history or {}
         self._logged = {(key, step) for key, points in self.history.items() for step, _ in points}
+        self.flush_every_s = flush_every_s
+        self._pending: list[Metric] = []
+        self._flushed_at = time.monotonic()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        metrics = {
-            key: float(value) for key, value in metrics.items() if (key, step) not in self._logged
-        }
+        now_ms = int(time.time() * 1000)
         for key, value in metrics.items():
-            self.history.setdefault(key, []).append((step, value))
-            self._logged.add((key, step))
-        if metrics:
-            mlflow.log_metrics(metrics, step=step, synchronous=False)
+            if (key, step) not in self._logged:
+                self.history.setdefault(key, []).append((step, float(value)))
+                self._logged.add((key, step))
+                self._pending.append(Metric(key, float(value), now_ms, step))
+        if time.monotonic() - self._flushed_at >= self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the metrics logged since the last flush."""
+        if self._pending:
+            mlflow.MlflowClient().log_batch(self.run_id, metrics=self._pending)
+            self._pending = []
+        self._flushed_at = time.monotonic()
 
     def callback(self) -> Any:
         from runner.callbacks import MlflowMetrics
@@ -113,6 +131,7 @@ def mlflow_run(
         log_system_metrics=cfg.trainer.system_metrics,
     )
     with started as run:
+        recorder = None
         try:
             run_id = run.info.run_id
             log.info("MLflow run %s in experiment %r", run_id, cfg.experiment_name)
@@ -121,15 +140,26 @@ def mlflow_run(
                 _log_config(cfg, hydra_dir)
             _log_environment(data_files)
             mlflow.set_tags(tags or {})
-            yield Recorder(run_id, cfg.trainer.steps, history)
+            recorder = Recorder(
+                run_id, cfg.trainer.steps, history, cfg.trainer.metrics_flush_every_s
+            )
+            yield recorder
+            recorder.flush()
         except BaseException as error:
+            _keep_metrics(recorder)
             mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
             if isinstance(error, Interrupted | KeyboardInterrupt):
-                mlflow.flush_async_logging()
                 mlflow.end_run("KILLED")  # the context manager would record FAILED
             raise
-        finally:
-            mlflow.flush_async_logging()
+
+
+def _keep_metrics(recorder: Recorder | None) -> None:
+    """Write what a failing run logged before it failed, unless the store is what failed."""
+    try:
+        if recorder is not None:
+            recorder.flush()
+    except Exception as error:  # the run's own error matters more; report this one beside it
+        log.warning("could not write the run's last metrics to MLflow: %s", error)
 
 
 def _reopen(run_id: str) -> dict[str, list[tuple[int, float]]]:

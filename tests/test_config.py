@@ -76,6 +76,7 @@ def test_tracking_uri_follows_the_environment(monkeypatch):
         (["model=cnn_layers", "model.dropout_rate=1.0"], "model.dropout_rate=1.0 must be in"),
         (["optimizer.lr=0"], "optimizer.lr=0.0 must be positive"),
         (["data.limit=0"], "data.limit=0 must be positive"),
+        (["trainer.metrics_flush_every_s=-1"], "trainer.metrics_flush_every_s=-1.0 must be 0"),
     ],
 )
 def test_check_config_names_the_bad_key(overrides, message):
