@@ -8,10 +8,14 @@ sizes. Each repeat measures the contenders one after the other, so a repeat's ra
 figures taken side by side; the table gives the median over repeats of each figure and of each
 ratio. Every contender is timed the same way: training runs in windows of 50 steps (100 for the
 tutorial loop, so that each window holds one of its accuracy checks), the first window holds the
-tracing and is dropped, and a repeat's figure is the median rate of the other windows.
+tracing and is left out, and a repeat's figure is the steps of the other windows over the wall
+time from the end of the first to the end of the last. The time between windows counts, since
+the runner logs and checkpoints there; each contender trains for 10-20 s, so that the runner's
+batched metric writes (every `trainer.metrics_flush_every_s`) fall inside the timing.
 
 - runner: `runner.train.train` as `uv run runner model=NAME` would run it (callbacks, MLflow
-  logging and system metrics on, scratch store), read off its own `perf/steps_per_sec`.
+  logging and system metrics on, scratch store), timed by the MLflow timestamps of its windows'
+  `train/loss`; its last window, which ends with validation, is left out.
 - bare fit: what the runner trains, with nothing around it: the same compiled model (optimizer,
   steps per execution), the same input pipeline, and `model.fit` with a timing callback only.
   runner/bare is the cost of the runner's callbacks, logging and system metrics.
@@ -42,8 +46,8 @@ from runner.train import compose, train  # noqa: E402
 WINDOW = 50
 # Model: (batch size, optimizer override, timed windows per measurement).
 MODELS = {
-    "softmax": (100, "optimizer=sgd", 20),
-    "cnn_raw": (50, "optimizer=adam", 6),
+    "softmax": (100, "optimizer=sgd", 400),
+    "cnn_raw": (50, "optimizer=adam", 8),
     "cnn_layers": (100, "optimizer=sgd", 5),
 }
 TUTORIAL_MODELS = ("softmax", "cnn_raw")
@@ -52,7 +56,7 @@ CONTENDERS = ("runner", "bare fit", "Keras fit", "tutorial")
 
 def runner_config(name: str, work: str, extra: list[str]) -> object:
     batch, optimizer, windows = MODELS[name]
-    steps = WINDOW * (windows + 1)
+    steps = WINDOW * (windows + 2)  # the traced window, the timed ones, the validated one
     return compose(
         [
             f"model={name}",
@@ -78,8 +82,10 @@ def runner_rate(name: str, extra: list[str]) -> float:
     with tempfile.TemporaryDirectory() as work:
         train(runner_config(name, work, extra))
         run = mlflow.last_active_run()
-        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "perf/steps_per_sec")
-        return statistics.median(m.value for m in history)
+        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/loss")
+        windows = sorted(history, key=lambda m: m.step)
+        first, last = windows[0], windows[-2]  # after the traced window; before the validated
+        return (last.step - first.step) / ((last.timestamp - first.timestamp) / 1000)
 
 
 def bare_fit_rate(name: str, extra: list[str], train_split: data.Split) -> float:
@@ -92,7 +98,7 @@ def bare_fit_rate(name: str, extra: list[str], train_split: data.Split) -> float
     plan = devices.plan(cfg.trainer, devices.detect())
     model = models.compiled(cfg, plan)
     dataset = data.training_dataset(train_split, cfg.data.batch_size, cfg.seed)
-    return _timed_fit(model, dataset, MODELS[name][2], plan.steps_per_execution)
+    return _timed_fit(model, dataset, MODELS[name][2])
 
 
 def keras_fit_rate(name: str, train_split: data.Split) -> float:
@@ -120,30 +126,28 @@ def keras_fit_rate(name: str, train_split: data.Split) -> float:
         .batch(batch, drop_remainder=True)
         .prefetch(tf.data.AUTOTUNE)
     )
-    return _timed_fit(model, dataset, windows, steps_per_execution=1)
+    return _timed_fit(model, dataset, windows)
 
 
-def _timed_fit(model, dataset, windows: int, steps_per_execution: int) -> float:
-    """The median rate of `windows` windows of `fit`, after one window of tracing."""
-    from runner.callbacks import Throughput
+def _timed_fit(model, dataset, windows: int) -> float:
+    """Steps per second over `windows` windows of `fit`, after one window of tracing."""
+    import keras
 
-    rates = []
+    ends = []
 
-    class Record(Throughput):
+    class WindowEnds(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            super().on_epoch_end(epoch, logs)
-            if "perf/steps_per_sec" in logs:
-                rates.append(logs["perf/steps_per_sec"])
+            ends.append(time.perf_counter())
 
     model.fit(
         dataset,
         steps_per_epoch=WINDOW,
         epochs=windows + 1,
-        callbacks=[Record(1, steps_per_execution)],
+        callbacks=[WindowEnds()],
         verbose=0,
         shuffle=False,  # the dataset shuffles itself
     )
-    return statistics.median(rates)
+    return windows * WINDOW / (ends[-1] - ends[0])
 
 
 def tutorial_rate(name: str, train_split: data.Split) -> float:
@@ -186,17 +190,15 @@ def tutorial_rate(name: str, train_split: data.Split) -> float:
         accuracy = tf.reduce_mean(tf.cast(correct, tf.float32))
         with v1.Session(graph=graph) as sess:
             sess.run(v1.global_variables_initializer())
-            rates = []
             for w in range(windows // 2 + 1):
-                start = time.perf_counter()
+                if w == 1:  # the first window holds the graph's first runs
+                    start = time.perf_counter()
                 for i in range(window):
                     xs, ys = next_batch()
                     if name != "softmax" and i % 100 == 0:
                         sess.run(accuracy, feed_dict={x: xs, y_: ys, keep_prob: 1.0})
                     sess.run(train_step, feed_dict={x: xs, y_: ys, **feed_extra})
-                if w:  # the first window holds the graph's first runs
-                    rates.append(window / (time.perf_counter() - start))
-            return statistics.median(rates)
+            return windows // 2 * window / (time.perf_counter() - start)
 
 
 def _tutorial_cnn(x, keep_prob):
