@@ -194,6 +194,16 @@ def training_dataset(split: Split, batch_size: int, seed: int, start_step: int =
     )
 
 
+def in_batches(split: Split, batch_size: int, labels: bool = True) -> Any:
+    """`split` in order, in batches, for Keras's `evaluate` and `predict`. Keras's own pipeline
+    for arrays maps in parallel, which under op determinism makes TensorFlow 2.21 print a
+    spurious ERROR line ("NodeDef mentions attribute use_unbounded_threadpool")."""
+    import tensorflow as tf
+
+    examples = (split.x, split.y) if labels else split.x
+    return tf.data.Dataset.from_tensor_slices(examples).batch(batch_size)
+
+
 def batch_indices(n: int, batch_size: int, seed: int) -> Any:
     """The example indices of each training batch, in training order: the same `seed` replays
     the same sequence, so a callback can tell which examples a given step trained on."""

@@ -14,7 +14,7 @@ from runner.callbacks import (
     optimizer_step,
 )
 from runner.checkpoints import Checkpointer
-from runner.data import Split, Splits, training_dataset
+from runner.data import Split, Splits, in_batches, training_dataset
 from runner.devices import Plan
 from runner.errors import Interrupted, UserError
 
@@ -78,11 +78,7 @@ def fit(
         )
     if trainer.steps % trainer.eval_every:
         final = model.evaluate(
-            splits.validation.x,
-            splits.validation.y,
-            batch_size=cfg.data.eval_batch_size,
-            verbose=0,
-            return_dict=True,
+            in_batches(splits.validation, cfg.data.eval_batch_size), verbose=0, return_dict=True
         )
         recorder.log_metrics({f"val/{k}": v for k, v in final.items()}, step=trainer.steps)
 
@@ -114,13 +110,13 @@ def _fit_windows(
     trainer = cfg.trainer
     first = start // window
     full = window == trainer.log_every
+    validation = in_batches(splits.validation, cfg.data.eval_batch_size) if validate else None
     model.fit(
         training_dataset(splits.train, batch, cfg.seed, start),
         steps_per_epoch=window,
         initial_epoch=first,
         epochs=first + windows,
-        validation_data=(splits.validation.x, splits.validation.y) if validate else None,
-        validation_batch_size=cfg.data.eval_batch_size,
+        validation_data=validation,
         validation_freq=trainer.eval_every // trainer.log_every if full else 1,
         callbacks=callbacks,
         verbose=1 if trainer.progress_bar else 0,
@@ -131,6 +127,6 @@ def _fit_windows(
 def evaluate_outputs(model: Any, split: Split, batch_size: int) -> tuple[np.ndarray, float]:
     """The model's outputs (logits or probabilities) for `split` and their mean loss, from one
     pass over it."""
-    outputs = model.predict(split.x, batch_size=batch_size, verbose=0)
+    outputs = model.predict(in_batches(split, batch_size, labels=False), verbose=0)
     loss = float(np.mean(model.loss(split.y, outputs)))
     return outputs, loss

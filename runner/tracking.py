@@ -87,7 +87,7 @@ class Recorder:
         import tensorflow as tf
         from mlflow.models import infer_signature
 
-        signature = infer_signature(example, model.predict(example, verbose=0))
+        signature = infer_signature(example, model.predict_on_batch(example))
         # uv's environments have no pip, which MLflow reports as a warning while writing conda.yaml.
         logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)
         mlflow.keras.log_model(
