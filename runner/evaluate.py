@@ -12,6 +12,9 @@ register_configs()
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float | int | None]:
+    from runner.tensorflow_logs import load_tensorflow
+
+    load_tensorflow()  # before anything else imports it
     from runner import data, logged_model
     from runner.fitting import evaluate_outputs
 

@@ -43,6 +43,9 @@ def read_digit(path: Path, invert: bool) -> np.ndarray:
 
 
 def predict(cfg: DictConfig) -> list[tuple[Path, int, np.ndarray]]:
+    from runner.tensorflow_logs import load_tensorflow
+
+    load_tensorflow()  # before anything else imports it
     import keras
 
     from runner import logged_model

@@ -5,7 +5,6 @@ loading TensorFlow or MLflow.
 """
 
 import logging
-import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -38,9 +37,9 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
     from runner import tracking
 
     tracking.open_store(cfg.tracking_uri, cfg.experiment_name)  # before minutes of training
-    # TensorFlow's C++ INFO lines (CPU features, oneDNN) drown the training log; warnings stay.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    from runner.tensorflow_logs import load_tensorflow
 
+    load_tensorflow()  # before anything else imports it
     from runner import checkpoints, data, devices, models
     from runner.callbacks import terminate_as_interrupt
     from runner.fitting import check_resumable, evaluate_outputs, fit

@@ -1,6 +1,7 @@
 """End to end: the `runner` command trains, reaches the tutorials' accuracy and records it all."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,13 @@ def test_softmax_reaches_the_tutorial_accuracy(softmax_run):
     run = only_run(work)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["test/accuracy"] >= 0.85
+
+
+def test_run_prints_no_tensorflow_error_or_info_lines_on_a_healthy_machine(softmax_run):
+    """On a machine without a GPU, TensorFlow used to print its cuInit failure as an ERROR."""
+    _, result = softmax_run
+    tensorflow_lines = re.findall(r"^[IE]\d{4} [\d:.]+ .*$", result.stderr, re.M)
+    assert tensorflow_lines == [], result.stderr[-3000:]
 
 
 def test_run_records_metrics_at_optimizer_steps(softmax_run):
