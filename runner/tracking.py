@@ -2,7 +2,7 @@
 
 Training metrics are buffered and written in one batch every `trainer.metrics_flush_every_s`
 seconds, at each checkpoint and when the run ends: a write to the SQLite store costs about 6 ms
-whatever its size, a fifth of a softmax logging window. A run that raises ends FAILED with the
+whatever its size, a fifth of a 50-step softmax window. A run that raises ends FAILED with the
 error in a tag.
 """
 
