@@ -15,7 +15,7 @@ from typing import Any
 import keras
 from hydra.core.hydra_config import HydraConfig
 
-from runner.callbacks import optimizer_step
+from runner.callbacks import StepCounter
 from runner.errors import UserError
 from runner.models import register_custom_objects
 
@@ -109,13 +109,15 @@ class Checkpointer(keras.callbacks.Callback):
     after flushing `recorder`'s metrics to MLflow, so a resumed run neither loses nor repeats a
     logged step."""
 
-    def __init__(self, directory: Path, every: int, last: int, recorder: Any, keep: int):
+    def __init__(
+        self, directory: Path, every: int, last: int, recorder: Any, keep: int, counter: StepCounter
+    ):
         super().__init__()
         self.directory, self.every, self.last = directory, every, last
-        self.recorder, self.keep = recorder, keep
+        self.recorder, self.keep, self.counter = recorder, keep, counter
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        step = optimizer_step(self.model)
+        step = self.counter.step
         if step % self.every == 0 or step == self.last or self.model.stop_training:
             self.recorder.flush()
             save(self.model, self.directory, step, self.recorder.run_id, self.keep)

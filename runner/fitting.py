@@ -6,7 +6,9 @@ import numpy as np
 
 from runner import checkpoints
 from runner.callbacks import (
+    MlflowMetrics,
     ProbabilityLogger,
+    StepCounter,
     StepProgbar,
     StopOnNonFiniteLoss,
     StopOnSignal,
@@ -30,9 +32,11 @@ def fit(
     batch = cfg.data.batch_size * plan.replicas
     stop = StopOnSignal()
     folder = checkpoints.directory_for(trainer.checkpoint_dir)
+    counter = StepCounter()
     callbacks = [
-        Throughput(batch, plan.steps_per_execution),  # first: adds to the logs the others see
-        recorder.callback(),
+        counter,  # first: the others read the step it counts
+        Throughput(batch, plan.steps_per_execution),  # adds to the logs the others see
+        MlflowMetrics(recorder, counter),
         StopOnNonFiniteLoss(),
         stop,
         Checkpointer(
@@ -41,6 +45,7 @@ def fit(
             trainer.steps,
             recorder,
             trainer.keep_checkpoints,
+            counter,
         ),
     ]
     if trainer.log_probabilities_every:

@@ -67,11 +67,6 @@ class Recorder:
             self._pending = []
         self._flushed_at = time.monotonic()
 
-    def callback(self) -> Any:
-        from runner.callbacks import MlflowMetrics
-
-        return MlflowMetrics(self)
-
     def log_test(self, test: Split, outputs: np.ndarray, loss: float) -> None:
         """Test metrics at the last step, the confusion matrix and the training curves."""
         predicted = outputs.argmax(axis=1)
