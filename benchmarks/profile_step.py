@@ -3,7 +3,7 @@
     uv run python benchmarks/profile_step.py            # the runner's model, as bare fit runs it
     uv run python benchmarks/profile_step.py tutorial   # the tutorial's TF1 loop
 
-Profiles 100 steps after warm-up and prints, for the ops that took longest, the milliseconds a
+Profiles 200 steps after warm-up and prints, for the ops that took longest, the milliseconds a
 step summed over TensorFlow's compute threads (ops running side by side each count in full).
 """
 
@@ -22,7 +22,7 @@ import throughput  # noqa: E402
 from runner import data  # noqa: E402
 from runner.train import compose  # noqa: E402
 
-STEPS = 100
+STEPS = 200
 
 
 def profile(which: str, logdir: str) -> None:
@@ -30,9 +30,9 @@ def profile(which: str, logdir: str) -> None:
 
     split = data.load_mnist(compose([]).data).train
     if which == "tutorial":
-        # Two 100-step windows: the first warms up; the loop starts its clock when the second
+        # Three 100-step windows: the first warms up; the loop starts its clock when the second
         # begins, and the profiler with it.
-        throughput.MODELS["cnn_raw"] = (50, "optimizer=adam", 2)
+        throughput.MODELS["cnn_raw"] = (50, "optimizer=adam", STEPS // throughput.WINDOW)
         window_timer = throughput.time.perf_counter
         calls = 0
 
@@ -46,10 +46,10 @@ def profile(which: str, logdir: str) -> None:
         throughput.time.perf_counter = start_with_the_clock
         throughput.tutorial_rate("cnn_raw", split)
     else:
-        throughput.MODELS["cnn_raw"] = (50, "optimizer=adam", 1)
+        # Two windows each time: the timing needs two window ends.
+        throughput.MODELS["cnn_raw"] = (50, "optimizer=adam", STEPS // throughput.WINDOW - 1)
         throughput.bare_fit_rate("cnn_raw", [], split)  # warm-up: traces the step
         tf.profiler.experimental.start(logdir)
-        throughput.MODELS["cnn_raw"] = (50, "optimizer=adam", STEPS // throughput.WINDOW - 1)
         throughput.bare_fit_rate("cnn_raw", [], split)
     tf.profiler.experimental.stop()
 

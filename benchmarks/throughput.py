@@ -4,14 +4,20 @@
     uv run python benchmarks/throughput.py cnn_raw --repeats 7 --set trainer.jit_compile=true
 
 Everything runs in this one process, on the same MNIST training images, at the tutorials' batch
-sizes. Each repeat measures the contenders one after the other, so a repeat's ratios compare
-figures taken side by side; the table gives the median over repeats of each figure and of each
-ratio. Every contender is timed the same way: training runs in windows of 50 steps (100 for the
-tutorial loop, so that each window holds one of its accuracy checks), the first window holds the
-tracing and is left out, and a repeat's figure is the steps of the other windows over the wall
-time from the end of the first to the end of the last. The time between windows counts, since
-the runner logs and checkpoints there; each contender trains for 10-20 s, so that the runner's
-batched metric writes (every `trainer.metrics_flush_every_s`) fall inside the timing.
+sizes. Each repeat measures the contenders one after the other, in an order that rotates from
+one repeat to the next, so a repeat's ratios compare figures taken side by side; the table gives
+the median over repeats of each figure and of each ratio. Every contender is timed the same way:
+training runs in windows of 100 steps (the runner's default `trainer.log_every`, and the
+tutorial's interval between accuracy checks), the first window holds the tracing and is left
+out, and a repeat's figure is the steps of the other windows over the wall time from the end of
+the first to the end of the last. The time between windows counts, since the runner logs and
+checkpoints there; each contender trains for 10-20 s, so that the runner's batched metric writes
+(every `trainer.metrics_flush_every_s`) fall inside the timing.
+
+Since that time is what the runner adds to bare fit, and a few percent of it drowns in the
+machine's noise, it is also timed directly: the milliseconds per window that `fit` spends
+between the end of one execution of the training function and the start of the next (Keras's
+own epoch bookkeeping, the callbacks, the metric writes), median over repeats.
 
 - runner: `runner.train.train` as `uv run runner model=NAME` would run it (callbacks, MLflow
   logging and system metrics on, scratch store), timed by the MLflow timestamps of its windows'
@@ -43,15 +49,16 @@ from reproduce_seeds import device  # noqa: E402
 from runner import data, devices, models  # noqa: E402
 from runner.train import compose, train  # noqa: E402
 
-WINDOW = 50
+WINDOW = 100
 # Model: (batch size, optimizer override, timed windows per measurement).
 MODELS = {
-    "softmax": (100, "optimizer=sgd", 400),
-    "cnn_raw": (50, "optimizer=adam", 8),
-    "cnn_layers": (100, "optimizer=sgd", 5),
+    "softmax": (100, "optimizer=sgd", 200),
+    "cnn_raw": (50, "optimizer=adam", 4),
+    "cnn_layers": (100, "optimizer=sgd", 3),
 }
 TUTORIAL_MODELS = ("softmax", "cnn_raw")
 CONTENDERS = ("runner", "bare fit", "Keras fit", "tutorial")
+GAPS = {"runner": "runner between", "bare fit": "bare fit between"}
 
 
 def runner_config(name: str, work: str, extra: list[str]) -> object:
@@ -156,7 +163,6 @@ def tutorial_rate(name: str, train_split: data.Split) -> float:
 
     v1 = tf.compat.v1
     batch, _, windows = MODELS[name]
-    window = 2 * WINDOW
     images, labels = train_split.x, np.eye(10, dtype=np.float32)[train_split.y]
     order = np.random.default_rng(0).permutation(len(labels))
     position = 0
@@ -190,15 +196,15 @@ def tutorial_rate(name: str, train_split: data.Split) -> float:
         accuracy = tf.reduce_mean(tf.cast(correct, tf.float32))
         with v1.Session(graph=graph) as sess:
             sess.run(v1.global_variables_initializer())
-            for w in range(windows // 2 + 1):
+            for w in range(windows + 1):
                 if w == 1:  # the first window holds the graph's first runs
                     start = time.perf_counter()
-                for i in range(window):
+                for i in range(WINDOW):
                     xs, ys = next_batch()
                     if name != "softmax" and i % 100 == 0:
                         sess.run(accuracy, feed_dict={x: xs, y_: ys, keep_prob: 1.0})
                     sess.run(train_step, feed_dict={x: xs, y_: ys, **feed_extra})
-            return windows // 2 * window / (time.perf_counter() - start)
+            return windows * WINDOW / (time.perf_counter() - start)
 
 
 def _tutorial_cnn(x, keep_prob):
@@ -223,16 +229,63 @@ def _tutorial_cnn(x, keep_prob):
     return tf.matmul(h_fc1_drop, weight([1024, 10])) + bias([10])
 
 
-def measure(name: str, extra: list[str], train_split: data.Split) -> dict[str, float]:
-    """One repeat: every contender once, side by side."""
-    rates = {
-        "runner": runner_rate(name, extra),
-        "bare fit": bare_fit_rate(name, extra, train_split),
-        "Keras fit": keras_fit_rate(name, train_split),
+class ExecutionGaps:
+    """Times what `fit` does between one execution of the training function and the next:
+    Keras's epoch bookkeeping, the callbacks and what they write. It wraps the hooks of
+    `keras.callbacks.CallbackList` that bracket each execution, for every `fit` from then on."""
+
+    def __init__(self) -> None:
+        import keras
+
+        self.reset()
+        hooks = keras.callbacks.CallbackList
+        begin, end = hooks.on_train_batch_begin, hooks.on_train_batch_end
+
+        def on_train_batch_begin(callbacks, batch, logs=None):
+            begin(callbacks, batch, logs)
+            if self._ended is not None:
+                self.gaps.append(time.perf_counter() - self._ended)
+
+        def on_train_batch_end(callbacks, batch, logs=None):
+            self._ended = time.perf_counter()
+            end(callbacks, batch, logs)
+
+        hooks.on_train_batch_begin = on_train_batch_begin
+        hooks.on_train_batch_end = on_train_batch_end
+
+    def reset(self) -> None:
+        self.gaps: list[float] = []
+        self._ended: float | None = None
+
+    def ms_per_window(self, windows: int) -> float:
+        """The mean gap after the first window, times the executions in a window, of a `fit`
+        of `windows` windows."""
+        executions = (len(self.gaps) + 1) // windows
+        return statistics.mean(self.gaps[executions:]) * executions * 1e3
+
+
+def measure(
+    name: str, extra: list[str], train_split: data.Split, gaps: ExecutionGaps, repeat: int
+) -> dict[str, float]:
+    """One repeat: every contender once, side by side, starting with the `repeat`-th; for the
+    runner and bare fit, also the milliseconds per window between executions."""
+    windows = MODELS[name][2]
+    contenders = {
+        "runner": lambda: runner_rate(name, extra),
+        "bare fit": lambda: bare_fit_rate(name, extra, train_split),
+        "Keras fit": lambda: keras_fit_rate(name, train_split),
     }
     if name in TUTORIAL_MODELS:
-        rates["tutorial"] = tutorial_rate(name, train_split)
-    return rates
+        contenders["tutorial"] = lambda: tutorial_rate(name, train_split)
+    order = list(contenders)
+    figures = {}
+    for contender in order[repeat % len(order) :] + order[: repeat % len(order)]:
+        gaps.reset()
+        figures[contender] = contenders[contender]()
+        if contender in GAPS:
+            windows_run = windows + (2 if contender == "runner" else 1)
+            figures[GAPS[contender]] = gaps.ms_per_window(windows_run)
+    return figures
 
 
 def main() -> None:
@@ -244,14 +297,16 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="runner override, k=v")
     args = parser.parse_args()
     train_split = data.load_mnist(compose([]).data).train
-    medians, singles = [], []
+    gaps = ExecutionGaps()
+    medians, singles, between = [], [], []
     for name in args.models or MODELS:
         repeats = []
-        for _ in range(args.repeats):
-            repeats.append(measure(name, args.set, train_split))
-            print(name, {k: round(v, 1) for k, v in repeats[-1].items()}, flush=True)
+        for repeat in range(args.repeats):
+            repeats.append(measure(name, args.set, train_split, gaps, repeat))
+            print(name, {k: round(v, 2) for k, v in repeats[-1].items()}, flush=True)
         medians.append(median_row(name, repeats))
         singles.append(singles_row(name, repeats))
+        between.append(between_row(name, repeats))
     print(f"\nsteps/s, median of {args.repeats} repeats; {device()}\n")
     ratios = ("runner/bare", "runner/tutorial", "Keras fit/tutorial")
     print(markdown_header(["model", "batch", *CONTENDERS, *ratios]))
@@ -259,6 +314,9 @@ def main() -> None:
     print("\nEach repeat's figures (" + ", ".join(CONTENDERS) + "):\n")
     print(markdown_header(["model", *CONTENDERS]))
     print("\n".join(singles))
+    print(f"\nms between executions per {WINDOW}-step window, median of {args.repeats} repeats:\n")
+    print(markdown_header(["model", "runner", "bare fit", "runner's extra, % of its window"]))
+    print("\n".join(between))
     print(f"\nmade by: uv run python benchmarks/throughput.py {' '.join(sys.argv[1:])}")
 
 
@@ -278,6 +336,18 @@ def median_row(name: str, repeats: list[dict[str, float]]) -> str:
         for a, b in (("runner", "bare fit"), ("runner", "tutorial"), ("Keras fit", "tutorial"))
     ]
     return f"| {name} | {MODELS[name][0]} | " + " | ".join(rates + ratios) + " |"
+
+
+def between_row(name: str, repeats: list[dict[str, float]]) -> str:
+    """What the runner does between executions beyond bare fit, against its window's time."""
+    runner = [r[GAPS["runner"]] for r in repeats]
+    bare = [r[GAPS["bare fit"]] for r in repeats]
+    extra = [
+        (r[GAPS["runner"]] - r[GAPS["bare fit"]]) / (WINDOW / r["runner"] * 1e3) * 100
+        for r in repeats
+    ]
+    medians = (statistics.median(values) for values in (runner, bare, extra))
+    return f"| {name} | " + " | ".join(f"{m:.2f}" for m in medians) + " |"
 
 
 def singles_row(name: str, repeats: list[dict[str, float]]) -> str:
