@@ -2,6 +2,7 @@
 
     uv run python benchmarks/throughput.py                      # all models, 5 repeats
     uv run python benchmarks/throughput.py cnn_raw --repeats 7 --set trainer.jit_compile=true
+    uv run python benchmarks/throughput.py softmax --repeats 15 --only runner "bare fit"
 
 Everything runs in this one process, on the same MNIST training images, at the tutorials' batch
 sizes. Each repeat measures the contenders one after the other, in an order that rotates from
@@ -14,14 +15,16 @@ the first to the end of the last. The time between windows counts, since the run
 checkpoints there; each contender trains for 10-20 s, so that the runner's batched metric writes
 (every `trainer.metrics_flush_every_s`) fall inside the timing.
 
-Since that time is what the runner adds to bare fit, and a few percent of it drowns in the
-machine's noise, it is also timed directly: the milliseconds per window that `fit` spends
-between the end of one execution of the training function and the start of the next (Keras's
-own epoch bookkeeping, the callbacks, the metric writes), median over repeats.
+That time is what the runner adds to bare fit, and a few percent of it drowns in the machine's
+noise, so for the runner and bare fit the milliseconds per window are also split into the time
+in executions of the training function (the same compiled step in both) and the time between
+one execution's end and the next one's start (Keras's epoch bookkeeping, the callbacks, the
+metric writes), median over repeats.
 
 - runner: `runner.train.train` as `uv run runner model=NAME` would run it (callbacks, MLflow
-  logging and system metrics on, scratch store), timed by the MLflow timestamps of its windows'
-  `train/loss`; its last window, which ends with validation, is left out.
+  logging and system metrics on, scratch store; one checkpoint, after the last step), timed by
+  the MLflow timestamps of its windows' `train/loss`; its last window, which ends with
+  validation, is left out.
 - bare fit: what the runner trains, with nothing around it: the same compiled model (optimizer,
   steps per execution), the same input pipeline, and `model.fit` with a timing callback only.
   runner/bare is the cost of the runner's callbacks, logging and system metrics.
@@ -58,7 +61,7 @@ MODELS = {
 }
 TUTORIAL_MODELS = ("softmax", "cnn_raw")
 CONTENDERS = ("runner", "bare fit", "Keras fit", "tutorial")
-GAPS = {"runner": "runner between", "bare fit": "bare fit between"}
+SPLIT = ("runner", "bare fit")  # timed in and between executions too
 
 
 def runner_config(name: str, work: str, extra: list[str]) -> object:
@@ -229,10 +232,11 @@ def _tutorial_cnn(x, keep_prob):
     return tf.matmul(h_fc1_drop, weight([1024, 10])) + bias([10])
 
 
-class ExecutionGaps:
-    """Times what `fit` does between one execution of the training function and the next:
-    Keras's epoch bookkeeping, the callbacks and what they write. It wraps the hooks of
-    `keras.callbacks.CallbackList` that bracket each execution, for every `fit` from then on."""
+class Executions:
+    """Times each execution of the training function in `fit`, and each gap between one and
+    the next, where Keras keeps its epoch books and the callbacks run and write. It wraps the
+    hooks of `keras.callbacks.CallbackList` that bracket each execution, for every `fit` from
+    then on."""
 
     def __init__(self) -> None:
         import keras
@@ -243,32 +247,43 @@ class ExecutionGaps:
 
         def on_train_batch_begin(callbacks, batch, logs=None):
             begin(callbacks, batch, logs)
+            self._began = time.perf_counter()
             if self._ended is not None:
-                self.gaps.append(time.perf_counter() - self._ended)
+                self.gaps.append(self._began - self._ended)
 
         def on_train_batch_end(callbacks, batch, logs=None):
             self._ended = time.perf_counter()
+            self.inside.append(self._ended - self._began)
             end(callbacks, batch, logs)
 
         hooks.on_train_batch_begin = on_train_batch_begin
         hooks.on_train_batch_end = on_train_batch_end
 
     def reset(self) -> None:
+        self.inside: list[float] = []
         self.gaps: list[float] = []
-        self._ended: float | None = None
+        self._began = self._ended = None
 
-    def ms_per_window(self, windows: int) -> float:
-        """The mean gap after the first window, times the executions in a window, of a `fit`
-        of `windows` windows."""
-        executions = (len(self.gaps) + 1) // windows
-        return statistics.mean(self.gaps[executions:]) * executions * 1e3
+    def ms_per_window(self, windows: int) -> tuple[float, float]:
+        """Milliseconds per window in executions and between them, after the first window, in
+        a `fit` of `windows` windows: the mean times the executions in a window."""
+        executions = len(self.inside) // windows
+        return tuple(
+            statistics.mean(times[executions:]) * executions * 1e3
+            for times in (self.inside, self.gaps)
+        )
 
 
 def measure(
-    name: str, extra: list[str], train_split: data.Split, gaps: ExecutionGaps, repeat: int
+    name: str,
+    extra: list[str],
+    train_split: data.Split,
+    executions: Executions,
+    repeat: int,
+    only: list[str],
 ) -> dict[str, float]:
     """One repeat: every contender once, side by side, starting with the `repeat`-th; for the
-    runner and bare fit, also the milliseconds per window between executions."""
+    runner and bare fit, also the milliseconds per window in executions and between them."""
     windows = MODELS[name][2]
     contenders = {
         "runner": lambda: runner_rate(name, extra),
@@ -277,14 +292,15 @@ def measure(
     }
     if name in TUTORIAL_MODELS:
         contenders["tutorial"] = lambda: tutorial_rate(name, train_split)
-    order = list(contenders)
+    order = [contender for contender in contenders if contender in only]
     figures = {}
     for contender in order[repeat % len(order) :] + order[: repeat % len(order)]:
-        gaps.reset()
+        executions.reset()
         figures[contender] = contenders[contender]()
-        if contender in GAPS:
+        if contender in SPLIT:
             windows_run = windows + (2 if contender == "runner" else 1)
-            figures[GAPS[contender]] = gaps.ms_per_window(windows_run)
+            inside, between = executions.ms_per_window(windows_run)
+            figures[f"{contender} in"], figures[f"{contender} between"] = inside, between
     return figures
 
 
@@ -295,18 +311,21 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--set", action="append", default=[], help="runner override, k=v")
+    parser.add_argument(
+        "--only", nargs="+", choices=CONTENDERS, default=list(CONTENDERS), metavar="CONTENDER"
+    )
     args = parser.parse_args()
     train_split = data.load_mnist(compose([]).data).train
-    gaps = ExecutionGaps()
-    medians, singles, between = [], [], []
+    executions = Executions()
+    medians, singles, split = [], [], []
     for name in args.models or MODELS:
         repeats = []
         for repeat in range(args.repeats):
-            repeats.append(measure(name, args.set, train_split, gaps, repeat))
+            repeats.append(measure(name, args.set, train_split, executions, repeat, args.only))
             print(name, {k: round(v, 2) for k, v in repeats[-1].items()}, flush=True)
         medians.append(median_row(name, repeats))
         singles.append(singles_row(name, repeats))
-        between.append(between_row(name, repeats))
+        split.append(split_row(name, repeats))
     print(f"\nsteps/s, median of {args.repeats} repeats; {device()}\n")
     ratios = ("runner/bare", "runner/tutorial", "Keras fit/tutorial")
     print(markdown_header(["model", "batch", *CONTENDERS, *ratios]))
@@ -314,9 +333,11 @@ def main() -> None:
     print("\nEach repeat's figures (" + ", ".join(CONTENDERS) + "):\n")
     print(markdown_header(["model", *CONTENDERS]))
     print("\n".join(singles))
-    print(f"\nms between executions per {WINDOW}-step window, median of {args.repeats} repeats:\n")
-    print(markdown_header(["model", "runner", "bare fit", "runner's extra, % of its window"]))
-    print("\n".join(between))
+    print(f"\nms per {WINDOW}-step window in executions and between them, median of repeats:\n")
+    columns = [f"{c} {part}" for c in SPLIT for part in ("in", "between")]
+    extra = "runner's extra between, % of its window"
+    print(markdown_header(["model", *columns, "runner/bare in", extra]))
+    print("\n".join(split))
     print(f"\nmade by: uv run python benchmarks/throughput.py {' '.join(sys.argv[1:])}")
 
 
@@ -332,21 +353,26 @@ def median_row(name: str, repeats: list[dict[str, float]]) -> str:
 
     rates = [median([r[c] for r in repeats if c in r]) for c in CONTENDERS]
     ratios = [
-        median([r[a] / r[b] for r in repeats if b in r])
+        median([r[a] / r[b] for r in repeats if a in r and b in r])
         for a, b in (("runner", "bare fit"), ("runner", "tutorial"), ("Keras fit", "tutorial"))
     ]
     return f"| {name} | {MODELS[name][0]} | " + " | ".join(rates + ratios) + " |"
 
 
-def between_row(name: str, repeats: list[dict[str, float]]) -> str:
-    """What the runner does between executions beyond bare fit, against its window's time."""
-    runner = [r[GAPS["runner"]] for r in repeats]
-    bare = [r[GAPS["bare fit"]] for r in repeats]
-    extra = [
-        (r[GAPS["runner"]] - r[GAPS["bare fit"]]) / (WINDOW / r["runner"] * 1e3) * 100
-        for r in repeats
-    ]
-    medians = (statistics.median(values) for values in (runner, bare, extra))
+def split_row(name: str, repeats: list[dict[str, float]]) -> str:
+    """Runner and bare fit, in executions and between them; runner/bare in executions (the same
+    step function, so machine noise only) and the runner's extra time between executions."""
+    if any(f"{contender} in" not in repeats[0] for contender in SPLIT):
+        return f"| {name} |" + " n/a |" * 6
+    columns = [[r[f"{c} {part}"] for r in repeats] for c in SPLIT for part in ("in", "between")]
+    columns.append([r["runner in"] / r["bare fit in"] for r in repeats])
+    columns.append(
+        [
+            (r["runner between"] - r["bare fit between"]) / (WINDOW / r["runner"] * 1e3) * 100
+            for r in repeats
+        ]
+    )
+    medians = (statistics.median(values) for values in columns)
     return f"| {name} | " + " | ".join(f"{m:.2f}" for m in medians) + " |"
 
 

@@ -1,8 +1,8 @@
 """Keras callbacks that report training in optimizer steps rather than Keras epochs.
 
 The runner trains in "epochs" of `trainer.log_every` steps, so each epoch's averaged metrics are
-exactly the tutorial's periodic training report. The step itself is read from the optimizer's
-iteration count, which stays right across resumes and interrupted epochs.
+exactly the tutorial's periodic training report. The step is the optimizer's iteration count
+(`StepCounter`), which stays right across resumes and interrupted epochs.
 """
 
 import logging
@@ -125,15 +125,15 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
 class StepProgbar(keras.callbacks.ProgbarLogger):
     """Keras's progress bar, headed by the steps it covers instead of "Epoch i/n"."""
 
-    def __init__(self, total_steps: int):
+    def __init__(self, total_steps: int, counter: StepCounter):
         super().__init__()
-        self.total_steps = total_steps
+        self.total_steps, self.counter = total_steps, counter
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._reset_progbar()
         self._maybe_init_progbar()
         if self.verbose:
-            first = optimizer_step(self.model) + 1
+            first = self.counter.step + 1
             last = first + self.target - 1
             print(f"Steps {first}-{last} of {self.total_steps}", flush=True)
 

@@ -62,7 +62,7 @@ def fit(
             )
         )
     if trainer.progress_bar:
-        callbacks.append(StepProgbar(trainer.steps))
+        callbacks.append(StepProgbar(trainer.steps, counter))
     aligned = min(-(-start_step // trainer.log_every) * trainer.log_every, trainer.steps)
     if start_step < aligned:  # a run stopped mid-window first finishes that window on its own
         at_eval = aligned % trainer.eval_every == 0
