@@ -37,6 +37,7 @@ metric writes), median over repeats.
 
 import argparse
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -338,7 +339,7 @@ def main() -> None:
     extra = "runner's extra between, % of its window"
     print(markdown_header(["model", *columns, "runner/bare in", extra]))
     print("\n".join(split))
-    print(f"\nmade by: uv run python benchmarks/throughput.py {' '.join(sys.argv[1:])}")
+    print(f"\nmade by: uv run python benchmarks/throughput.py {shlex.join(sys.argv[1:])}")
 
 
 def markdown_header(columns: list[str]) -> str:
