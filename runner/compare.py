@@ -18,16 +18,19 @@ from runner.errors import UserError
 from runner.sweep import SWEEP_DIR_TAG
 
 DEFAULT_METRICS = ("test/accuracy", "val/accuracy", "test/loss", "val/loss")
+DEFAULT_SORT = "val/accuracy"
 FORMATS = ("table", "markdown", "csv")
 
 
 def table(runs: pd.DataFrame, metrics: Sequence[str], sort_by: str | None = None) -> pd.DataFrame:
     """`runs` as `mlflow.search_runs` gives them, reduced to what tells them apart.
 
-    Parameters equal in every run are left out; a metric a run lacks is blank. Sorting puts the
-    best first: lowest for a loss, highest for anything else."""
+    Parameters equal in every run are left out, and one that only some runs have differs; a
+    parameter or metric a run lacks is blank. Sorting puts the best first: lowest for a loss,
+    highest for anything else."""
     params = [column for column in runs.columns if column.startswith("params.")]
-    differing = [column for column in params if runs[column].astype(str).nunique() > 1]
+    # Missing counts as a value of its own: `astype(str)` keeps it NaN, which nunique skips.
+    differing = [column for column in params if runs[column].nunique(dropna=False) > 1]
     out = pd.DataFrame(
         {
             "run": runs.get(f"tags.{MLFLOW_RUN_NAME}", runs["run_id"]),
@@ -44,6 +47,34 @@ def table(runs: pd.DataFrame, metrics: Sequence[str], sort_by: str | None = None
             out[sort_by] = runs.get(f"metrics.{sort_by}", float("nan"))
         out = out.sort_values(sort_by, ascending="loss" in sort_by, na_position="last")
     return out.reset_index(drop=True)
+
+
+def recorded_metrics(runs: pd.DataFrame) -> list[str]:
+    """The metrics that at least one of `runs` has a value of."""
+    return sorted(
+        column.removeprefix("metrics.")
+        for column in runs.columns
+        if column.startswith("metrics.") and runs[column].notna().any()
+    )
+
+
+def chosen_metrics(
+    runs: pd.DataFrame, metrics: Sequence[str] | None, sort_by: str | None
+) -> tuple[list[str], str | None]:
+    """The metrics to show and to sort by. Ones asked for must be metrics of the runs, since a
+    misspelt name would only add a blank column or leave the rows unsorted; by default the
+    DEFAULT_METRICS, sorted by DEFAULT_SORT where a run has it, else in the runs' order."""
+    have = recorded_metrics(runs)
+    asked = [*(metrics or []), *([sort_by] if sort_by else [])]
+    unknown = [metric for metric in dict.fromkeys(asked) if metric not in have]
+    if unknown:
+        raise UserError(
+            f"no run compared has the metric {', '.join(map(repr, unknown))}: pick from "
+            f"{', '.join(have) or 'none (the runs logged no metric yet)'}"
+        )
+    if sort_by is None and DEFAULT_SORT in have:
+        sort_by = DEFAULT_SORT
+    return list(metrics or DEFAULT_METRICS), sort_by
 
 
 def render(rows: pd.DataFrame, fmt: str) -> str:
@@ -104,6 +135,11 @@ def select_runs(experiment_name: str, parent: str | None, everything: bool) -> p
         runs = mlflow.search_runs([experiment.experiment_id])
         if f"tags.{SWEEP_DIR_TAG}" in runs.columns:
             runs = runs[runs[f"tags.{SWEEP_DIR_TAG}"].isna()]
+        if runs.empty:
+            raise UserError(
+                f"experiment {experiment_name!r} has no runs yet: train one with "
+                f"`uv run runner`, or pick another experiment with --experiment"
+            )
         return runs
     if parent is None:
         parent = latest_sweep(experiment.experiment_id)
@@ -131,15 +167,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--metrics",
         nargs="+",
-        default=list(DEFAULT_METRICS),
         metavar="METRIC",
         help=f"final values to show (default: {' '.join(DEFAULT_METRICS)})",
     )
     parser.add_argument(
         "--sort",
-        default="val/accuracy",
         metavar="METRIC",
-        help="best first by this metric: lowest for a loss, else highest (default: val/accuracy)",
+        help=f"best first by this metric: lowest for a loss, else highest (default: "
+        f"{DEFAULT_SORT} where the runs have it)",
     )
     parser.add_argument("--format", choices=FORMATS, default="table")
     parser.add_argument(
@@ -157,10 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         tracking.connect(_existing_store(uri))
         runs = select_runs(args.experiment, args.parent, args.all)
+        metrics, sort_by = chosen_metrics(runs, args.metrics, args.sort)
     except UserError as error:
         print(f"runner-compare: error: {error}", file=sys.stderr)
         return 1
-    sys.stdout.write(render(table(runs, args.metrics, args.sort), args.format))
+    sys.stdout.write(render(table(runs, metrics, sort_by), args.format))
     return 0
 
 
