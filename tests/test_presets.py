@@ -12,7 +12,7 @@ from runner.data import batch_indices, load_mnist
 from runner.errors import UserError
 from runner.train import train
 
-from .conftest import compose_config
+from .conftest import QUICK, cli, compose_config
 
 PRESETS = {
     # name: (model, output, optimizer, lr, steps, batch, loss, probabilities every)
@@ -33,6 +33,30 @@ def test_preset_sets_the_tutorials_values(name):
     assert cfg.trainer.loss.startswith(loss)
     assert cfg.trainer.log_probabilities_every == every
     check_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "override, options",
+    [("experiment=deep_mnist_cnnn", "experiment"), ("hparams_search=nope", "hparams_search")],
+)
+@pytest.mark.parametrize("print_config", [False, True], ids=["train", "cfg-job"])
+def test_a_misspelt_preset_is_refused_like_any_unknown_option(
+    override, options, print_config, tmp_path, mnist_dir
+):
+    args = [override, *QUICK, *(["--cfg", "job"] if print_config else [])]
+    result = cli("runner", *args, cwd=tmp_path, mnist_dir=mnist_dir)
+    name = override.split("=")[1]
+    assert result.returncode == 1
+    assert f"Could not find '{options}/{name}'" in result.stderr
+    assert f"Available options in '{options}'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""  # neither a config printed nor a run's output
+    assert list(tmp_path.iterdir()) == []  # no MLflow store, no outputs/ folder
+
+
+def test_no_preset_is_applied_by_default():
+    choices = compose_config(hydra=True).hydra.runtime.choices
+    assert (choices.experiment, choices.hparams_search) == (None, None)
 
 
 def test_cnn_presets_keep_the_tutorials_dropout_and_logging():
