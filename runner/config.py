@@ -2,8 +2,8 @@
 
 The values live in the YAML files under `conf/`; these dataclasses only say what keys exist
 and of which type. Each group option's YAML names its schema first in its defaults list
-(`- /schema/model/softmax@_here_`); keeping the schemas in their own `schema/` groups keeps
-them out of the options a user picks from.
+(`- /model_softmax_schema@_here_`). The schemas are stored as root-level configs, not in groups
+of their own: `runner --help` lists every group, and users must see only those they pick from.
 """
 
 from dataclasses import dataclass, field
@@ -183,13 +183,13 @@ def register_configs() -> None:
     cs.store(name="config_schema", node=Config)
     cs.store(name="evaluate_schema", node=EvaluateConf)
     cs.store(name="predict_schema", node=PredictConf)
-    cs.store(group="schema/model", name="softmax", node=SoftmaxConf)
-    cs.store(group="schema/model", name="cnn_raw", node=CnnRawConf)
-    cs.store(group="schema/model", name="cnn_layers", node=CnnLayersConf)
-    cs.store(group="schema/optimizer", name="sgd", node=SGDConf)
-    cs.store(group="schema/optimizer", name="adam", node=AdamConf)
-    cs.store(group="schema/data", name="mnist", node=DataConf)
-    cs.store(group="schema/trainer", name="trainer", node=TrainerConf)
+    cs.store(name="model_softmax_schema", node=SoftmaxConf)
+    cs.store(name="model_cnn_raw_schema", node=CnnRawConf)
+    cs.store(name="model_cnn_layers_schema", node=CnnLayersConf)
+    cs.store(name="optimizer_sgd_schema", node=SGDConf)
+    cs.store(name="optimizer_adam_schema", node=AdamConf)
+    cs.store(name="data_mnist_schema", node=DataConf)
+    cs.store(name="trainer_schema", node=TrainerConf)
 
 
 def check_config(cfg: Any) -> None:

@@ -85,6 +85,15 @@ def test_check_config_names_the_bad_key(overrides, message):
     assert message in str(error.value)
 
 
+def test_help_lists_only_the_groups_users_pick_from(tmp_path):
+    result = run_runner("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    groups = result.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    listed = [line.split(":")[0] for line in groups.splitlines() if ": " in line]
+    assert listed == ["data", "experiment", "hparams_search", "model", "optimizer", "trainer"]
+    assert "schema" not in groups
+
+
 def run_runner(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([*RUNNER, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
