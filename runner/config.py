@@ -238,8 +238,7 @@ def check_config(cfg: Any) -> None:
     dropout_rate = cfg.model.get("dropout_rate", 0.0)
     if not 0.0 <= dropout_rate < 1.0:
         raise UserError(f"model.dropout_rate={dropout_rate} must be in [0, 1); 0 turns dropout off")
-    if cfg.optimizer.lr <= 0:
-        raise UserError(f"optimizer.lr={cfg.optimizer.lr} must be positive")
+    _check_optimizer(cfg.optimizer)
     if not 0 <= cfg.optimizer.warmup_steps < t.steps:
         raise UserError(
             f"optimizer.warmup_steps={cfg.optimizer.warmup_steps} must be at least 0 and "
@@ -251,8 +250,43 @@ def check_config(cfg: Any) -> None:
             f"optimized_metric={cfg.optimized_metric} is not a metric every run records; "
             f"choose one of {', '.join(RESULT_METRICS)}"
         )
+    _check_data(d)
+
+
+def _check_data(d: Any) -> None:
+    """Refused here, before the MLflow run exists, rather than once the data is loaded."""
+    from runner.data import folder
+
     if d.limit is not None and d.limit <= 0:
         raise UserError(f"data.limit={d.limit} must be positive, or null for the whole data set")
+    # The training split holds at most `limit` examples; with strategy=mirrored each step takes
+    # batch_size per replica, which runner.data checks once the replicas are known.
+    if d.limit is not None and d.limit < d.batch_size:
+        raise UserError(
+            f"data.limit={d.limit} leaves fewer training examples than one batch of "
+            f"data.batch_size={d.batch_size}: raise data.limit or lower data.batch_size"
+        )
+    folder(d)
+
+
+def _check_optimizer(o: Any) -> None:
+    """Keras checks only SGD's momentum, and only once the optimizer is built, after the MLflow
+    run exists; it takes any Adam beta or epsilon, and beta_1=1 or epsilon=0 train to NaN."""
+    if o.lr <= 0:
+        raise UserError(f"optimizer.lr={o.lr} must be positive")
+    momentum = o.get("momentum", 0.0)
+    if not 0.0 <= momentum <= 1.0:
+        raise UserError(f"optimizer.momentum={momentum} must be in [0, 1]; 0 turns momentum off")
+    for key in ("beta_1", "beta_2"):
+        beta = o.get(key, 0.0)
+        if not 0.0 <= beta < 1.0:
+            raise UserError(f"optimizer.{key}={beta} must be in [0, 1), like Adam's 0.9 and 0.999")
+    epsilon = o.get("epsilon", 1.0)
+    if epsilon <= 0:
+        raise UserError(
+            f"optimizer.epsilon={epsilon} must be positive: it keeps Adam's step finite where "
+            f"a gradient is 0"
+        )
 
 
 def _check_device_settings(t: Any) -> None:

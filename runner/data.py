@@ -71,8 +71,20 @@ def load_test(cfg: Any) -> Split:
     return _read_split(cfg, TEST_IMAGES, TEST_LABELS)[0].head(cfg.limit)
 
 
-def _read_split(cfg: Any, images_file: str, labels_file: str) -> tuple[Split, dict[str, Path]]:
+def folder(cfg: Any) -> Path:
+    """`data.dir` as a path, refused when it names a file: the hint to copy the IDX files "into"
+    it would make no sense, and a download would fail to write there after fetching."""
     directory = Path(cfg.dir).expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise UserError(
+            f"data.dir={cfg.dir} is a file, not a folder: point it at the folder holding the "
+            f"four IDX files"
+        )
+    return directory
+
+
+def _read_split(cfg: Any, images_file: str, labels_file: str) -> tuple[Split, dict[str, Path]]:
+    directory = folder(cfg)
     files = {name: locate(directory, name, cfg) for name in (images_file, labels_file)}
     images, labels = (read_idx(path, cfg.sha256.get(name)) for name, path in files.items())
     where = files[images_file]
@@ -210,7 +222,10 @@ def batch_indices(n: int, batch_size: int, seed: int) -> Any:
     import tensorflow as tf
 
     if batch_size > n:
-        raise UserError(f"data.batch_size={batch_size} exceeds the {n} training examples")
+        raise UserError(
+            f"a training batch of {batch_size} examples (data.batch_size times the replicas) "
+            f"exceeds the {n} training examples: lower data.batch_size, or raise data.limit"
+        )
     return (
         tf.data.Dataset.range(n)
         .shuffle(n, seed=seed, reshuffle_each_iteration=True)

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from runner.config import check_config
 from runner.errors import UserError
 
-from .conftest import compose_config
+from .conftest import QUICK, cli, compose_config, store_client
 
 RUNNER = [sys.executable, "-m", "runner"]
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -76,6 +76,15 @@ def test_tracking_uri_follows_the_environment(monkeypatch):
         (["model=cnn_layers", "model.dropout_rate=1.0"], "model.dropout_rate=1.0 must be in"),
         (["optimizer.lr=0"], "optimizer.lr=0.0 must be positive"),
         (["data.limit=0"], "data.limit=0 must be positive"),
+        (
+            ["data.limit=50"],
+            "data.limit=50 leaves fewer training examples than one batch of data.batch_size=100",
+        ),
+        (["optimizer.momentum=-1"], "optimizer.momentum=-1.0 must be in [0, 1]"),
+        (["optimizer.momentum=1.5"], "optimizer.momentum=1.5 must be in [0, 1]"),
+        (["optimizer=adam", "optimizer.beta_1=1"], "optimizer.beta_1=1.0 must be in [0, 1)"),
+        (["optimizer=adam", "optimizer.beta_2=-0.1"], "optimizer.beta_2=-0.1 must be in [0, 1)"),
+        (["optimizer=adam", "optimizer.epsilon=0"], "optimizer.epsilon=0.0 must be positive"),
         (["trainer.metrics_flush_every_s=-1"], "trainer.metrics_flush_every_s=-1.0 must be 0"),
     ],
 )
@@ -83,6 +92,29 @@ def test_check_config_names_the_bad_key(overrides, message):
     with pytest.raises(UserError) as error:
         check_config(compose_config(overrides))
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["optimizer.momentum=1", "optimizer.nesterov=true"],
+        ["optimizer=adam", "optimizer.beta_1=0", "optimizer.beta_2=0", "optimizer.epsilon=1e-12"],
+        ["data.limit=100"],
+    ],
+)
+def test_check_config_accepts_the_edges_of_each_range(overrides):
+    check_config(compose_config(overrides))
+
+
+def test_a_data_dir_that_is_a_file_is_refused_before_training(tmp_path):
+    (tmp_path / "mnist.tar").write_bytes(b"not a folder")
+    cfg = compose_config([f"data.dir={tmp_path / 'mnist.tar'}"])
+    with pytest.raises(UserError) as error:
+        check_config(cfg)
+    assert str(error.value) == (
+        f"data.dir={tmp_path / 'mnist.tar'} is a file, not a folder: point it at the folder "
+        f"holding the four IDX files"
+    )
 
 
 def test_help_lists_only_the_groups_users_pick_from(tmp_path):
@@ -119,6 +151,26 @@ def test_user_error_is_one_line_without_traceback(tmp_path):
     assert "runner: error: trainer.steps=-1 must be a positive integer" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def runs_in(folder: Path) -> list:
+    """Every run of every experiment in `folder`'s embedded store; none if there is no store."""
+    if not (folder / "mlflow.db").exists():
+        return []
+    client = store_client(folder)
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_a_limit_below_one_batch_is_refused_before_any_run(tmp_path, mnist_dir):
+    quick = [o for o in QUICK if not o.startswith("data.limit=")]
+    result = cli("runner", *quick, "data.limit=50", cwd=tmp_path, mnist_dir=mnist_dir)
+    assert result.returncode == 1, result.stderr
+    assert (
+        "runner: error: data.limit=50 leaves fewer training examples than one batch of "
+        "data.batch_size=100: raise data.limit or lower data.batch_size\n"
+    ) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert runs_in(tmp_path) == []
 
 
 def test_printing_the_config_does_not_import_tensorflow(tmp_path):

@@ -34,6 +34,8 @@ from runner.data import (
 )
 from runner.errors import UserError
 
+from .conftest import cli
+
 # One worker runs this file: its tests share a module-scoped run.
 pytestmark = pytest.mark.xdist_group("test_data")
 
@@ -310,6 +312,52 @@ def test_load_missing_file_without_download(tmp_path):
     assert not (directory / f"{TEST_LABELS}.gz").exists()
 
 
+def not_a_folder_message(path: Path) -> str:
+    return (
+        f"data.dir={path} is a file, not a folder: point it at the folder holding the four IDX "
+        f"files"
+    )
+
+
+def test_load_refuses_a_data_dir_that_is_a_file(tmp_path):
+    archive = tmp_path / "mnist.zip"
+    archive.write_bytes(b"PK")
+    with pytest.raises(UserError) as info:
+        load_mnist(fake_cfg(archive))
+    assert str(info.value) == not_a_folder_message(archive)
+    assert archive.read_bytes() == b"PK"
+
+
+def test_load_refuses_a_data_dir_that_is_a_file_before_downloading(serve, tmp_path):
+    url, root = serve()
+    contents = fake_mnist_contents()
+    write_fake_mnist(root, contents)
+    archive = tmp_path / "mnist.zip"
+    archive.write_bytes(b"PK")
+    cfg = fake_cfg(
+        archive,
+        download=True,
+        download_timeout_s=5,
+        mirrors=[url],
+        sha256={name: sha256(content) for name, content in contents.items()},
+    )
+    with pytest.raises(UserError) as info:
+        load_mnist(cfg)
+    assert str(info.value) == not_a_folder_message(archive)
+    assert list(tmp_path.iterdir()) == [archive]  # nothing downloaded beside it
+
+
+def test_runner_refuses_a_data_dir_that_is_a_file_before_any_run(tmp_path, mnist_dir):
+    archive = tmp_path / "mnist.zip"
+    archive.write_bytes(b"PK")
+    result = cli(
+        "runner", f"data.dir={archive}", "data.download=false", cwd=tmp_path, mnist_dir=mnist_dir
+    )
+    assert result.returncode == 1
+    assert result.stderr == f"runner: error: {not_a_folder_message(archive)}\n"
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
 def test_load_missing_folder_without_download(tmp_path):
     with pytest.raises(UserError, match=rf"{TRAIN_IMAGES}.*not found.*data\.dir.*MNIST_DIR"):
         load_mnist(fake_cfg(tmp_path / "nowhere"))
@@ -577,5 +625,5 @@ def test_training_dataset_is_endless_across_epochs(indexed_split):
 
 
 def test_training_dataset_batch_larger_than_split(indexed_split):
-    with pytest.raises(UserError, match=r"data\.batch_size=61 exceeds the 60"):
+    with pytest.raises(UserError, match=r"batch of 61 examples \(data\.batch_size times .* 60 "):
         training_dataset(indexed_split, 61, seed=0)
