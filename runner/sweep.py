@@ -8,6 +8,7 @@ file in the sweep directory, which every launcher already shares with its jobs.
 import atexit
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
+
+from runner.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,12 @@ class NestedRuns(Callback):
         self.optimized_metric = "val/accuracy"
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            if not sweeper_has_work(config):  # the sweeper says why when Hydra starts it
+                return
+        except UserError as error:  # Hydra would make any other exception here a warning
+            print(f"runner: error: {error}", file=sys.stderr)
+            raise SystemExit(1) from None
         import mlflow
 
         from runner import tracking
@@ -91,6 +100,18 @@ class NestedRuns(Callback):
             )
         client.set_terminated(self.parent_run_id, status)
         self.parent_run_id = None
+
+
+def sweeper_has_work(config: DictConfig) -> bool:
+    """Whether the sweep will launch any job, asked before its parent run exists: Hydra calls
+    `on_multirun_start` before it builds the sweeper, so a sweeper that refused to start or had
+    nothing to run would otherwise leave an empty parent run. A sweeper class takes part with a
+    classmethod `check_before_sweep(config) -> bool`, which returns False when there is nothing
+    to run and raises a `UserError` to refuse."""
+    from hydra.utils import get_class
+
+    check = getattr(get_class(config.hydra.sweeper._target_), "check_before_sweep", None)
+    return check is None or bool(check(config))
 
 
 def summarize(client: Any, parent_run_id: str, optimized_metric: str) -> None:
