@@ -45,13 +45,17 @@ class StepCounter(keras.callbacks.Callback):
 
 
 class MlflowMetrics(keras.callbacks.Callback):
-    """Logs `train/<metric>` and `val/<metric>` at the optimizer step each epoch ends on."""
+    """Logs `train/<metric>` and `val/<metric>` at the optimizer step each epoch ends on, if it
+    ends a whole window of `window` steps: an epoch cut short by a stop averages only part of
+    its window, and its resumed run logs the whole window instead."""
 
-    def __init__(self, recorder: Any, counter: StepCounter):
+    def __init__(self, recorder: Any, counter: StepCounter, window: int):
         super().__init__()
-        self.recorder, self.counter = recorder, counter
+        self.recorder, self.counter, self.window = recorder, counter, window
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.counter.step % self.window:
+            return
         metrics = {_metric_name(key): value for key, value in (logs or {}).items()}
         self.recorder.log_metrics(metrics, step=self.counter.step)
 

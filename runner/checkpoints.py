@@ -1,26 +1,51 @@
 """Checkpoints that a crash cannot leave half-written, and resuming from the latest of them.
 
 A checkpoint is a folder `step-NNNNNNN/` holding `model.keras` (weights and optimizer state)
-and `state.json` (the step, the MLflow run, the dropout generators' seeds). It is written under
-a `.partial` name and renamed when complete, so a folder without that suffix is always whole.
-The data position needs no saving: the batch order is a function of the seed and the step.
+and `state.json` (the step, the MLflow run, the dropout generators' seeds, the settings the run
+trains with and, for a run stopped mid-window, the training metrics' running sums). It is written
+under a `.partial` name and renamed when complete, so a folder without that suffix is always
+whole. The data position needs no saving: the batch order is a function of the seed and the step.
 """
 
 import json
+import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 from hydra.core.hydra_config import HydraConfig
 
 from runner.callbacks import StepCounter
 from runner.errors import UserError
 from runner.models import register_custom_objects
 
+log = logging.getLogger(__name__)
+
 _PREFIX = "step-"
 _PARTIAL = ".partial"
+
+
+# The settings a resumed run must share with its checkpoint's run, as dotted config keys (a key
+# ending in "." stands for all below it): they decide the model, its optimizer, the data and its
+# order, and the metric history's steps. trainer.steps may grow with trainer.resume=extend.
+RESUME_KEYS = (
+    "model.",
+    "optimizer.",
+    "data.name",
+    "data.batch_size",
+    "data.validation_size",
+    "data.limit",
+    "seed",
+    "trainer.steps",
+    "trainer.loss",
+    "trainer.log_every",
+    "trainer.eval_every",
+    "trainer.deterministic",
+    "trainer.precision",
+)
 
 
 @dataclass(frozen=True)
@@ -28,6 +53,10 @@ class Checkpoint:
     path: Path
     step: int
     run_id: str
+    # RESUME_KEYS of the run's config; empty in checkpoints written before they were recorded.
+    settings: dict[str, Any] = field(default_factory=dict)
+    # The training metrics' variables mid-window, so that the resumed window averages all its steps.
+    metric_state: list[Any] | None = None
 
     def load_model(self) -> keras.Model:
         """The model as it was at `step`, compiled, with its optimizer and dropout state."""
@@ -49,16 +78,66 @@ def directory_for(configured: str | None) -> Path:
     return Path("checkpoints")
 
 
-def resume_point(trainer: Any) -> Checkpoint:
-    """The checkpoint `trainer.resume=true` carries on from, or a clear error if there is none."""
-    directory = directory_for(trainer.checkpoint_dir)
+def resume_point(cfg: Any, mode: str) -> Checkpoint:
+    """The checkpoint `trainer.resume=<mode>` carries on from, or a clear error if there is none
+    or if `cfg` differs from its run's settings: `true` must match them all, `extend` may raise
+    trainer.steps."""
+    directory = directory_for(cfg.trainer.checkpoint_dir)
     found = latest(directory)
     if found is None:
         raise UserError(
-            f"trainer.resume=true but {directory.resolve()} holds no complete checkpoint: pass "
+            f"trainer.resume={mode} but {directory.resolve()} holds no complete checkpoint: pass "
             f"the interrupted run's folder, hydra.run.dir=outputs/<date>/<time>"
         )
+    _check_settings(found, settings(cfg), mode)
     return found
+
+
+def settings(cfg: Any) -> dict[str, Any]:
+    """`cfg`'s RESUME_KEYS, resolved and flattened."""
+    from omegaconf import OmegaConf
+
+    from runner.tracking import flatten
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    return {
+        key: value
+        for key, value in flatten(resolved)
+        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_KEYS)
+    }
+
+
+def _check_settings(checkpoint: Checkpoint, now: dict[str, Any], mode: str) -> None:
+    if not checkpoint.settings:
+        log.warning("%s records no settings to check the resumed run against", checkpoint.path)
+        return
+    was = checkpoint.settings
+    differ = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
+    if mode == "extend" and differ == ["trainer.steps"]:
+        if now["trainer.steps"] <= checkpoint.step:
+            raise UserError(
+                f"trainer.resume=extend needs trainer.steps above the checkpoint's step "
+                f"{checkpoint.step}, not {now['trainer.steps']}"
+            )
+        if now.get("optimizer.schedule") != "constant":
+            raise UserError(
+                f"trainer.resume=extend cannot lengthen optimizer.schedule="
+                f"{now.get('optimizer.schedule')}: its rate reaches 0 at the run's "
+                f"trainer.steps={was['trainer.steps']}; start a new run instead"
+            )
+        return
+    if not differ:
+        return
+    changes = ", ".join(f"{k}={was.get(k)} (now {now.get(k)})" for k in differ)
+    hint = (
+        "; to train the run further, use trainer.resume=extend"
+        if differ == ["trainer.steps"]
+        else ": resume with the run's own settings, or start a new run without trainer.resume"
+    )
+    raise UserError(
+        f"trainer.resume={mode} refused: the checkpoint's run {checkpoint.run_id} trained with "
+        f"{changes}{hint}"
+    )
 
 
 def latest(directory: Path) -> Checkpoint | None:
@@ -67,7 +146,15 @@ def latest(directory: Path) -> Checkpoint | None:
     return found[-1] if found else None
 
 
-def save(model: keras.Model, directory: Path, step: int, run_id: str, keep: int) -> Checkpoint:
+def save(
+    model: keras.Model,
+    directory: Path,
+    step: int,
+    run_id: str,
+    keep: int,
+    run_settings: dict[str, Any],
+    metric_state: list[Any] | None = None,
+) -> Checkpoint:
     """Write a checkpoint atomically, then drop all but the newest `keep`."""
     final = directory / f"{_PREFIX}{step:07d}"
     partial = final.with_name(final.name + _PARTIAL)
@@ -78,13 +165,15 @@ def save(model: keras.Model, directory: Path, step: int, run_id: str, keep: int)
         "step": step,
         "run_id": run_id,
         "seed_states": [keras.ops.convert_to_numpy(v).tolist() for v in _seed_states(model)],
+        "settings": run_settings,
+        "metric_state": metric_state,
     }
     (partial / "state.json").write_text(json.dumps(state))
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
     for old in sorted(_complete(directory), key=lambda c: c.step)[:-keep]:
         shutil.rmtree(old.path)
-    return Checkpoint(final, step, run_id)
+    return Checkpoint(final, step, run_id, run_settings, metric_state)
 
 
 def _complete(directory: Path) -> list[Checkpoint]:
@@ -93,7 +182,15 @@ def _complete(directory: Path) -> list[Checkpoint]:
         state = path / "state.json"
         if path.suffix != _PARTIAL and state.is_file():
             saved = json.loads(state.read_text())
-            found.append(Checkpoint(path, saved["step"], saved["run_id"]))
+            found.append(
+                Checkpoint(
+                    path,
+                    saved["step"],
+                    saved["run_id"],
+                    saved.get("settings", {}),
+                    saved.get("metric_state"),
+                )
+            )
     return found
 
 
@@ -107,17 +204,65 @@ def _seed_states(model: keras.Model) -> list[Any]:
 class Checkpointer(keras.callbacks.Callback):
     """Saves a checkpoint every `every` steps, at the last step and where training was stopped,
     after flushing `recorder`'s metrics to MLflow, so a resumed run neither loses nor repeats a
-    logged step."""
+    logged step. A stop inside a logging window of `window` steps also saves the training
+    metrics' running sums, taken before Keras's validation resets them."""
 
     def __init__(
-        self, directory: Path, every: int, last: int, recorder: Any, keep: int, counter: StepCounter
+        self,
+        directory: Path,
+        every: int,
+        last: int,
+        recorder: Any,
+        keep: int,
+        counter: StepCounter,
+        window: int,
+        run_settings: dict[str, Any],
     ):
         super().__init__()
         self.directory, self.every, self.last = directory, every, last
         self.recorder, self.keep, self.counter = recorder, keep, counter
+        self.window, self.run_settings = window, run_settings
+        self.metric_state: list[Any] | None = None
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self.model.stop_training and self.counter.step % self.window:
+            self.metric_state = [
+                keras.ops.convert_to_numpy(v).tolist() for v in self.model.metrics_variables
+            ]
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         step = self.counter.step
         if step % self.every == 0 or step == self.last or self.model.stop_training:
             self.recorder.flush()
-            save(self.model, self.directory, step, self.recorder.run_id, self.keep)
+            save(
+                self.model,
+                self.directory,
+                step,
+                self.recorder.run_id,
+                self.keep,
+                self.run_settings,
+                self.metric_state,
+            )
+
+
+class RestoreMetrics(keras.callbacks.Callback):
+    """Puts a checkpoint's mid-window metric sums back after Keras resets the metrics at the
+    start of the resumed window, so that window's average covers all its steps, as unresumed."""
+
+    def __init__(self, state: list[Any]):
+        super().__init__()
+        self.state: list[Any] | None = state
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        """Create the compiled metrics' variables, which Keras otherwise creates only when it
+        traces the first step: one update on a dummy example, which the epoch's reset undoes."""
+        outputs = self.model.outputs[0].shape[-1]
+        self.model.compute_metrics(
+            None, np.zeros((1,), "int32"), np.zeros((1, outputs), "float32"), None
+        )
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        if self.state is not None:
+            for variable, value in zip(self.model.metrics_variables, self.state, strict=True):
+                variable.assign(value)
+            self.state = None

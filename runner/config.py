@@ -124,7 +124,9 @@ class TrainerConf:
     checkpoint_every: int = MISSING
     keep_checkpoints: int = MISSING
     checkpoint_dir: str | None = None
-    resume: bool = False
+    # "false", "true" (carry on with the checkpoint's settings) or "extend" (raise
+    # trainer.steps); typed str because a field cannot be both a bool and "extend".
+    resume: str = "false"
     log_probabilities_every: int = MISSING
     log_probabilities_examples: int = MISSING
     progress_bar: bool = True
@@ -245,6 +247,7 @@ def check_config(cfg: Any) -> None:
             f"below trainer.steps={t.steps}"
         )
     _check_device_settings(t)
+    _check_resume(t)
     if cfg.optimized_metric not in RESULT_METRICS:
         raise UserError(
             f"optimized_metric={cfg.optimized_metric} is not a metric every run records; "
@@ -286,6 +289,22 @@ def _check_optimizer(o: Any) -> None:
         raise UserError(
             f"optimizer.epsilon={epsilon} must be positive: it keeps Adam's step finite where "
             f"a gradient is 0"
+        )
+
+
+RESUME_MODES = ("false", "true", "extend")
+
+
+def resume_mode(trainer: Any) -> str:
+    """`trainer.resume` as one of RESUME_MODES; the YAML's booleans arrive as "True"/"False"."""
+    return str(trainer.resume).lower()
+
+
+def _check_resume(t: Any) -> None:
+    if resume_mode(t) not in RESUME_MODES:
+        raise UserError(
+            f"trainer.resume={t.resume} must be false, true (carry on from the newest "
+            f"checkpoint) or extend (carry on with a larger trainer.steps)"
         )
 
 

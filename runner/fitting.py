@@ -15,20 +15,27 @@ from runner.callbacks import (
     Throughput,
     optimizer_step,
 )
-from runner.checkpoints import Checkpointer
+from runner.checkpoints import Checkpoint, Checkpointer, RestoreMetrics
 from runner.data import Split, Splits, in_batches, training_dataset
 from runner.devices import Plan
 from runner.errors import Interrupted, UserError
 
 
 def fit(
-    model: Any, splits: Splits, cfg: Any, recorder: Any, plan: Plan, start_step: int = 0
+    model: Any,
+    splits: Splits,
+    cfg: Any,
+    recorder: Any,
+    plan: Plan,
+    resumed: Checkpoint | None = None,
 ) -> None:
-    """Train from `start_step` to `trainer.steps`; validate every `eval_every` steps and after
-    the last one; checkpoint every `checkpoint_every` steps, after the last one and on SIGINT
-    or SIGTERM, which then raise `Interrupted`. Each step trains on `data.batch_size` examples
-    per replica."""
+    """Train from the `resumed` checkpoint's step (else 0) to `trainer.steps`; validate every
+    `eval_every` steps and after the last one; checkpoint every `checkpoint_every` steps, after
+    the last one and on SIGINT or SIGTERM, which then raise `Interrupted`. Each step trains on
+    `data.batch_size` examples per replica. Metrics are logged only for whole windows, so a run
+    stopped and resumed logs the same history as one left alone."""
     trainer = cfg.trainer
+    start_step = resumed.step if resumed else 0
     batch = cfg.data.batch_size * plan.replicas
     stop = StopOnSignal()
     folder = checkpoints.directory_for(trainer.checkpoint_dir)
@@ -36,7 +43,7 @@ def fit(
     callbacks = [
         counter,  # first: the others read the step it counts
         Throughput(batch, plan.steps_per_execution),  # adds to the logs the others see
-        MlflowMetrics(recorder, counter),
+        MlflowMetrics(recorder, counter, trainer.log_every),
         StopOnNonFiniteLoss(),
         stop,
         Checkpointer(
@@ -46,8 +53,12 @@ def fit(
             recorder,
             trainer.keep_checkpoints,
             counter,
+            trainer.log_every,
+            checkpoints.settings(cfg),
         ),
     ]
+    if resumed and resumed.metric_state is not None:
+        callbacks.append(RestoreMetrics(resumed.metric_state))
     if trainer.log_probabilities_every:
         callbacks.append(
             ProbabilityLogger(
@@ -77,8 +88,8 @@ def fit(
     if stop.received:
         raise Interrupted(
             f"stopped by {stop.received} at step {optimizer_step(model)}, checkpoint written "
-            f"to {folder}; carry on with the same command plus trainer.resume=true "
-            f"(and hydra.run.dir=<this run's output folder>)",
+            f"to {folder}; carry on with the same command plus trainer.resume=true"
+            f"{_run_folder_override(trainer.checkpoint_dir)}",
             exit_code=130 if stop.received == "SIGINT" else 143,
         )
     if trainer.steps % trainer.eval_every:
@@ -86,6 +97,16 @@ def fit(
             in_batches(splits.validation, cfg.data.eval_batch_size), verbose=0, return_dict=True
         )
         recorder.log_metrics({f"val/{k}": v for k, v in final.items()}, step=trainer.steps)
+
+
+def _run_folder_override(checkpoint_dir: str | None) -> str:
+    """The override that points a resumed run at this run's checkpoints, unless the command
+    already names them (trainer.checkpoint_dir)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if checkpoint_dir or not HydraConfig.initialized():
+        return ""
+    return f" hydra.run.dir={HydraConfig.get().runtime.output_dir}"
 
 
 def check_resumable(start_step: int, plan: Plan) -> None:

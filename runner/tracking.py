@@ -107,22 +107,26 @@ def mlflow_run(
     tags: dict[str, str] | None = None,
     resume_run_id: str | None = None,
     sweep_job: SweepJob | None = None,
+    extends: bool = False,
 ) -> Iterator[Recorder]:
     """One MLflow run around the training; ends FAILED (with an `error` tag) if anything raises.
 
     Besides the config it records the environment (`environment.json`, and tags for versions,
     devices and commit), so that a run can be rerun and a difference explained. With
-    `resume_run_id` it reopens that run, whose config is already logged; a new run of a
-    `sweep_job` is nested under the sweep's parent run. Call `open_store` first.
+    `resume_run_id` it reopens that run, whose config is already logged; with `extends` too, it
+    starts a new run that carries that run's history on under the new config (tagged
+    `extends`), since MLflow's params cannot change. A new run of a `sweep_job` is nested under
+    the sweep's parent run. Call `open_store` first.
     """
     hydra_dir = _hydra_output_dir()
+    reopen = resume_run_id if not extends else None
     # System metrics (psutil; nvidia-ml-py for GPUs) are sampled on a thread while the run is on.
     mlflow.set_system_metrics_sampling_interval(cfg.trainer.system_metrics_every_s)
     started = mlflow.start_run(
-        run_id=resume_run_id,
-        run_name=None if resume_run_id else _run_name(cfg, sweep_job),
+        run_id=reopen,
+        run_name=None if reopen else _run_name(cfg, sweep_job),
         nested=sweep_job is not None,
-        parent_run_id=sweep_job.parent_run_id if sweep_job and not resume_run_id else None,
+        parent_run_id=sweep_job.parent_run_id if sweep_job and not reopen else None,
         log_system_metrics=cfg.trainer.system_metrics,
     )
     with started as run:
@@ -130,8 +134,12 @@ def mlflow_run(
         try:
             run_id = run.info.run_id
             log.info("MLflow run %s in experiment %r", run_id, cfg.experiment_name)
-            history = _reopen(run_id) if resume_run_id else None
-            if not resume_run_id:
+            history = None
+            if reopen:
+                history = _reopen(reopen)
+            elif resume_run_id:
+                history = _carry_on(resume_run_id, run_id)
+            if not reopen:
                 _log_config(cfg, hydra_dir)
             _log_environment(data_files)
             mlflow.set_tags(tags or {})
@@ -168,6 +176,29 @@ def _reopen(run_id: str) -> dict[str, list[tuple[int, float]]]:
         key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
         for key in run.data.metrics
     }
+
+
+def _carry_on(old_run_id: str, new_run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """Copy `old_run_id`'s metrics into `new_run_id`, which extends it; link the two runs and
+    return the histories copied."""
+    client = mlflow.MlflowClient()
+    points = [
+        metric
+        for key in client.get_run(old_run_id).data.metrics
+        for metric in client.get_metric_history(old_run_id, key)
+    ]
+    for start in range(0, len(points), _BATCH):  # the most MLflow takes in one log_batch
+        client.log_batch(new_run_id, metrics=points[start : start + _BATCH])
+    client.set_tag(new_run_id, "extends", old_run_id)
+    client.set_tag(old_run_id, "extended_by", new_run_id)
+    log.info("run %s carries on run %s with a larger trainer.steps", new_run_id, old_run_id)
+    history: dict[str, list[tuple[int, float]]] = {}
+    for m in points:
+        history.setdefault(m.key, []).append((m.step, m.value))
+    return history
+
+
+_BATCH = 1000
 
 
 def open_store(uri: str, experiment_name: str) -> None:

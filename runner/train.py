@@ -15,7 +15,7 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
 from runner import sweep
-from runner.config import check_config, register_configs
+from runner.config import check_config, register_configs, resume_mode
 from runner.errors import Interrupted, UserError
 
 register_configs()
@@ -52,18 +52,26 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
     log.info("devices: %s; %s", found.describe(), plan.describe())
     start_clean(cfg.seed, cfg.trainer.deterministic, plan.precision)
     splits = data.load_mnist(cfg.data)
-    resumed = checkpoints.resume_point(cfg.trainer) if cfg.trainer.resume else None
+    mode = resume_mode(cfg.trainer)
+    resumed = checkpoints.resume_point(cfg, mode) if mode != "false" else None
     check_resumable(resumed.step if resumed else 0, plan)
+    # trainer.resume=extend with more steps: a new run, as MLflow's params cannot change.
+    extends = resumed is not None and resumed.settings.get("trainer.steps") != cfg.trainer.steps
     with devices.distribution(plan).scope():
         model = models.compiled(cfg, plan, resumed.load_model() if resumed else None)
     run_tags = {**found.tags(), **plan.tags(), **(tags or {})}
     with (
         terminate_as_interrupt(),
         tracking.mlflow_run(
-            cfg, splits.files, run_tags, resumed and resumed.run_id, sweep.current_job()
+            cfg,
+            splits.files,
+            run_tags,
+            resumed and resumed.run_id,
+            sweep.current_job(),
+            extends,
         ) as recorder,
     ):
-        fit(model, splits, cfg, recorder, plan, start_step=resumed.step if resumed else 0)
+        fit(model, splits, cfg, recorder, plan, resumed)
         recorder.log_test(
             splits.test, *evaluate_outputs(model, splits.test, cfg.data.eval_batch_size)
         )

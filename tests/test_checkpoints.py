@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runner import checkpoints
-from runner.errors import UserError
+from runner import checkpoints, repro
+from runner.errors import Interrupted, UserError
 from runner.train import train
 
 from .conftest import compose_config, only_run, store_client
@@ -29,6 +29,8 @@ CNN = [
     "trainer.log_every=20",
     "trainer.eval_every=100",
     "trainer.checkpoint_every=40",
+    # Executions shorter than a window, so that a signal may stop the run mid-window.
+    "trainer.steps_per_execution=10",
     "trainer.progress_bar=false",
     "trainer.log_model=false",
 ]
@@ -107,6 +109,12 @@ def interrupt(
     return command, env, process.returncode, stderr
 
 
+def history(folder: Path, run_id: str) -> dict:
+    """The run's metric histories, less the machine's measurements (as runner-repro compares)."""
+    client = store_client(folder)
+    return repro.histories(client, client.get_run(run_id))
+
+
 def assert_same_end(tmp_path: Path, reference: Path) -> None:
     for got, want in zip(final_weights(tmp_path / "run"), final_weights(reference), strict=True):
         np.testing.assert_array_equal(got, want)
@@ -118,7 +126,7 @@ def assert_same_end(tmp_path: Path, reference: Path) -> None:
         assert run.data.metrics[key] == ref_run.data.metrics[key], key
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert len(steps) == len(set(steps)), "no step logged twice"
-    assert set(range(20, 201, 20)) <= set(steps), "no window missing"
+    assert history(tmp_path, run.info.run_id) == history(reference, ref_run.info.run_id)
 
 
 def resume(command: list[str], env: dict, cwd: Path) -> None:
@@ -155,3 +163,134 @@ def test_ctrl_c_checkpoints_marks_killed_and_resumes_to_the_same_end(
     assert run.info.status == "KILLED"
     resume(command, env, tmp_path)
     assert_same_end(tmp_path, reference)
+
+
+# A short softmax run whose stop lands inside a window (steps_per_execution 5, windows of 20),
+# between checkpoints, and in a window that validates.
+SOFTMAX = [
+    "data.limit=1000",
+    "trainer.steps=80",
+    "trainer.log_every=20",
+    "trainer.eval_every=20",
+    "trainer.checkpoint_every=40",
+    "trainer.steps_per_execution=5",
+    "trainer.progress_bar=false",
+    "trainer.log_model=false",
+    "trainer.system_metrics=false",
+]
+
+
+def softmax_run(folder: Path, *extra: str) -> dict:
+    """Train SOFTMAX (plus `extra`) with its store and checkpoints in `folder`; returns the
+    final metrics."""
+    return train(
+        compose_config(
+            [
+                *SOFTMAX,
+                f"tracking_uri=sqlite:///{folder}/mlflow.db",
+                f"trainer.checkpoint_dir={folder}/checkpoints",
+                *extra,
+            ]
+        )
+    )
+
+
+def stop_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Make training stop as SIGINT does, after the execution that ends on `step`."""
+    from runner.callbacks import StopOnSignal, optimizer_step
+
+    original = StopOnSignal.on_train_batch_end
+
+    def on_train_batch_end(self, batch, logs=None):
+        if optimizer_step(self.model) == step:
+            self.received = "SIGINT"
+        original(self, batch, logs)
+
+    monkeypatch.setattr(StopOnSignal, "on_train_batch_end", on_train_batch_end)
+
+
+def test_run_stopped_mid_window_resumes_to_the_same_history_bitwise(
+    tmp_path, mnist_dir, monkeypatch
+):
+    monkeypatch.setenv("MNIST_DIR", str(mnist_dir))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "alone").mkdir()
+    softmax_run(tmp_path / "alone")
+    reference = history(tmp_path / "alone", only_run(tmp_path / "alone").info.run_id)
+
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    with monkeypatch.context() as patch:
+        stop_at(patch, 30)
+        with pytest.raises(Interrupted, match="at step 30,"):
+            softmax_run(stopped)
+    assert checkpoints.latest(stopped / "checkpoints").step == 30
+    run_id = only_run(stopped).info.run_id
+    assert max(m.step for m in store_client(stopped).get_metric_history(run_id, "val/loss")) == 20
+    softmax_run(stopped, "trainer.resume=true")
+
+    assert only_run(stopped).info.status == "FINISHED"
+    assert history(stopped, run_id) == reference
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{stopped}/mlflow.db")
+    repro.main([run_id])  # exits 1 on any difference
+
+
+def test_resume_with_other_settings_is_refused_naming_them(tmp_path, mnist_dir, monkeypatch):
+    monkeypatch.setenv("MNIST_DIR", str(mnist_dir))
+    monkeypatch.chdir(tmp_path)
+    with monkeypatch.context() as patch:
+        stop_at(patch, 40)
+        with pytest.raises(Interrupted):
+            softmax_run(tmp_path)
+    changed = [
+        "trainer.resume=true",
+        "model=cnn_raw",
+        "optimizer=adam",
+        "data.batch_size=50",
+        "trainer.steps=120",
+    ]
+    with pytest.raises(UserError) as refused:
+        softmax_run(tmp_path, *changed)
+    message = str(refused.value)
+    for key in ("model.name=softmax (now cnn_raw)", "optimizer.name=sgd (now adam)"):
+        assert key in message
+    assert "data.batch_size=100 (now 50)" in message
+    assert "trainer.steps=80 (now 120)" in message
+    assert "\n" not in message
+    with pytest.raises(UserError, match="to train the run further, use trainer.resume=extend"):
+        softmax_run(tmp_path, "trainer.resume=true", "trainer.steps=120")
+    # Nothing was recorded by the refused resumes: the stopped run is as it was.
+    run = only_run(tmp_path)
+    assert run.info.status == "KILLED" and run.data.params["trainer.steps"] == "80"
+    assert checkpoints.latest(tmp_path / "checkpoints").step == 40
+
+
+def test_extend_carries_a_run_on_in_a_new_run_with_its_new_steps(tmp_path, mnist_dir, monkeypatch):
+    monkeypatch.setenv("MNIST_DIR", str(mnist_dir))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "long").mkdir()
+    softmax_run(tmp_path / "long", "trainer.steps=120")
+    long_run = only_run(tmp_path / "long")
+
+    softmax_run(tmp_path)
+    short = only_run(tmp_path)
+    with pytest.raises(UserError, match="above the checkpoint's step 80"):
+        softmax_run(tmp_path, "trainer.resume=extend", "trainer.steps=60")
+    softmax_run(tmp_path, "trainer.resume=extend", "trainer.steps=120")
+
+    client = store_client(tmp_path)
+    [extended] = client.search_runs(
+        [short.info.experiment_id], filter_string=f"tags.extends = '{short.info.run_id}'"
+    )
+    assert extended.info.status == "FINISHED"
+    assert extended.data.params["trainer.steps"] == "120"
+    assert client.get_run(short.info.run_id).data.tags["extended_by"] == extended.info.run_id
+    assert checkpoints.latest(tmp_path / "checkpoints").run_id == extended.info.run_id
+    # Training carried on exactly: the same weights and training curve as 120 steps at once.
+    got, want = (
+        history(tmp_path, extended.info.run_id),
+        history(tmp_path / "long", long_run.info.run_id),
+    )
+    assert got["train/loss"] == want["train/loss"]
+    assert got["val/accuracy"] == want["val/accuracy"]
+    assert extended.data.metrics["test/accuracy"] == long_run.data.metrics["test/accuracy"]
