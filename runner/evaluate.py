@@ -12,20 +12,27 @@ register_configs()
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float | int | None]:
+    """Loss, accuracy and the optimizer step the model reached. The command line and the store
+    are checked before TensorFlow loads, which takes seconds."""
+    from runner import logged_model
+
+    logged_model.check_choice(cfg.run_id, cfg.model_uri)
+    from runner import tracking
+
+    tracking.connect(cfg.tracking_uri)
     from runner.tensorflow_logs import load_tensorflow
 
     load_tensorflow()  # before anything else imports it
-    from runner import data, logged_model
+    from runner import data
     from runner.fitting import evaluate_outputs
 
-    found = logged_model.load(cfg.run_id, cfg.model_uri, cfg.tracking_uri)
+    found = logged_model.load(cfg.run_id, cfg.model_uri)
     test = data.load_test(cfg.data)
     outputs, loss = evaluate_outputs(found.model, test, cfg.data.eval_batch_size)
-    steps = found.run.data.params.get("trainer.steps") if found.run else None
     return {
         "loss": loss,
         "accuracy": float((outputs.argmax(axis=1) == test.y).mean()),
-        "global_step": int(steps) if steps else None,
+        "global_step": logged_model.reached_step(found),
     }
 
 

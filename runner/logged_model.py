@@ -1,10 +1,10 @@
-"""Find and load a model that a training run logged to MLflow, by run id or by model URI."""
+"""Find and load a model that a training run logged to MLflow, by run id or by model URI.
+
+MLflow is imported where it is used, so that `check_choice` answers a wrong command line at
+once rather than after MLflow's and TensorFlow's seconds of loading."""
 
 from dataclasses import dataclass
 from typing import Any
-
-import mlflow
-from mlflow.exceptions import MlflowException
 
 from runner.errors import UserError
 from runner.models import register_custom_objects
@@ -17,11 +17,19 @@ class LoggedModel:
     run: Any  # the training run (mlflow.entities.Run), for its config
 
 
-def load(run_id: str | None, model_uri: str | None, tracking_uri: str) -> LoggedModel:
-    """The Keras model `run_id` logged, or the one at `model_uri` (models:/, runs:/, a path)."""
+def check_choice(run_id: str | None, model_uri: str | None) -> None:
+    """Exactly one of `run_id` and `model_uri` names the model."""
     if bool(run_id) == bool(model_uri):
         raise UserError("give exactly one of run_id=<MLflow run id> or model_uri=<model URI>")
-    mlflow.set_tracking_uri(tracking_uri)
+
+
+def load(run_id: str | None, model_uri: str | None) -> LoggedModel:
+    """The Keras model `run_id` logged, or the one at `model_uri` (models:/, runs:/, a path), in
+    the store that `runner.tracking.connect` pointed MLflow at."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    check_choice(run_id, model_uri)
     register_custom_objects()
     try:
         uri = model_uri or _model_of_run(run_id)
@@ -34,6 +42,10 @@ def load(run_id: str | None, model_uri: str | None, tracking_uri: str) -> Logged
 
 
 def _model_of_run(run_id: str) -> str:
+    """The newest model the run logged: a resumed run logs one each time it ends."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     try:
         run = mlflow.get_run(run_id)
     except MlflowException:
@@ -44,6 +56,8 @@ def _model_of_run(run_id: str) -> str:
     models = mlflow.search_logged_models(
         experiment_ids=[run.info.experiment_id],
         filter_string=f"source_run_id = '{run_id}'",
+        order_by=[{"field_name": "creation_time", "ascending": False}],
+        max_results=1,
         output_format="list",
     )
     if not models:
@@ -51,6 +65,19 @@ def _model_of_run(run_id: str) -> str:
             f"run {run_id} logged no model (was it trained with trainer.log_model=false?)"
         )
     return models[0].model_uri
+
+
+def reached_step(found: LoggedModel) -> int | None:
+    """The optimizer step the model reached, which a run stopped early or resumed further than
+    it was started for does not share with its `trainer.steps` parameter; that parameter for a
+    model saved without its optimizer."""
+    import keras
+
+    optimizer = getattr(found.model, "optimizer", None)
+    if optimizer is not None and optimizer.built:
+        return int(keras.ops.convert_to_numpy(optimizer.iterations))
+    steps = found.run.data.params.get("trainer.steps") if found.run else None
+    return int(steps) if steps else None
 
 
 def outputs_probabilities(model: Any) -> bool:

@@ -3,15 +3,20 @@
 import gzip
 import os
 import re
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
 
-from runner.data import TEST_IMAGES, TEST_LABELS, read_idx
+from runner.data import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, read_idx
 from runner.errors import UserError
 from runner.evaluate import evaluate
 from runner.predict import predict
@@ -111,3 +116,117 @@ def test_predict_rejects_what_is_not_an_image(trained, tmp_path):
     cfg = app_config("predict", [f"run_id={run_id}", "images=nowhere/*.png", store])
     with pytest.raises(UserError, match=r"images='nowhere/\*.png' matches no file"):
         predict(cfg)
+
+
+def closed_port() -> int:
+    """A local port that nothing listens on: connecting to it is refused at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def timed_cli(name: str, *args: str, cwd: Path, mnist_dir: Path) -> tuple[float, str]:
+    """Run a command that must fail; its time in seconds and its one-line stderr."""
+    started = time.monotonic()
+    result = cli(name, *args, cwd=cwd, mnist_dir=mnist_dir, timeout=60)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1, result.stdout + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"{name}: error: ")
+    return elapsed, line
+
+
+def test_eval_and_predict_fail_fast_on_an_unreachable_server(tmp_path, mnist_dir):
+    server = f"tracking_uri=http://127.0.0.1:{closed_port()}"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "digit.png")
+    for name, args in [
+        ("runner-eval", ["run_id=0123456789abcdef"]),
+        ("runner-predict", ["run_id=0123456789abcdef", f"images={tmp_path}/digit.png"]),
+    ]:
+        elapsed, line = timed_cli(name, *args, server, cwd=tmp_path, mnist_dir=mnist_dir)
+        assert elapsed < 30
+        assert "does not answer" in line and "no run" not in line
+
+
+def test_bad_arguments_are_told_before_tensorflow_loads(tmp_path, mnist_dir):
+    for name, args, message in [
+        ("runner-eval", [], "give exactly one of run_id="),
+        ("runner-eval", ["run_id=a", "model_uri=models:/b"], "give exactly one of run_id="),
+        ("runner-predict", ["run_id=a"], "images=<png, glob or folder>"),
+        ("runner-predict", ["images=x.png"], "give exactly one of run_id="),
+    ]:
+        elapsed, line = timed_cli(name, *args, cwd=tmp_path, mnist_dir=mnist_dir)
+        assert message in line
+        assert elapsed < 8  # loading TensorFlow alone takes longer than that on 2 cores
+    # What makes it quick: the command ends before anything imports TensorFlow.
+    for module, name, args, message in [
+        ("evaluate", "runner-eval", [], "give exactly one of run_id="),
+        ("predict", "runner-predict", ["run_id=a"], "give the images"),
+    ]:
+        script = (
+            "import sys\n"
+            f"from runner.{module} import main\n"
+            f"sys.argv = {[name, *args]!r}\n"
+            "try:\n"
+            "    main()\n"
+            "except SystemExit as exit:\n"
+            "    print(exit.code)\n"
+            "print('tensorflow imported:', 'tensorflow' in sys.modules)\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert f"{name}: error: {message}" in result.stdout, result.stderr[-2000:]
+        assert result.stdout.endswith("tensorflow imported: False\n")
+
+
+def test_eval_reports_the_step_the_model_reached_not_the_planned_one(tmp_path, mnist_dir):
+    """A run that stopped early, or that an earlier runner resumed past the steps it was started
+    for, has a trainer.steps parameter other than the step its model reached: here a model
+    trained 60 steps, logged by a run whose parameter says 30."""
+    from runner.tensorflow_logs import load_tensorflow
+
+    load_tensorflow()
+    import keras
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(store)
+    mlflow.set_experiment("mnist")
+    images = read_idx(mnist_dir / f"{TRAIN_IMAGES}.gz")[:600].reshape(600, 784) / 255
+    labels = read_idx(mnist_dir / f"{TRAIN_LABELS}.gz")[:600]
+    model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(10)])
+    model.compile(keras.optimizers.SGD(0.5), keras.losses.SparseCategoricalCrossentropy(True))
+    with mlflow.start_run() as run:
+        mlflow.log_param("trainer.steps", 30)
+        model.fit(images, labels, batch_size=10, epochs=1, verbose=0)  # 60 steps
+        mlflow.keras.log_model(model, name="model")
+    cfg = app_config(
+        "evaluate", [f"run_id={run.info.run_id}", f"tracking_uri={store}", f"data.dir={mnist_dir}"]
+    )
+    assert evaluate(cfg)["global_step"] == 60
+
+
+def test_predict_reads_ink_held_in_the_alpha_channel_and_warns_of_blank_images(
+    trained, mnist_dir, tmp_path
+):
+    work, run_id = trained
+    digits = read_idx(mnist_dir / f"{TEST_IMAGES}.gz")[:5]
+    for i, digit in enumerate(digits):
+        Image.fromarray(digit).save(tmp_path / f"plain{i}.png")
+        # Black ink on transparent: every colour channel 0, the digit in the alpha channel.
+        rgba = np.zeros((28, 28, 4), np.uint8)
+        rgba[..., 3] = digit
+        Image.fromarray(rgba, "RGBA").save(tmp_path / f"alpha{i}.png")
+    Image.fromarray(np.full((28, 28), 255, np.uint8)).save(tmp_path / "blank.png")
+    result = cli(
+        "runner-predict", f"run_id={run_id}", f"images={tmp_path}", cwd=work, mnist_dir=mnist_dir
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    classes = dict(re.findall(r"/(\w+)\.png: class (\d)", result.stdout))
+    assert len(set(classes[f"plain{i}"] for i in range(5))) > 1
+    assert all(classes[f"alpha{i}"] == classes[f"plain{i}"] for i in range(5)), classes
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: {tmp_path}/blank.png is blank (every pixel alike): its class means nothing"
+    ]
