@@ -92,21 +92,31 @@ def _number(value: float | None) -> str:
 
 
 def rerun(run_id: str, tracking_uri: str, overrides: list[str]) -> tuple[Any, Any]:
-    """Train again from `run_id`'s logged config; returns (original run, new run)."""
+    """Train again from `run_id`'s logged config changed by `overrides` (KEY=VALUE); returns
+    (original run, new run). The overrides and the store are checked before anything trains."""
     import mlflow
     from mlflow.exceptions import MlflowException
     from omegaconf import OmegaConf
 
+    from runner import tracking
     from runner.errors import UserError
     from runner.train import train
 
+    for override in overrides:
+        key, equals, _ = override.partition("=")
+        if not equals or not key.strip():
+            raise UserError(
+                f"--set {override!r} is not KEY=VALUE: write it as, e.g., "
+                f"--set data.dir=/data/mnist"
+            )
+    tracking.connect(tracking_uri)  # MLflow would retry an unreachable server for minutes
     client = mlflow.MlflowClient(tracking_uri)
     try:
         original = client.get_run(run_id)
         logged = mlflow.artifacts.load_text(f"{original.info.artifact_uri}/config.yaml")
     except MlflowException as error:
         raise UserError(f"cannot read run {run_id} in {tracking_uri}: {error.message}") from None
-    cfg = OmegaConf.merge(OmegaConf.create(logged), OmegaConf.from_dotlist(overrides))
+    cfg = overridden(OmegaConf.create(logged), overrides, run_id)
     cfg.tracking_uri = tracking_uri
     # A fresh folder, so the rerun neither resumes from nor overwrites the original's checkpoints.
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
@@ -116,6 +126,27 @@ def rerun(run_id: str, tracking_uri: str, overrides: list[str]) -> tuple[Any, An
     cfg.trainer.resume = False
     train(cfg, tags={"repro_of": run_id})
     return original, client.get_run(mlflow.last_active_run().info.run_id)
+
+
+def overridden(logged: Any, overrides: list[str], run_id: str) -> Any:
+    """The logged config with `overrides` applied. A key it lacks is refused: merged, a misspelt
+    key would be added beside the real one and the original rerun unchanged."""
+    from difflib import get_close_matches
+
+    from omegaconf import OmegaConf
+
+    from runner.errors import UserError
+    from runner.tracking import flatten
+
+    absent = object()
+    for override in overrides:
+        key = override.partition("=")[0].strip()
+        if OmegaConf.select(logged, key, default=absent) is absent:
+            keys = [name for name, _ in flatten(OmegaConf.to_container(logged))]
+            close = get_close_matches(key, keys, n=1)
+            hint = f"did you mean {close[0]}?" if close else "see the run's config.yaml artifact"
+            raise UserError(f"--set {override}: run {run_id}'s config has no key {key!r} ({hint})")
+    return OmegaConf.merge(logged, OmegaConf.from_dotlist(overrides))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -133,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    # MLflow draws a download bar on stderr for each of the run's small files it reads.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     from runner.errors import UserError
 

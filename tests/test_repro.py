@@ -1,5 +1,10 @@
 """`runner-repro`: rerun a logged run and compare its metric histories step by step."""
 
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,6 +61,49 @@ def test_repro_of_an_unknown_run_is_a_clear_error(logged_run):
     work, _ = logged_run
     with pytest.raises(UserError, match="cannot read run feedfacefeedface"):
         rerun("feedfacefeedface", f"sqlite:///{work}/mlflow.db", [])
+
+
+def test_repro_refuses_an_unknown_or_malformed_set_before_training(logged_run, mnist_dir):
+    work, run_id = logged_run
+    client = store_client(work)
+    experiment = client.get_experiment_by_name("mnist").experiment_id
+    runs_before = len(client.search_runs([experiment]))
+    for setting, message in [
+        (
+            "data.dirr=/x",
+            f"--set data.dirr=/x: run {run_id}'s config has no key 'data.dirr' "
+            "(did you mean data.dir?)",
+        ),
+        ("data.dir", "--set 'data.dir' is not KEY=VALUE"),
+    ]:
+        result = cli("runner-repro", run_id, "--set", setting, cwd=work, mnist_dir=mnist_dir)
+        assert result.returncode == 1 and result.stdout == ""
+        [line] = result.stderr.splitlines()
+        assert line.startswith(f"runner-repro: error: {message}")
+    assert len(client.search_runs([experiment])) == runs_before
+
+
+def test_repro_fails_fast_on_an_unreachable_server(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again once the block ends
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    started = time.monotonic()
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("runner-repro")), "feedfacefeedface"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert time.monotonic() - started < 30
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith(
+        f"runner-repro: error: the MLflow tracking server http://127.0.0.1:{port}"
+    )
+    assert "does not answer" in line
 
 
 def test_compare_finds_changed_missing_and_tolerated_values():
