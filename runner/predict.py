@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 def image_paths(images: str | ListConfig) -> list[Path]:
     """`images` as files: a path, a glob, a folder (its PNGs) or a list of those."""
     patterns = [images] if isinstance(images, str) else list(images)
+    if not patterns:
+        raise UserError("images=[] names no image: pass images=<png, glob or folder>")
     paths = []
     for pattern in map(str, patterns):
         path = Path(pattern)

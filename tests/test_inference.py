@@ -155,6 +155,7 @@ def test_bad_arguments_are_told_before_tensorflow_loads(tmp_path, mnist_dir):
         ("runner-eval", ["run_id=a", "model_uri=models:/b"], "give exactly one of run_id="),
         ("runner-predict", ["run_id=a"], "images=<png, glob or folder>"),
         ("runner-predict", ["images=x.png"], "give exactly one of run_id="),
+        ("runner-predict", ["run_id=a", "images=[]"], "images=[] names no image"),
     ]:
         elapsed, line = timed_cli(name, *args, cwd=tmp_path, mnist_dir=mnist_dir)
         assert message in line
