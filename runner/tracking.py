@@ -6,7 +6,9 @@ whatever its size, a fifth of a 50-step softmax window. A run that raises ends F
 error in a tag.
 """
 
+import fcntl
 import logging
+import os
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -203,12 +205,75 @@ _BATCH = 1000
 
 def open_store(uri: str, experiment_name: str) -> None:
     """Point MLflow at `uri` and the experiment (created if new), failing fast with a clear
-    message."""
+    message. Runs that start at once may all find the store or the experiment missing: a new
+    SQLite store is created under a lock, and an experiment that another run has just created on
+    a server is used as it is."""
     connect(uri)
+    database = _sqlite_file(uri)
     try:
-        mlflow.set_experiment(experiment_name)
+        if database is None:
+            _set_experiment(experiment_name, None)
+        else:
+            with _store_lock(uri, database):
+                _set_experiment(experiment_name, database.parent / "mlruns")
     except MlflowException as error:
         raise UserError(f"cannot use the MLflow tracking store {uri}: {error.message}") from None
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a SQLite store URI, relative ones against the working folder; None
+    for other stores and an in-memory database."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    if not uri.startswith("sqlite:"):
+        return None
+    try:
+        name = make_url(uri).database
+    except ArgumentError:
+        return None  # MLflow reports it
+    return Path(name).absolute() if name and name != ":memory:" else None
+
+
+@contextmanager
+def _store_lock(uri: str, database: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `<database>.lock`, after checking that the store can be written:
+    SQLite in a read-only folder makes MLflow retry for minutes before it fails. MLflow creates a
+    new store's tables, and an experiment, with no guard against another process doing the same
+    at the same moment."""
+    fix = (
+        "record elsewhere with tracking_uri=sqlite:////DIR/mlflow.db (or MLFLOW_TRACKING_URI), "
+        "or run from a folder you can write to"
+    )
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        lock = os.open(f"{database}.lock", os.O_WRONLY | os.O_CREAT, 0o666)
+    except OSError as error:
+        raise UserError(
+            f"cannot write the MLflow store {uri} in {database.parent} ({error.strerror}): {fix}"
+        ) from None
+    try:
+        for path in (database.parent, database):
+            if path.exists() and not os.access(path, os.W_OK):
+                raise UserError(f"cannot write the MLflow store {uri}: {path} is read-only: {fix}")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(lock)  # which releases the lock
+
+
+def _set_experiment(name: str, artifacts: Path | None) -> None:
+    """Make `name` the active experiment. A new one keeps its artifacts in `artifacts` (else
+    where the store puts them): MLflow's default for a SQLite store is ./mlruns of whichever
+    folder the run started in, not the store's. An existing experiment stays as it is."""
+    client = mlflow.MlflowClient()
+    if client.get_experiment_by_name(name) is None:
+        try:
+            client.create_experiment(name, str(artifacts) if artifacts else None)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":  # another run created it first
+                raise
+    mlflow.set_experiment(name)
 
 
 def connect(uri: str) -> None:

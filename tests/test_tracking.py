@@ -1,12 +1,20 @@
-"""The recorder batches metric writes, without losing a value or its time."""
+"""The recorder batches metric writes, without losing a value or its time; the store keeps a
+run's artifacts beside it, and one that cannot be written is a one-line error."""
 
+import os
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import mlflow
 import pytest
+from mlflow import MlflowClient
 
 from runner.tracking import Recorder, open_store
+
+from .conftest import QUICK
 
 
 @pytest.fixture
@@ -53,3 +61,93 @@ def test_metrics_are_written_once_the_interval_has_passed(run_id):
     at_once = Recorder(run_id, steps=20, flush_every_s=0)
     at_once.log_metrics({"val/loss": 3.0}, step=20)
     assert [v for _, v, _ in history(run_id, "val/loss")] == [3.0]
+
+
+def test_a_new_experiment_keeps_its_artifacts_beside_its_sqlite_store(tmp_path, monkeypatch):
+    """MLflow put them in ./mlruns of whichever folder the run started in."""
+    elsewhere, store = tmp_path / "elsewhere", tmp_path / "store"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    open_store(f"sqlite:///{store}/mlflow.db", "beside")
+    with mlflow.start_run() as run:
+        mlflow.log_text("logged", "note.txt")
+    assert (store / "mlruns" / run.info.run_id / "artifacts" / "note.txt").read_text() == "logged"
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_an_existing_experiment_keeps_its_artifact_location(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    MlflowClient(uri).create_experiment("kept", artifact_location=str(tmp_path / "own"))
+    open_store(uri, "kept")
+    with mlflow.start_run() as run:
+        assert run.info.artifact_uri.startswith(str(tmp_path / "own"))
+
+
+@pytest.fixture
+def in_read_only(tmp_path, mnist_dir) -> Iterator[Callable[..., subprocess.CompletedProcess]]:
+    """Runs `runner ARGS` in tmp_path/work, a folder nothing may write to.
+
+    Permissions do not stop root, and these tests run as root here and in CI: for root the folder
+    is bind-mounted read-only over itself, in a mount namespace of the command's own (`unshare
+    -m`; a container without CAP_SYS_ADMIN refuses it, and the test skips). For anyone else the
+    folder's write permission is taken away."""
+    work = tmp_path / "work"
+    work.mkdir()
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        mount = 'mount --bind -o ro "$0" "$0" && cd "$0" && exec "$@"'
+        prefix = ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, str(work)]
+        try:
+            probe = subprocess.run([*prefix, "sh", "-c", "! touch probe"], capture_output=True)
+        except FileNotFoundError as error:
+            pytest.skip(f"no way to make a folder read-only for root here: {error}")
+        if probe.returncode != 0:
+            pytest.skip(f"no way to make a folder read-only for root here: {probe.stderr!r}")
+    else:
+        work.chmod(0o555)
+    env = {**os.environ, "MNIST_DIR": str(mnist_dir)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    runner = str(Path(sys.executable).with_name("runner"))
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*prefix, runner, *args], cwd=work, env=env, capture_output=True, text=True, timeout=600
+        )
+
+    yield run
+    work.chmod(0o755)
+
+
+def test_a_read_only_working_folder_is_one_line_naming_where_to_write(in_read_only):
+    """Hydra failed to create outputs/ with a traceback (`PermissionError: 'outputs'`)."""
+    result = in_read_only(*QUICK)
+    assert result.returncode != 0
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("runner: error: cannot create the output folder outputs/"), line
+    assert "hydra.run.dir=" in line and "tracking_uri=" in line
+
+
+def test_a_read_only_store_is_one_line_at_once(in_read_only, tmp_path):
+    """With the output folder elsewhere, the default store in the read-only folder had MLflow
+    retry for 108 s before a traceback."""
+    started = time.monotonic()
+    result = in_read_only(*QUICK, f"hydra.run.dir={tmp_path / 'run'}")
+    assert time.monotonic() - started < 60
+    assert result.returncode != 0
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("runner: error: cannot write the MLflow store sqlite:///mlflow.db"), line
+    assert "tracking_uri=" in line
+
+
+def test_a_read_only_working_folder_records_where_tracking_uri_says(in_read_only, tmp_path):
+    """The artifacts went to ./mlruns of the read-only folder all the same: the run failed."""
+    store = tmp_path / "store"
+    result = in_read_only(
+        *QUICK, f"hydra.run.dir={tmp_path / 'run'}", f"tracking_uri=sqlite:///{store}/mlflow.db"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.info.artifact_uri == str(store / "mlruns" / run.info.run_id / "artifacts")
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "hydra"}
