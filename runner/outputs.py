@@ -1,0 +1,59 @@
+"""Output folders that no two runs share.
+
+Hydra's default `outputs/<date>/<time>` names the same folder for two runs started in the same
+second, which then overwrite each other's checkpoints and logged Hydra config. The `unique_dir`
+resolver, which conf/config.yaml's `hydra.run.dir` and `hydra.sweep.dir` go through, creates the
+folder itself and takes the next free name (`<time>_2`, `<time>_3`, ...) when another run holds
+it. OmegaConf caches its value in the config, which Hydra copies into each job's config, so
+every reading in the run (and in a sweep's job processes) gives the same folder.
+"""
+
+import itertools
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from runner.errors import UserError
+
+RESOLVER = "unique_dir"
+
+
+def unique_dir(path: str) -> str:
+    """Create `path`, or the first of `path_2`, `path_3`, ... that does not exist yet, and return
+    it. A plain mkdir fails on a folder that exists, so two processes never get the same one."""
+    base = folder = Path(path)
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for number in itertools.count(2):
+            try:
+                folder.mkdir()
+                return str(folder)
+            except FileExistsError:
+                folder = base.with_name(f"{base.name}_{number}")
+    except OSError as error:
+        raise UserError(
+            f"cannot create the output folder {base} in {_existing_parent(base)} "
+            f"({error.strerror}): run from a folder you can write to, or write elsewhere with "
+            f"hydra.run.dir=DIR (hydra.sweep.dir=DIR with -m) and "
+            f"tracking_uri=sqlite:////DIR/mlflow.db"
+        ) from None
+
+
+def _existing_parent(path: Path) -> Path:
+    """The nearest folder of `path` that exists: the one that refused the new folder."""
+    absolute = path.absolute()
+    return next(folder for folder in absolute.parents if folder.exists())
+
+
+def _resolve(path: str) -> str:
+    try:
+        return unique_dir(path)
+    except UserError as error:
+        # OmegaConf wraps an Exception raised here, and Hydra prints it with a traceback;
+        # SystemExit passes through both, as the one line the command prints.
+        raise SystemExit(f"runner: error: {error}") from None
+
+
+def register_resolver() -> None:
+    """Make `${unique_dir:PATH}` available; called before Hydra composes the config."""
+    OmegaConf.register_new_resolver(RESOLVER, _resolve, use_cache=True, replace=True)
