@@ -54,6 +54,15 @@ def _resolve(path: str) -> str:
         raise SystemExit(f"runner: error: {error}") from None
 
 
-def register_resolver() -> None:
-    """Make `${unique_dir:PATH}` available; called before Hydra composes the config."""
+def hydra_subdir(resume: str, stamp: str) -> str:
+    """Where in the run's folder Hydra records the command (config.yaml, overrides.yaml):
+    `.hydra`, but `.hydra/resumed-<stamp>` for a resumed run, whose folder holds the first
+    command's record, which Hydra would otherwise overwrite."""
+    return ".hydra" if str(resume).lower() == "false" else f".hydra/resumed-{stamp}"
+
+
+def register_resolvers() -> None:
+    """Make `${unique_dir:PATH}` and `${hydra_subdir:RESUME,STAMP}` available; called before
+    Hydra composes the config."""
     OmegaConf.register_new_resolver(RESOLVER, _resolve, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("hydra_subdir", hydra_subdir, use_cache=True, replace=True)

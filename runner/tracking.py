@@ -120,7 +120,7 @@ def mlflow_run(
     `extends`), since MLflow's params cannot change. A new run of a `sweep_job` is nested under
     the sweep's parent run. Call `open_store` first.
     """
-    hydra_dir = _hydra_output_dir()
+    hydra_dir = _hydra_record_dir()
     reopen = resume_run_id if not extends else None
     # System metrics (psutil; nvidia-ml-py for GPUs) are sampled on a thread while the run is on.
     mlflow.set_system_metrics_sampling_interval(cfg.trainer.system_metrics_every_s)
@@ -295,8 +295,8 @@ def _log_config(cfg: DictConfig, hydra_dir: Path | None) -> None:
     mlflow.log_params(dict(flatten(resolved)))
     mlflow.set_tags({"model": cfg.model.name, "optimizer": cfg.optimizer.name})
     mlflow.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
-    if hydra_dir is not None and (hydra_dir / ".hydra").is_dir():
-        mlflow.log_artifacts(str(hydra_dir / ".hydra"), "hydra")
+    if hydra_dir is not None and hydra_dir.is_dir():
+        mlflow.log_artifacts(str(hydra_dir), "hydra")
 
 
 def _log_environment(data_files: dict[str, Path]) -> None:
@@ -314,8 +314,12 @@ def flatten(tree: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield f"{prefix}{key}", value
 
 
-def _hydra_output_dir() -> Path | None:
-    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+def _hydra_record_dir() -> Path | None:
+    """Where Hydra wrote this command's config and overrides, if it did."""
+    if not HydraConfig.initialized() or HydraConfig.get().output_subdir is None:
+        return None
+    hydra = HydraConfig.get()
+    return Path(hydra.runtime.output_dir) / hydra.output_subdir
 
 
 def _run_name(cfg: DictConfig, sweep_job: SweepJob | None) -> str:

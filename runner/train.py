@@ -17,10 +17,10 @@ from omegaconf import DictConfig
 from runner import sweep
 from runner.config import check_config, register_configs, resume_mode
 from runner.errors import Interrupted, UserError
-from runner.outputs import register_resolver
+from runner.outputs import register_resolvers
 
 register_configs()
-register_resolver()
+register_resolvers()
 log = logging.getLogger(__name__)
 # hydra-optuna-sweeper 1.3 speaks Optuna 2's API, which Optuna 4 and 5 still take, with a
 # FutureWarning for every deprecated sampler argument and distribution it passes: noise to users.

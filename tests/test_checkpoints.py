@@ -163,6 +163,11 @@ def test_ctrl_c_checkpoints_marks_killed_and_resumes_to_the_same_end(
     assert run.info.status == "KILLED"
     resume(command, env, tmp_path)
     assert_same_end(tmp_path, reference)
+    # Hydra's record of the first command stays; the resume's is kept beside it.
+    hydra = tmp_path / "run" / ".hydra"
+    assert "trainer.resume" not in (hydra / "overrides.yaml").read_text()
+    [resumed] = hydra.glob("resumed-*")
+    assert "trainer.resume=true" in (resumed / "overrides.yaml").read_text()
 
 
 # A short softmax run whose stop lands inside a window (steps_per_execution 5, windows of 20),
