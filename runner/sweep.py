@@ -40,17 +40,18 @@ class NestedRuns(Callback):
         self.optimized_metric = "val/accuracy"
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Hydra would make any exception raised here a warning and run the jobs all the same.
         try:
             if not sweeper_has_work(config):  # the sweeper says why when Hydra starts it
                 return
-        except UserError as error:  # Hydra would make any other exception here a warning
+            from runner import tracking
+
+            tracking.open_store(config.tracking_uri, config.experiment_name)
+        except UserError as error:
             print(f"runner: error: {error}", file=sys.stderr)
             raise SystemExit(1) from None
         import mlflow
 
-        from runner import tracking
-
-        tracking.open_store(config.tracking_uri, config.experiment_name)
         sweep_dir = Path(config.hydra.sweep.dir).absolute()
         overrides = " ".join(config.hydra.overrides.task)
         run = mlflow.MlflowClient().create_run(

@@ -140,7 +140,7 @@ def mlflow_run(
             if reopen:
                 history = _reopen(reopen)
             elif resume_run_id:
-                history = _carry_on(resume_run_id, run_id)
+                history = _carry_on(resume_run_id, run_id, cfg.trainer.eval_every)
             if not reopen:
                 _log_config(cfg, hydra_dir)
             _log_environment(data_files)
@@ -180,14 +180,19 @@ def _reopen(run_id: str) -> dict[str, list[tuple[int, float]]]:
     }
 
 
-def _carry_on(old_run_id: str, new_run_id: str) -> dict[str, list[tuple[int, float]]]:
-    """Copy `old_run_id`'s metrics into `new_run_id`, which extends it; link the two runs and
-    return the histories copied."""
+def _carry_on(
+    old_run_id: str, new_run_id: str, eval_every: int
+) -> dict[str, list[tuple[int, float]]]:
+    """Copy into `new_run_id`, which extends `old_run_id`, the metrics a run of its new length
+    would have logged by then: not the old run's closing test, nor its closing validation off
+    the `eval_every` steps. Link the two runs; return the histories copied."""
     client = mlflow.MlflowClient()
     points = [
         metric
         for key in client.get_run(old_run_id).data.metrics
+        if not key.startswith("test/")
         for metric in client.get_metric_history(old_run_id, key)
+        if not (key.startswith("val/") and metric.step % eval_every)
     ]
     for start in range(0, len(points), _BATCH):  # the most MLflow takes in one log_batch
         client.log_batch(new_run_id, metrics=points[start : start + _BATCH])

@@ -191,9 +191,10 @@ def test_eval_reports_the_step_the_model_reached_not_the_planned_one(tmp_path, m
     load_tensorflow()
     import keras
 
+    from runner.tracking import open_store
+
     store = f"sqlite:///{tmp_path}/mlflow.db"
-    mlflow.set_tracking_uri(store)
-    mlflow.set_experiment("mnist")
+    open_store(store, "mnist")  # its artifacts beside the store, not in the working folder
     images = read_idx(mnist_dir / f"{TRAIN_IMAGES}.gz")[:600].reshape(600, 784) / 255
     labels = read_idx(mnist_dir / f"{TRAIN_LABELS}.gz")[:600]
     model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(10)])

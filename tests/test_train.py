@@ -173,7 +173,13 @@ def test_diverging_loss_stops_the_run_failed_at_its_step(in_tmp_store):
     assert "TrainingDiverged: the training loss became" in run.data.tags["error"]
 
 
-def test_unreachable_tracking_server_is_a_clear_error(tmp_path, mnist_dir):
+@pytest.mark.parametrize(
+    "args",
+    [["trainer.steps=100"], ["-m", "seed=1,2", "trainer.steps=100"]],
+    ids=["run", "sweep"],
+)
+def test_unreachable_tracking_server_is_a_clear_error(tmp_path, mnist_dir, args):
+    """A sweep is stopped before its first job: Hydra would turn the error into a warning."""
     import socket
 
     with socket.socket() as sock:
@@ -185,7 +191,7 @@ def test_unreachable_tracking_server_is_a_clear_error(tmp_path, mnist_dir):
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
     }
     result = subprocess.run(
-        [sys.executable, "-m", "runner", "trainer.steps=100"],
+        [sys.executable, "-m", "runner", *args],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -195,6 +201,7 @@ def test_unreachable_tracking_server_is_a_clear_error(tmp_path, mnist_dir):
     assert result.returncode == 1
     assert f"the MLflow tracking server http://127.0.0.1:{port} does not answer" in result.stderr
     assert "Traceback" not in result.stderr
+    assert "Warning" not in result.stderr and "Launching" not in result.stdout + result.stderr
 
 
 def test_sigterm_after_training_ends_the_run_killed(in_tmp_store, monkeypatch):
