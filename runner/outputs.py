@@ -9,6 +9,8 @@ every reading in the run (and in a sweep's job processes) gives the same folder.
 """
 
 import itertools
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -37,6 +39,22 @@ def unique_dir(path: str) -> str:
             f"hydra.run.dir=DIR (hydra.sweep.dir=DIR with -m) and "
             f"tracking_uri=sqlite:////DIR/mlflow.db"
         ) from None
+
+
+def check_given_dirs(overrides: Sequence[str]) -> None:
+    """Refuse a `hydra.run.dir=` or `hydra.sweep.dir=` override that names a folder nobody can
+    create, with one line: Hydra creates it before the runner's code runs, and fails with a
+    traceback. (The default folders go through `unique_dir`, which reports the same.)"""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and value:
+            path = Path(value)
+            nearest = path if path.is_dir() else _existing_parent(path)
+            if not os.access(nearest, os.W_OK):
+                raise SystemExit(
+                    f"runner: error: cannot write the output folder {value}: {nearest} is "
+                    f"read-only; point {key} at a folder you can write to"
+                )
 
 
 def _existing_parent(path: Path) -> Path:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from runner import sweep
 from runner.config import check_config, register_configs, resume_mode
 from runner.errors import Interrupted, UserError
-from runner.outputs import register_resolvers
+from runner.outputs import check_given_dirs, register_resolvers
 
 register_configs()
 register_resolvers()
@@ -110,8 +110,14 @@ class JobFailed(CompactHydraException):
     (or the sweeper counts a failed trial), and prints this one line at the end."""
 
 
+def main() -> None:
+    """The `runner` command."""
+    check_given_dirs(sys.argv[1:])
+    run_hydra()
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> float:
+def run_hydra(cfg: DictConfig) -> float:
     try:
         return objective(cfg)
     except UserError as error:

@@ -127,6 +127,16 @@ def test_a_read_only_working_folder_is_one_line_naming_where_to_write(in_read_on
     assert "hydra.run.dir=" in line and "tracking_uri=" in line
 
 
+def test_a_read_only_output_folder_given_is_one_line(in_read_only):
+    """An explicit hydra.run.dir in the read-only folder: Hydra failed to create it with a
+    traceback."""
+    result = in_read_only(*QUICK, "hydra.run.dir=mine")
+    assert result.returncode != 0
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("runner: error: cannot write the output folder mine:"), line
+    assert "point hydra.run.dir at a folder you can write to" in line
+
+
 def test_a_read_only_store_is_one_line_at_once(in_read_only, tmp_path):
     """With the output folder elsewhere, the default store in the read-only folder had MLflow
     retry for 108 s before a traceback."""
