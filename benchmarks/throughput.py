@@ -92,10 +92,7 @@ def runner_rate(name: str, extra: list[str]) -> float:
 
     with tempfile.TemporaryDirectory() as work:
         cfg = runner_config(name, work, extra)
-        # The scratch store keeps its artifacts beside it, not in ./mlruns where this was run.
-        mlflow.set_tracking_uri(cfg.tracking_uri)
-        mlflow.create_experiment(cfg.experiment_name, artifact_location=f"{work}/artifacts")
-        train(cfg)
+        train(cfg)  # which keeps the scratch store's artifacts beside it
         run = mlflow.last_active_run()
         history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/loss")
         windows = sorted(history, key=lambda m: m.step)
