@@ -1,8 +1,14 @@
 """Shared fixtures: the real MNIST folder, composed configs, and a scratch MLflow store."""
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -102,3 +108,47 @@ def parents_and_children(folder: Path) -> tuple[list[Run], list[Run]]:
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in ids]
     assert len(parents) + len(children) == len(runs)
     return parents, children
+
+
+@contextmanager
+def mlflow_server(store: Path) -> Iterator[str]:
+    """`mlflow server` on a free loopback port over the SQLite store `store`, run in its folder;
+    yields its URL once it answers, and stops it (with its workers) afterwards."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{store}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",  # one is plenty for a test, and starts in half the time of four
+            "1",
+        ],
+        cwd=store.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its workers share the process group, stopped with it
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=5).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"mlflow server did not start: {server.stderr.read()[-2000:]}"
+                    ) from None
+                time.sleep(1)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

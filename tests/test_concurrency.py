@@ -3,12 +3,8 @@ and the store they all create at once comes out whole."""
 
 import multiprocessing
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -19,7 +15,7 @@ from mlflow import MlflowClient
 
 from runner.tracking import open_store
 
-from .conftest import QUICK, cli, compose_config, store_client
+from .conftest import QUICK, cli, compose_config, mlflow_server, store_client
 
 # QUICK, shorter still: a few seconds of training each, so that the start-up is what overlaps.
 SHORT = [
@@ -64,33 +60,9 @@ def test_processes_opening_a_new_store_at_once_all_get_it(tmp_path):
 
 @pytest.fixture
 def server(tmp_path) -> Iterator[str]:
-    """`mlflow server` on a free loopback port, over a new store; stopped by its pid."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--port", str(port)]
-    process = subprocess.Popen(
-        [*command, "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--workers", "1"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,  # its workers share the process group, stopped with it
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=5).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not start: {process.stderr.read()[-2000:]}")
-                time.sleep(1)
+    """`mlflow server` over a new store."""
+    with mlflow_server(tmp_path / "server.db") as url:
         yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
 
 
 def test_processes_opening_a_new_experiment_on_a_server_at_once_all_get_it(server):

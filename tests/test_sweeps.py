@@ -4,12 +4,6 @@ the parent, `runner-compare` on the store, and the sweep seen in the MLflow UI i
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +11,7 @@ import pytest
 
 from runner import compare, sweep
 
-from .conftest import QUICK, cli, parents_and_children, store_client
+from .conftest import QUICK, cli, mlflow_server, parents_and_children, store_client
 
 # One worker runs this file: its tests share a module-scoped run.
 pytestmark = pytest.mark.xdist_group("test_sweeps")
@@ -122,49 +116,11 @@ def test_compare_names_what_is_wrong(grid, monkeypatch, capsys):
     assert not (grid / "absent.db").exists()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_ui(grid):
-    """`mlflow server` on a free loopback port, over the grid's store; stopped by its pid."""
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("mlflow")),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{grid / 'mlflow.db'}",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",  # one is plenty for a test, and starts in half the time of four
-            "1",
-        ],
-        cwd=grid,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,  # its workers share the process group, stopped with it
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=5).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not start: {server.stderr.read()[-2000:]}")
-                time.sleep(1)
+    """`mlflow server` over the grid's store."""
+    with mlflow_server(grid / "mlflow.db") as url:
         yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 def test_mlflow_ui_shows_the_sweep_in_chromium(grid, mlflow_ui, tmp_path):
