@@ -6,6 +6,7 @@ file in the sweep directory, which every launcher already shares with its jobs.
 """
 
 import atexit
+import contextlib
 import json
 import logging
 import sys
@@ -43,11 +44,13 @@ class NestedRuns(Callback):
         # Hydra would make any exception raised here a warning and run the jobs all the same.
         try:
             if not sweeper_has_work(config):  # the sweeper says why when Hydra starts it
+                _drop_if_empty(Path(config.hydra.sweep.dir))
                 return
             from runner import tracking
 
             tracking.open_store(config.tracking_uri, config.experiment_name)
         except UserError as error:
+            _drop_if_empty(Path(config.hydra.sweep.dir))
             print(f"runner: error: {error}", file=sys.stderr)
             raise SystemExit(1) from None
         import mlflow
@@ -101,6 +104,12 @@ class NestedRuns(Callback):
             )
         client.set_terminated(self.parent_run_id, status)
         self.parent_run_id = None
+
+
+def _drop_if_empty(folder: Path) -> None:
+    """Remove the sweep's folder of a sweep that launches nothing, if nothing was written there."""
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def sweeper_has_work(config: DictConfig) -> bool:

@@ -60,8 +60,12 @@ def run_ids(folder: Path) -> set[str]:
     return {r.info.run_id for r in client.search_runs([experiment])}
 
 
+def sweep_folders(folder: Path) -> list[Path]:
+    return sorted((folder / "multirun").glob("*/*"))
+
+
 def test_a_study_refuses_other_settings_than_it_was_started_with(searched, mnist_dir):
-    before = run_ids(searched)
+    before, folders = run_ids(searched), sweep_folders(searched)
     other = [o for o in TINY if not o.startswith(("trainer.steps=", "data.limit="))]
     result = cli(
         "runner", *other, "trainer.steps=30", "data.limit=600", cwd=searched, mnist_dir=mnist_dir
@@ -76,16 +80,18 @@ def test_a_study_refuses_other_settings_than_it_was_started_with(searched, mnist
         assert then in line and now in line and line.index(then) < line.index(now), line
     assert "hydra.sweeper.study_name=" in line
     assert run_ids(searched) == before
+    assert sweep_folders(searched) == folders, "no empty sweep folder left behind"
     study = optuna.load_study(study_name="cnn_optuna", storage=f"sqlite:///{searched}/optuna.db")
     assert len(study.trials) == 1
 
 
 def test_a_completed_study_run_again_says_so_and_leaves_no_empty_parent(searched, mnist_dir):
-    before = run_ids(searched)
+    before, folders = run_ids(searched), sweep_folders(searched)
     again = cli("runner", *TINY, cwd=searched, mnist_dir=mnist_dir)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "study 'cnn_optuna' already has its 1 completed trial" in again.stdout
     assert "raise hydra.sweeper.n_trials to run more" in again.stdout
     assert run_ids(searched) == before
+    assert sweep_folders(searched) == folders
     compared = cli("runner-compare", cwd=searched, mnist_dir=mnist_dir)
     assert compared.returncode == 0, compared.stderr

@@ -202,6 +202,8 @@ def test_unreachable_tracking_server_is_a_clear_error(tmp_path, mnist_dir, args)
     assert f"the MLflow tracking server http://127.0.0.1:{port} does not answer" in result.stderr
     assert "Traceback" not in result.stderr
     assert "Warning" not in result.stderr and "Launching" not in result.stdout + result.stderr
+    if "-m" in args:
+        assert not list(tmp_path.glob("multirun/*/*")), "no empty sweep folder left behind"
 
 
 def test_sigterm_after_training_ends_the_run_killed(in_tmp_store, monkeypatch):
