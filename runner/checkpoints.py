@@ -254,8 +254,11 @@ class RestoreMetrics(keras.callbacks.Callback):
         self.state: list[Any] | None = state
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        """Create the compiled metrics' variables, which Keras otherwise creates only when it
-        traces the first step: one update on a dummy example, which the epoch's reset undoes."""
+        """Create the compiled metrics' variables, which Keras creates only when it traces the
+        first step unless a distribution strategy made it build them already: one update on a
+        dummy example, which the epoch's reset undoes."""
+        if all(metric.variables for metric in self.model.metrics):
+            return
         outputs = self.model.outputs[0].shape[-1]
         self.model.compute_metrics(
             None, np.zeros((1,), "int32"), np.zeros((1, outputs), "float32"), None
