@@ -2,7 +2,7 @@
 
 One row a run: its name and status, the parameters that differ between the runs, and the final
 value of the chosen metrics, sorted by one of them. The same table is logged to a sweep's parent
-run when the sweep ends (`runner.sweep`).
+run when the sweep ends (`runner.nested_runs`).
 """
 
 import argparse
@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from runner.errors import UserError
+from runner.errors import UserError, reported
 from runner.sweep import SWEEP_DIR_TAG
 
 DEFAULT_METRICS = ("test/accuracy", "val/accuracy", "test/loss", "val/loss")
@@ -184,20 +184,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     from runner import tracking
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
-    try:
+    with reported("runner-compare"):
         tracking.connect(_existing_store(uri))
         runs = select_runs(args.experiment, args.parent, args.all)
         metrics, sort_by = chosen_metrics(runs, args.metrics, args.sort)
-    except UserError as error:
-        print(f"runner-compare: error: {error}", file=sys.stderr)
-        return 1
     sys.stdout.write(render(table(runs, metrics, sort_by), args.format))
-    return 0
 
 
 def _existing_store(uri: str) -> str:
@@ -216,4 +212,4 @@ def _existing_store(uri: str) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

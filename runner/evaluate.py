@@ -5,7 +5,7 @@ import hydra
 from omegaconf import DictConfig
 
 from runner.config import register_configs
-from runner.errors import UserError
+from runner.errors import reported
 from runner.train import CONF_DIR
 
 register_configs()
@@ -38,7 +38,5 @@ def evaluate(cfg: DictConfig) -> dict[str, float | int | None]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    try:
+    with reported("runner-eval"):
         print(evaluate(cfg))
-    except UserError as error:
-        raise SystemExit(f"runner-eval: error: {error}") from None

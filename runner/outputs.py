@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from runner.errors import UserError
+from runner.errors import UserError, reported
 
 RESOLVER = "unique_dir"
 
@@ -51,9 +51,9 @@ def check_given_dirs(overrides: Sequence[str]) -> None:
             path = Path(value)
             nearest = path if path.is_dir() else _existing_parent(path)
             if not os.access(nearest, os.W_OK):
-                raise SystemExit(
-                    f"runner: error: cannot write the output folder {value}: {nearest} is "
-                    f"read-only; point {key} at a folder you can write to"
+                raise UserError(
+                    f"cannot write the output folder {value}: {nearest} is read-only; point "
+                    f"{key} at a folder you can write to"
                 )
 
 
@@ -64,12 +64,10 @@ def _existing_parent(path: Path) -> Path:
 
 
 def _resolve(path: str) -> str:
-    try:
+    # OmegaConf wraps an Exception raised here, and Hydra prints it with a traceback; the
+    # SystemExit of `reported` passes through both.
+    with reported("runner"):
         return unique_dir(path)
-    except UserError as error:
-        # OmegaConf wraps an Exception raised here, and Hydra prints it with a traceback;
-        # SystemExit passes through both, as the one line the command prints.
-        raise SystemExit(f"runner: error: {error}") from None
 
 
 def hydra_subdir(resume: str, stamp: str) -> str:

@@ -11,7 +11,7 @@ import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from runner.config import register_configs
-from runner.errors import UserError
+from runner.errors import UserError, reported
 from runner.train import CONF_DIR
 
 register_configs()
@@ -97,10 +97,8 @@ def predict(cfg: DictConfig) -> list[tuple[Path, int, np.ndarray]]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")
 def main(cfg: DictConfig) -> None:
-    try:
+    with reported("runner-predict"):
         results = predict(cfg)
-    except UserError as error:
-        raise SystemExit(f"runner-predict: error: {error}") from None
     for path, label, probabilities in results:
         print(
             f"{path}: class {label}, probabilities = {np.array2string(probabilities, precision=3)}"

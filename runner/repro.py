@@ -167,12 +167,10 @@ def main(argv: list[str] | None = None) -> None:
     # MLflow draws a download bar on stderr for each of the run's small files it reads.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-    from runner.errors import UserError
+    from runner.errors import reported
 
-    try:
+    with reported("runner-repro"):
         original, repeat = rerun(args.run_id, uri, args.overrides)
-    except UserError as error:
-        raise SystemExit(f"runner-repro: error: {error}") from None
     import mlflow
 
     client = mlflow.MlflowClient(uri)

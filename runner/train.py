@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from runner import sweep
 from runner.config import check_config, register_configs, resume_mode
-from runner.errors import Interrupted, UserError
+from runner.errors import Interrupted, UserError, reported
 from runner.outputs import check_given_dirs, register_resolvers
 
 register_configs()
@@ -112,21 +112,22 @@ class JobFailed(CompactHydraException):
 
 def main() -> None:
     """The `runner` command."""
-    check_given_dirs(sys.argv[1:])
+    with reported("runner"):
+        check_given_dirs(sys.argv[1:])
     run_hydra()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def run_hydra(cfg: DictConfig) -> float:
-    try:
-        return objective(cfg)
-    except UserError as error:
-        message = f"runner: error: {error}"
-        if sweep.in_multirun() and not isinstance(error, Interrupted):
-            log.error(message)
-            raise JobFailed(message) from None
-        print(message, file=sys.stderr)
-        raise SystemExit(getattr(error, "exit_code", 1)) from None
+    with reported("runner"):
+        try:
+            return objective(cfg)
+        except UserError as error:
+            if sweep.in_multirun() and not isinstance(error, Interrupted):
+                message = f"runner: error: {error}"
+                log.error(message)
+                raise JobFailed(message) from None
+            raise
 
 
 if __name__ == "__main__":

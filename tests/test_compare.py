@@ -86,7 +86,7 @@ def test_compare_shows_a_parameter_of_one_model_only(two_models, monkeypatch, ca
     monkeypatch.chdir(two_models)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     for args in ([], ["--all"]):
-        assert compare.main([*args, "--format", "csv"]) == 0
+        compare.main([*args, "--format", "csv"])
         header, *lines = capsys.readouterr().out.strip().splitlines()
         columns = header.split(",")
         assert {"model.name", "model.dropout_rate", *compare.DEFAULT_METRICS} <= set(columns)
@@ -118,7 +118,8 @@ def test_compare_of_an_experiment_without_runs_says_so(two_models, monkeypatch, 
     monkeypatch.chdir(two_models)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     MlflowClient(f"sqlite:///{two_models / 'mlflow.db'}").create_experiment("empty")
-    assert compare.main(["--all", "--experiment", "empty"]) == 1
+    with pytest.raises(SystemExit, match="^1$"):
+        compare.main(["--all", "--experiment", "empty"])
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == (

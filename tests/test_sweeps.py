@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from runner import compare, sweep
+from runner import compare, nested_runs, sweep
 
 from .conftest import QUICK, cli, mlflow_server, parents_and_children, store_client
 
@@ -61,7 +61,7 @@ def test_parent_run_holds_the_comparison_table_and_plot(grid):
     client = store_client(grid)
     logged = json.loads(
         Path(
-            client.download_artifacts(parent.info.run_id, sweep.COMPARISON_TABLE, str(grid))
+            client.download_artifacts(parent.info.run_id, nested_runs.COMPARISON_TABLE, str(grid))
         ).read_text()
     )
     table = pd.DataFrame(logged["data"], columns=logged["columns"])
@@ -71,14 +71,14 @@ def test_parent_run_holds_the_comparison_table_and_plot(grid):
     best = max(c.data.metrics["val/accuracy"] for c in children)
     assert table["val/accuracy"].iloc[0] == pytest.approx(best)
     assert parent.data.metrics["best/val/accuracy"] == pytest.approx(best)
-    local = client.download_artifacts(parent.info.run_id, sweep.CURVES_PLOT, str(grid))
+    local = client.download_artifacts(parent.info.run_id, nested_runs.CURVES_PLOT, str(grid))
     assert Path(local).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compare_prints_the_latest_sweep_best_first(grid, monkeypatch, capsys):
     monkeypatch.chdir(grid)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert compare.main(["--format", "csv"]) == 0
+    compare.main(["--format", "csv"])
     lines = capsys.readouterr().out.strip().splitlines()
     header = lines[0].split(",")
     assert header[:3] == ["run", "run_id", "status"]
@@ -88,7 +88,7 @@ def test_compare_prints_the_latest_sweep_best_first(grid, monkeypatch, capsys):
 
     parent, _ = sweep_runs(grid)
     args = ["--parent", parent.info.run_id, "--format", "markdown", "--sort", "test/loss"]
-    assert compare.main([*args, "--metrics", "test/loss"]) == 0
+    compare.main([*args, "--metrics", "test/loss"])
     rows = capsys.readouterr().out.strip().splitlines()
     assert rows[0].startswith("| run | run_id | status |") and rows[1].startswith("|---|")
     losses = [float(row.strip("| ").split(" | ")[-1]) for row in rows[2:]]
@@ -98,7 +98,7 @@ def test_compare_prints_the_latest_sweep_best_first(grid, monkeypatch, capsys):
 def test_compare_lists_every_run_of_an_experiment_but_the_parents(grid, monkeypatch, capsys):
     monkeypatch.chdir(grid)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert compare.main(["--all"]) == 0
+    compare.main(["--all"])
     out = capsys.readouterr().out
     assert len(out.strip().splitlines()) == 1 + 4
     assert "sweep model=" not in out
@@ -107,11 +107,14 @@ def test_compare_lists_every_run_of_an_experiment_but_the_parents(grid, monkeypa
 def test_compare_names_what_is_wrong(grid, monkeypatch, capsys):
     monkeypatch.chdir(grid)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert compare.main(["--experiment", "nope"]) == 1
+    with pytest.raises(SystemExit, match="^1$"):
+        compare.main(["--experiment", "nope"])
     assert "no experiment named 'nope'" in capsys.readouterr().err
-    assert compare.main(["--parent", "0" * 32]) == 1
+    with pytest.raises(SystemExit, match="^1$"):
+        compare.main(["--parent", "0" * 32])
     assert f"run {'0' * 32} has no child runs" in capsys.readouterr().err
-    assert compare.main(["--tracking-uri", f"sqlite:///{grid / 'absent.db'}"]) == 1
+    with pytest.raises(SystemExit, match="^1$"):
+        compare.main(["--tracking-uri", f"sqlite:///{grid / 'absent.db'}"])
     assert "no MLflow store at" in capsys.readouterr().err
     assert not (grid / "absent.db").exists()
 

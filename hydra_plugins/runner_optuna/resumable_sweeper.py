@@ -11,7 +11,6 @@ Hydra imports every plugin module at each start.
 """
 
 import logging
-import sys
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -19,7 +18,7 @@ from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import DictConfig
 
-from runner.errors import UserError
+from runner.errors import UserError, reported
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +34,8 @@ class ResumableOptunaSweeper(OptunaSweeper):
     @classmethod
     def check_before_sweep(cls, config: DictConfig) -> bool:
         """Whether the sweep has trials to run; raises `SettingsChanged` if the stored study was
-        started with other settings. `runner.sweep.NestedRuns` asks before it opens the sweep's
-        MLflow parent run, which Hydra has its callbacks do before it builds the sweeper."""
+        started with other settings. `runner.nested_runs.NestedRuns` asks before it opens the
+        sweep's MLflow parent run, which Hydra has its callbacks do before it builds the sweeper."""
         sweeper = config.hydra.sweeper
         storage = sweeper.storage
         if isinstance(storage, DictConfig):
@@ -50,11 +49,9 @@ class ResumableOptunaSweeper(OptunaSweeper):
 
         search = self.sweeper
         now = settings(search.config)
-        try:
+        # Refused here only with NestedRuns, which checks first, switched off.
+        with reported("runner"):
             study, done = _checked_study(search.study_name, search.storage, now)
-        except SettingsChanged as error:  # only with NestedRuns, which checks first, switched off
-            print(f"runner: error: {error}", file=sys.stderr)
-            raise SystemExit(1) from None
         if study is None and search.study_name is not None and search.storage is not None:
             study = optuna.create_study(
                 study_name=search.study_name,

@@ -1,0 +1,146 @@
+"""Hydra multirun as nested MLflow runs: one parent run a sweep, each job a child under it.
+
+Hydra calls `NestedRuns` in the process that starts the sweep; the jobs find the parent run
+through `runner.sweep`. When the sweep ends, the parent gets the comparison of its children.
+"""
+
+import atexit
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from runner import compare, plots, tracking
+from runner.errors import UserError, reported
+from runner.sweep import SWEEP_DIR_TAG, SWEEP_FILE
+
+log = logging.getLogger(__name__)
+
+COMPARISON_TABLE = "sweep/comparison.json"
+CURVES_PLOT = "sweep/val_accuracy.png"
+
+
+class NestedRuns(Callback):
+    """Opens the sweep's parent run before the first job and closes it after the last, with a
+    comparison of its children. A sweep that stops early still ends its parent, as FAILED."""
+
+    def __init__(self) -> None:
+        self.parent_run_id: str | None = None
+        self.optimized_metric = "val/accuracy"
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Hydra would make any exception raised here a warning and run the jobs all the same.
+        with reported("runner"):
+            try:
+                if not sweeper_has_work(config):  # the sweeper says why when Hydra starts it
+                    _drop_if_empty(Path(config.hydra.sweep.dir))
+                    return
+                tracking.open_store(config.tracking_uri, config.experiment_name)
+            except UserError:
+                _drop_if_empty(Path(config.hydra.sweep.dir))
+                raise
+        import mlflow
+
+        sweep_dir = Path(config.hydra.sweep.dir).absolute()
+        overrides = " ".join(config.hydra.overrides.task)
+        run = mlflow.MlflowClient().create_run(
+            mlflow.get_experiment_by_name(config.experiment_name).experiment_id,
+            run_name=f"sweep {overrides}"[:250],
+            tags={
+                SWEEP_DIR_TAG: str(sweep_dir),
+                "sweep.overrides": overrides,
+                "sweep.sweeper": config.hydra.sweeper._target_.rsplit(".", 1)[-1],
+                "sweep.launcher": config.hydra.launcher._target_.rsplit(".", 1)[-1],
+            },
+        )
+        self.parent_run_id = run.info.run_id
+        self.optimized_metric = config.optimized_metric
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / SWEEP_FILE).write_text(
+            json.dumps(
+                {
+                    "parent_run_id": self.parent_run_id,
+                    "fixed": _fixed_keys(list(config.hydra.overrides.task)),
+                }
+            )
+        )
+        log.info("MLflow parent run %s for the sweep in %s", self.parent_run_id, sweep_dir)
+        # Hydra skips on_multirun_end when a job fails or the sweep is interrupted.
+        atexit.register(self._finish, "FAILED")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._finish("FINISHED")
+        atexit.unregister(self._finish)
+
+    def _finish(self, status: str) -> None:
+        import mlflow
+
+        if self.parent_run_id is None:
+            return
+        client = mlflow.MlflowClient()
+        try:
+            summarize(client, self.parent_run_id, self.optimized_metric)
+        except Exception as error:  # the parent must still end, whatever the summary hit
+            log.warning("could not summarise the sweep in its parent run: %s", error)
+        if status == "FAILED":
+            client.set_tag(
+                self.parent_run_id,
+                "error",
+                "the sweep did not complete: a job failed or it was interrupted (see its log)",
+            )
+        client.set_terminated(self.parent_run_id, status)
+        self.parent_run_id = None
+
+
+def _drop_if_empty(folder: Path) -> None:
+    """Remove the sweep's folder of a sweep that launches nothing, if nothing was written there."""
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
+def sweeper_has_work(config: DictConfig) -> bool:
+    """Whether the sweep will launch any job, asked before its parent run exists: Hydra calls
+    `on_multirun_start` before it builds the sweeper, so a sweeper that refused to start or had
+    nothing to run would otherwise leave an empty parent run. A sweeper class takes part with a
+    classmethod `check_before_sweep(config) -> bool`, which returns False when there is nothing
+    to run and raises a `UserError` to refuse."""
+    from hydra.utils import get_class
+
+    check = getattr(get_class(config.hydra.sweeper._target_), "check_before_sweep", None)
+    return check is None or bool(check(config))
+
+
+def summarize(client: Any, parent_run_id: str, optimized_metric: str) -> None:
+    """Log the children's comparison table and validation curves to the parent run, and the
+    best child's `optimized_metric` as the parent's `best/...` metric."""
+    parent = client.get_run(parent_run_id)
+    runs = compare.children(parent.info.experiment_id, parent_run_id)
+    if runs.empty:
+        return
+    rows = compare.table(runs, compare.DEFAULT_METRICS, sort_by=optimized_metric)
+    client.log_table(parent_run_id, data=rows, artifact_file=COMPARISON_TABLE)
+    curves = {
+        name: [(m.step, m.value) for m in client.get_metric_history(run_id, "val/accuracy")]
+        for name, run_id in zip(runs["tags.mlflow.runName"], runs["run_id"], strict=True)
+    }
+    client.log_figure(parent_run_id, plots.sweep_curves(curves, "val/accuracy"), CURVES_PLOT)
+    best = rows[optimized_metric].dropna()
+    if not best.empty:
+        client.log_metric(parent_run_id, f"best/{optimized_metric}", float(best.iloc[0]))
+        client.set_tag(parent_run_id, "sweep.best_run_id", rows["run_id"][best.index[0]])
+
+
+def _fixed_keys(overrides: list[str]) -> list[str]:
+    """The keys of the overrides that do not sweep (`a=1` but not `a=1,2`), as written."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [
+        text.split("=", 1)[0]
+        for text, override in zip(overrides, parsed, strict=True)
+        if not override.is_sweep_override()
+    ]
