@@ -90,6 +90,12 @@ def resume_point(cfg: Any, mode: str) -> Checkpoint:
             f"the interrupted run's folder, hydra.run.dir=outputs/<date>/<time>"
         )
     _check_settings(found, settings(cfg), mode)
+    if found.step >= cfg.trainer.steps:
+        raise UserError(
+            f"the checkpoint in {directory} is at step {found.step}, the run's last: nothing is "
+            f"left to train; to train it further, use trainer.resume=extend with a larger "
+            f"trainer.steps"
+        )
     return found
 
 

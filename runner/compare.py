@@ -30,7 +30,7 @@ def table(runs: pd.DataFrame, metrics: Sequence[str], sort_by: str | None = None
     highest for anything else."""
     params = [column for column in runs.columns if column.startswith("params.")]
     # Missing counts as a value of its own: `astype(str)` keeps it NaN, which nunique skips.
-    differing = [column for column in params if runs[column].nunique(dropna=False) > 1]
+    differing = sorted(column for column in params if runs[column].nunique(dropna=False) > 1)
     out = pd.DataFrame(
         {
             "run": runs.get(f"tags.{MLFLOW_RUN_NAME}", runs["run_id"]),

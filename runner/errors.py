@@ -1,8 +1,13 @@
 """Errors that a user caused and can fix: reported as one clear line, without a traceback."""
 
+import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
+
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 
 
 class UserError(Exception):
@@ -30,3 +35,49 @@ def reported(command: str) -> Iterator[None]:
     except UserError as error:
         print(f"{command}: error: {error}", file=sys.stderr)
         raise SystemExit(error.exit_code) from None
+
+
+def run_hydra_app(command: str, app: Callable[[], Any]) -> None:
+    """Run the `@hydra.main` function `app` as the command `command`. Hydra's own errors (an
+    unknown option, a misspelt key, a value of the wrong type) are told in one line, as a
+    `UserError` is, instead of Hydra's report of several; HYDRA_FULL_ERROR=1 still shows that."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        with reported(command):
+            app()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises its errors rather than prints them
+    try:
+        with reported(command):
+            app()
+    except (HydraException, OmegaConfBaseException) as error:
+        print(f"{command}: error: {one_line(error)}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+# Lines of Hydra's and OmegaConf's reports that locate an error rather than say what it is.
+_DETAIL = ("full_key:", "object_type=", "reference_type=", "Set the environment variable")
+
+
+def one_line(error: BaseException) -> str:
+    """Hydra's report as one line: "In 'config': Could not find 'model/resnet'. Available options
+    in 'model': cnn_layers, cnn_raw, softmax". The config search path and the keys' locations
+    are left out; the OmegaConf error behind a Hydra one is added."""
+    text = str(error)
+    if isinstance(error.__cause__, OmegaConfBaseException):
+        text += "\n" + str(error.__cause__)
+    sentences: list[str] = []
+    items: list[str] = []
+    for raw in text.split("Config search path:")[0].splitlines():
+        line = raw.strip()
+        if not line or line.startswith(_DETAIL):
+            continue
+        if raw[:1].isspace() and sentences and sentences[-1].endswith(":"):
+            items.append(line)
+            continue
+        if items:
+            sentences[-1] += " " + ", ".join(items)
+            items = []
+        sentences.append(line)
+    if items:
+        sentences[-1] += " " + ", ".join(items)
+    return ". ".join(sentence.rstrip(".") for sentence in sentences)

@@ -5,7 +5,7 @@ import hydra
 from omegaconf import DictConfig
 
 from runner.config import register_configs
-from runner.errors import reported
+from runner.errors import reported, run_hydra_app
 from runner.train import CONF_DIR
 
 register_configs()
@@ -36,7 +36,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float | int | None]:
     }
 
 
+def main() -> None:
+    """The `runner-eval` command."""
+    run_hydra_app("runner-eval", run_hydra)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
-def main(cfg: DictConfig) -> None:
+def run_hydra(cfg: DictConfig) -> None:
     with reported("runner-eval"):
         print(evaluate(cfg))

@@ -1,10 +1,11 @@
 """Keras `fit` driven in optimizer steps: one Keras epoch is one logging window."""
 
+import shlex
 from typing import Any
 
 import numpy as np
 
-from runner import checkpoints
+from runner import checkpoints, sweep
 from runner.callbacks import (
     MlflowMetrics,
     ProbabilityLogger,
@@ -88,8 +89,7 @@ def fit(
     if stop.received:
         raise Interrupted(
             f"stopped by {stop.received} at step {optimizer_step(model)}, checkpoint written "
-            f"to {folder}; carry on with the same command plus trainer.resume=true"
-            f"{_run_folder_override(trainer.checkpoint_dir)}",
+            f"to {folder}; {_how_to_resume(trainer.checkpoint_dir)}",
             exit_code=130 if stop.received == "SIGINT" else 143,
         )
     if trainer.steps % trainer.eval_every:
@@ -99,14 +99,22 @@ def fit(
         recorder.log_metrics({f"val/{k}": v for k, v in final.items()}, step=trainer.steps)
 
 
-def _run_folder_override(checkpoint_dir: str | None) -> str:
-    """The override that points a resumed run at this run's checkpoints, unless the command
-    already names them (trainer.checkpoint_dir)."""
+def _how_to_resume(checkpoint_dir: str | None) -> str:
+    """The command that carries this run on: the same one, pointed at this run's folder unless
+    it names its checkpoints (trainer.checkpoint_dir). A sweep's job is carried on alone, with
+    its own overrides; an Optuna trial is not, as its study carries on the search instead."""
     from hydra.core.hydra_config import HydraConfig
 
-    if checkpoint_dir or not HydraConfig.initialized():
-        return ""
-    return f" hydra.run.dir={HydraConfig.get().runtime.output_dir}"
+    if not HydraConfig.initialized():
+        return "carry on with trainer.resume=true"
+    hydra = HydraConfig.get()
+    folder = "" if checkpoint_dir else f" hydra.run.dir={shlex.quote(hydra.runtime.output_dir)}"
+    if not sweep.in_multirun():
+        return f"carry on with the same command plus trainer.resume=true{folder}"
+    if "Optuna" in str(hydra.sweeper.get("_target_", "")):
+        return "run the search's command again: its study carries on, this trial starts over"
+    overrides = " ".join(shlex.quote(o) for o in hydra.overrides.task)
+    return f"carry on with this job alone: runner {overrides} trainer.resume=true{folder}"
 
 
 def check_resumable(start_step: int, plan: Plan) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from runner.config import register_configs
-from runner.errors import UserError, reported
+from runner.errors import UserError, reported, run_hydra_app
 from runner.train import CONF_DIR
 
 register_configs()
@@ -95,11 +95,15 @@ def predict(cfg: DictConfig) -> list[tuple[Path, int, np.ndarray]]:
     return [(p, int(row.argmax()), row) for p, row in zip(paths, outputs, strict=True)]
 
 
+def main() -> None:
+    """The `runner-predict` command."""
+    run_hydra_app("runner-predict", run_hydra)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")
-def main(cfg: DictConfig) -> None:
+def run_hydra(cfg: DictConfig) -> None:
     with reported("runner-predict"):
         results = predict(cfg)
     for path, label, probabilities in results:
-        print(
-            f"{path}: class {label}, probabilities = {np.array2string(probabilities, precision=3)}"
-        )
+        shown = np.array2string(probabilities, precision=3, max_line_width=10**6)
+        print(f"{path}: class {label}, probabilities = {shown}")

@@ -141,12 +141,36 @@ def overridden(logged: Any, overrides: list[str], run_id: str) -> Any:
     absent = object()
     for override in overrides:
         key = override.partition("=")[0].strip()
-        if OmegaConf.select(logged, key, default=absent) is absent:
+        was = OmegaConf.select(logged, key, default=absent)
+        if was is absent:
             keys = [name for name, _ in flatten(OmegaConf.to_container(logged))]
             close = get_close_matches(key, keys, n=1)
             hint = f"did you mean {close[0]}?" if close else "see the run's config.yaml artifact"
             raise UserError(f"--set {override}: run {run_id}'s config has no key {key!r} ({hint})")
+        if OmegaConf.is_config(was):
+            raise UserError(
+                f"--set {override}: {key} is a group of settings in run {run_id}'s config; set "
+                f"its keys one by one (--set {key}.KEY=VALUE)"
+            )
+        now = OmegaConf.select(OmegaConf.from_dotlist([override]), key)
+        if not _same_kind(was, now):
+            raise UserError(
+                f"--set {override}: {key} is {type(was).__name__} in run {run_id}'s config "
+                f"({was!r}), not {type(now).__name__}"
+            )
     return OmegaConf.merge(logged, OmegaConf.from_dotlist(overrides))
+
+
+def _same_kind(was: Any, now: Any) -> bool:
+    """Whether `now` may replace `was`: a number by a number (an int by an int), a flag by a
+    flag; a text or an unset value by anything."""
+    if was is None or isinstance(was, str):
+        return True
+    if isinstance(was, bool) or isinstance(now, bool):
+        return isinstance(was, bool) and isinstance(now, bool)
+    if isinstance(was, int):
+        return isinstance(now, int)
+    return isinstance(now, int | float)
 
 
 def main(argv: list[str] | None = None) -> None:

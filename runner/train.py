@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from runner import sweep
 from runner.config import check_config, register_configs, resume_mode
-from runner.errors import Interrupted, UserError, reported
+from runner.errors import Interrupted, UserError, reported, run_hydra_app
 from runner.outputs import check_given_dirs, register_resolvers
 
 register_configs()
@@ -114,7 +114,7 @@ def main() -> None:
     """The `runner` command."""
     with reported("runner"):
         check_given_dirs(sys.argv[1:])
-    run_hydra()
+    run_hydra_app("runner", run_hydra)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -124,9 +124,8 @@ def run_hydra(cfg: DictConfig) -> float:
             return objective(cfg)
         except UserError as error:
             if sweep.in_multirun() and not isinstance(error, Interrupted):
-                message = f"runner: error: {error}"
-                log.error(message)
-                raise JobFailed(message) from None
+                log.error("runner: error: %s", error)
+                raise JobFailed(str(error)) from None
             raise
 
 

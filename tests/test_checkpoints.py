@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from runner import checkpoints, repro
 from runner.errors import Interrupted, UserError
 from runner.train import train
 
-from .conftest import compose_config, only_run, store_client
+from .conftest import compose_config, only_run, parents_and_children, store_client
 
 # One worker runs this file: its tests share a module-scoped run.
 pytestmark = pytest.mark.xdist_group("test_checkpoints")
@@ -91,16 +92,19 @@ def reference(tmp_path_factory, mnist_dir) -> Path:
 
 
 def interrupt(
-    tmp_path: Path, mnist_dir: Path, how: signal.Signals
+    tmp_path: Path, mnist_dir: Path, how: signal.Signals, sweep: bool = False
 ) -> tuple[list[str], dict, int, str]:
-    """Start the CNN run as a user would, and send it `how` once its first checkpoint exists."""
+    """Start the CNN run as a user would (as a sweep's one job with `sweep`), and send it `how`
+    once its first checkpoint exists."""
     env = {**os.environ, "MNIST_DIR": str(mnist_dir)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    command = [sys.executable, "-m", "runner", *CNN, f"hydra.run.dir={tmp_path / 'run'}"]
+    where = f"hydra.sweep.dir={tmp_path / 'run'}" if sweep else f"hydra.run.dir={tmp_path / 'run'}"
+    command = [sys.executable, "-m", "runner", *(["-m"] if sweep else []), *CNN, where]
     process = subprocess.Popen(
         command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    first = tmp_path / "run" / "checkpoints" / "step-0000040" / "state.json"
+    job = tmp_path / "run" / ("0" if sweep else "")
+    first = job / "checkpoints" / "step-0000040" / "state.json"
     deadline = time.monotonic() + 240
     while not first.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -169,6 +173,29 @@ def test_ctrl_c_checkpoints_marks_killed_and_resumes_to_the_same_end(
     assert "trainer.resume" not in (hydra / "overrides.yaml").read_text()
     [resumed] = hydra.glob("resumed-*")
     assert "trainer.resume=true" in (resumed / "overrides.yaml").read_text()
+
+
+def test_a_sweep_job_stopped_says_how_to_carry_it_on_alone(tmp_path, mnist_dir, reference):
+    """Repeating the sweep's command would start a new sweep; the job is carried on alone."""
+    _, env, code, stderr = interrupt(tmp_path, mnist_dir, signal.SIGINT, sweep=True)
+    assert code == 130, stderr[-3000:]
+    [hint] = [line for line in stderr.splitlines() if "carry on with this job alone: " in line]
+    alone = shlex.split(hint.split("carry on with this job alone: ", 1)[1])
+    assert alone[0] == "runner" and "-m" not in alone
+    assert f"hydra.run.dir={tmp_path / 'run' / '0'}" in alone
+    resumed = subprocess.run(
+        [sys.executable, "-m", "runner", *alone[1:]],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, [child] = parents_and_children(tmp_path)
+    ref_run = only_run(reference)
+    assert store_client(tmp_path).get_run(child.info.run_id).info.status == "FINISHED"
+    assert history(tmp_path, child.info.run_id) == history(reference, ref_run.info.run_id)
 
 
 # A short softmax run whose stop lands inside a window (steps_per_execution 5, windows of 20),
@@ -280,6 +307,8 @@ def test_extend_carries_a_run_on_in_a_new_run_with_its_new_steps(tmp_path, mnist
 
     softmax_run(tmp_path, "trainer.eval_every=60")  # validates at 60 and after its last step, 80
     short = only_run(tmp_path)
+    with pytest.raises(UserError, match="at step 80, the run's last: nothing is left to train"):
+        softmax_run(tmp_path, "trainer.resume=true", "trainer.eval_every=60")
     with pytest.raises(UserError, match="above the checkpoint's step 80"):
         softmax_run(tmp_path, "trainer.resume=extend", "trainer.steps=60", "trainer.eval_every=60")
     softmax_run(tmp_path, "trainer.resume=extend", "trainer.steps=120", "trainer.eval_every=60")

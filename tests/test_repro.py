@@ -75,6 +75,9 @@ def test_repro_refuses_an_unknown_or_malformed_set_before_training(logged_run, m
             "(did you mean data.dir?)",
         ),
         ("data.dir", "--set 'data.dir' is not KEY=VALUE"),
+        ("data.limit=abc", "--set data.limit=abc: data.limit is int in run"),
+        ("trainer.progress_bar=3", "--set trainer.progress_bar=3: trainer.progress_bar is bool"),
+        ("model=cnn_raw", "--set model=cnn_raw: model is a group of settings"),
     ]:
         result = cli("runner-repro", run_id, "--set", setting, cwd=work, mnist_dir=mnist_dir)
         assert result.returncode == 1 and result.stdout == ""
