@@ -40,7 +40,7 @@ def test_every_option_composes_and_passes_checks(model, optimizer):
 def test_every_yaml_starts_with_a_usage_comment():
     for path in CONF.rglob("*.yaml"):
         lines = path.read_text().splitlines()
-        if path.parent.name in ("experiment", "hparams_search"):
+        if path.parent.name in ("experiment", "hparams_search", "debug"):
             # Hydra reads the package header only before any other comment.
             assert lines[0] == "# @package _global_", path
             lines = lines[1:]
@@ -122,7 +122,15 @@ def test_help_lists_only_the_groups_users_pick_from(tmp_path):
     assert result.returncode == 0
     groups = result.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
     listed = [line.split(":")[0] for line in groups.splitlines() if ": " in line]
-    assert listed == ["data", "experiment", "hparams_search", "model", "optimizer", "trainer"]
+    assert listed == [
+        "data",
+        "debug",
+        "experiment",
+        "hparams_search",
+        "model",
+        "optimizer",
+        "trainer",
+    ]
     assert "schema" not in groups
 
 
@@ -162,8 +170,7 @@ def runs_in(folder: Path) -> list:
 
 
 def test_a_limit_below_one_batch_is_refused_before_any_run(tmp_path, mnist_dir):
-    quick = [o for o in QUICK if not o.startswith("data.limit=")]
-    result = cli("runner", *quick, "data.limit=50", cwd=tmp_path, mnist_dir=mnist_dir)
+    result = cli("runner", *QUICK, "data.limit=50", cwd=tmp_path, mnist_dir=mnist_dir)
     assert result.returncode == 1, result.stderr
     assert (
         "runner: error: data.limit=50 leaves fewer training examples than one batch of "

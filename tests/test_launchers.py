@@ -56,10 +56,7 @@ def test_slurm_launcher_is_configured_and_keeps_the_nested_runs():
 def test_failing_job_fails_the_sweep_and_ends_every_run(tmp_path, mnist_dir):
     """One job's bad value: the others still run, the command exits 1 with one line naming the
     value, and the parent run ends FAILED rather than RUNNING."""
-    overrides = [o for o in QUICK if not o.startswith("trainer.steps")]
-    result = cli(
-        "runner", "-m", "trainer.steps=35,30", *overrides, cwd=tmp_path, mnist_dir=mnist_dir
-    )
+    result = cli("runner", "-m", "trainer.steps=35,30", *QUICK, cwd=tmp_path, mnist_dir=mnist_dir)
     assert result.returncode == 1
     assert "runner: error: trainer.steps=35 must be a multiple of trainer.log_every=10" in (
         result.stderr

@@ -54,6 +54,16 @@ def test_a_misspelt_preset_is_refused_like_any_unknown_option(
     assert list(tmp_path.iterdir()) == []  # no MLflow store, no outputs/ folder
 
 
+def test_debug_quick_shortens_a_preset_and_keeps_the_rest():
+    """`debug=quick`, which the README offers to try a command and the tests use, comes after the
+    presets in the defaults list, so it shortens a preset's run without changing its model."""
+    cfg = compose_config(["debug=quick", "experiment=deep_mnist_cnn"])
+    assert (cfg.trainer.steps, cfg.data.limit, cfg.trainer.log_model) == (30, 1000, False)
+    assert (cfg.model.name, cfg.optimizer.name, cfg.data.batch_size) == ("cnn_raw", "adam", 50)
+    assert compose_config(["debug=quick", "trainer.steps=20"]).trainer.steps == 20
+    check_config(cfg)
+
+
 def test_no_preset_is_applied_by_default():
     choices = compose_config(hydra=True).hydra.runtime.choices
     assert (choices.experiment, choices.hparams_search) == (None, None)
