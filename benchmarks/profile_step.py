@@ -28,7 +28,7 @@ STEPS = 200
 def profile(which: str, logdir: str) -> None:
     import tensorflow as tf
 
-    split = data.load_mnist(compose([]).data).train
+    split = data.load(compose([]).data).train
     if which == "tutorial":
         # Three 100-step windows: the first warms up; the loop starts its clock when the second
         # begins, and the profiler with it.

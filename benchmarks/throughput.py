@@ -1,7 +1,7 @@
 """Training steps per second of the runner, of bare Keras `fit`, and of the tutorial's own loop.
 
     uv run python benchmarks/throughput.py                      # all models, 5 repeats
-    uv run python benchmarks/throughput.py cnn_raw --repeats 7 --set trainer.jit_compile=true
+    uv run python benchmarks/throughput.py cnn_raw --repeats 7 --set device.jit_compile=true
     uv run python benchmarks/throughput.py softmax --repeats 15 --only runner "bare fit"
 
 Everything runs in this one process, on the same MNIST training images, at the tutorials' batch
@@ -13,7 +13,7 @@ tutorial's interval between accuracy checks), the first window holds the tracing
 out, and a repeat's figure is the steps of the other windows over the wall time from the end of
 the first to the end of the last. The time between windows counts, since the runner logs and
 checkpoints there; each contender trains for 10-20 s, so that the runner's batched metric writes
-(every `trainer.metrics_flush_every_s`) fall inside the timing.
+(every `tracking.metrics_flush_every_s`) fall inside the timing.
 
 That time is what the runner adds to bare fit, and a few percent of it drowns in the machine's
 noise, so for the runner and bare fit the milliseconds per window are also split into the time
@@ -50,8 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from reproduce_seeds import device  # noqa: E402
 
-from runner import data, devices, models  # noqa: E402
+from runner import data, devices, modeling  # noqa: E402
 from runner.train import compose, train  # noqa: E402
+
+NUM_CLASSES = 10  # MNIST's digits
 
 WINDOW = 100
 # Model: (batch size, optimizer override, timed windows per measurement).
@@ -80,8 +82,8 @@ def runner_config(name: str, work: str, extra: list[str]) -> object:
             f"trainer.checkpoint_dir={work}/checkpoints",
             "trainer.progress_bar=false",
             "trainer.log_model=false",
-            f"tracking_uri=sqlite:///{work}/mlflow.db",
-            f"experiment_name=throughput-{name}",
+            f"tracking.uri=sqlite:///{work}/mlflow.db",
+            f"tracking.experiment_name=throughput-{name}",
             *extra,
         ]
     )
@@ -107,8 +109,12 @@ def bare_fit_rate(name: str, extra: list[str], train_split: data.Split) -> float
         cfg = runner_config(name, work, extra)
     keras.backend.clear_session()
     keras.utils.set_random_seed(cfg.seed)
-    plan = devices.plan(cfg.trainer, devices.detect())
-    model = models.compiled(cfg, plan)
+    t = cfg.trainer
+    plan = devices.plan(
+        cfg.device, devices.detect(), [t.log_every, t.eval_every, t.checkpoint_every]
+    )
+    model = modeling.build(cfg.model, train_split.x.shape[1:], NUM_CLASSES)
+    modeling.compiled(model, cfg, plan)
     dataset = data.training_dataset(train_split, cfg.data.batch_size, cfg.seed)
     return _timed_fit(model, dataset, MODELS[name][2])
 
@@ -125,7 +131,7 @@ def keras_fit_rate(name: str, train_split: data.Split) -> float:
     cfg = compose([f"model={name}", optimizer])
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
-    model = models.build(cfg.model)
+    model = modeling.build(cfg.model, train_split.x.shape[1:], NUM_CLASSES)
     model.compile(
         optimizer=KERAS_OPTIMIZERS[optimizer](learning_rate=cfg.optimizer.lr),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -168,7 +174,9 @@ def tutorial_rate(name: str, train_split: data.Split) -> float:
 
     v1 = tf.compat.v1
     batch, _, windows = MODELS[name]
-    images, labels = train_split.x, np.eye(10, dtype=np.float32)[train_split.y]
+    # The tutorial's placeholders take flat rows of 784 pixels.
+    images = train_split.x.reshape(len(train_split.x), -1)
+    labels = np.eye(NUM_CLASSES, dtype=np.float32)[train_split.y]
     order = np.random.default_rng(0).permutation(len(labels))
     position = 0
 
@@ -317,7 +325,7 @@ def main() -> None:
         "--only", nargs="+", choices=CONTENDERS, default=list(CONTENDERS), metavar="CONTENDER"
     )
     args = parser.parse_args()
-    train_split = data.load_mnist(compose([]).data).train
+    train_split = data.load(compose([]).data).train
     executions = Executions()
     medians, singles, split = [], [], []
     for name in args.models or MODELS:

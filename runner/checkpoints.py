@@ -16,7 +16,6 @@ from typing import Any
 
 import keras
 import numpy as np
-from hydra.core.hydra_config import HydraConfig
 
 from runner.callbacks import StepCounter
 from runner.errors import UserError
@@ -34,17 +33,19 @@ _PARTIAL = ".partial"
 RESUME_KEYS = (
     "model.",
     "optimizer.",
+    "loss.",
+    "data._target_",
     "data.name",
+    "data.path",
     "data.batch_size",
     "data.validation_size",
     "data.limit",
     "seed",
     "trainer.steps",
-    "trainer.loss",
     "trainer.log_every",
     "trainer.eval_every",
-    "trainer.deterministic",
-    "trainer.precision",
+    "device.deterministic",
+    "device.precision",
 )
 
 
@@ -68,21 +69,11 @@ class Checkpoint:
         return model
 
 
-def directory_for(configured: str | None) -> Path:
-    """`trainer.checkpoint_dir`, else `checkpoints/` in the Hydra run's output folder (or in the
-    working directory when `train` is called from Python)."""
-    if configured:
-        return Path(configured)
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir) / "checkpoints"
-    return Path("checkpoints")
-
-
 def resume_point(cfg: Any, mode: str) -> Checkpoint:
     """The checkpoint `trainer.resume=<mode>` carries on from, or a clear error if there is none
     or if `cfg` differs from its run's settings: `true` must match them all, `extend` may raise
     trainer.steps."""
-    directory = directory_for(cfg.trainer.checkpoint_dir)
+    directory = Path(cfg.trainer.checkpoint_dir)
     found = latest(directory)
     if found is None:
         raise UserError(

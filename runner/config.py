@@ -1,17 +1,22 @@
-"""Structured-config schema: types every key of `conf/`, so a typo fails before training.
+"""Structured-config schemas: the types of the runner's own keys, so a typo fails before training.
 
 The values live in the YAML files under `conf/`; these dataclasses only say what keys exist
-and of which type. Each group option's YAML names its schema first in its defaults list
-(`- /model_softmax_schema@_here_`). The schemas are stored as root-level configs, not in groups
-of their own: `runner --help` lists every group, and users must see only those they pick from.
+and of which type. `trainer`, `device` and `tracking` are the runner's alone and typed whole
+(each option's YAML names its schema first in its defaults list, `- /trainer_schema@_here_`).
+`model`, `optimizer`, `loss`, `data` and `callbacks` name a `_target_` whose own keys only it
+knows: `runner.targets` checks those against its signature, and `check_config` types the few
+keys of theirs that the runner reads (`ModelKeys`, ...). The schemas are stored as root-level
+configs, not in groups of their own: `runner --help` lists every group, and users must see only
+those they pick from.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from runner.errors import UserError
 
@@ -22,28 +27,11 @@ class Output(StrEnum):
 
 
 @dataclass
-class ModelConf:
-    name: str = MISSING
+class ModelKeys:
+    """The runner's keys of a `model` option; `output` also reaches a builder that takes it."""
+
+    name: str | None = None
     output: Output = Output.logits
-
-
-@dataclass
-class SoftmaxConf(ModelConf):
-    name: str = "softmax"
-
-
-@dataclass
-class CnnRawConf(ModelConf):
-    name: str = "cnn_raw"
-    keep_prob: float = MISSING
-    init_stddev: float = MISSING
-    bias_init: float = MISSING
-
-
-@dataclass
-class CnnLayersConf(ModelConf):
-    name: str = "cnn_layers"
-    dropout_rate: float = MISSING
 
 
 class Schedule(StrEnum):
@@ -52,53 +40,29 @@ class Schedule(StrEnum):
 
 
 @dataclass
-class OptimizerConf:
-    name: str = MISSING
+class OptimizerKeys:
+    """The runner's keys of an `optimizer` option: `lr` becomes the class's `learning_rate`,
+    following `schedule`."""
+
+    name: str | None = None
     lr: float = MISSING
     schedule: Schedule = Schedule.constant
     warmup_steps: int = 0
 
 
 @dataclass
-class SGDConf(OptimizerConf):
-    name: str = "sgd"
-    momentum: float = 0.0
-    nesterov: bool = False
+class LossKeys:
+    # What the loss takes, checked against model.output; unchecked when unset.
+    expects: Output | None = None
 
 
 @dataclass
-class AdamConf(OptimizerConf):
-    name: str = "adam"
-    beta_1: float = MISSING
-    beta_2: float = MISSING
-    epsilon: float = MISSING
-    amsgrad: bool = False
-
-
-@dataclass
-class DataConf:
-    name: str = "mnist"
-    dir: str = MISSING
+class DataKeys:
+    name: str = MISSING
     batch_size: int = MISSING
     eval_batch_size: int = MISSING
     validation_size: int = MISSING
     limit: int | None = None
-    download: bool = MISSING
-    download_timeout_s: float = MISSING
-    mirrors: list[str] = field(default_factory=list)
-    sha256: dict[str, str] = field(default_factory=dict)
-
-
-class Loss(StrEnum):
-    sparse_softmax_cross_entropy = "sparse_softmax_cross_entropy"
-    cross_entropy_of_probabilities = "cross_entropy_of_probabilities"
-
-
-# What each loss expects the model to emit.
-LOSS_INPUT = {
-    Loss.sparse_softmax_cross_entropy: Output.logits,
-    Loss.cross_entropy_of_probabilities: Output.probabilities,
-}
 
 
 class Precision(StrEnum):
@@ -119,25 +83,32 @@ class TrainerConf:
     steps: int = MISSING
     log_every: int = MISSING
     eval_every: int = MISSING
-    loss: Loss = Loss.sparse_softmax_cross_entropy
-    deterministic: bool = MISSING
     checkpoint_every: int = MISSING
     keep_checkpoints: int = MISSING
-    checkpoint_dir: str | None = None
+    checkpoint_dir: str = MISSING
     # "false", "true" (carry on with the checkpoint's settings) or "extend" (raise
     # trainer.steps); typed str because a field cannot be both a bool and "extend".
     resume: str = "false"
-    log_probabilities_every: int = MISSING
-    log_probabilities_examples: int = MISSING
     progress_bar: bool = True
     log_model: bool = True
+
+
+@dataclass
+class DeviceConf:
     precision: Precision = Precision.auto
+    deterministic: bool = True
     # "auto", "true" or "false"; typed str because a field cannot be both a bool and "auto".
     jit_compile: str = "auto"
     # "auto" or a positive integer, likewise.
     steps_per_execution: str = "auto"
     strategy: Strategy = Strategy.auto
     cpu_devices: int = 1
+
+
+@dataclass
+class TrackingConf:
+    uri: str = MISSING
+    experiment_name: str = MISSING
     system_metrics: bool = True
     system_metrics_every_s: float = 10.0
     metrics_flush_every_s: float = 5.0
@@ -153,30 +124,34 @@ RESULT_METRICS = tuple(
 class Config:
     model: Any = MISSING
     optimizer: Any = MISSING
-    data: DataConf = MISSING
+    loss: Any = MISSING
+    data: Any = MISSING
     trainer: TrainerConf = MISSING
+    device: DeviceConf = MISSING
+    tracking: TrackingConf = MISSING
+    # name -> a node naming a keras.callbacks.Callback by _target_ (conf/callbacks/)
+    callbacks: Any = None
     seed: int = MISSING
-    experiment_name: str = MISSING
-    tracking_uri: str | None = None
     optimized_metric: str = "val/accuracy"
 
 
 @dataclass
 class EvaluateConf:
-    data: DataConf = MISSING
+    tracking: TrackingConf = MISSING
+    # Empty: the data the run trained on, with these keys changed; a data option replaces it.
+    data: dict[str, Any] = field(default_factory=dict)
     run_id: str | None = None
     model_uri: str | None = None
-    tracking_uri: str = MISSING
 
 
 @dataclass
 class PredictConf:
+    tracking: TrackingConf = MISSING
     run_id: str | None = None
     model_uri: str | None = None
     # A path, a glob, a folder of PNGs, or a list of those.
     images: Any = MISSING
     invert: bool = False
-    tracking_uri: str = MISSING
 
 
 def register_configs() -> None:
@@ -185,25 +160,47 @@ def register_configs() -> None:
     cs.store(name="config_schema", node=Config)
     cs.store(name="evaluate_schema", node=EvaluateConf)
     cs.store(name="predict_schema", node=PredictConf)
-    cs.store(name="model_softmax_schema", node=SoftmaxConf)
-    cs.store(name="model_cnn_raw_schema", node=CnnRawConf)
-    cs.store(name="model_cnn_layers_schema", node=CnnLayersConf)
-    cs.store(name="optimizer_sgd_schema", node=SGDConf)
-    cs.store(name="optimizer_adam_schema", node=AdamConf)
-    cs.store(name="data_mnist_schema", node=DataConf)
     cs.store(name="trainer_schema", node=TrainerConf)
+
+
+def runner_keys(node: Any, schema: type, path: str) -> Any:
+    """The keys of `node` that `schema` types, as a typed config: a value of the wrong type, or
+    a required key `node` lacks, is one line naming `path.KEY`."""
+    names = [f.name for f in fields(schema)]
+    present = {name: node[name] for name in names if name in node}
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(schema), present)
+        OmegaConf.to_container(typed, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or getattr(error, "key", "") or ""
+        raise UserError(f"{path}.{key}: {_message(error)}") from None
+    return typed
+
+
+def _message(error: OmegaConfBaseException) -> str:
+    text = str(error).splitlines()[0]
+    if "Missing mandatory value" in text:
+        return "is not set; give it a value"
+    return text
 
 
 def check_config(cfg: Any) -> None:
     """Reject values the types allow but training cannot use, naming the key and a fix."""
-    t, d = cfg.trainer, cfg.data
+    for path in ("model", "optimizer", "loss", "data"):
+        if not OmegaConf.is_dict(cfg.get(path)):
+            raise UserError(f"{path} is not set: pick an option, {path}=NAME (see runner --help)")
+    model = runner_keys(cfg.model, ModelKeys, "model")
+    optimizer = runner_keys(cfg.optimizer, OptimizerKeys, "optimizer")
+    loss = runner_keys(cfg.loss, LossKeys, "loss")
+    d = runner_keys(cfg.data, DataKeys, "data")
+    _check_missing(cfg)
+    t = cfg.trainer
     for key, value in {
         "trainer.steps": t.steps,
         "trainer.log_every": t.log_every,
         "trainer.eval_every": t.eval_every,
         "data.batch_size": d.batch_size,
         "data.eval_batch_size": d.eval_batch_size,
-        "trainer.log_probabilities_examples": t.log_probabilities_examples,
         "trainer.checkpoint_every": t.checkpoint_every,
         "trainer.keep_checkpoints": t.keep_checkpoints,
     }.items():
@@ -224,39 +221,37 @@ def check_config(cfg: Any) -> None:
             f"trainer.eval_every={t.eval_every} must be a multiple of "
             f"trainer.log_every={t.log_every}"
         )
-    if t.log_probabilities_every < 0:
+    if loss.expects is not None and loss.expects != model.output:
         raise UserError(
-            f"trainer.log_probabilities_every={t.log_probabilities_every} must be 0 (off) "
-            f"or positive"
+            f"loss={cfg.loss._target_} expects the model to emit {loss.expects}, but "
+            f"model.output={model.output}: set model.output={loss.expects}, or pick a loss "
+            f"that takes {model.output}"
         )
-    if LOSS_INPUT[t.loss] != cfg.model.output:
-        raise UserError(
-            f"trainer.loss={t.loss} expects the model to emit {LOSS_INPUT[t.loss]}, but "
-            f"model.output={cfg.model.output}: set model.output={LOSS_INPUT[t.loss]}"
-        )
-    keep_prob = cfg.model.get("keep_prob", 1.0)
-    if not 0.0 < keep_prob <= 1.0:
-        raise UserError(f"model.keep_prob={keep_prob} must be in (0, 1]; 1 turns dropout off")
-    dropout_rate = cfg.model.get("dropout_rate", 0.0)
-    if not 0.0 <= dropout_rate < 1.0:
-        raise UserError(f"model.dropout_rate={dropout_rate} must be in [0, 1); 0 turns dropout off")
     _check_optimizer(cfg.optimizer)
-    if not 0 <= cfg.optimizer.warmup_steps < t.steps:
+    if not 0 <= optimizer.warmup_steps < t.steps:
         raise UserError(
-            f"optimizer.warmup_steps={cfg.optimizer.warmup_steps} must be at least 0 and "
+            f"optimizer.warmup_steps={optimizer.warmup_steps} must be at least 0 and "
             f"below trainer.steps={t.steps}"
         )
-    _check_device_settings(t)
+    _check_device_settings(cfg.device, cfg.tracking)
     _check_resume(t)
     if cfg.optimized_metric not in RESULT_METRICS:
         raise UserError(
             f"optimized_metric={cfg.optimized_metric} is not a metric every run records; "
             f"choose one of {', '.join(RESULT_METRICS)}"
         )
-    _check_data(d)
+    _check_data(d, cfg.data)
 
 
-def _check_data(d: Any) -> None:
+def _check_missing(cfg: Any) -> None:
+    """A `???` left in an option (`data=npz` without `data.path`), named with its fix."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        key = missing[0]
+        raise UserError(f"{key} is not set: give it on the command line, {key}=VALUE")
+
+
+def _check_data(d: Any, node: Any) -> None:
     """Refused here, before the MLflow run exists, rather than once the data is loaded."""
     from runner.data import folder
 
@@ -269,7 +264,8 @@ def _check_data(d: Any) -> None:
             f"data.limit={d.limit} leaves fewer training examples than one batch of "
             f"data.batch_size={d.batch_size}: raise data.limit or lower data.batch_size"
         )
-    folder(d)
+    if isinstance(node.get("dir"), str):
+        folder(node.dir)
 
 
 def _check_optimizer(o: Any) -> None:
@@ -277,6 +273,8 @@ def _check_optimizer(o: Any) -> None:
     run exists; it takes any Adam beta or epsilon, and beta_1=1 or epsilon=0 train to NaN."""
     if o.lr <= 0:
         raise UserError(f"optimizer.lr={o.lr} must be positive")
+    if not all(_is_number(o.get(key, 0.0)) for key in ("momentum", "beta_1", "beta_2", "epsilon")):
+        return  # the class refuses a value of the wrong type, naming it, when it is built
     momentum = o.get("momentum", 0.0)
     if not 0.0 <= momentum <= 1.0:
         raise UserError(f"optimizer.momentum={momentum} must be in [0, 1]; 0 turns momentum off")
@@ -290,6 +288,10 @@ def _check_optimizer(o: Any) -> None:
             f"optimizer.epsilon={epsilon} must be positive: it keeps Adam's step finite where "
             f"a gradient is 0"
         )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 RESUME_MODES = ("false", "true", "extend")
@@ -308,20 +310,20 @@ def _check_resume(t: Any) -> None:
         )
 
 
-def _check_device_settings(t: Any) -> None:
-    if str(t.jit_compile).lower() not in ("auto", "true", "false"):
-        raise UserError(f"trainer.jit_compile={t.jit_compile} must be auto, true or false")
-    spe = str(t.steps_per_execution)
+def _check_device_settings(device: Any, tracking: Any) -> None:
+    if str(device.jit_compile).lower() not in ("auto", "true", "false"):
+        raise UserError(f"device.jit_compile={device.jit_compile} must be auto, true or false")
+    spe = str(device.steps_per_execution)
     if spe != "auto" and not (spe.isdigit() and int(spe) > 0):
-        raise UserError(f"trainer.steps_per_execution={spe} must be auto or a positive integer")
-    if t.cpu_devices < 1:
-        raise UserError(f"trainer.cpu_devices={t.cpu_devices} must be 1 or more")
-    if t.system_metrics_every_s <= 0:
+        raise UserError(f"device.steps_per_execution={spe} must be auto or a positive integer")
+    if device.cpu_devices < 1:
+        raise UserError(f"device.cpu_devices={device.cpu_devices} must be 1 or more")
+    if tracking.system_metrics_every_s <= 0:
         raise UserError(
-            f"trainer.system_metrics_every_s={t.system_metrics_every_s} must be positive"
+            f"tracking.system_metrics_every_s={tracking.system_metrics_every_s} must be positive"
         )
-    if t.metrics_flush_every_s < 0:
+    if tracking.metrics_flush_every_s < 0:
         raise UserError(
-            f"trainer.metrics_flush_every_s={t.metrics_flush_every_s} must be 0 (write every "
-            f"window's metrics at once) or more"
+            f"tracking.metrics_flush_every_s={tracking.metrics_flush_every_s} must be 0 (write "
+            f"every window's metrics at once) or more"
         )

@@ -28,7 +28,7 @@ _UBYTE = 0x08
 
 @dataclass(frozen=True)
 class Split:
-    """Images flattened to 784 floats in [0, 1], and their integer labels."""
+    """Images as float32 (N, height, width, channels), and their integer labels."""
 
     x: np.ndarray
     y: np.ndarray
@@ -42,77 +42,191 @@ class Splits:
     train: Split
     validation: Split
     test: Split
-    files: dict[str, Path]  # each IDX file read, by its name without .gz
+    num_classes: int
+    # SHA-256 of each array the loader returned (x_train, y_train, x_test, y_test).
+    digests: dict[str, str]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.x.shape[1:])
 
 
-def load_mnist(cfg: Any) -> Splits:
-    """The tutorials' split: the first `validation_size` training images validate, the rest train.
+# The keys of a `data` option that the runner reads; the others go to its loader (`_target_`).
+RUNNER_KEYS = ("name", "batch_size", "eval_batch_size", "validation_size", "limit")
+ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 
-    Pixels are scaled to [0, 1]; `limit` keeps the first examples of each split.
-    """
-    train_all, train_files = _read_split(cfg, TRAIN_IMAGES, TRAIN_LABELS)
-    test, test_files = _read_split(cfg, TEST_IMAGES, TEST_LABELS)
+
+def load(cfg: Any) -> Splits:
+    """The `data` option's loader's arrays, checked, scaled and split as the tutorials split
+    MNIST: the first `validation_size` training examples validate, the rest train; `limit`
+    keeps the first examples of each split. uint8 pixels are scaled to [0, 1]."""
+    arrays, digests = _arrays(cfg)
+    x_train, y_train, x_test, y_test = arrays.values()
     n_val = cfg.validation_size
-    if not 0 < n_val < len(train_all.y):
+    if not 0 < n_val < len(y_train):
         raise UserError(
-            f"data.validation_size={n_val} must be between 1 and {len(train_all.y) - 1}, "
-            f"the training images found"
+            f"data.validation_size={n_val} must be between 1 and {len(y_train) - 1}, "
+            f"the training examples found"
         )
+    train_all, test = Split(x_train, y_train), Split(x_test, y_test)
     return Splits(
         train=Split(train_all.x[n_val:], train_all.y[n_val:]).head(cfg.limit),
         validation=train_all.head(n_val).head(cfg.limit),
         test=test.head(cfg.limit),
-        files={**train_files, **test_files},
+        num_classes=int(max(y_train.max(), y_test.max())) + 1,
+        digests=digests,
     )
 
 
 def load_test(cfg: Any) -> Split:
-    """Only the 10,000 test images (the first `limit` of them), for evaluating a trained model."""
-    return _read_split(cfg, TEST_IMAGES, TEST_LABELS)[0].head(cfg.limit)
+    """Only the test split (its first `limit` examples), for evaluating a trained model."""
+    _, _, x_test, y_test = _arrays(cfg)[0].values()
+    return Split(x_test, y_test).head(cfg.limit)
 
 
-def folder(cfg: Any) -> Path:
+def _arrays(cfg: Any) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The loader's four arrays, checked: images (N, H, W) or (N, H, W, C) as float32 (uint8
+    scaled to [0, 1]) with a channel axis, labels as int32 (N,) in 0..K-1; and the SHA-256 of
+    each array as the loader returned it."""
+    from runner import targets
+
+    loaded = targets.build(cfg, "data", RUNNER_KEYS)
+    where = f"data ({cfg._target_})"
+    try:
+        (x_train, y_train), (x_test, y_test) = loaded
+    except (TypeError, ValueError):
+        raise UserError(
+            f"{where} returned {type(loaded).__name__}, not ((x_train, y_train), (x_test, "
+            f"y_test)) as keras.datasets loaders do"
+        ) from None
+    raw = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+    raw = {name: np.asarray(array) for name, array in raw.items()}
+    checked = {}
+    for split in ("train", "test"):
+        x, y = raw[f"x_{split}"], raw[f"y_{split}"]
+        checked[f"x_{split}"] = _images(x, f"{where}: x_{split}")
+        checked[f"y_{split}"] = _labels(y, f"{where}: y_{split}")
+        if len(x) != len(y):
+            raise UserError(f"{where}: x_{split} holds {len(x)} examples but y_{split} {len(y)}")
+    if checked["x_train"].shape[1:] != checked["x_test"].shape[1:]:
+        raise UserError(
+            f"{where}: training images are {checked['x_train'].shape[1:]} but test images "
+            f"{checked['x_test'].shape[1:]}"
+        )
+    return {name: checked[name] for name in ARRAYS}, {name: _sha256(raw[name]) for name in ARRAYS}
+
+
+def _images(x: np.ndarray, where: str) -> np.ndarray:
+    if x.ndim not in (3, 4) or len(x) == 0:
+        raise UserError(
+            f"{where} has shape {x.shape}: expected images of shape (N, height, width) or "
+            f"(N, height, width, channels)"
+        )
+    if x.ndim == 3:
+        x = x[..., np.newaxis]
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / 255.0
+    if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
+        raise UserError(f"{where} holds {x.dtype} values, not numbers")
+    return x.astype(np.float32)
+
+
+def _labels(y: np.ndarray, where: str) -> np.ndarray:
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise UserError(
+            f"{where} has shape {y.shape} and type {y.dtype}: expected integer class labels "
+            f"of shape (N,)"
+        )
+    if len(y) and y.min() < 0:
+        raise UserError(f"{where} holds the label {y.min()}: labels must be 0, 1, 2, ...")
+    return y.astype(np.int32)
+
+
+def _sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def idx_files(
+    dir: str,
+    download: bool = False,
+    mirrors: list[str] | None = None,
+    sha256: dict[str, str] | None = None,
+    download_timeout_s: float = 60.0,
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """MNIST's four IDX files (or Fashion-MNIST's, which has the same names and layout) in
+    `dir`, gzipped or not, downloaded from `mirrors` if missing and allowed, each checked
+    against its `sha256`."""
+    source = _IdxSource(folder(dir), download, mirrors or [], sha256 or {}, download_timeout_s)
+    return source.read(TRAIN_IMAGES, TRAIN_LABELS), source.read(TEST_IMAGES, TEST_LABELS)
+
+
+def npz_file(path: str) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The arrays of a `.npz` laid out as `keras.datasets` stores them: x_train, y_train,
+    x_test, y_test."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"data.path={path}: no such file; point it at a .npz file")
+    try:
+        with np.load(file, allow_pickle=False) as stored:
+            missing = [name for name in ARRAYS if name not in stored.files]
+            if missing:
+                raise UserError(
+                    f"data.path={path}: the .npz holds no {', '.join(missing)}; it needs "
+                    f"x_train, y_train, x_test and y_test (it holds {', '.join(stored.files)})"
+                )
+            arrays = [stored[name] for name in ARRAYS]
+    except (OSError, ValueError) as error:
+        raise UserError(f"data.path={path}: not a readable .npz file ({error})") from None
+    return (arrays[0], arrays[1]), (arrays[2], arrays[3])
+
+
+def folder(directory: str) -> Path:
     """`data.dir` as a path, refused when it names a file: the hint to copy the IDX files "into"
     it would make no sense, and a download would fail to write there after fetching."""
-    directory = Path(cfg.dir).expanduser()
-    if directory.exists() and not directory.is_dir():
+    path = Path(directory).expanduser()
+    if path.exists() and not path.is_dir():
         raise UserError(
-            f"data.dir={cfg.dir} is a file, not a folder: point it at the folder holding the "
+            f"data.dir={directory} is a file, not a folder: point it at the folder holding the "
             f"four IDX files"
         )
-    return directory
+    return path
 
 
-def _read_split(cfg: Any, images_file: str, labels_file: str) -> tuple[Split, dict[str, Path]]:
-    directory = folder(cfg)
-    files = {name: locate(directory, name, cfg) for name in (images_file, labels_file)}
-    images, labels = (read_idx(path, cfg.sha256.get(name)) for name, path in files.items())
-    where = files[images_file]
-    if images.ndim != 3 or labels.ndim != 1:
-        raise UserError(
-            f"{where}: expected images of shape (N, 28, 28) and labels of shape (N,), "
-            f"found {images.shape} and {labels.shape}"
-        )
-    if len(images) != len(labels):
-        raise UserError(
-            f"{where}: {len(images)} images but {len(labels)} labels; the image and label "
-            f"files must come from the same release"
-        )
-    x = images.reshape(len(images), -1).astype(np.float32) / 255.0
-    return Split(x, labels.astype(np.int32)), files
+@dataclass(frozen=True)
+class _IdxSource:
+    directory: Path
+    download: bool
+    mirrors: list[str]
+    sha256: dict[str, str]
+    timeout_s: float
 
+    def read(self, images_file: str, labels_file: str) -> tuple[np.ndarray, np.ndarray]:
+        files = {name: self.locate(name) for name in (images_file, labels_file)}
+        images, labels = (read_idx(path, self.sha256.get(name)) for name, path in files.items())
+        where = files[images_file]
+        if images.ndim != 3 or labels.ndim != 1:
+            raise UserError(
+                f"{where}: expected images of shape (N, height, width) and labels of shape "
+                f"(N,), found {images.shape} and {labels.shape}"
+            )
+        if len(images) != len(labels):
+            raise UserError(
+                f"{where}: {len(images)} images but {len(labels)} labels; the image and label "
+                f"files must come from the same release"
+            )
+        return images, labels
 
-def locate(directory: Path, name: str, cfg: Any) -> Path:
-    """The file `name` or `name.gz` in `directory`, downloaded first if allowed and missing."""
-    for candidate in (directory / name, directory / f"{name}.gz"):
-        if candidate.is_file():
-            return candidate
-    if not cfg.download:
-        raise UserError(
-            f"MNIST file {name}[.gz] not found in {directory.resolve()}: point data.dir "
-            f"(or MNIST_DIR) at the folder holding the IDX files, or set data.download=true"
-        )
-    return download(name, directory, cfg.mirrors, cfg.sha256.get(name), cfg.download_timeout_s)
+    def locate(self, name: str) -> Path:
+        """The file `name` or `name.gz`, downloaded first if allowed and missing."""
+        for candidate in (self.directory / name, self.directory / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+        if not self.download:
+            raise UserError(
+                f"IDX file {name}[.gz] not found in {self.directory.resolve()}: point data.dir "
+                f"(or MNIST_DIR) at the folder holding the IDX files, or set data.download=true"
+            )
+        return download(name, self.directory, self.mirrors, self.sha256.get(name), self.timeout_s)
 
 
 def download(

@@ -100,7 +100,7 @@ def _split_cpu(tf: Any, count: int) -> None:
     except RuntimeError:
         if len(tf.config.list_logical_devices("CPU")) != count:
             raise UserError(
-                f"trainer.cpu_devices={count} cannot take effect: TensorFlow already set up "
+                f"device.cpu_devices={count} cannot take effect: TensorFlow already set up "
                 f"its devices in this process (a reused sweep worker); run it in a new process"
             ) from None
 
@@ -129,16 +129,19 @@ def _gpu_memory_mib(index: int) -> int | None:
         return None
 
 
-def plan(trainer: Any, devices: Devices) -> Plan:
-    """Resolve the `auto` settings of `trainer` for `devices`."""
-    strategy = str(trainer.strategy)
+def plan(device: Any, devices: Devices, intervals: list[int]) -> Plan:
+    """Resolve the `auto` settings of the `device` config for `devices`; `intervals` are the
+    step counts that callbacks act on (trainer.log_every, eval_every, checkpoint_every, ...)."""
+    strategy = str(device.strategy)
     if strategy == "auto":
         strategy = "mirrored" if len(devices.gpus) > 1 else "single"
     replicas = (len(devices.gpus) or devices.cpu_devices) if strategy == "mirrored" else 1
     return Plan(
-        precision=_precision(str(trainer.precision), devices),
-        jit_compile=_jit_compile(str(trainer.jit_compile).lower(), devices, trainer.deterministic),
-        steps_per_execution=_steps_per_execution(trainer, mirrored=strategy == "mirrored"),
+        precision=_precision(str(device.precision), devices),
+        jit_compile=_jit_compile(str(device.jit_compile).lower(), devices, device.deterministic),
+        steps_per_execution=_steps_per_execution(
+            str(device.steps_per_execution), intervals, mirrored=strategy == "mirrored"
+        ),
         strategy=strategy,
         replicas=replicas,
     )
@@ -162,30 +165,26 @@ def _jit_compile(setting: str, devices: Devices, deterministic: bool) -> bool:
     return bool(devices.gpus) and not deterministic
 
 
-def _steps_per_execution(trainer: Any, mirrored: bool) -> int:
+def _steps_per_execution(setting: str, intervals: list[int], mirrored: bool) -> int:
     """The configured number; for auto, the largest up to AUTO_STEPS_PER_EXECUTION that divides
     every interval a callback acts on, so none of them falls inside an execution. Mirrored
     training takes one step per execution: with more, Keras 3.15's multi-step loop fails under
     MirroredStrategy ("You must feed a value for placeholder tensor ...")."""
-    intervals = [trainer.log_every, trainer.eval_every, trainer.checkpoint_every]
-    if trainer.log_probabilities_every:
-        intervals.append(trainer.log_probabilities_every)
     common = math.gcd(*intervals)
-    setting = str(trainer.steps_per_execution)
     if setting == "auto":
         limit = 1 if mirrored else AUTO_STEPS_PER_EXECUTION
         return max(d for d in range(1, limit + 1) if common % d == 0)
     steps = int(setting)
     if mirrored and steps > 1:
         raise UserError(
-            f"trainer.steps_per_execution={steps} does not work with trainer.strategy=mirrored "
-            f"in Keras 3.15; use trainer.steps_per_execution=1 (or auto)"
+            f"device.steps_per_execution={steps} does not work with device.strategy=mirrored "
+            f"in Keras 3.15; use device.steps_per_execution=1 (or auto)"
         )
     if common % steps:
         raise UserError(
-            f"trainer.steps_per_execution={steps} must divide trainer.log_every, eval_every, "
-            f"checkpoint_every and log_probabilities_every (all multiples of {common}); "
-            f"try trainer.steps_per_execution=auto"
+            f"device.steps_per_execution={steps} must divide trainer.log_every, eval_every, "
+            f"checkpoint_every and each callback's interval (all multiples of {common}); "
+            f"try device.steps_per_execution=auto"
         )
     return steps
 

@@ -1,6 +1,5 @@
 """What a run needs to be rerun and compared: versions, platform, devices, code and data."""
 
-import hashlib
 import os
 import platform
 import subprocess
@@ -12,8 +11,8 @@ PACKAGES = ("keras", "tensorflow", "mlflow", "hydra-core", "numpy")
 _CHECKOUT = Path(__file__).resolve().parent
 
 
-def describe(data_files: dict[str, Path]) -> dict[str, Any]:
-    """The environment.json of a run."""
+def describe(data_digests: dict[str, str]) -> dict[str, Any]:
+    """The environment.json of a run; `data_digests` holds the SHA-256 of each data array."""
     return {
         "python": platform.python_version(),
         "packages": {name: _version(name) for name in PACKAGES},
@@ -22,7 +21,7 @@ def describe(data_files: dict[str, Path]) -> dict[str, Any]:
         "cpu": cpu(),
         "devices": devices(),
         "git": {"commit": _git("rev-parse", "HEAD"), "dirty": git_dirty()},
-        "data_sha256": {name: file_sha256(path) for name, path in data_files.items()},
+        "data_sha256": data_digests,
     }
 
 
@@ -69,10 +68,6 @@ def devices() -> list[str]:
         device.name.removeprefix("/physical_device:")
         for device in tf.config.list_physical_devices()
     ]
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def git_dirty() -> bool | None:

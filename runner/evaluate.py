@@ -1,11 +1,14 @@
 """`runner-eval`: a logged model's loss and accuracy on the MNIST test set, like the TF Layers
 guide's `evaluate()`. Usage: `uv run runner-eval run_id=<run id>` or `model_uri=models:/<id>`."""
 
+from typing import Any
+
 import hydra
 from omegaconf import DictConfig
 
 from runner.config import register_configs
-from runner.errors import reported, run_hydra_app
+from runner.errors import UserError, reported, run_hydra_app
+from runner.targets import importable_from_cwd
 from runner.train import CONF_DIR
 
 register_configs()
@@ -19,7 +22,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float | int | None]:
     logged_model.check_choice(cfg.run_id, cfg.model_uri)
     from runner import tracking
 
-    tracking.connect(cfg.tracking_uri)
+    tracking.connect(cfg.tracking.uri)
     from runner.tensorflow_logs import load_tensorflow
 
     load_tensorflow()  # before anything else imports it
@@ -27,8 +30,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float | int | None]:
     from runner.fitting import evaluate_outputs
 
     found = logged_model.load(cfg.run_id, cfg.model_uri)
-    test = data.load_test(cfg.data)
-    outputs, loss = evaluate_outputs(found.model, test, cfg.data.eval_batch_size)
+    data_cfg = test_data(cfg.data, found)
+    test = data.load_test(data_cfg)
+    outputs, loss = evaluate_outputs(found.model, test, data_cfg.eval_batch_size)
     return {
         "loss": loss,
         "accuracy": float((outputs.argmax(axis=1) == test.y).mean()),
@@ -36,8 +40,26 @@ def evaluate(cfg: DictConfig) -> dict[str, float | int | None]:
     }
 
 
+def test_data(given: DictConfig, found: Any) -> DictConfig:
+    """The data option to test on: the one given (`data=NAME`), else the one the model's run
+    trained on, with the keys given (`+data.KEY=VALUE`) changed."""
+    from omegaconf import OmegaConf
+
+    from runner.logged_model import logged_config
+
+    if "_target_" in given:
+        return given
+    if found.run is None:
+        raise UserError(
+            f"{found.uri} has no training run to take its data from: name the data, "
+            f"data=mnist (or data=npz +data.path=FILE)"
+        )
+    return OmegaConf.merge(logged_config(found.run).data, given)
+
+
 def main() -> None:
     """The `runner-eval` command."""
+    importable_from_cwd()
     run_hydra_app("runner-eval", run_hydra)
 
 

@@ -1,6 +1,7 @@
 """Keras `fit` driven in optimizer steps: one Keras epoch is one logging window."""
 
 import shlex
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -8,12 +9,13 @@ import numpy as np
 from runner import checkpoints, sweep
 from runner.callbacks import (
     MlflowMetrics,
-    ProbabilityLogger,
+    RunnerCallback,
     StepCounter,
     StepProgbar,
     StopOnNonFiniteLoss,
     StopOnSignal,
     Throughput,
+    Training,
     optimizer_step,
 )
 from runner.checkpoints import Checkpoint, Checkpointer, RestoreMetrics
@@ -29,17 +31,20 @@ def fit(
     recorder: Any,
     plan: Plan,
     resumed: Checkpoint | None = None,
-) -> None:
-    """Train from the `resumed` checkpoint's step (else 0) to `trainer.steps`; validate every
-    `eval_every` steps and after the last one; checkpoint every `checkpoint_every` steps, after
-    the last one and on SIGINT or SIGTERM, which then raise `Interrupted`. Each step trains on
-    `data.batch_size` examples per replica. Metrics are logged only for whole windows, so a run
-    stopped and resumed logs the same history as one left alone."""
+    extra: list[Any] = (),
+) -> int:
+    """Train from the `resumed` checkpoint's step (else 0) to `trainer.steps`, with the
+    configured `extra` callbacks after the runner's own; validate every `eval_every` steps and
+    after the last one; checkpoint every `checkpoint_every` steps, after the last one and on
+    SIGINT or SIGTERM, which then raise `Interrupted`. Each step trains on `data.batch_size`
+    examples per replica. Metrics are logged only for whole windows, so a run stopped and
+    resumed logs the same history as one left alone. Returns the step training ended at, which
+    a callback that stops training (early stopping) puts before `trainer.steps`."""
     trainer = cfg.trainer
     start_step = resumed.step if resumed else 0
     batch = cfg.data.batch_size * plan.replicas
     stop = StopOnSignal()
-    folder = checkpoints.directory_for(trainer.checkpoint_dir)
+    folder = Path(trainer.checkpoint_dir)
     counter = StepCounter()
     callbacks = [
         counter,  # first: the others read the step it counts
@@ -60,19 +65,18 @@ def fit(
     ]
     if resumed and resumed.metric_state is not None:
         callbacks.append(RestoreMetrics(resumed.metric_state))
-    if trainer.log_probabilities_every:
-        callbacks.append(
-            ProbabilityLogger(
-                splits.train,
-                batch,
-                cfg.seed,
-                trainer.log_probabilities_every,
-                trainer.log_probabilities_examples,
-                logits=cfg.model.output == "logits",
-                start_step=start_step,
-                steps_per_execution=plan.steps_per_execution,
-            )
-        )
+    training = Training(
+        splits.train,
+        batch,
+        cfg.seed,
+        start_step,
+        plan.steps_per_execution,
+        logits=cfg.model.output == "logits",
+    )
+    for callback in extra:
+        if isinstance(callback, RunnerCallback):
+            callback.attach(training)
+    callbacks += extra
     if trainer.progress_bar:
         callbacks.append(StepProgbar(trainer.steps, counter))
     aligned = min(-(-start_step // trainer.log_every) * trainer.log_every, trainer.steps)
@@ -81,7 +85,7 @@ def fit(
         _fit_windows(
             model, splits, cfg, batch, callbacks, start_step, 1, aligned - start_step, at_eval
         )
-    if not stop.received and aligned < trainer.steps:
+    if not stop.received and not model.stop_training and aligned < trainer.steps:
         windows = (trainer.steps - aligned) // trainer.log_every
         _fit_windows(
             model, splits, cfg, batch, callbacks, aligned, windows, trainer.log_every, True
@@ -89,26 +93,31 @@ def fit(
     if stop.received:
         raise Interrupted(
             f"stopped by {stop.received} at step {optimizer_step(model)}, checkpoint written "
-            f"to {folder}; {_how_to_resume(trainer.checkpoint_dir)}",
+            f"to {folder}; {_how_to_resume(folder)}",
             exit_code=130 if stop.received == "SIGINT" else 143,
         )
-    if trainer.steps % trainer.eval_every:
+    reached = optimizer_step(model)
+    if reached % trainer.eval_every:
         final = model.evaluate(
             in_batches(splits.validation, cfg.data.eval_batch_size), verbose=0, return_dict=True
         )
-        recorder.log_metrics({f"val/{k}": v for k, v in final.items()}, step=trainer.steps)
+        recorder.log_metrics({f"val/{k}": v for k, v in final.items()}, step=reached)
+    return reached
 
 
-def _how_to_resume(checkpoint_dir: str | None) -> str:
-    """The command that carries this run on: the same one, pointed at this run's folder unless
-    it names its checkpoints (trainer.checkpoint_dir). A sweep's job is carried on alone, with
-    its own overrides; an Optuna trial is not, as its study carries on the search instead."""
+def _how_to_resume(checkpoints: Path) -> str:
+    """The command that carries this run on: the same one, pointed at this run's folder when
+    its checkpoints are there (the default trainer.checkpoint_dir). A sweep's job is carried on
+    alone, with its own overrides; an Optuna trial is not, as its study carries on the search
+    instead."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return "carry on with trainer.resume=true"
     hydra = HydraConfig.get()
-    folder = "" if checkpoint_dir else f" hydra.run.dir={shlex.quote(hydra.runtime.output_dir)}"
+    output_dir = Path(hydra.runtime.output_dir)
+    in_run = checkpoints.resolve().is_relative_to(output_dir.resolve())
+    folder = f" hydra.run.dir={shlex.quote(str(output_dir))}" if in_run else ""
     if not sweep.in_multirun():
         return f"carry on with the same command plus trainer.resume=true{folder}"
     if "Optuna" in str(hydra.sweeper.get("_target_", "")):
@@ -121,7 +130,7 @@ def check_resumable(start_step: int, plan: Plan) -> None:
     """Windows end on multiples of steps_per_execution, so a resumed run must start on one."""
     if start_step % plan.steps_per_execution:
         raise UserError(
-            f"the checkpoint is at step {start_step}, which trainer.steps_per_execution="
+            f"the checkpoint is at step {start_step}, which device.steps_per_execution="
             f"{plan.steps_per_execution} does not divide; resume with the steps_per_execution "
             f"the run started with"
         )

@@ -67,6 +67,20 @@ def _model_of_run(run_id: str) -> str:
     return models[0].model_uri
 
 
+def logged_config(run: Any) -> Any:
+    """The resolved config the run trained with (its config.yaml artifact)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.create(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml"))
+    except MlflowException as error:
+        raise UserError(
+            f"cannot read run {run.info.run_id}'s config.yaml: {error.message}"
+        ) from None
+
+
 def reached_step(found: LoggedModel) -> int | None:
     """The optimizer step the model reached, which a run stopped early or resumed further than
     it was started for does not share with its `trainer.steps` parameter; that parameter for a

@@ -39,7 +39,7 @@ class NestedRuns(Callback):
                 if not sweeper_has_work(config):  # the sweeper says why when Hydra starts it
                     _drop_if_empty(Path(config.hydra.sweep.dir))
                     return
-                tracking.open_store(config.tracking_uri, config.experiment_name)
+                tracking.open_store(config.tracking.uri, config.tracking.experiment_name)
             except UserError:
                 _drop_if_empty(Path(config.hydra.sweep.dir))
                 raise
@@ -48,7 +48,7 @@ class NestedRuns(Callback):
         sweep_dir = Path(config.hydra.sweep.dir).absolute()
         overrides = " ".join(config.hydra.overrides.task)
         run = mlflow.MlflowClient().create_run(
-            mlflow.get_experiment_by_name(config.experiment_name).experiment_id,
+            mlflow.get_experiment_by_name(config.tracking.experiment_name).experiment_id,
             run_name=f"sweep {overrides}"[:250],
             tags={
                 SWEEP_DIR_TAG: str(sweep_dir),

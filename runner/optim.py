@@ -1,26 +1,20 @@
-"""Keras optimizers from the `optimizer` config group; `lr` is Keras's `learning_rate`. `adam`
-is Keras's Adam with TensorFlow's fused update kernel (`runner.fused_adam`)."""
+"""The optimizer an `optimizer` option names by `_target_`, any Keras optimizer class. The
+runner's own keys (`lr`, `schedule`, `warmup_steps`) become its `learning_rate`; `adam` is
+Keras's Adam with TensorFlow's fused update kernel (`runner.fused_adam`)."""
 
 from typing import Any
 
-from omegaconf import OmegaConf
+from runner import targets
+
+# Keys of an `optimizer` option that the runner reads rather than passes on.
+RUNNER_KEYS = ("name", "lr", "schedule", "warmup_steps")
 
 
 def build(cfg: Any, total_steps: int) -> Any:
-    """A `keras.optimizers.Optimizer` whose arguments are the group option's keys, its learning
+    """A `keras.optimizers.Optimizer` from `cfg`: its class's own keys as they are, its learning
     rate following `schedule` over a run of `total_steps` steps."""
-    import keras
-
-    from runner.fused_adam import FusedAdam
-
-    classes = {"sgd": keras.optimizers.SGD, "adam": FusedAdam}
-    kwargs = OmegaConf.to_container(cfg, resolve=True)
-    name = kwargs.pop("name")
-    if name not in classes:
-        raise ValueError(f"optimizer.name={name!r} is not one of {', '.join(classes)}")
-    lr, schedule, warmup = kwargs.pop("lr"), kwargs.pop("schedule"), kwargs.pop("warmup_steps")
-    kwargs["learning_rate"] = learning_rate(lr, schedule, warmup, total_steps)
-    return classes[name](**kwargs)
+    rate = learning_rate(cfg.lr, str(cfg.schedule), cfg.warmup_steps, total_steps)
+    return targets.build(cfg, "optimizer", RUNNER_KEYS, learning_rate=rate)
 
 
 def learning_rate(peak: float, schedule: str, warmup_steps: int, total_steps: int) -> Any:

@@ -37,7 +37,7 @@ def unique_dir(path: str) -> str:
             f"cannot create the output folder {base} in {_existing_parent(base)} "
             f"({error.strerror}): run from a folder you can write to, or write elsewhere with "
             f"hydra.run.dir=DIR (hydra.sweep.dir=DIR with -m) and "
-            f"tracking_uri=sqlite:////DIR/mlflow.db"
+            f"tracking.uri=sqlite:////DIR/mlflow.db"
         ) from None
 
 

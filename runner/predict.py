@@ -12,6 +12,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from runner.config import register_configs
 from runner.errors import UserError, reported, run_hydra_app
+from runner.targets import importable_from_cwd
 from runner.train import CONF_DIR
 
 register_configs()
@@ -33,30 +34,53 @@ def image_paths(images: str | ListConfig) -> list[Path]:
     return paths
 
 
-def read_digit(path: Path, invert: bool) -> np.ndarray:
-    """784 grey levels in [0, 1]; larger images are shrunk to 28x28 by area averaging.
-
-    An image whose colours are uniform and whose ink is in its alpha channel (black on
-    transparent, say) is read by its alpha, opaque as light on dark like MNIST, whatever
-    `invert` says: its grey levels alone would be blank. A blank image is classified with a
-    warning, as its class means nothing."""
+def open_image(path: Path) -> Any:
+    """The decoded image, read before TensorFlow loads so that a bad file is told at once."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         image = Image.open(path)
-        grey = image.convert("L")
-        if _uniform(grey) and _has_alpha(image):
-            alpha = image.convert("RGBA").getchannel("A")
-            if not _uniform(alpha):
-                grey, invert = alpha, False
+        image.load()
     except (OSError, UnidentifiedImageError) as error:
         raise UserError(f"{path}: not a readable image ({error})") from None
-    if grey.size != (28, 28):
-        grey = grey.resize((28, 28), Image.Resampling.BOX)
-    pixels = np.asarray(grey, dtype=np.float32).reshape(784) / 255.0
-    if pixels.min() == pixels.max():
+    return image
+
+
+def pixels(image: Any, path: Path, shape: tuple[int, ...], invert: bool) -> np.ndarray:
+    """`image` as the model's input of `shape`, (height, width, channels) or, for a model of
+    flat inputs, (height * width,): values in [0, 1], shrunk or stretched to height x width by
+    area averaging, grey for one channel and RGB for three.
+
+    A grey image whose colours are uniform and whose ink is in its alpha channel (black on
+    transparent, say) is read by its alpha, opaque as light on dark like MNIST, whatever
+    `invert` says: its grey levels alone would be blank. A blank image is classified with a
+    warning, as its class means nothing."""
+    from PIL import Image
+
+    if len(shape) == 1:
+        side = int(round(shape[0] ** 0.5))
+        height, width, channels = side, side, 1
+    else:
+        height, width, channels = shape
+    if channels not in (1, 3):
+        raise UserError(
+            f"the model takes images of {channels} channels; runner-predict reads grey (1) or "
+            f"RGB (3) images only"
+        )
+    if channels == 1:
+        converted = image.convert("L")
+        if _uniform(converted) and _has_alpha(image):
+            alpha = image.convert("RGBA").getchannel("A")
+            if not _uniform(alpha):
+                converted, invert = alpha, False
+    else:
+        converted = image.convert("RGB")
+    if converted.size != (width, height):
+        converted = converted.resize((width, height), Image.Resampling.BOX)
+    values = np.asarray(converted, dtype=np.float32).reshape(shape) / 255.0
+    if values.min() == values.max():
         log.warning("warning: %s is blank (every pixel alike): its class means nothing", path)
-    return 1.0 - pixels if invert else pixels
+    return 1.0 - values if invert else values
 
 
 def _uniform(band: Any) -> bool:
@@ -79,17 +103,19 @@ def predict(cfg: DictConfig) -> list[tuple[Path, int, np.ndarray]]:
         )
     logged_model.check_choice(cfg.run_id, cfg.model_uri)
     paths = image_paths(cfg.images)
-    pixels = np.stack([read_digit(p, cfg.invert) for p in paths])
+    images = [open_image(p) for p in paths]
     from runner import tracking
 
-    tracking.connect(cfg.tracking_uri)
+    tracking.connect(cfg.tracking.uri)
     from runner.tensorflow_logs import load_tensorflow
 
     load_tensorflow()  # before anything else imports it
     import keras
 
     found = logged_model.load(cfg.run_id, cfg.model_uri)
-    outputs = found.model.predict(pixels, verbose=0)
+    shape = tuple(found.model.inputs[0].shape[1:])
+    batch = np.stack([pixels(i, p, shape, cfg.invert) for i, p in zip(images, paths, strict=True)])
+    outputs = found.model.predict(batch, verbose=0)
     if not logged_model.outputs_probabilities(found.model):
         outputs = keras.ops.convert_to_numpy(keras.ops.softmax(outputs))
     return [(p, int(row.argmax()), row) for p, row in zip(paths, outputs, strict=True)]
@@ -97,6 +123,7 @@ def predict(cfg: DictConfig) -> list[tuple[Path, int, np.ndarray]]:
 
 def main() -> None:
     """The `runner-predict` command."""
+    importable_from_cwd()
     run_hydra_app("runner-predict", run_hydra)
 
 

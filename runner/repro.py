@@ -117,7 +117,7 @@ def rerun(run_id: str, tracking_uri: str, overrides: list[str]) -> tuple[Any, An
     except MlflowException as error:
         raise UserError(f"cannot read run {run_id} in {tracking_uri}: {error.message}") from None
     cfg = overridden(OmegaConf.create(logged), overrides, run_id)
-    cfg.tracking_uri = tracking_uri
+    cfg.tracking.uri = tracking_uri
     # A fresh folder, so the rerun neither resumes from nor overwrites the original's checkpoints.
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     cfg.trainer.checkpoint_dir = str(
@@ -192,7 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     from runner.errors import reported
+    from runner.targets import importable_from_cwd
 
+    importable_from_cwd()
     with reported("runner-repro"):
         original, repeat = rerun(args.run_id, uri, args.overrides)
     import mlflow

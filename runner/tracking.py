@@ -1,12 +1,13 @@
 """MLflow bookkeeping for one training run: config, metrics, test results, plots and the model.
 
-Training metrics are buffered and written in one batch every `trainer.metrics_flush_every_s`
+Training metrics are buffered and written in one batch every `tracking.metrics_flush_every_s`
 seconds, at each checkpoint and when the run ends: a write to the SQLite store costs about 6 ms
 whatever its size, a fifth of a 50-step softmax window. A run that raises ends FAILED with the
 error in a tag.
 """
 
 import fcntl
+import hashlib
 import logging
 import os
 import time
@@ -24,9 +25,10 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from runner import environment, plots
-from runner.data import Split
+from runner.data import Split, Splits
 from runner.errors import Interrupted, UserError
 from runner.sweep import SweepJob
+from runner.targets import label
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +43,8 @@ class Recorder:
     A resumed run starts from the histories already in MLflow and skips any step logged before
     the interruption, so each metric keeps one value a step."""
 
-    def __init__(
-        self, run_id: str, steps: int, history: dict | None = None, flush_every_s: float = 0.0
-    ):
+    def __init__(self, run_id: str, history: dict | None = None, flush_every_s: float = 0.0):
         self.run_id = run_id
-        self.steps = steps
         self.history: dict[str, list[tuple[int, float]]] = history or {}
         self._logged = {(key, step) for key, points in self.history.items() for step, _ in points}
         self.flush_every_s = flush_every_s
@@ -69,13 +68,17 @@ class Recorder:
             self._pending = []
         self._flushed_at = time.monotonic()
 
-    def log_test(self, test: Split, outputs: np.ndarray, loss: float) -> None:
-        """Test metrics at the last step, the confusion matrix and the training curves."""
+    def set_tag(self, key: str, value: str) -> None:
+        mlflow.MlflowClient().set_tag(self.run_id, key, value)
+
+    def log_test(self, test: Split, outputs: np.ndarray, loss: float, step: int) -> None:
+        """Test metrics at `step`, the last, the confusion matrix and the training curves."""
         predicted = outputs.argmax(axis=1)
         accuracy = float(np.mean(predicted == test.y))
-        self.log_metrics({"test/loss": loss, "test/accuracy": accuracy}, step=self.steps)
+        self.log_metrics({"test/loss": loss, "test/accuracy": accuracy}, step=step)
         log.info("test accuracy %.4f, test loss %.4f", accuracy, loss)
-        mlflow.log_figure(plots.confusion_matrix(test.y, predicted), "plots/confusion_matrix.png")
+        confusion = plots.confusion_matrix(test.y, predicted, outputs.shape[1])
+        mlflow.log_figure(confusion, "plots/confusion_matrix.png")
         mlflow.log_figure(plots.training_curves(self.history), "plots/training_curves.png")
 
     def log_model(self, model: Any, example: np.ndarray) -> None:
@@ -105,7 +108,7 @@ class Recorder:
 @contextmanager
 def mlflow_run(
     cfg: DictConfig,
-    data_files: dict[str, Path],
+    splits: Splits,
     tags: dict[str, str] | None = None,
     resume_run_id: str | None = None,
     sweep_job: SweepJob | None = None,
@@ -123,19 +126,19 @@ def mlflow_run(
     hydra_dir = _hydra_record_dir()
     reopen = resume_run_id if not extends else None
     # System metrics (psutil; nvidia-ml-py for GPUs) are sampled on a thread while the run is on.
-    mlflow.set_system_metrics_sampling_interval(cfg.trainer.system_metrics_every_s)
+    mlflow.set_system_metrics_sampling_interval(cfg.tracking.system_metrics_every_s)
     started = mlflow.start_run(
         run_id=reopen,
         run_name=None if reopen else _run_name(cfg, sweep_job),
         nested=sweep_job is not None,
         parent_run_id=sweep_job.parent_run_id if sweep_job and not reopen else None,
-        log_system_metrics=cfg.trainer.system_metrics,
+        log_system_metrics=cfg.tracking.system_metrics,
     )
     with started as run:
         recorder = None
         try:
             run_id = run.info.run_id
-            log.info("MLflow run %s in experiment %r", run_id, cfg.experiment_name)
+            log.info("MLflow run %s in experiment %r", run_id, cfg.tracking.experiment_name)
             history = None
             if reopen:
                 history = _reopen(reopen)
@@ -143,11 +146,10 @@ def mlflow_run(
                 history = _carry_on(resume_run_id, run_id, cfg.trainer.eval_every)
             if not reopen:
                 _log_config(cfg, hydra_dir)
-            _log_environment(data_files)
+                _log_dataset(splits, cfg.data)
+            _log_environment(splits.digests)
             mlflow.set_tags(tags or {})
-            recorder = Recorder(
-                run_id, cfg.trainer.steps, history, cfg.trainer.metrics_flush_every_s
-            )
+            recorder = Recorder(run_id, history, cfg.tracking.metrics_flush_every_s)
             yield recorder
             recorder.flush()
         except BaseException as error:
@@ -247,7 +249,7 @@ def _store_lock(uri: str, database: Path) -> Iterator[None]:
     new store's tables, and an experiment, with no guard against another process doing the same
     at the same moment."""
     fix = (
-        "record elsewhere with tracking_uri=sqlite:////DIR/mlflow.db (or MLFLOW_TRACKING_URI), "
+        "record elsewhere with tracking.uri=sqlite:////DIR/mlflow.db (or MLFLOW_TRACKING_URI), "
         "or run from a folder you can write to"
     )
     try:
@@ -290,7 +292,7 @@ def connect(uri: str) -> None:
         except (OSError, ValueError) as error:
             raise UserError(
                 f"the MLflow tracking server {uri} does not answer ({error}): start it, correct "
-                f"MLFLOW_TRACKING_URI (or tracking_uri), or unset it to record into ./mlflow.db"
+                f"MLFLOW_TRACKING_URI (or tracking.uri), or unset it to record into ./mlflow.db"
             ) from None
     mlflow.set_tracking_uri(uri)
 
@@ -298,14 +300,32 @@ def connect(uri: str) -> None:
 def _log_config(cfg: DictConfig, hydra_dir: Path | None) -> None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     mlflow.log_params(dict(flatten(resolved)))
-    mlflow.set_tags({"model": cfg.model.name, "optimizer": cfg.optimizer.name})
+    mlflow.set_tags({"model": label(cfg.model), "optimizer": label(cfg.optimizer)})
     mlflow.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
     if hydra_dir is not None and hydra_dir.is_dir():
         mlflow.log_artifacts(str(hydra_dir), "hydra")
 
 
-def _log_environment(data_files: dict[str, Path]) -> None:
-    described = environment.describe(data_files)
+def _log_dataset(splits: Splits, data: DictConfig) -> None:
+    """The data's record in MLflow's Datasets: its name, a digest of its arrays and, per split,
+    its size, so that the UI shows which data trained the run."""
+    from mlflow.data import from_numpy
+
+    digest = hashlib.sha256("".join(sorted(splits.digests.values())).encode()).hexdigest()[:16]
+    source = str(data.get("path") or data.get("dir") or data.get("_target_"))
+    for context, split in (
+        ("training", splits.train),
+        ("validation", splits.validation),
+        ("test", splits.test),
+    ):
+        dataset = from_numpy(
+            split.x, targets=split.y, source=source, name=f"{label(data)}-{context}", digest=digest
+        )
+        mlflow.log_input(dataset, context=context)
+
+
+def _log_environment(data_digests: dict[str, str]) -> None:
+    described = environment.describe(data_digests)
     mlflow.set_tags(environment.tags(described))
     mlflow.log_dict(described, "environment.json")
 
@@ -332,4 +352,4 @@ def _run_name(cfg: DictConfig, sweep_job: SweepJob | None) -> str:
     if sweep_job:
         return sweep_job.name
     overrides = HydraConfig.get().job.override_dirname if HydraConfig.initialized() else ""
-    return overrides or cfg.model.name
+    return overrides or label(cfg.model)

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import hydra
 from hydra.errors import CompactHydraException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from runner import sweep
 from runner.config import check_config, register_configs, resume_mode
 from runner.errors import Interrupted, UserError, reported, run_hydra_app
 from runner.outputs import check_given_dirs, register_resolvers
+from runner.targets import importable_from_cwd
 
 register_configs()
 register_resolvers()
@@ -34,50 +35,63 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, float]:
     """Train one model as `cfg` says and record it in MLflow, with `tags` added to the run;
-    returns the final metrics."""
+    returns the final metrics. Everything is built from the config's `_target_`s before the
+    MLflow run starts, so a config that cannot train leaves no run behind."""
     check_config(cfg)
     from runner import tracking
 
-    tracking.open_store(cfg.tracking_uri, cfg.experiment_name)  # before minutes of training
+    tracking.open_store(
+        cfg.tracking.uri, cfg.tracking.experiment_name
+    )  # before minutes of training
     from runner.tensorflow_logs import load_tensorflow
 
     load_tensorflow()  # before anything else imports it
-    from runner import checkpoints, data, devices, models
+    from runner import checkpoints, data, devices, modeling, targets
     from runner.callbacks import terminate_as_interrupt
     from runner.fitting import check_resumable, evaluate_outputs, fit
     from runner.reproducibility import start_clean
 
     logging.getLogger("tensorflow").setLevel(logging.WARNING)  # tf.distribute's INFO chatter
     logging.getLogger("tensorflow").addFilter(_not_retracing)
-    found = devices.detect(cfg.trainer.cpu_devices)  # before anything runs on them
-    plan = devices.plan(cfg.trainer, found)
+    found = devices.detect(cfg.device.cpu_devices)  # before anything runs on them
+    callbacks = [
+        targets.build(node, f"callbacks.{name}") for name, node in (cfg.callbacks or {}).items()
+    ]
+    t = cfg.trainer
+    intervals = [t.log_every, t.eval_every, t.checkpoint_every]
+    plan = devices.plan(
+        cfg.device,
+        found,
+        intervals + [c.interval for c in callbacks if getattr(c, "interval", None)],
+    )
     log.info("devices: %s; %s", found.describe(), plan.describe())
-    start_clean(cfg.seed, cfg.trainer.deterministic, plan.precision)
-    splits = data.load_mnist(cfg.data)
-    mode = resume_mode(cfg.trainer)
+    start_clean(cfg.seed, cfg.device.deterministic, plan.precision)
+    splits = data.load(cfg.data)
+    mode = resume_mode(t)
     resumed = checkpoints.resume_point(cfg, mode) if mode != "false" else None
     check_resumable(resumed.step if resumed else 0, plan)
     # trainer.resume=extend with more steps: a new run, as MLflow's params cannot change.
-    extends = resumed is not None and resumed.settings.get("trainer.steps") != cfg.trainer.steps
+    extends = resumed is not None and resumed.settings.get("trainer.steps") != t.steps
     with devices.distribution(plan).scope():
-        model = models.compiled(cfg, plan, resumed.load_model() if resumed else None)
+        model = (
+            resumed.load_model()
+            if resumed
+            else modeling.build(cfg.model, splits.input_shape, splits.num_classes)
+        )
+        modeling.compiled(model, cfg, plan)
     run_tags = {**found.tags(), **plan.tags(), **(tags or {})}
     with (
         terminate_as_interrupt(),
         tracking.mlflow_run(
-            cfg,
-            splits.files,
-            run_tags,
-            resumed and resumed.run_id,
-            sweep.current_job(),
-            extends,
+            cfg, splits, run_tags, resumed and resumed.run_id, sweep.current_job(), extends
         ) as recorder,
     ):
-        fit(model, splits, cfg, recorder, plan, resumed)
-        recorder.log_test(
-            splits.test, *evaluate_outputs(model, splits.test, cfg.data.eval_batch_size)
-        )
-        if cfg.trainer.log_model:
+        reached = fit(model, splits, cfg, recorder, plan, resumed, callbacks)
+        if reached < t.steps:
+            recorder.set_tag("stopped_early_at", str(reached))
+        outputs, loss = evaluate_outputs(model, splits.test, cfg.data.eval_batch_size)
+        recorder.log_test(splits.test, outputs, loss, reached)
+        if t.log_model:
             recorder.log_model(model, splits.test.x[:8])
         return recorder.final_metrics()
 
@@ -95,9 +109,16 @@ def compose(overrides: Sequence[str] = (), with_hydra: bool = False) -> DictConf
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(
+        cfg = hydra_compose(
             config_name="config", overrides=list(overrides), return_hydra_config=with_hydra
         )
+    if _HYDRA_OUTPUT_DIR in str(OmegaConf.to_container(cfg.trainer)["checkpoint_dir"]):
+        # No Hydra run, so no run folder: checkpoints/ in the working directory.
+        cfg.trainer.checkpoint_dir = str(Path("checkpoints").absolute())
+    return cfg
+
+
+_HYDRA_OUTPUT_DIR = "${hydra:runtime.output_dir}"
 
 
 def objective(cfg: DictConfig) -> float:
@@ -114,6 +135,7 @@ def main() -> None:
     """The `runner` command."""
     with reported("runner"):
         check_given_dirs(sys.argv[1:])
+    importable_from_cwd()
     run_hydra_app("runner", run_hydra)
 
 

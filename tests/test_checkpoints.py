@@ -31,7 +31,7 @@ CNN = [
     "trainer.eval_every=100",
     "trainer.checkpoint_every=40",
     # Executions shorter than a window, so that a signal may stop the run mid-window.
-    "trainer.steps_per_execution=10",
+    "device.steps_per_execution=10",
     "trainer.progress_bar=false",
     "trainer.log_model=false",
 ]
@@ -47,7 +47,7 @@ def test_checkpoints_are_written_atomically_and_pruned(in_tmp_store):
         "data.limit=500",
         "trainer.progress_bar=false",
         "trainer.log_model=false",
-        f"tracking_uri=sqlite:///{in_tmp_store}/mlflow.db",
+        f"tracking.uri=sqlite:///{in_tmp_store}/mlflow.db",
     ]
     train(compose_config(overrides))
     folder = in_tmp_store / "checkpoints"
@@ -67,7 +67,7 @@ def test_resume_without_a_checkpoint_is_a_clear_error(in_tmp_store):
         [
             "trainer.resume=true",
             f"trainer.checkpoint_dir={in_tmp_store}/none",
-            f"tracking_uri=sqlite:///{in_tmp_store}/mlflow.db",
+            f"tracking.uri=sqlite:///{in_tmp_store}/mlflow.db",
         ]
     )
     with pytest.raises(UserError, match="holds no complete checkpoint"):
@@ -87,7 +87,7 @@ def reference(tmp_path_factory, mnist_dir) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
         patch.setenv("MNIST_DIR", str(mnist_dir))
-        train(compose_config([*CNN, f"tracking_uri=sqlite:///{folder}/mlflow.db"]))
+        train(compose_config([*CNN, f"tracking.uri=sqlite:///{folder}/mlflow.db"]))
     return folder
 
 
@@ -199,10 +199,10 @@ SOFTMAX = [
     "trainer.log_every=20",
     "trainer.eval_every=20",
     "trainer.checkpoint_every=40",
-    "trainer.steps_per_execution=5",
+    "device.steps_per_execution=5",
     "trainer.progress_bar=false",
     "trainer.log_model=false",
-    "trainer.system_metrics=false",
+    "tracking.system_metrics=false",
 ]
 
 
@@ -213,7 +213,7 @@ def softmax_run(folder: Path, *extra: str) -> dict:
         compose_config(
             [
                 *SOFTMAX,
-                f"tracking_uri=sqlite:///{folder}/mlflow.db",
+                f"tracking.uri=sqlite:///{folder}/mlflow.db",
                 f"trainer.checkpoint_dir={folder}/checkpoints",
                 *extra,
             ]

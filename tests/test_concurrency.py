@@ -22,7 +22,7 @@ SHORT = [
     *QUICK,
     "trainer.steps=10",
     "trainer.eval_every=10",
-    "trainer.system_metrics=false",
+    "tracking.system_metrics=false",
 ]
 
 

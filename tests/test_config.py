@@ -85,7 +85,7 @@ def test_tracking_uri_follows_the_environment(monkeypatch):
         (["optimizer=adam", "optimizer.beta_1=1"], "optimizer.beta_1=1.0 must be in [0, 1)"),
         (["optimizer=adam", "optimizer.beta_2=-0.1"], "optimizer.beta_2=-0.1 must be in [0, 1)"),
         (["optimizer=adam", "optimizer.epsilon=0"], "optimizer.epsilon=0.0 must be positive"),
-        (["trainer.metrics_flush_every_s=-1"], "trainer.metrics_flush_every_s=-1.0 must be 0"),
+        (["tracking.metrics_flush_every_s=-1"], "tracking.metrics_flush_every_s=-1.0 must be 0"),
     ],
 )
 def test_check_config_names_the_bad_key(overrides, message):

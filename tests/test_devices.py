@@ -45,15 +45,15 @@ def test_auto_precision_follows_the_compute_capability(found, precision):
 
 
 def test_a_chosen_precision_is_kept_even_on_the_cpu():
-    assert plan(CPU, "trainer.precision=mixed_bfloat16").precision == "mixed_bfloat16"
+    assert plan(CPU, "device.precision=mixed_bfloat16").precision == "mixed_bfloat16"
 
 
 def test_auto_xla_only_on_gpus_and_only_without_op_determinism():
     assert plan(CPU).jit_compile is False
     assert plan(gpus((9, 0))).jit_compile is False  # deterministic=true is the default
-    assert plan(gpus((9, 0)), "trainer.deterministic=false").jit_compile is True
-    assert plan(CPU, "trainer.jit_compile=true").jit_compile is True
-    assert plan(gpus((9, 0)), "trainer.jit_compile=false").jit_compile is False
+    assert plan(gpus((9, 0)), "device.deterministic=false").jit_compile is True
+    assert plan(CPU, "device.jit_compile=true").jit_compile is True
+    assert plan(gpus((9, 0)), "device.jit_compile=false").jit_compile is False
 
 
 def test_auto_steps_per_execution_divides_every_callback_interval():
@@ -61,20 +61,20 @@ def test_auto_steps_per_execution_divides_every_callback_interval():
     assert plan(CPU, "trainer.log_probabilities_every=30").steps_per_execution == 10
     assert plan(CPU, "trainer.log_every=7", "trainer.steps=700", "trainer.eval_every=7",
                 "trainer.checkpoint_every=7").steps_per_execution == 7  # fmt: skip
-    assert plan(CPU, "trainer.steps_per_execution=20").steps_per_execution == 20
+    assert plan(CPU, "device.steps_per_execution=20").steps_per_execution == 20
 
 
 def test_steps_per_execution_that_would_skip_a_logging_step_is_refused():
     with pytest.raises(UserError, match=r"steps_per_execution=30 must divide .*multiples of 100"):
-        plan(CPU, "trainer.steps_per_execution=30")
+        plan(CPU, "device.steps_per_execution=30")
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("trainer.jit_compile=maybe", "trainer.jit_compile=maybe must be auto, true or false"),
-        ("trainer.steps_per_execution=0", "must be auto or a positive integer"),
-        ("trainer.cpu_devices=0", "trainer.cpu_devices=0 must be 1 or more"),
+        ("device.jit_compile=maybe", "device.jit_compile=maybe must be auto, true or false"),
+        ("device.steps_per_execution=0", "must be auto or a positive integer"),
+        ("device.cpu_devices=0", "device.cpu_devices=0 must be 1 or more"),
     ],
 )
 def test_bad_device_settings_name_the_key(override, message):
@@ -86,7 +86,7 @@ def test_resuming_between_executions_is_refused():
     from runner.fitting import check_resumable
 
     check_resumable(100, plan(CPU))
-    with pytest.raises(UserError, match="step 137, which trainer.steps_per_execution=50"):
+    with pytest.raises(UserError, match="step 137, which device.steps_per_execution=50"):
         check_resumable(137, plan(CPU))
 
 
@@ -95,11 +95,11 @@ def test_strategy_auto_mirrors_over_several_gpus_only():
     two = plan(gpus((9, 0), (9, 0)))
     assert (two.strategy, two.replicas) == ("mirrored", 2)
     split_cpu = Devices(gpus=(), cpu_cores=2, cpu_devices=2)
-    mirrored = plan(split_cpu, "trainer.strategy=mirrored")
+    mirrored = plan(split_cpu, "device.strategy=mirrored")
     assert (mirrored.strategy, mirrored.replicas) == ("mirrored", 2)
     assert mirrored.steps_per_execution == 1
-    with pytest.raises(UserError, match="does not work with trainer.strategy=mirrored"):
-        plan(split_cpu, "trainer.strategy=mirrored", "trainer.steps_per_execution=10")
+    with pytest.raises(UserError, match="does not work with device.strategy=mirrored"):
+        plan(split_cpu, "device.strategy=mirrored", "device.steps_per_execution=10")
 
 
 def test_gpu_description_names_the_chip_its_capability_and_memory():
@@ -115,8 +115,8 @@ def test_mirrored_run_on_two_logical_cpus(tmp_path: Path, mnist_dir: Path):
         *QUICK,
         "model=softmax",
         "data.batch_size=50",
-        "trainer.strategy=mirrored",
-        "trainer.cpu_devices=2",
+        "device.strategy=mirrored",
+        "device.cpu_devices=2",
         cwd=tmp_path,
         mnist_dir=mnist_dir,
     )
@@ -144,7 +144,7 @@ def test_each_run_records_throughput_and_system_metrics(in_tmp_store: Path):
             "trainer.steps=300",
             "trainer.log_every=100",
             "trainer.eval_every=300",
-            "trainer.system_metrics_every_s=1",
+            "tracking.system_metrics_every_s=1",
         ]  # fmt: skip
     )
     train(cfg)
@@ -159,14 +159,14 @@ def test_each_run_records_throughput_and_system_metrics(in_tmp_store: Path):
 
 
 def test_system_metrics_can_be_switched_off(in_tmp_store: Path):
-    train(compose_config([*QUICK, "model=softmax", "trainer.system_metrics=false"]))
+    train(compose_config([*QUICK, "model=softmax", "tracking.system_metrics=false"]))
     run = mlflow.last_active_run()
     assert not any(key.startswith("system/") for key in run.data.metrics)
 
 
 def test_mixed_bfloat16_trains_with_float32_logits(in_tmp_store: Path):
     cfg = compose_config(
-        [*QUICK, "model=cnn_layers", "trainer.precision=mixed_bfloat16", "trainer.log_model=true"]
+        [*QUICK, "model=cnn_layers", "device.precision=mixed_bfloat16", "trainer.log_model=true"]
     )
     metrics = train(cfg)
     assert math.isfinite(metrics["train/loss"])

@@ -24,7 +24,7 @@ SAME_IF_EQUAL = ("packages", "python", "machine", "cpu")
 def test_reference_run_reproduces(name, in_tmp_store):
     reference = json.loads((GOLDEN / f"{name}.json").read_text())
     uri = f"sqlite:///{in_tmp_store}/mlflow.db"
-    train(compose_config([*reference["overrides"], f"tracking_uri={uri}"]))
+    train(compose_config([*reference["overrides"], f"tracking.uri={uri}"]))
     client = mlflow.MlflowClient(uri)
     run = client.get_run(mlflow.last_active_run().info.run_id)
     environment = logged_environment(run)

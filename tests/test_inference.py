@@ -38,7 +38,7 @@ def trained(tmp_path_factory, mnist_dir) -> tuple[Path, str]:
         cfg = compose_config(
             [
                 f"data.dir={mnist_dir}",
-                f"tracking_uri=sqlite:///{work}/mlflow.db",
+                f"tracking.uri=sqlite:///{work}/mlflow.db",
                 "trainer.steps=300",
                 "trainer.progress_bar=false",
             ]
@@ -70,7 +70,7 @@ def app_config(name: str, overrides: list[str]) -> DictConfig:
 
 def test_eval_by_model_uri_matches_eval_by_run(trained, mnist_dir):
     work, run_id = trained
-    store = f"tracking_uri=sqlite:///{work}/mlflow.db"
+    store = f"tracking.uri=sqlite:///{work}/mlflow.db"
     mlflow.set_tracking_uri(f"sqlite:///{work}/mlflow.db")
     experiment = mlflow.get_experiment_by_name("mnist").experiment_id
     [model] = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
@@ -83,12 +83,12 @@ def test_eval_by_model_uri_matches_eval_by_run(trained, mnist_dir):
 def test_eval_of_an_unknown_run_is_a_clear_error(trained):
     work, _ = trained
     cfg = app_config(
-        "evaluate", ["run_id=0123456789abcdef", f"tracking_uri=sqlite:///{work}/mlflow.db"]
+        "evaluate", ["run_id=0123456789abcdef", f"tracking.uri=sqlite:///{work}/mlflow.db"]
     )
     with pytest.raises(UserError, match="no run '0123456789abcdef' in the tracking store"):
         evaluate(cfg)
     with pytest.raises(UserError, match="give exactly one of run_id"):
-        evaluate(app_config("evaluate", [f"tracking_uri=sqlite:///{work}/mlflow.db"]))
+        evaluate(app_config("evaluate", [f"tracking.uri=sqlite:///{work}/mlflow.db"]))
 
 
 def test_predict_classifies_test_digits_written_as_png(trained, mnist_dir, tmp_path):
@@ -109,7 +109,7 @@ def test_predict_classifies_test_digits_written_as_png(trained, mnist_dir, tmp_p
 def test_predict_rejects_what_is_not_an_image(trained, tmp_path):
     work, run_id = trained
     (tmp_path / "notes.png").write_bytes(gzip.compress(b"not a picture"))
-    store = f"tracking_uri=sqlite:///{work}/mlflow.db"
+    store = f"tracking.uri=sqlite:///{work}/mlflow.db"
     cfg = app_config("predict", [f"run_id={run_id}", f"images={tmp_path}/notes.png", store])
     with pytest.raises(UserError, match="notes.png: not a readable image"):
         predict(cfg)
@@ -138,7 +138,7 @@ def timed_cli(name: str, *args: str, cwd: Path, mnist_dir: Path) -> tuple[float,
 
 
 def test_eval_and_predict_fail_fast_on_an_unreachable_server(tmp_path, mnist_dir):
-    server = f"tracking_uri=http://127.0.0.1:{closed_port()}"
+    server = f"tracking.uri=http://127.0.0.1:{closed_port()}"
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "digit.png")
     for name, args in [
         ("runner-eval", ["run_id=0123456789abcdef"]),
@@ -204,7 +204,7 @@ def test_eval_reports_the_step_the_model_reached_not_the_planned_one(tmp_path, m
         model.fit(images, labels, batch_size=10, epochs=1, verbose=0)  # 60 steps
         mlflow.keras.log_model(model, name="model")
     cfg = app_config(
-        "evaluate", [f"run_id={run.info.run_id}", f"tracking_uri={store}", f"data.dir={mnist_dir}"]
+        "evaluate", [f"run_id={run.info.run_id}", f"tracking.uri={store}", f"data.dir={mnist_dir}"]
     )
     assert evaluate(cfg)["global_step"] == 60
 

@@ -87,7 +87,7 @@ def quick(name: str, store: Path, *overrides: str) -> dict[str, float]:
         compose_config(
             [
                 f"experiment={name}",
-                f"tracking_uri=sqlite:///{store / 'mlflow.db'}",
+                f"tracking.uri=sqlite:///{store / 'mlflow.db'}",
                 "trainer.progress_bar=false",
                 "trainer.log_model=false",
                 *overrides,
@@ -135,7 +135,7 @@ def test_probabilities_of_the_trained_batch_are_logged(in_tmp_store, mnist_dir, 
             compose_config(
                 [
                     *cfg_overrides,
-                    f"tracking_uri=sqlite:///{in_tmp_store}/m.db",
+                    f"tracking.uri=sqlite:///{in_tmp_store}/m.db",
                     "trainer.progress_bar=false",
                     "trainer.log_model=false",
                 ]

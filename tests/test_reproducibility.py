@@ -27,12 +27,12 @@ def histories_of(store_uri: str, experiment: str) -> list[dict]:
 @pytest.mark.parametrize("model", ["cnn_raw", "softmax"])
 def test_same_config_gives_identical_metric_histories(model, in_tmp_store):
     store = f"sqlite:///{in_tmp_store / 'mlflow.db'}"
-    base = [f"model={model}", f"tracking_uri={store}", f"experiment_name={model}", *QUICK]
+    base = [f"model={model}", f"tracking.uri={store}", f"tracking.experiment_name={model}", *QUICK]
     if model == "cnn_raw":
         base += ["optimizer=adam", "data.batch_size=50"]
     train(compose_config(base))
     # A run with another seed in between must leave nothing behind for the third.
-    train(compose_config([*base, "seed=7", "trainer.deterministic=false"]))
+    train(compose_config([*base, "seed=7", "device.deterministic=false"]))
     train(compose_config(base))
     first, other, third = histories_of(store, model)
     assert first == third
@@ -42,7 +42,7 @@ def test_same_config_gives_identical_metric_histories(model, in_tmp_store):
 
 def test_run_records_its_environment(in_tmp_store, mnist_dir):
     store = f"sqlite:///{in_tmp_store / 'mlflow.db'}"
-    train(compose_config([f"tracking_uri={store}", *QUICK]))
+    train(compose_config([f"tracking.uri={store}", *QUICK]))
     client = MlflowClient(store)
     [run] = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
     env = json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/environment.json"))

@@ -124,7 +124,7 @@ def test_a_read_only_working_folder_is_one_line_naming_where_to_write(in_read_on
     assert result.returncode != 0
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("runner: error: cannot create the output folder outputs/"), line
-    assert "hydra.run.dir=" in line and "tracking_uri=" in line
+    assert "hydra.run.dir=" in line and "tracking.uri=" in line
 
 
 def test_a_read_only_output_folder_given_is_one_line(in_read_only):
@@ -146,14 +146,14 @@ def test_a_read_only_store_is_one_line_at_once(in_read_only, tmp_path):
     assert result.returncode != 0
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("runner: error: cannot write the MLflow store sqlite:///mlflow.db"), line
-    assert "tracking_uri=" in line
+    assert "tracking.uri=" in line
 
 
 def test_a_read_only_working_folder_records_where_tracking_uri_says(in_read_only, tmp_path):
     """The artifacts went to ./mlruns of the read-only folder all the same: the run failed."""
     store = tmp_path / "store"
     result = in_read_only(
-        *QUICK, f"hydra.run.dir={tmp_path / 'run'}", f"tracking_uri=sqlite:///{store}/mlflow.db"
+        *QUICK, f"hydra.run.dir={tmp_path / 'run'}", f"tracking.uri=sqlite:///{store}/mlflow.db"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{store}/mlflow.db")

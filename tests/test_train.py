@@ -118,7 +118,7 @@ def test_logged_model_loads_back_and_predicts(softmax_run, mnist_dir):
 def short_run(overrides: list[str], store: Path) -> dict[str, float]:
     cfg = compose_config(
         [
-            f"tracking_uri=sqlite:///{store / 'mlflow.db'}",
+            f"tracking.uri=sqlite:///{store / 'mlflow.db'}",
             "data.limit=2000",
             "trainer.log_every=20",
             "trainer.eval_every=40",

@@ -11,6 +11,8 @@ and dense layers take their input gradient through TensorFlow's einsum.
 import keras
 from keras import ops
 
+from runner.models import emitting
+
 
 class _RawLayer(keras.layers.Layer):
     """Holds the tutorial's two initialisers."""
@@ -140,14 +142,24 @@ class KeepProbDropout(keras.layers.Layer):
         return {**super().get_config(), "keep_prob": self.keep_prob, "seed": self.seed}
 
 
-def build_cnn_raw(keep_prob: float, init_stddev: float, bias_init: float) -> keras.Model:
+def build_cnn_raw(
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    keep_prob: float = 0.5,
+    init_stddev: float = 0.1,
+    bias_init: float = 0.1,
+    output: str = "logits",
+) -> keras.Model:
+    """Two 5x5 convolutions (32 and 64 filters) with ReLU, each max-pooled by 2, a 1024-wide
+    ReLU layer with dropout, then the logits."""
+    if not 0.0 < keep_prob <= 1.0:
+        raise ValueError(f"keep_prob={keep_prob} must be in (0, 1]; 1 turns dropout off")
     init = {"init_stddev": init_stddev, "bias_init": bias_init}
-    inputs = keras.Input(shape=(784,), name="pixels")
-    x = keras.layers.Reshape((28, 28, 1))(inputs)
-    x = ConvReluPool(32, name="conv1", **init)(x)
+    inputs = keras.Input(shape=tuple(input_shape), name="pixels")
+    x = ConvReluPool(32, name="conv1", **init)(inputs)
     x = ConvReluPool(64, name="conv2", **init)(x)
-    x = keras.layers.Reshape((7 * 7 * 64,))(x)
+    x = keras.layers.Flatten()(x)
     x = RawDense(1024, relu=True, name="fc1", **init)(x)
     x = KeepProbDropout(keep_prob, name="dropout")(x)
-    logits = RawDense(10, name="logits", dtype="float32", **init)(x)  # float32 under mixed
-    return keras.Model(inputs, logits, name="cnn_raw")
+    logits = RawDense(num_classes, name="logits", dtype="float32", **init)(x)  # float32 under mixed
+    return emitting(keras.Model(inputs, logits, name="cnn_raw"), output)

@@ -1,5 +1,7 @@
 """Losses written as a tutorial writes them, where that differs from Keras's own."""
 
+from collections.abc import Callable
+
 import keras
 from keras import ops
 
@@ -14,3 +16,9 @@ def cross_entropy_of_probabilities(labels, probabilities):
     """
     labels = ops.cast(ops.reshape(labels, (-1, 1)), "int32")
     return -ops.squeeze(ops.take_along_axis(ops.log(probabilities), labels, axis=-1), axis=-1)
+
+
+def probabilities_cross_entropy() -> Callable:
+    """`cross_entropy_of_probabilities` itself, for `conf/loss/`: a config's `_target_` is
+    called, and Keras takes the function as the loss."""
+    return cross_entropy_of_probabilities

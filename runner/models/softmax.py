@@ -2,10 +2,19 @@
 
 import keras
 
+from runner.models import emitting
 
-def build_softmax() -> keras.Model:
-    inputs = keras.Input(shape=(784,), name="pixels")
+
+def build_softmax(
+    input_shape: tuple[int, ...], num_classes: int, output: str = "logits"
+) -> keras.Model:
+    """One dense layer from the flattened pixels to the classes."""
+    inputs = keras.Input(shape=tuple(input_shape), name="pixels")
     logits = keras.layers.Dense(
-        10, kernel_initializer="zeros", bias_initializer="zeros", name="logits", dtype="float32"
-    )(inputs)
-    return keras.Model(inputs, logits, name="softmax")
+        num_classes,
+        kernel_initializer="zeros",
+        bias_initializer="zeros",
+        name="logits",
+        dtype="float32",
+    )(keras.layers.Flatten()(inputs))
+    return emitting(keras.Model(inputs, logits, name="softmax"), output)

@@ -46,7 +46,11 @@ def record(name: str, overrides: list[str]) -> dict:
         cwd = Path.cwd()
         os.chdir(work)
         try:
-            train(compose([*overrides, f"tracking_uri={uri}", f"experiment_name=golden_{name}"]))
+            train(
+                compose(
+                    [*overrides, f"tracking.uri={uri}", f"tracking.experiment_name=golden_{name}"]
+                )
+            )
             client = mlflow.MlflowClient(uri)
             run = client.get_run(mlflow.last_active_run().info.run_id)
             return {

@@ -1,0 +1,52 @@
+"""The model a run trains: built by the `model` option's `_target_` for the data's shape and
+classes, then compiled with the `optimizer` and `loss` options."""
+
+from typing import Any
+
+from runner import optim, targets
+from runner.errors import UserError
+
+# Keys of a `model` option that the runner reads; `output` also reaches a builder that takes it.
+RUNNER_KEYS = ("name", "output")
+
+
+def build(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Any:
+    """A fresh, uncompiled `keras.Model` from the `model` option, checked to be one and to give
+    an output for each of the `num_classes` classes."""
+    import keras
+
+    model = targets.build(
+        cfg,
+        "model",
+        RUNNER_KEYS,
+        passed={"output": str(cfg.get("output", "logits"))},
+        input_shape=tuple(input_shape),
+        num_classes=num_classes,
+    )
+    if not isinstance(model, keras.Model):
+        raise UserError(
+            f"model: {cfg._target_} returned a {type(model).__name__}, not a keras.Model"
+        )
+    shape = tuple(model.outputs[0].shape) if model.outputs else None
+    if shape is None or len(shape) != 2 or shape[-1] != num_classes:
+        raise UserError(
+            f"model: {cfg._target_} built a model whose output has shape {shape}, not "
+            f"(batch, {num_classes}): one value for each of the data's {num_classes} classes"
+        )
+    return model
+
+
+def compiled(model: Any, cfg: Any, plan: Any) -> Any:
+    """`model` compiled as `plan` says, with the configured optimizer and loss, measuring
+    accuracy; a model loaded from a checkpoint keeps its optimizer and so its state."""
+    import keras
+
+    model.compile(
+        optimizer=getattr(model, "optimizer", None)
+        or optim.build(cfg.optimizer, cfg.trainer.steps),
+        loss=targets.build(cfg.loss, "loss", ("expects",)),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        jit_compile=plan.jit_compile,
+        steps_per_execution=plan.steps_per_execution,
+    )
+    return model
