@@ -26,8 +26,9 @@ from runner.data import (
     TRAIN_IMAGES,
     TRAIN_LABELS,
     Split,
+    check_sha256,
     download,
-    load_mnist,
+    load,
     parse_idx,
     read_idx,
     training_dataset,
@@ -46,7 +47,6 @@ MNIST_YAML = REPO_ROOT / "conf" / "data" / "mnist.yaml"
 def data_cfg(directory: Path, **overrides):
     """conf/data/mnist.yaml as a DictConfig, with `dir` set explicitly and `overrides` applied."""
     cfg = OmegaConf.load(MNIST_YAML)
-    del cfg["defaults"]
     cfg.dir = str(directory)
     for key, value in overrides.items():
         cfg[key] = value
@@ -100,7 +100,7 @@ def closed_port_url() -> str:
 
 @pytest.fixture(scope="module")
 def real_splits(mnist_dir):
-    return load_mnist(data_cfg(mnist_dir, download=False))
+    return load(data_cfg(mnist_dir, download=False))
 
 
 def test_real_split_sizes_and_pixels(real_splits):
@@ -109,7 +109,7 @@ def test_real_split_sizes_and_pixels(real_splits):
         (real_splits.validation, 5000),
         (real_splits.test, 10000),
     ):
-        assert split.x.shape == (n, 784)
+        assert split.x.shape == (n, 28, 28, 1)
         assert split.x.dtype == np.float32
         assert split.y.shape == (n,)
         assert split.x.min() == 0.0
@@ -135,10 +135,10 @@ def test_real_training_statistics(real_splits):
 
 
 def test_real_limit_keeps_first_examples(real_splits, mnist_dir):
-    limited = load_mnist(data_cfg(mnist_dir, download=False, limit=7))
+    limited = load(data_cfg(mnist_dir, download=False, limit=7))
     for name in ("train", "validation", "test"):
         full, small = getattr(real_splits, name), getattr(limited, name)
-        assert small.x.shape == (7, 784)
+        assert small.x.shape == (7, 28, 28, 1)
         np.testing.assert_array_equal(small.x, full.x[:7])
         np.testing.assert_array_equal(small.y, full.y[:7])
 
@@ -162,15 +162,17 @@ def test_read_idx_roundtrip(tmp_path, compress):
     path = tmp_path / ("images.gz" if compress else "images")
     path.write_bytes(gzip.compress(content) if compress else content)
 
-    result = read_idx(path, sha256(content))  # the checksum is of the decompressed content
+    result = read_idx(path, sha256(content))  # the checksum of the decompressed content
 
     assert result.dtype == np.uint8
     np.testing.assert_array_equal(result, images)
+    # ... or of the file as stored, gzipped or not.
+    np.testing.assert_array_equal(read_idx(path, sha256(path.read_bytes())), images)
 
 
 def test_parse_idx_labels():
     labels = np.array([7, 2, 1, 0, 4], dtype=np.uint8)
-    np.testing.assert_array_equal(parse_idx(idx_bytes(labels), None, "labels"), labels)
+    np.testing.assert_array_equal(parse_idx(idx_bytes(labels), "labels"), labels)
 
 
 def test_read_idx_truncated_file(tmp_path):
@@ -225,13 +227,38 @@ def test_read_idx_checksum_mismatch(tmp_path):
     path = tmp_path / "labels-idx1-ubyte.gz"
     path.write_bytes(gzip.compress(content))
     wrong = sha256(content + b"x")
-    with pytest.raises(UserError, match=r"labels-idx1-ubyte\.gz.*SHA-256") as info:
+    with pytest.raises(UserError) as info:
         read_idx(path, wrong)
-    assert wrong in str(info.value)
-    assert sha256(content) in str(info.value)
+    assert str(info.value) == (
+        f"{path}: SHA-256 is {sha256(path.read_bytes())} as stored (gzipped) and "
+        f"{sha256(content)} decompressed, but data.sha256 expects {wrong}; the file is corrupted "
+        f"or from another release: delete it to download it again, or drop the check with "
+        f"~data.sha256"
+    )
 
 
-# --------------------------------------------------------------------------- load_mnist, fake data
+def test_read_idx_checksum_mismatch_uncompressed(tmp_path):
+    content = idx_bytes(np.arange(10, dtype=np.uint8))
+    path = tmp_path / "labels-idx1-ubyte"
+    path.write_bytes(content)
+    wrong = sha256(b"x")
+    with pytest.raises(UserError) as info:
+        read_idx(path, wrong)
+    message = str(info.value)
+    assert message.startswith(f"{path}: SHA-256 is {sha256(content)}, but data.sha256 expects ")
+    assert "decompressed" not in message and "\n" not in message
+
+
+def test_check_sha256_takes_either_digest():
+    content = idx_bytes(np.arange(10, dtype=np.uint8))
+    raw = gzip.compress(content)
+    for digest in (None, sha256(raw), sha256(content)):
+        check_sha256(raw, content, digest, "labels")  # no error
+    with pytest.raises(UserError, match=r"^labels: SHA-256 is "):
+        check_sha256(raw, content, sha256(b""), "labels")
+
+
+# --------------------------------------------------------------------------- load, fake data
 
 
 def fake_cfg(directory: Path, **overrides):
@@ -244,13 +271,14 @@ def test_load_fake_mnist(tmp_path, compress):
     contents = fake_mnist_contents()
     directory = write_fake_mnist(tmp_path / "mnist", contents, compress=compress)
 
-    splits = load_mnist(fake_cfg(directory))
+    splits = load(fake_cfg(directory))
 
-    images = parse_idx(contents[TRAIN_IMAGES], None, "x").reshape(20, 784) / np.float32(255)
+    images = parse_idx(contents[TRAIN_IMAGES], "x").reshape(20, 28, 28, 1) / np.float32(255)
     labels = np.arange(20) % 10
-    assert splits.validation.x.shape == (5, 784)
-    assert splits.train.x.shape == (15, 784)
-    assert splits.test.x.shape == (10, 784)
+    assert splits.validation.x.shape == (5, 28, 28, 1)
+    assert splits.train.x.shape == (15, 28, 28, 1)
+    assert splits.test.x.shape == (10, 28, 28, 1)
+    assert splits.num_classes == 10
     assert splits.train.y.dtype == np.int32
     np.testing.assert_allclose(splits.validation.x, images[:5])
     np.testing.assert_allclose(splits.train.x, images[5:])
@@ -263,37 +291,37 @@ def test_load_checks_checksums(tmp_path):
     contents = fake_mnist_contents()
     directory = write_fake_mnist(tmp_path / "mnist", contents)
     good = {name: sha256(content) for name, content in contents.items()}
-    assert load_mnist(data_cfg(directory, sha256=good, validation_size=5, download=False))
+    assert load(data_cfg(directory, sha256=good, validation_size=5, download=False))
 
     bad = dict(good, **{TEST_IMAGES: sha256(b"something else")})
     with pytest.raises(UserError, match=rf"{TEST_IMAGES}\.gz.*SHA-256"):
-        load_mnist(data_cfg(directory, sha256=bad, validation_size=5, download=False))
+        load(data_cfg(directory, sha256=bad, validation_size=5, download=False))
 
 
 def test_load_image_label_count_mismatch(tmp_path):
     directory = write_fake_mnist(tmp_path / "mnist", fake_mnist_contents(n_train_labels=19))
     with pytest.raises(UserError, match=rf"{TRAIN_IMAGES}.*20 images but 19 labels"):
-        load_mnist(fake_cfg(directory))
+        load(fake_cfg(directory))
 
 
 @pytest.mark.parametrize("validation_size", [0, 20, 25])
 def test_load_validation_size_out_of_range(tmp_path, validation_size):
     directory = write_fake_mnist(tmp_path / "mnist", fake_mnist_contents())
     with pytest.raises(UserError, match=r"data\.validation_size=.* between 1 and 19"):
-        load_mnist(fake_cfg(directory, validation_size=validation_size))
+        load(fake_cfg(directory, validation_size=validation_size))
 
 
 def test_load_wrong_rank(tmp_path):
     contents = fake_mnist_contents()
     contents[TEST_IMAGES] = idx_bytes(np.zeros((10, 784), dtype=np.uint8))
     directory = write_fake_mnist(tmp_path / "mnist", contents)
-    with pytest.raises(UserError, match=rf"{TEST_IMAGES}.*\(N, 28, 28\)"):
-        load_mnist(fake_cfg(directory))
+    with pytest.raises(UserError, match=rf"{TEST_IMAGES}.*\(N, height, width\)"):
+        load(fake_cfg(directory))
 
 
 def test_load_limit_on_fake(tmp_path):
     directory = write_fake_mnist(tmp_path / "mnist", fake_mnist_contents())
-    splits = load_mnist(fake_cfg(directory, limit=3))
+    splits = load(fake_cfg(directory, limit=3))
     np.testing.assert_array_equal(splits.validation.y, [0, 1, 2])
     np.testing.assert_array_equal(splits.train.y, [5, 6, 7])
     np.testing.assert_array_equal(splits.test.y, [3, 4, 5])
@@ -304,7 +332,7 @@ def test_load_missing_file_without_download(tmp_path):
     del contents[TEST_LABELS]
     directory = write_fake_mnist(tmp_path / "mnist", contents)
     with pytest.raises(UserError, match=re.escape(TEST_LABELS)) as info:
-        load_mnist(fake_cfg(directory))
+        load(fake_cfg(directory))
     message = str(info.value)
     assert str(directory.resolve()) in message
     assert "data.dir" in message
@@ -323,7 +351,7 @@ def test_load_refuses_a_data_dir_that_is_a_file(tmp_path):
     archive = tmp_path / "mnist.zip"
     archive.write_bytes(b"PK")
     with pytest.raises(UserError) as info:
-        load_mnist(fake_cfg(archive))
+        load(fake_cfg(archive))
     assert str(info.value) == not_a_folder_message(archive)
     assert archive.read_bytes() == b"PK"
 
@@ -342,7 +370,7 @@ def test_load_refuses_a_data_dir_that_is_a_file_before_downloading(serve, tmp_pa
         sha256={name: sha256(content) for name, content in contents.items()},
     )
     with pytest.raises(UserError) as info:
-        load_mnist(cfg)
+        load(cfg)
     assert str(info.value) == not_a_folder_message(archive)
     assert list(tmp_path.iterdir()) == [archive]  # nothing downloaded beside it
 
@@ -360,7 +388,7 @@ def test_runner_refuses_a_data_dir_that_is_a_file_before_any_run(tmp_path, mnist
 
 def test_load_missing_folder_without_download(tmp_path):
     with pytest.raises(UserError, match=rf"{TRAIN_IMAGES}.*not found.*data\.dir.*MNIST_DIR"):
-        load_mnist(fake_cfg(tmp_path / "nowhere"))
+        load(fake_cfg(tmp_path / "nowhere"))
 
 
 # --------------------------------------------------------------------------- downloads
@@ -465,6 +493,22 @@ def test_download_falls_through_unreachable_and_bad_mirrors(serve, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-idx1-ubyte.gz"]
 
 
+def test_download_checks_the_digest_of_the_file_as_served(serve, tmp_path):
+    # Fashion-MNIST publishes the SHA-256 of its .gz files; MNIST's config lists decompressed ones.
+    url, root = serve()
+    served = gzip.compress(idx_bytes(np.arange(6, dtype=np.uint8)))
+    (root / "tiny-idx1-ubyte.gz").write_bytes(served)
+
+    path = download("tiny-idx1-ubyte", tmp_path / "ok", [url], sha256(served), 5)
+    assert path.read_bytes() == served
+
+    wrong = sha256(served + b"x")
+    with pytest.raises(UserError, match=r"could not download tiny-idx1-ubyte") as info:
+        download("tiny-idx1-ubyte", tmp_path / "refused", [url], wrong, 5)
+    assert f"{url}tiny-idx1-ubyte.gz: SHA-256 is {sha256(served)} as stored" in str(info.value)
+    assert not (tmp_path / "refused").exists()
+
+
 def test_download_accepts_uncompressed_payload(serve, tmp_path):
     # A mirror may serve the decompressed file under the .gz name; it still verifies and loads.
     url, root = serve()
@@ -529,7 +573,7 @@ def test_download_falls_through_malformed_mirror(serve, tmp_path):
     assert path.is_file()
 
 
-def test_load_mnist_downloads_missing_files(serve, tmp_path):
+def test_load_downloads_missing_files(serve, tmp_path):
     url, root = serve()
     contents = fake_mnist_contents()
     write_fake_mnist(root, contents)
@@ -545,7 +589,7 @@ def test_load_mnist_downloads_missing_files(serve, tmp_path):
         validation_size=5,
     )
 
-    splits = load_mnist(cfg)
+    splits = load(cfg)
 
     assert sorted(p.name for p in target.iterdir()) == sorted(f"{name}.gz" for name in FILES)
     assert (len(splits.train.y), len(splits.validation.y), len(splits.test.y)) == (15, 5, 10)
@@ -553,11 +597,11 @@ def test_load_mnist_downloads_missing_files(serve, tmp_path):
 
     # Once present, the files are used as they are: no mirror is needed any more.
     cfg.mirrors = [closed_port_url()]
-    again = load_mnist(cfg)
+    again = load(cfg)
     np.testing.assert_array_equal(again.train.x, splits.train.x)
 
 
-def test_load_mnist_download_of_one_missing_file(serve, tmp_path):
+def test_load_download_of_one_missing_file(serve, tmp_path):
     url, root = serve()
     contents = fake_mnist_contents()
     write_fake_mnist(root, contents)
@@ -565,7 +609,7 @@ def test_load_mnist_download_of_one_missing_file(serve, tmp_path):
     del local[TRAIN_LABELS]
     target = write_fake_mnist(tmp_path / "mnist", local, compress=False)
 
-    load_mnist(fake_cfg(target, download=True, download_timeout_s=5, mirrors=[url]))
+    load(fake_cfg(target, download=True, download_timeout_s=5, mirrors=[url]))
 
     assert (target / f"{TRAIN_LABELS}.gz").is_file()
     assert not (target / f"{TRAIN_IMAGES}.gz").exists()  # present files are not fetched again
