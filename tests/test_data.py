@@ -1,4 +1,5 @@
-"""Tests for runner.data: the IDX loader, its checks, the mirror download and the tf.data pipeline.
+"""Tests for runner.data: the IDX loader, its checks, the mirror download, data=fashion_mnist
+and the tf.data pipeline.
 
 The real MNIST files come from MNIST_DIR (default: ../shared/data/mnist beside the repo root).
 Downloads are exercised against an HTTP server on 127.0.0.1 that the tests start themselves;
@@ -34,14 +35,23 @@ from runner.data import (
     training_dataset,
 )
 from runner.errors import UserError
+from runner.train import compose
 
-from .conftest import cli
+from .conftest import QUICK, cli, store_client
 
 # One worker runs this file: its tests share a module-scoped run.
 pytestmark = pytest.mark.xdist_group("test_data")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MNIST_YAML = REPO_ROOT / "conf" / "data" / "mnist.yaml"
+FASHION_YAML = REPO_ROOT / "conf" / "data" / "fashion_mnist.yaml"
+# The SHA-256 of Fashion-MNIST's four .gz files, as its authors publish them.
+FASHION_SHA256 = {
+    TRAIN_IMAGES: "08dc20ab1689590a0bcd66e874647b6ee8464e2d501b5a3f1f78831db19a3fdc",
+    TRAIN_LABELS: "b0197879cbda89f3dc7b894f9fd52b858e68ea4182b6947c9d8c2b67e5f18dcc",
+    TEST_IMAGES: "78dcbbfb5a27efaf1b6c1d616caca68560be8766c5bffcb2791df9273a534229",
+    TEST_LABELS: "42bd18137a62d5998cdeae52bf3a0676ac6b706f5cf8439b47bb5b151ae3dccf",
+}
 
 
 def data_cfg(directory: Path, **overrides):
@@ -613,6 +623,136 @@ def test_load_download_of_one_missing_file(serve, tmp_path):
 
     assert (target / f"{TRAIN_LABELS}.gz").is_file()
     assert not (target / f"{TRAIN_IMAGES}.gz").exists()  # present files are not fetched again
+
+
+# --------------------------------------------------------------------------- data=fashion_mnist
+
+
+def test_fashion_mnist_option(monkeypatch):
+    monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
+    cfg = compose(["data=fashion_mnist"])
+    assert FASHION_YAML.read_text().startswith("# ")
+    assert cfg.data.name == "fashion_mnist"
+    assert cfg.tracking.experiment_name == "fashion_mnist"
+    assert cfg.data._target_ == "runner.data.idx_files"
+    assert (cfg.data.validation_size, cfg.data.download) == (5000, True)
+    assert cfg.data.dir == "data/fashion_mnist"
+    assert dict(cfg.data.sha256) == FASHION_SHA256
+    assert list(cfg.data.mirrors) == [
+        "https://storage.googleapis.com/tensorflow/tf-keras-datasets/",
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    ]
+    monkeypatch.setenv("FASHION_MNIST_DIR", "/somewhere/fashion")
+    assert compose(["data=fashion_mnist"]).data.dir == "/somewhere/fashion"
+
+
+def write_fake_fashion(directory: Path, compress: bool = True) -> dict[str, bytes]:
+    """A tiny Fashion-MNIST lookalike (3 classes, 30 training and 12 test images) in
+    `directory`; the decompressed content of each file, by name."""
+    rng = np.random.default_rng(5)
+    train_images = rng.integers(0, 256, (30, 28, 28))
+    train_images[0, 0, :2] = (0, 255)
+    contents = {
+        TRAIN_IMAGES: idx_bytes(train_images),
+        TRAIN_LABELS: idx_bytes(np.arange(30) % 3),
+        TEST_IMAGES: idx_bytes(rng.integers(0, 256, (12, 28, 28))),
+        TEST_LABELS: idx_bytes(np.arange(12)[::-1] % 3),
+    }
+    write_fake_mnist(directory, contents, compress=compress)
+    return contents
+
+
+def stored_digests(directory: Path) -> dict[str, str]:
+    """The SHA-256 of each IDX file in `directory` as stored (gzipped or not), by name."""
+    return {name: sha256(next(directory.glob(f"{name}*")).read_bytes()) for name in FASHION_SHA256}
+
+
+def fashion_overrides(directory: Path, digests: dict[str, str]) -> list[str]:
+    return [
+        "data=fashion_mnist",
+        f"data.dir={directory}",
+        "data.download=false",
+        "data.validation_size=6",
+        *(f"data.sha256.{name}={digest}" for name, digest in digests.items()),
+    ]
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["gzip", "plain"])
+@pytest.mark.parametrize("digest_of", ["stored", "content"])
+def test_load_fake_fashion_mnist(tmp_path, compress, digest_of):
+    directory = tmp_path / "fashion"
+    contents = write_fake_fashion(directory, compress=compress)
+    if digest_of == "stored":
+        digests = stored_digests(directory)  # as the real config's: of the .gz files
+    else:
+        digests = {name: sha256(content) for name, content in contents.items()}
+
+    splits = load(compose(fashion_overrides(directory, digests)).data)
+
+    assert splits.num_classes == 3
+    assert splits.input_shape == (28, 28, 1)
+    for split, n in ((splits.train, 24), (splits.validation, 6), (splits.test, 12)):
+        assert split.x.shape == (n, 28, 28, 1)
+        assert split.x.dtype == np.float32
+        assert split.y.dtype == np.int32
+    assert splits.validation.x.min() == 0.0 and splits.validation.x.max() == 1.0
+    images = parse_idx(contents[TRAIN_IMAGES], "x")[..., np.newaxis] / np.float32(255)
+    np.testing.assert_allclose(splits.validation.x, images[:6])
+    np.testing.assert_allclose(splits.train.x, images[6:])
+    np.testing.assert_array_equal(splits.validation.y, [0, 1, 2, 0, 1, 2])
+    np.testing.assert_array_equal(splits.test.y, np.arange(12)[::-1] % 3)
+
+
+def test_load_fake_fashion_mnist_refuses_a_file_matching_neither_digest(tmp_path):
+    directory = tmp_path / "fashion"
+    contents = write_fake_fashion(directory)
+    digests = stored_digests(directory)
+    cfg = compose(fashion_overrides(directory, digests)).data
+    path = directory / f"{TEST_LABELS}.gz"
+    path.write_bytes(gzip.compress(idx_bytes(np.zeros(12, dtype=np.uint8))))
+
+    with pytest.raises(UserError) as info:
+        load(cfg)
+
+    message = str(info.value)
+    assert message.startswith(f"{path}: SHA-256 is {sha256(path.read_bytes())} as stored ")
+    assert sha256(idx_bytes(np.zeros(12, dtype=np.uint8))) in message
+    assert f"expects {digests[TEST_LABELS]}" in message
+    assert "delete it to download it again" in message and "~data.sha256" in message
+    assert sha256(contents[TEST_LABELS]) not in message
+
+
+def test_load_fashion_mnist_real_checksums_refuse_other_files(tmp_path):
+    directory = tmp_path / "fashion"
+    write_fake_fashion(directory)
+    cfg = compose(fashion_overrides(directory, {})).data  # the published checksums
+    expected = FASHION_SHA256[TRAIN_IMAGES]
+    with pytest.raises(UserError, match=rf"{TRAIN_IMAGES}\.gz: SHA-256 is .* expects {expected}"):
+        load(cfg)
+
+
+def test_runner_trains_on_fake_fashion_mnist(tmp_path, mnist_dir):
+    directory = tmp_path / "fashion"
+    write_fake_fashion(directory)
+    result = cli(
+        "runner",
+        *fashion_overrides(directory, stored_digests(directory)),
+        *QUICK,
+        "data.batch_size=8",
+        "data.eval_batch_size=8",
+        cwd=tmp_path,
+        mnist_dir=mnist_dir,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    client = store_client(tmp_path)
+    [run] = client.search_runs([client.get_experiment_by_name("fashion_mnist").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["data.name"] == "fashion_mnist"
+    assert "test/accuracy" in run.data.metrics
+    names = {d.dataset.name for d in run.inputs.dataset_inputs}
+    assert names == {f"fashion_mnist-{split}" for split in ("training", "validation", "test")}
+    assert client.get_experiment_by_name("mnist") is None
 
 
 # --------------------------------------------------------------------------- tf.data pipeline
