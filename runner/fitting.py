@@ -46,12 +46,24 @@ def fit(
     stop = StopOnSignal()
     folder = Path(trainer.checkpoint_dir)
     counter = StepCounter()
+    training = Training(
+        splits.train,
+        batch,
+        cfg.seed,
+        start_step,
+        plan.steps_per_execution,
+        logits=cfg.model.output == "logits",
+    )
+    for callback in extra:
+        if isinstance(callback, RunnerCallback):
+            callback.attach(training)
     callbacks = [
         counter,  # first: the others read the step it counts
         Throughput(batch, plan.steps_per_execution),  # adds to the logs the others see
         MlflowMetrics(recorder, counter, trainer.log_every),
         StopOnNonFiniteLoss(),
         stop,
+        *extra,  # before the checkpointer, which saves where one of them stops training
         Checkpointer(
             folder,
             trainer.checkpoint_every,
@@ -65,18 +77,6 @@ def fit(
     ]
     if resumed and resumed.metric_state is not None:
         callbacks.append(RestoreMetrics(resumed.metric_state))
-    training = Training(
-        splits.train,
-        batch,
-        cfg.seed,
-        start_step,
-        plan.steps_per_execution,
-        logits=cfg.model.output == "logits",
-    )
-    for callback in extra:
-        if isinstance(callback, RunnerCallback):
-            callback.attach(training)
-    callbacks += extra
     if trainer.progress_bar:
         callbacks.append(StepProgbar(trainer.steps, counter))
     aligned = min(-(-start_step // trainer.log_every) * trainer.log_every, trainer.steps)

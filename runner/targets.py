@@ -121,7 +121,7 @@ def check_arguments(
         expected = _annotation(function, key)
         if expected is not None and not _fits(value, expected):
             raise UserError(
-                f"{path}.{key}={value!r} is not a {_type_name(expected)}, as {name} expects"
+                f"{path}.{key}={value!r} is not of type {_type_name(expected)}, as {name} expects"
             )
     for key, parameter in named.items():
         supplied = key in kwargs or key in (given or {})

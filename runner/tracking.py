@@ -12,6 +12,7 @@ import logging
 import os
 import time
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -318,9 +319,15 @@ def _log_dataset(splits: Splits, data: DictConfig) -> None:
         ("validation", splits.validation),
         ("test", splits.test),
     ):
-        dataset = from_numpy(
-            split.x, targets=split.y, source=source, name=f"{label(data)}-{context}", digest=digest
-        )
+        with warnings.catch_warnings():  # that a path is a local file, said twice per split
+            warnings.filterwarnings("ignore", "The specified dataset source", UserWarning)
+            dataset = from_numpy(
+                split.x,
+                targets=split.y,
+                source=source,
+                name=f"{label(data)}-{context}",
+                digest=digest,
+            )
         mlflow.log_input(dataset, context=context)
 
 

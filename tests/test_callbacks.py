@@ -46,3 +46,76 @@ def test_progress_bar_heads_each_window_with_the_steps_it_covers(capsys):
     model.fit(x, y, batch_size=2, epochs=2, callbacks=[counter, progress], verbose=1)
     headings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Steps")]
     assert headings == ["Steps 5-8 of 12", "Steps 9-12 of 12"]
+
+
+def test_early_stopping_ends_the_run_at_the_step_it_stopped(in_tmp_store):
+    """A rate too small to move the zero-initialised softmax keeps val/accuracy flat: with a
+    patience of 20 steps, validated every 10, the best stays at step 10 and training stops at
+    step 30 of 100, FINISHED, its test metrics and checkpoint at that step."""
+    from runner.train import train
+
+    from .conftest import QUICK, compose_config, only_run, store_client
+
+    cfg = compose_config(
+        [
+            *QUICK,
+            "callbacks=early_stopping",
+            "callbacks.early_stopping.patience_steps=20",
+            "trainer.steps=100",
+            "trainer.eval_every=10",
+            "optimizer.lr=1e-12",
+            f"trainer.checkpoint_dir={in_tmp_store / 'checkpoints'}",
+        ]
+    )
+    train(cfg)
+    run = only_run(in_tmp_store)
+    client = store_client(in_tmp_store)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["stopped_early_at"] == "30"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == [10, 20, 30]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test/accuracy")] == [30]
+    assert [p.name for p in (in_tmp_store / "checkpoints").iterdir()] == ["step-0000030"]
+
+
+def test_any_keras_callback_joins_by_target(in_tmp_store):
+    """keras.callbacks.CSVLogger, added on the command line, writes a row each window."""
+    from runner.train import train
+
+    from .conftest import QUICK, compose_config
+
+    log = in_tmp_store / "log.csv"
+    cfg = compose_config(
+        [
+            *QUICK,
+            "+callbacks.csv._target_=keras.callbacks.CSVLogger",
+            f"+callbacks.csv.filename={log}",
+        ]
+    )
+    train(cfg)
+    rows = log.read_text().splitlines()
+    assert rows[0].split(",")[:2] == ["epoch", "accuracy"]
+    assert len(rows) == 1 + 3  # a header and the three 10-step windows of debug=quick
+
+
+def test_a_callback_that_does_not_build_is_one_line_and_no_run(in_tmp_store, mnist_dir):
+    from .conftest import QUICK, cli
+
+    result = cli(
+        "runner",
+        *QUICK,
+        "callbacks=early_stopping",
+        "callbacks.early_stopping.monitor=train/loss",
+        cwd=in_tmp_store,
+        mnist_dir=mnist_dir,
+    )
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()[-1:]
+    assert line.startswith(
+        "runner: error: callbacks.early_stopping: runner.callbacks.EarlyStopping"
+    )
+    assert "monitor=train/loss must be a validation metric" in line
+    assert "Traceback" not in result.stderr
+    assert not (in_tmp_store / "mlflow.db").exists() or not list(
+        (in_tmp_store / "mlruns").glob("*/*/meta.yaml")
+    )
