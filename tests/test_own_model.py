@@ -1,0 +1,237 @@
+"""A user's own model and data, through the command line alone: a builder in a package of their
+own outside the repository, a config folder naming it and an .npz of their images, trained, then
+evaluated, used and rerun; the tutorial models on that data; the one-line errors a user's code or
+file can cause; and the README's commands for it, as written."""
+
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from .conftest import QUICK, REPO, cli, only_run, store_client
+
+# One worker runs this file: its tests share a module-scoped run.
+pytestmark = pytest.mark.xdist_group("own_model")
+
+CLASSES = 5
+
+# What a user writes: a package of builders, outside the runner's repository.
+BUILDERS = '''"""My networks."""
+
+import keras
+
+
+def build_mlp(input_shape, num_classes, hidden: int = 32):
+    inputs = keras.Input(shape=input_shape)
+    x = keras.layers.Flatten()(inputs)
+    x = keras.layers.Dense(hidden, activation="relu")(x)
+    return keras.Model(inputs, keras.layers.Dense(num_classes)(x))
+
+
+def broken(input_shape, num_classes):
+    raise ValueError("this builder is broken")
+'''
+
+MODEL_CONFIG = """# My MLP: `runner --config-dir my_conf model=mlp`
+_target_: mynets.build_mlp
+hidden: 32
+"""
+
+# The user's run: trained long enough to learn the easy classes below, with the model logged.
+TRAIN = [*QUICK, "optimizer=adam", "optimizer.lr=0.01", "trainer.log_model=true"]
+
+
+def squares(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """12x12 RGB noise, each image with a bright square of a random colour where its class
+    puts it: classes a small MLP tells apart in a few dozen steps."""
+    labels = np.arange(n) % CLASSES
+    rng.shuffle(labels)
+    images = rng.integers(0, 80, (n, 12, 12, 3), dtype=np.uint8)
+    for image, label in zip(images, labels, strict=True):
+        row, col = [(0, 0), (0, 8), (8, 0), (8, 8), (4, 4)][label]
+        image[row : row + 4, col : col + 4] = rng.integers(160, 256, 3, dtype=np.uint8)
+    return images, labels.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory) -> Path:
+    """The user's folder: mynets/ (their builders), my_conf/model/mlp.yaml, shapes.npz."""
+    folder = tmp_path_factory.mktemp("user")
+    (folder / "mynets").mkdir()
+    (folder / "mynets" / "__init__.py").write_text(BUILDERS)
+    (folder / "my_conf" / "model").mkdir(parents=True)
+    (folder / "my_conf" / "model" / "mlp.yaml").write_text(MODEL_CONFIG)
+    rng = np.random.default_rng(0)
+    x_train, y_train = squares(600, rng)
+    x_test, y_test = squares(200, rng)
+    np.savez(folder / "shapes.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(user, mnist_dir, tmp_path_factory) -> tuple[Path, str]:
+    """`runner --config-dir my_conf model=mlp data=npz ...` run in the user's folder, recording
+    into the store there; the folder and the run's id."""
+    result = cli(
+        "runner",
+        "--config-dir",
+        "my_conf",
+        "model=mlp",
+        "data=npz",
+        f"data.path={user / 'shapes.npz'}",
+        *TRAIN,
+        cwd=user,
+        mnist_dir=mnist_dir,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return user, only_run(user, "npz").info.run_id
+
+
+def test_own_model_and_data_train_through_the_cli(trained):
+    work, run_id = trained
+    run = store_client(work).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test/accuracy"] >= 0.9  # chance is 0.2
+    [logged] = store_client(work).search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert logged.source_run_id == run_id
+
+
+def test_eval_of_the_run_uses_its_own_data(trained, mnist_dir):
+    work, run_id = trained
+    result = cli("runner-eval", f"run_id={run_id}", cwd=work, mnist_dir=mnist_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = re.search(r"'accuracy': ([\d.]+)", result.stdout)
+    assert found, result.stdout
+    logged = store_client(work).get_run(run_id).data.metrics["test/accuracy"]
+    assert float(found.group(1)) == pytest.approx(logged, abs=1e-6)
+
+
+def test_predict_classifies_the_users_images(trained, mnist_dir, tmp_path):
+    """One test image of each class, written as a 12x12 RGB PNG: the model, at least 90%
+    accurate on such images, classifies these (the run is deterministic, so this holds or fails
+    the same way on every run in one environment)."""
+    work, run_id = trained
+    with np.load(work / "shapes.npz") as data:
+        x_test, y_test = data["x_test"], data["y_test"]
+    for label in range(CLASSES):
+        first = int(np.flatnonzero(y_test == label)[0])
+        Image.fromarray(x_test[first]).save(tmp_path / f"class{label}.png")
+    result = cli(
+        "runner-predict", f"run_id={run_id}", f"images={tmp_path}", cwd=work, mnist_dir=mnist_dir
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    predicted = re.findall(
+        r"/class(\d)\.png: class (\d+), probabilities = \[([^\]]*)\]", result.stdout
+    )
+    assert len(predicted) == CLASSES, result.stdout
+    for truth, found, probabilities in predicted:
+        assert found == truth
+        assert len(probabilities.split()) == CLASSES
+
+
+def test_repro_of_the_users_run_agrees(trained, mnist_dir):
+    work, run_id = trained
+    result = cli("runner-repro", run_id, cwd=work, mnist_dir=mnist_dir)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+
+
+def test_a_tutorial_model_trains_on_the_users_npz(user, mnist_dir, tmp_path):
+    result = cli(
+        "runner",
+        "model=cnn_layers",
+        "data=npz",
+        f"data.path={user / 'shapes.npz'}",
+        *QUICK,
+        cwd=tmp_path,
+        mnist_dir=mnist_dir,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = only_run(tmp_path, "npz")
+    assert run.info.status == "FINISHED"
+    assert {"train/loss", "val/accuracy", "test/accuracy"} <= set(run.data.metrics)
+
+
+def without_y_test(user: Path, folder: Path) -> Path:
+    """A copy of the user's .npz that lacks y_test."""
+    with np.load(user / "shapes.npz") as data:
+        arrays = {key: data[key] for key in data.files if key != "y_test"}
+    path = folder / "no_y_test.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model._target_=mynets.nowhere.build"], "model._target_=mynets.nowhere.build cannot"),
+        (["model._target_=mynets.broken"], "mynets.broken raised ValueError: this builder is"),
+        (["model=mlp", "+model.widht=3"], "model.widht is not a parameter of mynets.build_mlp"),
+        (["data.path={npz_without_y_test}"], "the .npz holds no y_test"),
+    ],
+    ids=["target-not-importable", "builder-raises", "unknown-builder-key", "npz-lacks-y_test"],
+)
+def test_a_users_mistake_is_a_one_line_error(user, mnist_dir, tmp_path, overrides, message):
+    npz = without_y_test(user, tmp_path)
+    overrides = [o.format(npz_without_y_test=npz) for o in overrides]
+    store = f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"
+    result = cli(
+        "runner",
+        "--config-dir",
+        "my_conf",
+        "data=npz",
+        f"data.path={user / 'shapes.npz'}",
+        *overrides,
+        *QUICK,
+        store,
+        cwd=user,
+        mnist_dir=mnist_dir,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("runner: error: ") and message in last, result.stderr[-3000:]
+    if (tmp_path / "mlflow.db").exists():
+        client = store_client(tmp_path)
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        assert all(r.info.status != "RUNNING" for r in runs)
+
+
+def readme_commands(section: str) -> list[str]:
+    """The lines of the bash blocks under the README heading `section`, comments dropped."""
+    text = (REPO / "README.md").read_text()
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", body, re.S):
+        for line in block.splitlines():
+            command = line.split(" #", 1)[0].strip()
+            if command:
+                lines.append(command)
+    return lines
+
+
+def test_readme_own_model_and_data_commands_work_as_written(mnist_dir, tmp_path):
+    """Each command of "Your own model and data", in a copy of examples/: `cd examples` moves
+    there, `uv run X` runs the environment's X."""
+    commands = readme_commands("Your own model and data")
+    assert commands[0] == "cd examples"
+    work = tmp_path / "examples"
+    shutil.copytree(
+        REPO / "examples",
+        work,
+        ignore=shutil.ignore_patterns("mlflow.db*", "mlruns", "outputs", "*.npz", "__pycache__"),
+    )
+    trained = 0
+    for command in commands[1:]:
+        uv, run, name, *args = shlex.split(command)
+        assert (uv, run) == ("uv", "run"), command
+        result = cli(name, *args, cwd=work, mnist_dir=mnist_dir)
+        assert result.returncode == 0, command + "\n" + result.stderr[-3000:]
+        trained += name == "runner"
+    client = store_client(work)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == trained
+    assert all(r.info.status == "FINISHED" for r in runs)
