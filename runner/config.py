@@ -271,18 +271,18 @@ def _check_data(d: Any, node: Any) -> None:
 def _check_optimizer(o: Any) -> None:
     """Keras checks only SGD's momentum, and only once the optimizer is built, after the MLflow
     run exists; it takes any Adam beta or epsilon, and beta_1=1 or epsilon=0 train to NaN."""
-    if o.lr <= 0:
-        raise UserError(f"optimizer.lr={o.lr} must be positive")
+    if float(o.lr) <= 0:
+        raise UserError(f"optimizer.lr={float(o.lr)} must be positive")
     if not all(_is_number(o.get(key, 0.0)) for key in ("momentum", "beta_1", "beta_2", "epsilon")):
         return  # the class refuses a value of the wrong type, naming it, when it is built
-    momentum = o.get("momentum", 0.0)
+    momentum = float(o.get("momentum", 0.0))
     if not 0.0 <= momentum <= 1.0:
         raise UserError(f"optimizer.momentum={momentum} must be in [0, 1]; 0 turns momentum off")
     for key in ("beta_1", "beta_2"):
-        beta = o.get(key, 0.0)
+        beta = float(o.get(key, 0.0))
         if not 0.0 <= beta < 1.0:
             raise UserError(f"optimizer.{key}={beta} must be in [0, 1), like Adam's 0.9 and 0.999")
-    epsilon = o.get("epsilon", 1.0)
+    epsilon = float(o.get("epsilon", 1.0))
     if epsilon <= 0:
         raise UserError(
             f"optimizer.epsilon={epsilon} must be positive: it keeps Adam's step finite where "

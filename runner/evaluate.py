@@ -4,6 +4,7 @@ guide's `evaluate()`. Usage: `uv run runner-eval run_id=<run id>` or `model_uri=
 from typing import Any
 
 import hydra
+import numpy as np
 from omegaconf import DictConfig
 
 from runner.config import register_configs
@@ -31,13 +32,24 @@ def evaluate(cfg: DictConfig) -> dict[str, float | int | None]:
 
     found = logged_model.load(cfg.run_id, cfg.model_uri)
     data_cfg = test_data(cfg.data, found)
-    test = data.load_test(data_cfg)
+    test = fitted(data.load_test(data_cfg), found.model)
     outputs, loss = evaluate_outputs(found.model, test, data_cfg.eval_batch_size)
     return {
         "loss": loss,
         "accuracy": float((outputs.argmax(axis=1) == test.y).mean()),
         "global_step": logged_model.reached_step(found),
     }
+
+
+def fitted(test: Any, model: Any) -> Any:
+    """`test` with its images laid out as `model` takes them: a model logged before the runner
+    kept images as (height, width, channels) takes them as flat rows."""
+    from runner.data import Split
+
+    shape = tuple(model.inputs[0].shape[1:])
+    if test.x.shape[1:] == shape or int(np.prod(shape)) != int(np.prod(test.x.shape[1:])):
+        return test
+    return Split(test.x.reshape(len(test.x), *shape), test.y)
 
 
 def test_data(given: DictConfig, found: Any) -> DictConfig:

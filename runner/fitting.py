@@ -105,6 +105,22 @@ def fit(
     return reached
 
 
+def configured_callbacks(cfg: Any) -> list[Any]:
+    """The callbacks the `callbacks` group adds to the runner's own, built by their `_target_`."""
+    from runner import targets
+
+    return [
+        targets.build(node, f"callbacks.{name}") for name, node in (cfg.callbacks or {}).items()
+    ]
+
+
+def intervals(trainer: Any, callbacks: list[Any]) -> list[int]:
+    """The step counts something acts on: logging, validating, checkpointing, and each
+    callback's `interval`; steps_per_execution=auto divides them all."""
+    own = [trainer.log_every, trainer.eval_every, trainer.checkpoint_every]
+    return own + [c.interval for c in callbacks if getattr(c, "interval", None)]
+
+
 def _how_to_resume(checkpoints: Path) -> str:
     """The command that carries this run on: the same one, pointed at this run's folder when
     its checkpoints are there (the default trainer.checkpoint_dir). A sweep's job is carried on

@@ -40,38 +40,35 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
     check_config(cfg)
     from runner import tracking
 
-    tracking.open_store(
-        cfg.tracking.uri, cfg.tracking.experiment_name
-    )  # before minutes of training
+    # Before minutes of training: a store that cannot record is told at once.
+    tracking.open_store(cfg.tracking.uri, cfg.tracking.experiment_name)
     from runner.tensorflow_logs import load_tensorflow
 
     load_tensorflow()  # before anything else imports it
-    from runner import checkpoints, data, devices, modeling, targets
+    from runner import checkpoints, data, devices, modeling
     from runner.callbacks import terminate_as_interrupt
-    from runner.fitting import check_resumable, evaluate_outputs, fit
+    from runner.fitting import (
+        check_resumable,
+        configured_callbacks,
+        evaluate_outputs,
+        fit,
+        intervals,
+    )
     from runner.reproducibility import start_clean
 
     logging.getLogger("tensorflow").setLevel(logging.WARNING)  # tf.distribute's INFO chatter
     logging.getLogger("tensorflow").addFilter(_not_retracing)
     found = devices.detect(cfg.device.cpu_devices)  # before anything runs on them
-    callbacks = [
-        targets.build(node, f"callbacks.{name}") for name, node in (cfg.callbacks or {}).items()
-    ]
-    t = cfg.trainer
-    intervals = [t.log_every, t.eval_every, t.checkpoint_every]
-    plan = devices.plan(
-        cfg.device,
-        found,
-        intervals + [c.interval for c in callbacks if getattr(c, "interval", None)],
-    )
+    callbacks = configured_callbacks(cfg)
+    plan = devices.plan(cfg.device, found, intervals(cfg.trainer, callbacks))
     log.info("devices: %s; %s", found.describe(), plan.describe())
     start_clean(cfg.seed, cfg.device.deterministic, plan.precision)
     splits = data.load(cfg.data)
-    mode = resume_mode(t)
+    mode = resume_mode(cfg.trainer)
     resumed = checkpoints.resume_point(cfg, mode) if mode != "false" else None
     check_resumable(resumed.step if resumed else 0, plan)
     # trainer.resume=extend with more steps: a new run, as MLflow's params cannot change.
-    extends = resumed is not None and resumed.settings.get("trainer.steps") != t.steps
+    extends = resumed is not None and resumed.settings.get("trainer.steps") != cfg.trainer.steps
     with devices.distribution(plan).scope():
         model = (
             resumed.load_model()
@@ -87,11 +84,11 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
         ) as recorder,
     ):
         reached = fit(model, splits, cfg, recorder, plan, resumed, callbacks)
-        if reached < t.steps:
+        if reached < cfg.trainer.steps:
             recorder.set_tag("stopped_early_at", str(reached))
         outputs, loss = evaluate_outputs(model, splits.test, cfg.data.eval_batch_size)
         recorder.log_test(splits.test, outputs, loss, reached)
-        if t.log_model:
+        if cfg.trainer.log_model:
             recorder.log_model(model, splits.test.x[:8])
         return recorder.final_metrics()
 

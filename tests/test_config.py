@@ -23,7 +23,8 @@ def options(group: str) -> list[str]:
 def test_groups_hold_the_options_the_tutorials_need():
     assert options("model") == ["cnn_layers", "cnn_raw", "softmax"]
     assert {"sgd", "adam"} <= set(options("optimizer"))
-    assert options("data") == ["mnist"]
+    assert options("data") == ["fashion_mnist", "mnist", "npz"]
+    assert options("loss") == ["cross_entropy_of_probabilities", "sparse_softmax_cross_entropy"]
 
 
 @pytest.mark.parametrize("model", options("model"))
@@ -40,7 +41,7 @@ def test_every_option_composes_and_passes_checks(model, optimizer):
 def test_every_yaml_starts_with_a_usage_comment():
     for path in CONF.rglob("*.yaml"):
         lines = path.read_text().splitlines()
-        if path.parent.name in ("experiment", "hparams_search", "debug"):
+        if path.parent.name in ("experiment", "hparams_search", "debug", "model_optimizer"):
             # Hydra reads the package header only before any other comment.
             assert lines[0] == "# @package _global_", path
             lines = lines[1:]
@@ -60,9 +61,9 @@ def test_defaults_match_the_tutorials():
 
 def test_tracking_uri_follows_the_environment(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert compose_config().tracking_uri == "sqlite:///mlflow.db"
+    assert compose_config().tracking.uri == "sqlite:///mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert compose_config().tracking_uri == "http://127.0.0.1:5000"
+    assert compose_config().tracking.uri == "http://127.0.0.1:5000"
 
 
 @pytest.mark.parametrize(
@@ -72,8 +73,6 @@ def test_tracking_uri_follows_the_environment(monkeypatch):
         (["data.batch_size=-5"], "data.batch_size=-5 must be a positive integer"),
         (["trainer.steps=250"], "must be a multiple of trainer.log_every=100"),
         (["trainer.eval_every=150"], "trainer.eval_every=150 must be a multiple"),
-        (["model=cnn_raw", "model.keep_prob=0"], "model.keep_prob=0.0 must be in (0, 1]"),
-        (["model=cnn_layers", "model.dropout_rate=1.0"], "model.dropout_rate=1.0 must be in"),
         (["optimizer.lr=0"], "optimizer.lr=0.0 must be positive"),
         (["data.limit=0"], "data.limit=0 must be positive"),
         (
@@ -91,6 +90,30 @@ def test_tracking_uri_follows_the_environment(monkeypatch):
 def test_check_config_names_the_bad_key(overrides, message):
     with pytest.raises(UserError) as error:
         check_config(compose_config(overrides))
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["model=cnn_raw", "model.keep_prob=0"],
+            "model: runner.models.cnn_raw.build_cnn_raw raised ValueError: keep_prob=0 must be "
+            "in (0, 1]",
+        ),
+        (["model=cnn_layers", "model.dropout_rate=1.0"], "dropout_rate=1.0 must be in [0, 1)"),
+        (["model=cnn_raw", "model.keep_prob=high"], "model.keep_prob='high' is not of type float"),
+        (["model=softmax", "+model.width=3"], "model.width is not a parameter of"),
+        (["model.output=scores"], "model.output: Invalid value 'scores'"),
+    ],
+)
+def test_a_model_that_cannot_build_is_one_line_naming_the_key(overrides, message):
+    from runner import modeling
+
+    with pytest.raises(UserError) as error:
+        cfg = compose_config(overrides)
+        check_config(cfg)
+        modeling.build(cfg.model, (28, 28, 1), 10)
     assert message in str(error.value)
 
 
@@ -123,12 +146,17 @@ def test_help_lists_only_the_groups_users_pick_from(tmp_path):
     groups = result.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
     listed = [line.split(":")[0] for line in groups.splitlines() if ": " in line]
     assert listed == [
+        "callbacks",
         "data",
         "debug",
+        "device",
         "experiment",
         "hparams_search",
+        "loss",
         "model",
+        "model_optimizer",  # a model's own settings for an optimizer, picked by the two
         "optimizer",
+        "tracking",
         "trainer",
     ]
     assert "schema" not in groups
@@ -141,7 +169,7 @@ def run_runner(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("optimizer.lrr=0.1", "Key 'lrr' not in 'SGDConf'"),
+        ("optimizer.lrr=0.1", "Could not override 'optimizer.lrr'"),
         ("trainer.steps=many", "Value 'many' of type 'str' could not be converted to Integer"),
         ("model=resnet", "Could not find 'model/resnet'"),
     ],

@@ -11,6 +11,7 @@ from runner import devices
 from runner.config import check_config
 from runner.devices import Devices, Gpu
 from runner.errors import UserError
+from runner.fitting import configured_callbacks, intervals
 from runner.train import train
 
 from .conftest import QUICK, cli, compose_config, only_run
@@ -26,7 +27,7 @@ def gpus(*capabilities: tuple[int, int]) -> Devices:
 def plan(found: Devices, *overrides: str) -> devices.Plan:
     cfg = compose_config(list(overrides))
     check_config(cfg)
-    return devices.plan(cfg.trainer, found)
+    return devices.plan(cfg.device, found, intervals(cfg.trainer, configured_callbacks(cfg)))
 
 
 @pytest.mark.parametrize(
@@ -58,7 +59,10 @@ def test_auto_xla_only_on_gpus_and_only_without_op_determinism():
 
 def test_auto_steps_per_execution_divides_every_callback_interval():
     assert plan(CPU).steps_per_execution == devices.AUTO_STEPS_PER_EXECUTION
-    assert plan(CPU, "trainer.log_probabilities_every=30").steps_per_execution == 10
+    assert (
+        plan(CPU, "callbacks=probabilities", "callbacks.probabilities.every=30").steps_per_execution
+        == 10
+    )
     assert plan(CPU, "trainer.log_every=7", "trainer.steps=700", "trainer.eval_every=7",
                 "trainer.checkpoint_every=7").steps_per_execution == 7  # fmt: skip
     assert plan(CPU, "device.steps_per_execution=20").steps_per_execution == 20

@@ -74,7 +74,7 @@ def test_eval_by_model_uri_matches_eval_by_run(trained, mnist_dir):
     mlflow.set_tracking_uri(f"sqlite:///{work}/mlflow.db")
     experiment = mlflow.get_experiment_by_name("mnist").experiment_id
     [model] = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
-    data = f"data.dir={mnist_dir}"
+    data = f"+data.dir={mnist_dir}"  # a key of the run's own data config, changed
     by_run = evaluate(app_config("evaluate", [f"run_id={run_id}", store, data]))
     by_uri = evaluate(app_config("evaluate", [f"model_uri={model.model_uri}", store, data]))
     assert by_uri == by_run
@@ -204,7 +204,13 @@ def test_eval_reports_the_step_the_model_reached_not_the_planned_one(tmp_path, m
         model.fit(images, labels, batch_size=10, epochs=1, verbose=0)  # 60 steps
         mlflow.keras.log_model(model, name="model")
     cfg = app_config(
-        "evaluate", [f"run_id={run.info.run_id}", f"tracking.uri={store}", f"data.dir={mnist_dir}"]
+        "evaluate",
+        [
+            f"run_id={run.info.run_id}",
+            f"tracking.uri={store}",
+            "data=mnist",
+            f"data.dir={mnist_dir}",
+        ],
     )
     assert evaluate(cfg)["global_step"] == 60
 

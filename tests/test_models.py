@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from runner import models, optim
+from runner import modeling, optim
 from runner.models.cnn_raw import ConvReluPool, KeepProbDropout, RawDense
 
 from .conftest import compose_config
@@ -13,21 +13,21 @@ PARAMETERS = {"softmax": 7_850, "cnn_raw": 3_274_634, "cnn_layers": 3_274_634}
 
 
 def build(name: str) -> keras.Model:
-    return models.build(compose_config([f"model={name}"]).model)
+    return modeling.build(compose_config([f"model={name}"]).model, (28, 28, 1), 10)
 
 
 @pytest.mark.parametrize("name", sorted(PARAMETERS))
 def test_parameter_count_and_logits_shape(name):
     model = build(name)
     assert model.count_params() == PARAMETERS[name]
-    logits = model(np.random.default_rng(0).random((3, 784), dtype=np.float32))
+    logits = model(np.random.default_rng(0).random((3, 28, 28, 1), dtype=np.float32))
     assert tuple(logits.shape) == (3, 10)
 
 
 def test_softmax_starts_at_zero_and_predicts_uniformly():
     model = build("softmax")
     assert all(not np.any(w) for w in model.get_weights())
-    probabilities = keras.ops.softmax(model(np.ones((1, 784), np.float32)))
+    probabilities = keras.ops.softmax(model(np.ones((1, 28, 28, 1), np.float32)))
     np.testing.assert_allclose(keras.ops.convert_to_numpy(probabilities), 0.1)
 
 
@@ -49,7 +49,7 @@ def test_cnn_raw_uses_the_tutorials_initialisers():
 def test_dropout_only_while_training(name):
     keras.utils.set_random_seed(1)
     model = build(name)
-    x = np.random.default_rng(1).random((4, 784), dtype=np.float32)
+    x = np.random.default_rng(1).random((4, 28, 28, 1), dtype=np.float32)
     np.testing.assert_array_equal(model(x, training=False), model(x, training=False))
     assert not np.allclose(model(x, training=True), model(x, training=True))
 
@@ -65,7 +65,7 @@ def test_cnn_raw_round_trips_through_keras_saving(tmp_path):
     model = build("cnn_raw")
     model.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras")
-    x = np.random.default_rng(2).random((2, 784), dtype=np.float32)
+    x = np.random.default_rng(2).random((2, 28, 28, 1), dtype=np.float32)
     np.testing.assert_allclose(loaded(x), model(x), rtol=1e-6)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from runner.config import check_config
-from runner.data import batch_indices, load_mnist
+from runner.data import batch_indices, load
 from runner.errors import UserError
 from runner.train import train
 
@@ -16,10 +16,10 @@ from .conftest import QUICK, cli, compose_config
 
 PRESETS = {
     # name: (model, output, optimizer, lr, steps, batch, loss, probabilities every)
-    "deep_mnist_softmax": ("softmax", "logits", "sgd", 0.5, 1000, 100, "sparse", 0),
-    "deep_mnist_cnn": ("cnn_raw", "logits", "adam", 1e-4, 20000, 50, "sparse", 0),
-    "layers_cnn": ("cnn_layers", "logits", "sgd", 0.001, 20000, 100, "sparse", 50),
-    "deep_mnist_r": ("softmax", "probabilities", "sgd", 0.5, 1000, 100, "cross", 0),
+    "deep_mnist_softmax": ("softmax", "logits", "sgd", 0.5, 1000, 100, "Sparse", 0),
+    "deep_mnist_cnn": ("cnn_raw", "logits", "adam", 1e-4, 20000, 50, "Sparse", 0),
+    "layers_cnn": ("cnn_layers", "logits", "sgd", 0.001, 20000, 100, "Sparse", 50),
+    "deep_mnist_r": ("softmax", "probabilities", "sgd", 0.5, 1000, 100, "probabilities", 0),
 }
 
 
@@ -30,8 +30,8 @@ def test_preset_sets_the_tutorials_values(name):
     assert (cfg.model.name, cfg.model.output) == (model, output)
     assert (cfg.optimizer.name, cfg.optimizer.lr) == (optimizer, lr)
     assert (cfg.trainer.steps, cfg.data.batch_size) == (steps, batch)
-    assert cfg.trainer.loss.startswith(loss)
-    assert cfg.trainer.log_probabilities_every == every
+    assert loss in cfg.loss._target_
+    assert (cfg.callbacks.probabilities.every if cfg.callbacks else 0) == every
     check_config(cfg)
 
 
@@ -77,7 +77,7 @@ def test_cnn_presets_keep_the_tutorials_dropout_and_logging():
 
 
 def test_loss_and_model_output_must_agree():
-    cfg = compose_config(["trainer.loss=cross_entropy_of_probabilities"])
+    cfg = compose_config(["loss=cross_entropy_of_probabilities"])
     with pytest.raises(UserError, match="set model.output=probabilities"):
         check_config(cfg)
 
@@ -120,17 +120,17 @@ def test_probabilities_of_the_trained_batch_are_logged(in_tmp_store, mnist_dir, 
         "trainer.steps=40",
         "trainer.log_every=20",
         "trainer.eval_every=40",
-        "trainer.log_probabilities_every=20",
-        "trainer.log_probabilities_examples=2",
+        "callbacks.probabilities.every=20",
+        "callbacks.probabilities.examples=2",
         "data.limit=600",
         "optimizer.lr=0.05",
     ]
     models = []
-    import runner.models as model_factory
+    import runner.modeling as model_factory
 
     build = model_factory.build
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(model_factory, "build", lambda cfg: models.append(build(cfg)) or models[-1])
+        patch.setattr(model_factory, "build", lambda *a: models.append(build(*a)) or models[-1])
         train(
             compose_config(
                 [
@@ -149,7 +149,7 @@ def test_probabilities_of_the_trained_batch_are_logged(in_tmp_store, mnist_dir, 
     # At the last step the weights are final, so the rows can be recomputed from the batch that
     # step trained on: the 40th batch of the seeded training order.
     cfg = compose_config(cfg_overrides)
-    train_split = load_mnist(cfg.data).train
+    train_split = load(cfg.data).train
     rows = list(batch_indices(len(train_split.y), 100, cfg.seed).take(40))[-1].numpy()[:2]
     expected = keras.ops.softmax(models[0](train_split.x[rows], training=False))
     np.testing.assert_allclose(logged, keras.ops.convert_to_numpy(expected), atol=2e-3)

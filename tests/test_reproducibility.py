@@ -1,13 +1,14 @@
 """Equal configs give equal runs, whatever ran before in the process; each run records its
 environment."""
 
+import hashlib
 import json
 
 import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from runner.environment import file_sha256
+from runner.data import TEST_LABELS, read_idx
 from runner.repro import histories
 from runner.train import train
 
@@ -48,10 +49,20 @@ def test_run_records_its_environment(in_tmp_store, mnist_dir):
     env = json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/environment.json"))
     assert set(env["packages"]) == {"keras", "tensorflow", "mlflow", "hydra-core", "numpy"}
     assert env["devices"][0].startswith("CPU")
-    assert env["data_sha256"]["t10k-labels-idx1-ubyte"] == file_sha256(
-        mnist_dir / "t10k-labels-idx1-ubyte.gz"
-    )
-    assert len(env["data_sha256"]) == 4
+    labels = read_idx(mnist_dir / f"{TEST_LABELS}.gz")
+    assert env["data_sha256"]["y_test"] == hashlib.sha256(labels.tobytes()).hexdigest()
+    assert set(env["data_sha256"]) == {"x_train", "y_train", "x_test", "y_test"}
+    # The data's record in MLflow's Datasets: a name, one digest, and each split's size.
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation", "test"}
+    assert {d.name for d in inputs.values()} == {
+        "mnist-training",
+        "mnist-validation",
+        "mnist-test",
+    }
+    assert len({d.digest for d in inputs.values()}) == 1
+    sizes = {context: json.loads(d.profile)["targets_shape"] for context, d in inputs.items()}
+    assert sizes == {"training": [1000], "validation": [1000], "test": [1000]}
     tags = run.data.tags
     assert tags["keras_version"] == env["packages"]["keras"]
     assert tags["tensorflow_version"] == env["packages"]["tensorflow"]

@@ -33,7 +33,7 @@ def history(run_id: str, key: str) -> list[tuple[int, float, int]]:
 
 
 def test_metrics_wait_for_the_flush_and_keep_the_time_they_were_logged(run_id):
-    recorder = Recorder(run_id, steps=20, flush_every_s=3600)
+    recorder = Recorder(run_id, flush_every_s=3600)
     before = int(time.time() * 1000)
     recorder.log_metrics({"train/loss": 2.0}, step=10)
     recorder.log_metrics({"train/loss": 1.0, "train/accuracy": 0.5}, step=20)
@@ -52,13 +52,13 @@ def test_metrics_wait_for_the_flush_and_keep_the_time_they_were_logged(run_id):
 
 
 def test_metrics_are_written_once_the_interval_has_passed(run_id):
-    recorder = Recorder(run_id, steps=20, flush_every_s=60)
+    recorder = Recorder(run_id, flush_every_s=60)
     recorder.log_metrics({"train/loss": 2.0}, step=10)
     assert history(run_id, "train/loss") == []
     recorder._flushed_at -= 60  # a minute passes
     recorder.log_metrics({"train/loss": 1.0}, step=20)
     assert [step for step, _, _ in history(run_id, "train/loss")] == [10, 20]
-    at_once = Recorder(run_id, steps=20, flush_every_s=0)
+    at_once = Recorder(run_id, flush_every_s=0)
     at_once.log_metrics({"val/loss": 3.0}, step=20)
     assert [v for _, v, _ in history(run_id, "val/loss")] == [3.0]
 

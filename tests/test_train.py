@@ -107,12 +107,12 @@ def test_logged_model_loads_back_and_predicts(softmax_run, mnist_dir):
     model = mlflow.keras.load_model(logged.model_uri)
     from runner.data import TEST_IMAGES, TEST_LABELS, read_idx
 
-    images = read_idx(mnist_dir / f"{TEST_IMAGES}.gz")[:500].reshape(500, 784) / 255.0
+    images = read_idx(mnist_dir / f"{TEST_IMAGES}.gz")[:500].reshape(500, 28, 28, 1) / 255.0
     labels = read_idx(mnist_dir / f"{TEST_LABELS}.gz")[:500]
     accuracy = np.mean(model.predict(images, verbose=0).argmax(axis=1) == labels)
     assert accuracy >= 0.85
     signature = mlflow.models.get_model_info(logged.model_uri).signature
-    assert tuple(signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 784)
+    assert tuple(signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 28, 28, 1)
 
 
 def short_run(overrides: list[str], store: Path) -> dict[str, float]:

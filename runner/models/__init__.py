@@ -5,8 +5,6 @@ uncompiled `keras.Model`, as a user's builder does. These emit logits unless `ou
 "probabilities", which puts a softmax on top, as the R edition of the tutorial does.
 """
 
-from typing import Any
-
 
 def register_custom_objects() -> None:
     """Make the runner's own layers and losses known to Keras, which a saved model refers to by
@@ -14,16 +12,3 @@ def register_custom_objects() -> None:
     import runner.fused_adam  # noqa: F401
     import runner.models.cnn_raw  # noqa: F401
     import runner.models.losses  # noqa: F401
-
-
-def emitting(model: Any, output: str) -> Any:
-    """`model`, whose last layer emits logits, as emitting `output`: the logits themselves, or
-    their softmax ("probabilities")."""
-    if output == "logits":
-        return model
-    if output != "probabilities":
-        raise ValueError(f"output={output!r} must be logits or probabilities")
-    import keras
-
-    probabilities = keras.layers.Softmax(name="probabilities", dtype="float32")(model.output)
-    return keras.Model(model.input, probabilities, name=model.name)

@@ -3,7 +3,7 @@
 import keras
 from keras import layers
 
-from runner.models import emitting
+from runner.models.heads import emitting
 
 
 def build_cnn_layers(

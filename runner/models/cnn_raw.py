@@ -11,7 +11,7 @@ and dense layers take their input gradient through TensorFlow's einsum.
 import keras
 from keras import ops
 
-from runner.models import emitting
+from runner.models.heads import emitting
 
 
 class _RawLayer(keras.layers.Layer):

@@ -2,7 +2,7 @@
 
 import keras
 
-from runner.models import emitting
+from runner.models.heads import emitting
 
 
 def build_softmax(
