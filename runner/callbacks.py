@@ -31,8 +31,8 @@ def optimizer_step(model: keras.Model) -> int:
 
 class StepCounter(keras.callbacks.Callback):
     """The optimizer step, read off the device once per `fit` and then counted from the batch
-    index Keras passes at the end of each execution: a read costs about 0.1 ms, which every
-    callback that needs the step would otherwise pay every window. Put it first, so that the
+    index Keras passes at the end of each execution: a read waits for the device, which every
+    callback that needs the step would otherwise do every window. Put it first, so that the
     others see the step of the execution that just ended."""
 
     def on_train_begin(self, logs: dict | None = None) -> None:

@@ -9,9 +9,8 @@ from typing import Any
 from runner.environment import cpu_cores
 from runner.errors import UserError
 
-# Largest steps_per_execution that `auto` picks. At 50 the softmax model trained 2.6x faster than
-# at 1 and the CNNs a few percent faster (docs/performance.md); larger values were not measured,
-# and callbacks see only every Nth step.
+# Largest steps_per_execution that `auto` picks: it cuts Python's share of a small model's step
+# most (docs/performance.md); callbacks see only every Nth step.
 AUTO_STEPS_PER_EXECUTION = 50
 
 

@@ -1,9 +1,9 @@
 """MLflow bookkeeping for one training run: config, metrics, test results, plots and the model.
 
 Training metrics are buffered and written in one batch every `tracking.metrics_flush_every_s`
-seconds, at each checkpoint and when the run ends: a write to the SQLite store costs about 6 ms
-whatever its size, a fifth of a 50-step softmax window. A run that raises ends FAILED with the
-error in a tag.
+seconds, at each checkpoint and when the run ends: a write to the SQLite store costs the same
+whatever its size, and a large share of a short window's time (docs/performance.md). A run that
+raises ends FAILED with the error in a tag.
 """
 
 import fcntl

@@ -101,9 +101,9 @@ class RawDense(_RawLayer):
 
 def _matmul(x, kernel):
     """`x @ kernel`. On TensorFlow its input gradient is `einsum("bn,kn->bk", upstream, kernel)`:
-    the same sums as MatMul's own gradient, `upstream @ kernel^T`, which oneDNN computed 1.6x
-    slower for fc1's 3.2M weights on the CPU, apparently by transposing the kernel first
-    (docs/performance.md)."""
+    the same sums as MatMul's own gradient, `upstream @ kernel^T`, which oneDNN computes slower
+    for fc1's 3.2M weights on the CPU, apparently by transposing the kernel first
+    (docs/performance.md has the measurements)."""
     if keras.backend.backend() != "tensorflow":
         return ops.matmul(x, kernel)
     import tensorflow as tf
