@@ -160,3 +160,68 @@ def test_cnn_raw_layers_compute_the_tutorials_function_and_gradients(layer, shap
         results.append([y, *tape.gradient(loss, [x, *layer.trainable_variables])])
     for ours, tutorial in zip(*results, strict=True):
         np.testing.assert_allclose(ours, tutorial, rtol=1e-5, atol=1e-5)
+
+
+def test_any_keras_optimizer_joins_by_target_with_its_own_arguments():
+    cfg = compose_config(
+        [
+            "model=cnn_raw",
+            "optimizer._target_=keras.optimizers.AdamW",
+            "+optimizer.weight_decay=0.01",
+            "optimizer.lr=3e-4",
+        ]
+    )
+    adamw = optim.build(cfg.optimizer, 100)
+    assert type(adamw) is keras.optimizers.AdamW
+    assert (adamw.weight_decay, adamw.epsilon) == (0.01, 1e-8)
+    assert float(adamw.learning_rate) == pytest.approx(3e-4)
+
+
+def test_each_model_brings_its_tutorials_optimizer_unless_told_otherwise():
+    picked = {
+        name: (cfg.optimizer.name, cfg.optimizer.lr)
+        for name in ("softmax", "cnn_raw", "cnn_layers")
+        for cfg in [compose_config([f"model={name}"])]
+    }
+    assert picked == {
+        "softmax": ("sgd", 0.5),
+        "cnn_raw": ("adam", 1e-4),
+        "cnn_layers": ("sgd", 1e-3),
+    }
+    assert compose_config(["model=cnn_raw"]).optimizer.epsilon == 1e-8
+    chosen = compose_config(["model=cnn_layers", "optimizer=adam"]).optimizer
+    assert (chosen.name, chosen.lr) == ("adam", 1e-4)
+    assert compose_config(["model=cnn_layers", "optimizer.lr=0.2"]).optimizer.lr == 0.2
+
+
+def smoothed_cross_entropy(smoothing: float) -> keras.losses.Loss:
+    """A user's loss: cross-entropy against label-smoothed targets, named by `loss._target_`."""
+
+    def loss(labels, logits):
+        labels = keras.ops.cast(keras.ops.reshape(labels, (-1,)), "int32")
+        targets = keras.ops.one_hot(labels, logits.shape[-1])
+        return keras.losses.categorical_crossentropy(
+            targets, logits, from_logits=True, label_smoothing=smoothing
+        )
+
+    return loss
+
+
+def test_a_users_loss_joins_by_target(in_tmp_store):
+    from runner.train import train
+
+    from .conftest import QUICK, only_run
+
+    cfg = compose_config(
+        [
+            *QUICK,
+            "loss._target_=tests.test_models.smoothed_cross_entropy",
+            "~loss.from_logits",
+            "+loss.smoothing=0.1",
+        ]
+    )
+    final = train(cfg)
+    run = only_run(in_tmp_store)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["loss._target_"] == "tests.test_models.smoothed_cross_entropy"
+    assert final["test/accuracy"] > 0.5  # 30 steps learn with it
