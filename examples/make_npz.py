@@ -2,7 +2,7 @@
 coloured square in its own corner (or the centre) over noise.
 
 `uv run python make_npz.py shapes.npz` writes it as an .npz for `data=npz data.path=shapes.npz`;
-`data._target_=make_npz.load` has the runner call `load()` instead."""
+`data=loader data._target_=make_npz.load` has the runner call `load()` instead."""
 
 import sys
 

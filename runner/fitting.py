@@ -52,7 +52,7 @@ def fit(
         cfg.seed,
         start_step,
         plan.steps_per_execution,
-        logits=cfg.model.output == "logits",
+        logits=cfg.model.get("output", "logits") == "logits",
     )
     for callback in extra:
         if isinstance(callback, RunnerCallback):

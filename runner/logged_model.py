@@ -94,8 +94,17 @@ def reached_step(found: LoggedModel) -> int | None:
     return int(steps) if steps else None
 
 
-def outputs_probabilities(model: Any) -> bool:
-    """Whether the model ends in a softmax (model.output=probabilities) rather than logits."""
+def outputs_probabilities(found: LoggedModel) -> bool:
+    """Whether the model emits probabilities rather than logits: as its run's `model.output`
+    says, else (a model without a run) whether it ends in a softmax layer."""
     import keras
+    from omegaconf import OmegaConf
 
-    return isinstance(model.layers[-1], keras.layers.Softmax)
+    if found.run is not None:
+        try:
+            config = logged_config(found.run)
+        except UserError:  # a run logged by hand, without the runner's config.yaml
+            pass
+        else:
+            return OmegaConf.select(config, "model.output", default="logits") == "probabilities"
+    return isinstance(found.model.layers[-1], keras.layers.Softmax)

@@ -116,7 +116,7 @@ def predict(cfg: DictConfig) -> list[tuple[Path, int, np.ndarray]]:
     shape = tuple(found.model.inputs[0].shape[1:])
     batch = np.stack([pixels(i, p, shape, cfg.invert) for i, p in zip(images, paths, strict=True)])
     outputs = found.model.predict(batch, verbose=0)
-    if not logged_model.outputs_probabilities(found.model):
+    if not logged_model.outputs_probabilities(found):
         outputs = keras.ops.convert_to_numpy(keras.ops.softmax(outputs))
     return [(p, int(row.argmax()), row) for p, row in zip(paths, outputs, strict=True)]
 
