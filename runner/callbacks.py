@@ -193,6 +193,13 @@ class RunnerCallback(keras.callbacks.Callback):
     def attach(self, training: Training) -> None:
         """Called once, before training starts."""
 
+    def state(self) -> Any:
+        """What a checkpoint keeps of this callback (JSON), for `restore` on resuming."""
+        return None
+
+    def restore(self, state: Any) -> None:
+        """Take back what `state` gave, from the checkpoint a run resumes from."""
+
 
 class ProbabilityLogger(RunnerCallback):
     """The TF Layers guide's logging hook: every `every` steps, print the softmax probabilities
@@ -241,8 +248,10 @@ class EarlyStopping(RunnerCallback):
         self, monitor: str = "val/accuracy", patience_steps: int = 2000, min_delta: float = 0.0
     ):
         super().__init__()
-        if not monitor.startswith("val/"):
-            raise ValueError(f"monitor={monitor} must be a validation metric: val/loss, ...")
+        if monitor not in ("val/loss", "val/accuracy"):
+            raise ValueError(
+                f"monitor={monitor} must be a validation metric: val/loss or val/accuracy"
+            )
         if patience_steps <= 0 or min_delta < 0:
             raise ValueError(
                 f"patience_steps={patience_steps} must be positive and min_delta={min_delta} "
@@ -255,6 +264,12 @@ class EarlyStopping(RunnerCallback):
 
     def attach(self, training: Training) -> None:
         self.best_step = training.start_step
+
+    def state(self) -> dict[str, Any]:
+        return {"best": self.best, "best_step": self.best_step}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.best, self.best_step = state["best"], state["best_step"]
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         value = (logs or {}).get(f"val_{self.monitor[4:]}")

@@ -7,6 +7,7 @@ under a `.partial` name and renamed when complete, so a folder without that suff
 whole. The data position needs no saving: the batch order is a function of the seed and the step.
 """
 
+import hashlib
 import json
 import logging
 import shutil
@@ -17,7 +18,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from runner.callbacks import StepCounter
+from runner.callbacks import RunnerCallback, StepCounter, StopOnSignal
 from runner.errors import UserError
 from runner.models import register_custom_objects
 
@@ -46,6 +47,7 @@ RESUME_KEYS = (
     "trainer.eval_every",
     "device.deterministic",
     "device.precision",
+    "callbacks.",
 )
 
 
@@ -58,6 +60,10 @@ class Checkpoint:
     settings: dict[str, Any] = field(default_factory=dict)
     # The training metrics' variables mid-window, so that the resumed window averages all its steps.
     metric_state: list[Any] | None = None
+    # What each configured callback of the runner's keeps (RunnerCallback.state), by name.
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    # Whether a callback (early stopping) ended training here: the run is over.
+    stopped_early: bool = False
 
     def load_model(self) -> keras.Model:
         """The model as it was at `step`, compiled, with its optimizer and dropout state."""
@@ -69,10 +75,10 @@ class Checkpoint:
         return model
 
 
-def resume_point(cfg: Any, mode: str) -> Checkpoint:
+def resume_point(cfg: Any, mode: str, digests: dict[str, str]) -> Checkpoint:
     """The checkpoint `trainer.resume=<mode>` carries on from, or a clear error if there is none
     or if `cfg` differs from its run's settings: `true` must match them all, `extend` may raise
-    trainer.steps."""
+    trainer.steps. `digests` are the data's (`Splits.digests`), which must be the run's too."""
     directory = Path(cfg.trainer.checkpoint_dir)
     found = latest(directory)
     if found is None:
@@ -80,7 +86,12 @@ def resume_point(cfg: Any, mode: str) -> Checkpoint:
             f"trainer.resume={mode} but {directory.resolve()} holds no complete checkpoint: pass "
             f"the interrupted run's folder, hydra.run.dir=outputs/<date>/<time>"
         )
-    _check_settings(found, settings(cfg), mode)
+    _check_settings(found, settings(cfg, digests), mode)
+    if found.stopped_early:
+        raise UserError(
+            f"the checkpoint in {directory} is where a callback stopped the run early, at step "
+            f"{found.step}: the run is over; start a new run to train again"
+        )
     if found.step >= cfg.trainer.steps:
         raise UserError(
             f"the checkpoint in {directory} is at step {found.step}, the run's last: nothing is "
@@ -90,18 +101,21 @@ def resume_point(cfg: Any, mode: str) -> Checkpoint:
     return found
 
 
-def settings(cfg: Any) -> dict[str, Any]:
-    """`cfg`'s RESUME_KEYS, resolved and flattened."""
+def settings(cfg: Any, digests: dict[str, str]) -> dict[str, Any]:
+    """`cfg`'s RESUME_KEYS, resolved and flattened, and a digest of the data's arrays: any
+    loader's keys may change the data, which this catches whatever they are."""
     from omegaconf import OmegaConf
 
     from runner.tracking import flatten
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    return {
+    chosen = {
         key: value
         for key, value in flatten(resolved)
         if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_KEYS)
     }
+    data = hashlib.sha256("".join(digests[k] for k in sorted(digests)).encode()).hexdigest()
+    return {**chosen, "data.sha256": data[:16]}
 
 
 def _check_settings(checkpoint: Checkpoint, now: dict[str, Any], mode: str) -> None:
@@ -151,6 +165,8 @@ def save(
     keep: int,
     run_settings: dict[str, Any],
     metric_state: list[Any] | None = None,
+    callbacks: dict[str, Any] | None = None,
+    stopped_early: bool = False,
 ) -> Checkpoint:
     """Write a checkpoint atomically, then drop all but the newest `keep`."""
     final = directory / f"{_PREFIX}{step:07d}"
@@ -164,13 +180,17 @@ def save(
         "seed_states": [keras.ops.convert_to_numpy(v).tolist() for v in _seed_states(model)],
         "settings": run_settings,
         "metric_state": metric_state,
+        "callbacks": callbacks or {},
+        "stopped_early": stopped_early,
     }
     (partial / "state.json").write_text(json.dumps(state))
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
     for old in sorted(_complete(directory), key=lambda c: c.step)[:-keep]:
         shutil.rmtree(old.path)
-    return Checkpoint(final, step, run_id, run_settings, metric_state)
+    return Checkpoint(
+        final, step, run_id, run_settings, metric_state, callbacks or {}, stopped_early
+    )
 
 
 def _complete(directory: Path) -> list[Checkpoint]:
@@ -186,6 +206,8 @@ def _complete(directory: Path) -> list[Checkpoint]:
                     saved["run_id"],
                     saved.get("settings", {}),
                     saved.get("metric_state"),
+                    saved.get("callbacks", {}),
+                    saved.get("stopped_early", False),
                 )
             )
     return found
@@ -202,7 +224,9 @@ class Checkpointer(keras.callbacks.Callback):
     """Saves a checkpoint every `every` steps, at the last step and where training was stopped,
     after flushing `recorder`'s metrics to MLflow, so a resumed run neither loses nor repeats a
     logged step. A stop inside a logging window of `window` steps also saves the training
-    metrics' running sums, taken before Keras's validation resets them."""
+    metrics' running sums, taken before Keras's validation resets them; each of `callbacks`
+    (the configured ones of the runner's, by name) saves its state; a stop that no signal
+    (`stop`) asked for is recorded as an early stop, which ends the run."""
 
     def __init__(
         self,
@@ -214,11 +238,14 @@ class Checkpointer(keras.callbacks.Callback):
         counter: StepCounter,
         window: int,
         run_settings: dict[str, Any],
+        callbacks: dict[str, RunnerCallback],
+        stop: StopOnSignal,
     ):
         super().__init__()
         self.directory, self.every, self.last = directory, every, last
         self.recorder, self.keep, self.counter = recorder, keep, counter
         self.window, self.run_settings = window, run_settings
+        self.callbacks, self.stop = callbacks, stop
         self.metric_state: list[Any] | None = None
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
@@ -239,6 +266,8 @@ class Checkpointer(keras.callbacks.Callback):
                 self.keep,
                 self.run_settings,
                 self.metric_state,
+                {name: callback.state() for name, callback in self.callbacks.items()},
+                stopped_early=self.model.stop_training and not self.stop.received,
             )
 
 
@@ -246,9 +275,10 @@ class RestoreMetrics(keras.callbacks.Callback):
     """Puts a checkpoint's mid-window metric sums back after Keras resets the metrics at the
     start of the resumed window, so that window's average covers all its steps, as unresumed."""
 
-    def __init__(self, state: list[Any]):
+    def __init__(self, state: list[Any], num_classes: int):
         super().__init__()
         self.state: list[Any] | None = state
+        self.num_classes = num_classes
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         """Create the compiled metrics' variables, which Keras creates only when it traces the
@@ -256,9 +286,8 @@ class RestoreMetrics(keras.callbacks.Callback):
         dummy example, which the epoch's reset undoes."""
         if all(metric.variables for metric in self.model.metrics):
             return
-        outputs = self.model.outputs[0].shape[-1]
         self.model.compute_metrics(
-            None, np.zeros((1,), "int32"), np.zeros((1, outputs), "float32"), None
+            None, np.zeros((1,), "int32"), np.zeros((1, self.num_classes), "float32"), None
         )
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:

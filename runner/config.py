@@ -1,13 +1,12 @@
 """Structured-config schemas: the types of the runner's own keys, so a typo fails before training.
 
 The values live in the YAML files under `conf/`; these dataclasses only say what keys exist
-and of which type. `trainer`, `device` and `tracking` are the runner's alone and typed whole
-(each option's YAML names its schema first in its defaults list, `- /trainer_schema@_here_`).
-`model`, `optimizer`, `loss`, `data` and `callbacks` name a `_target_` whose own keys only it
-knows: `runner.targets` checks those against its signature, and `check_config` types the few
-keys of theirs that the runner reads (`ModelKeys`, ...). The schemas are stored as root-level
-configs, not in groups of their own: `runner --help` lists every group, and users must see only
-those they pick from.
+and of which type. `trainer`, `device` and `tracking` are the runner's alone and typed whole by
+`Config`. `model`, `optimizer`, `loss`, `data` and `callbacks` name a `_target_` whose own keys
+only it knows: `runner.targets` checks those against its signature, and `check_config` types
+the few keys of theirs that the runner reads (`ModelKeys`, ...). The schemas are stored as
+root-level configs, not in groups of their own: `runner --help` lists every group, and users
+must see only those they pick from.
 """
 
 from dataclasses import dataclass, field, fields
@@ -160,7 +159,6 @@ def register_configs() -> None:
     cs.store(name="config_schema", node=Config)
     cs.store(name="evaluate_schema", node=EvaluateConf)
     cs.store(name="predict_schema", node=PredictConf)
-    cs.store(name="trainer_schema", node=TrainerConf)
 
 
 def runner_keys(node: Any, schema: type, path: str) -> Any:
@@ -195,6 +193,14 @@ def check_config(cfg: Any) -> None:
     d = runner_keys(cfg.data, DataKeys, "data")
     _check_missing(cfg)
     t = cfg.trainer
+    try:
+        t.checkpoint_dir  # noqa: B018  (resolving it is the check)
+    except OmegaConfBaseException as error:
+        raise UserError(
+            f"trainer.checkpoint_dir cannot be resolved outside a `runner` command "
+            f"({str(error).splitlines()[0]}): compose the config with runner.train.compose, or "
+            f"set trainer.checkpoint_dir=DIR"
+        ) from None
     for key, value in {
         "trainer.steps": t.steps,
         "trainer.log_every": t.log_every,

@@ -135,6 +135,8 @@ def _images(x: np.ndarray, where: str) -> np.ndarray:
 
 
 def _labels(y: np.ndarray, where: str) -> np.ndarray:
+    if y.ndim == 2 and y.shape[1] == 1:  # keras.datasets' CIFAR sets store labels as (N, 1)
+        y = y[:, 0]
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise UserError(
             f"{where} has shape {y.shape} and type {y.dtype}: expected integer class labels "

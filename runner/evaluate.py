@@ -1,4 +1,4 @@
-"""`runner-eval`: a logged model's loss and accuracy on the MNIST test set, like the TF Layers
+"""`runner-eval`: a logged model's loss and accuracy on its data's test set, like the TF Layers
 guide's `evaluate()`. Usage: `uv run runner-eval run_id=<run id>` or `model_uri=models:/<id>`."""
 
 from typing import Any

@@ -31,15 +31,16 @@ def fit(
     recorder: Any,
     plan: Plan,
     resumed: Checkpoint | None = None,
-    extra: list[Any] = (),
+    extra: dict[str, Any] | None = None,
 ) -> int:
     """Train from the `resumed` checkpoint's step (else 0) to `trainer.steps`, with the
-    configured `extra` callbacks after the runner's own; validate every `eval_every` steps and
-    after the last one; checkpoint every `checkpoint_every` steps, after the last one and on
-    SIGINT or SIGTERM, which then raise `Interrupted`. Each step trains on `data.batch_size`
-    examples per replica. Metrics are logged only for whole windows, so a run stopped and
-    resumed logs the same history as one left alone. Returns the step training ended at, which
-    a callback that stops training (early stopping) puts before `trainer.steps`."""
+    configured `extra` callbacks (by name) among the runner's own; validate every `eval_every`
+    steps and after the last one; checkpoint every `checkpoint_every` steps, after the last one
+    and on SIGINT or SIGTERM, which then raise `Interrupted`. Each step trains on
+    `data.batch_size` examples per replica. Metrics are logged only for whole windows, so a run
+    stopped and resumed logs the same history as one left alone. Returns the step training
+    ended at, which a callback that stops training (early stopping) puts before
+    `trainer.steps`."""
     trainer = cfg.trainer
     start_step = resumed.step if resumed else 0
     batch = cfg.data.batch_size * plan.replicas
@@ -54,16 +55,19 @@ def fit(
         plan.steps_per_execution,
         logits=cfg.model.get("output", "logits") == "logits",
     )
-    for callback in extra:
-        if isinstance(callback, RunnerCallback):
-            callback.attach(training)
+    extra = extra or {}
+    own = {name: c for name, c in extra.items() if isinstance(c, RunnerCallback)}
+    for name, callback in own.items():
+        callback.attach(training)
+        if resumed and resumed.callbacks.get(name) is not None:
+            callback.restore(resumed.callbacks[name])
     callbacks = [
         counter,  # first: the others read the step it counts
         Throughput(batch, plan.steps_per_execution),  # adds to the logs the others see
         MlflowMetrics(recorder, counter, trainer.log_every),
         StopOnNonFiniteLoss(),
         stop,
-        *extra,  # before the checkpointer, which saves where one of them stops training
+        *extra.values(),  # before the checkpointer, which saves where one stops training
         Checkpointer(
             folder,
             trainer.checkpoint_every,
@@ -72,11 +76,13 @@ def fit(
             trainer.keep_checkpoints,
             counter,
             trainer.log_every,
-            checkpoints.settings(cfg),
+            checkpoints.settings(cfg, splits.digests),
+            own,
+            stop,
         ),
     ]
     if resumed and resumed.metric_state is not None:
-        callbacks.append(RestoreMetrics(resumed.metric_state))
+        callbacks.append(RestoreMetrics(resumed.metric_state, splits.num_classes))
     if trainer.progress_bar:
         callbacks.append(StepProgbar(trainer.steps, counter))
     aligned = min(-(-start_step // trainer.log_every) * trainer.log_every, trainer.steps)
@@ -105,20 +111,22 @@ def fit(
     return reached
 
 
-def configured_callbacks(cfg: Any) -> list[Any]:
-    """The callbacks the `callbacks` group adds to the runner's own, built by their `_target_`."""
+def configured_callbacks(cfg: Any) -> dict[str, Any]:
+    """The callbacks the `callbacks` group adds to the runner's own, built by their `_target_`,
+    by name."""
     from runner import targets
 
-    return [
-        targets.build(node, f"callbacks.{name}") for name, node in (cfg.callbacks or {}).items()
-    ]
+    return {
+        name: targets.build(node, f"callbacks.{name}")
+        for name, node in (cfg.callbacks or {}).items()
+    }
 
 
-def intervals(trainer: Any, callbacks: list[Any]) -> list[int]:
+def intervals(trainer: Any, callbacks: dict[str, Any]) -> list[int]:
     """The step counts something acts on: logging, validating, checkpointing, and each
     callback's `interval`; steps_per_execution=auto divides them all."""
     own = [trainer.log_every, trainer.eval_every, trainer.checkpoint_every]
-    return own + [c.interval for c in callbacks if getattr(c, "interval", None)]
+    return own + [c.interval for c in callbacks.values() if getattr(c, "interval", None)]
 
 
 def _how_to_resume(checkpoints: Path) -> str:

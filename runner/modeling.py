@@ -27,8 +27,13 @@ def build(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Any:
         raise UserError(
             f"model: {cfg._target_} returned a {type(model).__name__}, not a keras.Model"
         )
-    shape = tuple(model.outputs[0].shape) if model.outputs else None
-    if shape is None or len(shape) != 2 or shape[-1] != num_classes:
+    if getattr(model, "optimizer", None) is not None:
+        raise UserError(
+            f"model: {cfg._target_} returned a compiled model: return it uncompiled, and choose "
+            f"its optimizer and loss with optimizer= and loss="
+        )
+    shape = _output_shape(model, cfg._target_, input_shape)
+    if len(shape) != 2 or shape[-1] != num_classes:
         raise UserError(
             f"model: {cfg._target_} built a model whose output has shape {shape}, not "
             f"(batch, {num_classes}): one value for each of the data's {num_classes} classes"
@@ -36,14 +41,32 @@ def build(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Any:
     return model
 
 
-def compiled(model: Any, cfg: Any, plan: Any) -> Any:
+def _output_shape(model: Any, target: str, input_shape: tuple[int, ...]) -> tuple:
+    """The shape of the model's output: a functional model knows it; a subclassed one, or a
+    Sequential without an Input, tells it by running one example of zeros."""
+    import numpy as np
+
+    try:
+        return tuple(model.outputs[0].shape)
+    except (AttributeError, IndexError, TypeError):
+        pass
+    try:
+        return tuple(model(np.zeros((1, *input_shape), "float32"), training=False).shape)
+    except Exception as error:
+        text = str(error).strip()
+        raise UserError(
+            f"model: the model {target} built fails on one input of shape "
+            f"{(1, *input_shape)}: {type(error).__name__}: {text.splitlines()[0] if text else ''}"
+        ) from None
+
+
+def compiled(model: Any, cfg: Any, plan: Any, resumed: bool = False) -> Any:
     """`model` compiled as `plan` says, with the configured optimizer and loss, measuring
-    accuracy; a model loaded from a checkpoint keeps its optimizer and so its state."""
+    accuracy; a model `resumed` from a checkpoint keeps its optimizer and so its state."""
     import keras
 
     model.compile(
-        optimizer=getattr(model, "optimizer", None)
-        or optim.build(cfg.optimizer, cfg.trainer.steps),
+        optimizer=model.optimizer if resumed else optim.build(cfg.optimizer, cfg.trainer.steps),
         loss=targets.build(cfg.loss, "loss", ("expects",)),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=plan.jit_compile,

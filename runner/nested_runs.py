@@ -64,6 +64,9 @@ class NestedRuns(Callback):
             json.dumps(
                 {
                     "parent_run_id": self.parent_run_id,
+                    # The jobs record here too, whatever their own data (and so default
+                    # experiment name) is: a sweep's runs stay in one experiment.
+                    "experiment_name": config.tracking.experiment_name,
                     "fixed": _fixed_keys(list(config.hydra.overrides.task)),
                 }
             )

@@ -57,11 +57,18 @@ def pixels(image: Any, path: Path, shape: tuple[int, ...], invert: bool) -> np.n
     warning, as its class means nothing."""
     from PIL import Image
 
-    if len(shape) == 1:
-        side = int(round(shape[0] ** 0.5))
+    if len(shape) == 1:  # flat rows of a square grey image, as models logged before H x W x C
+        side = int(round((shape[0] or 0) ** 0.5))
+        if side * side != shape[0]:
+            raise UserError(
+                f"the model takes flat inputs of {shape[0]} values, not a square grey image: "
+                f"runner-predict cannot lay a PNG out for it"
+            )
         height, width, channels = side, side, 1
-    else:
+    elif len(shape) == 3:
         height, width, channels = shape
+    else:
+        raise UserError(f"the model takes inputs of shape {shape}, not images (H, W, C)")
     if channels not in (1, 3):
         raise UserError(
             f"the model takes images of {channels} channels; runner-predict reads grey (1) or "
@@ -75,9 +82,11 @@ def pixels(image: Any, path: Path, shape: tuple[int, ...], invert: bool) -> np.n
                 converted, invert = alpha, False
     else:
         converted = image.convert("RGB")
-    if converted.size != (width, height):
-        converted = converted.resize((width, height), Image.Resampling.BOX)
-    values = np.asarray(converted, dtype=np.float32).reshape(shape) / 255.0
+    size = (width or converted.width, height or converted.height)  # None: any size it takes
+    if converted.size != size:
+        converted = converted.resize(size, Image.Resampling.BOX)
+    values = np.asarray(converted, dtype=np.float32) / 255.0
+    values = values.reshape(shape if len(shape) == 1 else (size[1], size[0], channels))
     if values.min() == values.max():
         log.warning("warning: %s is blank (every pixel alike): its class means nothing", path)
     return 1.0 - values if invert else values
@@ -114,8 +123,11 @@ def predict(cfg: DictConfig) -> list[tuple[Path, int, np.ndarray]]:
 
     found = logged_model.load(cfg.run_id, cfg.model_uri)
     shape = tuple(found.model.inputs[0].shape[1:])
-    batch = np.stack([pixels(i, p, shape, cfg.invert) for i, p in zip(images, paths, strict=True)])
-    outputs = found.model.predict(batch, verbose=0)
+    inputs = [pixels(i, p, shape, cfg.invert) for i, p in zip(images, paths, strict=True)]
+    if len({x.shape for x in inputs}) == 1:
+        outputs = found.model.predict(np.stack(inputs), verbose=0)
+    else:  # a model of any image size, given images of several sizes: one at a time
+        outputs = np.concatenate([found.model.predict(x[np.newaxis], verbose=0) for x in inputs])
     if not logged_model.outputs_probabilities(found):
         outputs = keras.ops.convert_to_numpy(keras.ops.softmax(outputs))
     return [(p, int(row.argmax()), row) for p, row in zip(paths, outputs, strict=True)]

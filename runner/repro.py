@@ -116,7 +116,14 @@ def rerun(run_id: str, tracking_uri: str, overrides: list[str]) -> tuple[Any, An
         logged = mlflow.artifacts.load_text(f"{original.info.artifact_uri}/config.yaml")
     except MlflowException as error:
         raise UserError(f"cannot read run {run_id} in {tracking_uri}: {error.message}") from None
-    cfg = overridden(OmegaConf.create(logged), overrides, run_id)
+    logged_cfg = OmegaConf.create(logged)
+    if OmegaConf.select(logged_cfg, "model._target_") is None:
+        commit = original.data.tags.get("git_commit", "its git_commit tag")
+        raise UserError(
+            f"run {run_id} was recorded by an older runner, whose config names no "
+            f"model._target_: rerun it with the runner of its commit, {commit}"
+        )
+    cfg = overridden(logged_cfg, overrides, run_id)
     cfg.tracking.uri = tracking_uri
     # A fresh folder, so the rerun neither resumes from nor overwrites the original's checkpoints.
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")

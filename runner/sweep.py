@@ -26,6 +26,8 @@ class SweepJob:
     parent_run_id: str
     # "#NUM" and the overrides that set this job apart from the rest of the sweep.
     name: str
+    # The parent's experiment, which the job's run joins.
+    experiment_name: str
 
 
 def current_job() -> SweepJob | None:
@@ -38,7 +40,8 @@ def current_job() -> SweepJob | None:
         return None
     sweep = json.loads(path.read_text())
     own = [o for o in hydra.overrides.task if o.split("=", 1)[0] not in sweep["fixed"]]
-    return SweepJob(sweep["parent_run_id"], " ".join([f"#{hydra.job.num}", *own])[:250])
+    name = " ".join([f"#{hydra.job.num}", *own])[:250]
+    return SweepJob(sweep["parent_run_id"], name, sweep["experiment_name"])
 
 
 def in_multirun() -> bool:

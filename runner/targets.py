@@ -87,8 +87,16 @@ def build(
         raise
     except Exception as error:
         cause = error.__cause__ if _is_hydra_wrapper(error) and error.__cause__ else error
+        message = _first_line(cause)
+        # A target that takes **kwargs refuses unknown keys only when called (Keras's classes).
+        hint = (
+            f"; {path}'s keys all go to its _target_: remove one with ~{path}.KEY, or start "
+            f"from an option whose keys it takes"
+            if "not recognized" in message or "unexpected keyword" in message
+            else ""
+        )
         raise UserError(
-            f"{path}: {node._target_} raised {type(cause).__name__}: {_first_line(cause)}"
+            f"{path}: {node._target_} raised {type(cause).__name__}: {message}{hint}"
         ) from None
 
 

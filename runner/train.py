@@ -40,8 +40,11 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
     check_config(cfg)
     from runner import tracking
 
+    job = sweep.current_job()  # a sweep's job records into its parent's experiment
     # Before minutes of training: a store that cannot record is told at once.
-    tracking.open_store(cfg.tracking.uri, cfg.tracking.experiment_name)
+    tracking.open_store(
+        cfg.tracking.uri, job.experiment_name if job else cfg.tracking.experiment_name
+    )
     from runner.tensorflow_logs import load_tensorflow
 
     load_tensorflow()  # before anything else imports it
@@ -65,7 +68,7 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
     start_clean(cfg.seed, cfg.device.deterministic, plan.precision)
     splits = data.load(cfg.data)
     mode = resume_mode(cfg.trainer)
-    resumed = checkpoints.resume_point(cfg, mode) if mode != "false" else None
+    resumed = checkpoints.resume_point(cfg, mode, splits.digests) if mode != "false" else None
     check_resumable(resumed.step if resumed else 0, plan)
     # trainer.resume=extend with more steps: a new run, as MLflow's params cannot change.
     extends = resumed is not None and resumed.settings.get("trainer.steps") != cfg.trainer.steps
@@ -80,7 +83,7 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
     with (
         terminate_as_interrupt(),
         tracking.mlflow_run(
-            cfg, splits, run_tags, resumed and resumed.run_id, sweep.current_job(), extends
+            cfg, splits, run_tags, resumed and resumed.run_id, job, extends
         ) as recorder,
     ):
         reached = fit(model, splits, cfg, recorder, plan, resumed, callbacks)

@@ -1,10 +1,14 @@
 """The step counter agrees with the optimizer's own count, which it saves reading every window,
 and the progress bar shows the steps it counts."""
 
+import json
+
 import keras
 import numpy as np
+import pytest
 
 from runner.callbacks import StepCounter, StepProgbar, optimizer_step
+from runner.errors import UserError
 
 
 class CompareWithOptimizer(keras.callbacks.Callback):
@@ -56,18 +60,16 @@ def test_early_stopping_ends_the_run_at_the_step_it_stopped(in_tmp_store):
 
     from .conftest import QUICK, compose_config, only_run, store_client
 
-    cfg = compose_config(
-        [
-            *QUICK,
-            "callbacks=early_stopping",
-            "callbacks.early_stopping.patience_steps=20",
-            "trainer.steps=100",
-            "trainer.eval_every=10",
-            "optimizer.lr=1e-12",
-            f"trainer.checkpoint_dir={in_tmp_store / 'checkpoints'}",
-        ]
-    )
-    train(cfg)
+    overrides = [
+        *QUICK,
+        "callbacks=early_stopping",
+        "callbacks.early_stopping.patience_steps=20",
+        "trainer.steps=100",
+        "trainer.eval_every=10",
+        "optimizer.lr=1e-12",
+        f"trainer.checkpoint_dir={in_tmp_store / 'checkpoints'}",
+    ]
+    train(compose_config(overrides))
     run = only_run(in_tmp_store)
     client = store_client(in_tmp_store)
     assert run.info.status == "FINISHED"
@@ -75,7 +77,15 @@ def test_early_stopping_ends_the_run_at_the_step_it_stopped(in_tmp_store):
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert steps == [10, 20, 30]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "test/accuracy")] == [30]
-    assert [p.name for p in (in_tmp_store / "checkpoints").iterdir()] == ["step-0000030"]
+    [checkpoint] = (in_tmp_store / "checkpoints").iterdir()
+    assert checkpoint.name == "step-0000030"
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert state["stopped_early"] is True
+    assert state["callbacks"]["early_stopping"]["best_step"] == 10
+    # The run is over: resuming it is refused, naming why, before anything trains.
+    with pytest.raises(UserError, match="a callback stopped the run early, at step 30"):
+        train(compose_config([*overrides, "trainer.resume=true"]))
+    assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
 def test_any_keras_callback_joins_by_target(in_tmp_store):
@@ -99,7 +109,7 @@ def test_any_keras_callback_joins_by_target(in_tmp_store):
 
 
 def test_a_callback_that_does_not_build_is_one_line_and_no_run(in_tmp_store, mnist_dir):
-    from .conftest import QUICK, cli
+    from .conftest import QUICK, cli, store_client
 
     result = cli(
         "runner",
@@ -116,6 +126,5 @@ def test_a_callback_that_does_not_build_is_one_line_and_no_run(in_tmp_store, mni
     )
     assert "monitor=train/loss must be a validation metric" in line
     assert "Traceback" not in result.stderr
-    assert not (in_tmp_store / "mlflow.db").exists() or not list(
-        (in_tmp_store / "mlruns").glob("*/*/meta.yaml")
-    )
+    client = store_client(in_tmp_store)
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []

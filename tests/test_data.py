@@ -811,3 +811,54 @@ def test_training_dataset_is_endless_across_epochs(indexed_split):
 def test_training_dataset_batch_larger_than_split(indexed_split):
     with pytest.raises(UserError, match=r"batch of 61 examples \(data\.batch_size times .* 60 "):
         training_dataset(indexed_split, 61, seed=0)
+
+
+# --------------------------------------------------------------------------- npz and loaders
+
+
+def write_npz(path: Path, **arrays: np.ndarray) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+def npz_cfg(path: Path) -> object:
+    return compose(["data=npz", f"data.path={path}", "data.validation_size=2"]).data
+
+
+def test_npz_of_cifar_layout_loads_with_labels_of_shape_n_by_1(tmp_path):
+    """keras.datasets' CIFAR sets store labels as (N, 1); float images are kept as they are."""
+    rng = np.random.default_rng(0)
+    path = write_npz(
+        tmp_path / "cifar_like.npz",
+        x_train=rng.random((8, 6, 5, 3), dtype=np.float32),
+        y_train=np.array([[0], [1], [2], [0], [1], [2], [0], [1]]),
+        x_test=rng.random((4, 6, 5, 3), dtype=np.float32),
+        y_test=np.array([[2], [1], [0], [1]]),
+    )
+    splits = load(npz_cfg(path))
+    assert (splits.input_shape, splits.num_classes) == ((6, 5, 3), 3)
+    assert splits.train.y.tolist() == [2, 0, 1, 2, 0, 1]
+    assert splits.test.x.max() < 1.0 and splits.test.x.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"y_train": np.zeros(8, np.float32)}, "y_train has shape (8,) and type float32"),
+        ({"y_test": -np.ones(4, np.int64)}, "y_test holds the label -1"),
+        ({"x_test": np.zeros((4, 7, 7), np.uint8)}, "training images are (6, 6, 1) but test"),
+        ({"x_train": np.zeros((8, 36), np.uint8)}, "x_train has shape (8, 36)"),
+        ({"y_train": np.zeros(7, np.int64)}, "x_train holds 8 examples but y_train 7"),
+    ],
+)
+def test_npz_arrays_that_cannot_train_are_refused_naming_them(tmp_path, arrays, message):
+    good = {
+        "x_train": np.zeros((8, 6, 6), np.uint8),
+        "y_train": np.zeros(8, np.int64),
+        "x_test": np.zeros((4, 6, 6), np.uint8),
+        "y_test": np.zeros(4, np.int64),
+    }
+    path = write_npz(tmp_path / "bad.npz", **{**good, **arrays})
+    with pytest.raises(UserError) as error:
+        load(npz_cfg(path))
+    assert message in str(error.value)

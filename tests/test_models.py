@@ -225,3 +225,61 @@ def test_a_users_loss_joins_by_target(in_tmp_store):
     assert run.info.status == "FINISHED"
     assert run.data.params["loss._target_"] == "tests.test_models.smoothed_cross_entropy"
     assert final["test/accuracy"] > 0.5  # 30 steps learn with it
+
+
+class Subclassed(keras.Model):
+    """A model written as a subclass, whose output shape Keras knows only once it has run."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.flatten, self.dense = keras.layers.Flatten(), keras.layers.Dense(num_classes)
+
+    def call(self, x):
+        return self.dense(self.flatten(x))
+
+
+def subclassed(input_shape, num_classes):
+    return Subclassed(num_classes)
+
+
+def sequential_without_input(input_shape, num_classes):
+    return keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(num_classes)])
+
+
+def too_few_outputs(input_shape, num_classes):
+    return keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(num_classes - 1)])
+
+
+def compiled_already(input_shape, num_classes):
+    model = sequential_without_input(input_shape, num_classes)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    return model
+
+
+@pytest.mark.parametrize("builder", ["subclassed", "sequential_without_input"])
+def test_a_model_of_any_keras_kind_builds(builder):
+    from omegaconf import OmegaConf
+
+    model = modeling.build(
+        OmegaConf.create({"_target_": f"tests.test_models.{builder}"}), (12, 12, 3), 5
+    )
+    assert tuple(model(np.zeros((2, 12, 12, 3), np.float32)).shape) == (2, 5)
+
+
+@pytest.mark.parametrize(
+    ("builder", "message"),
+    [
+        ("too_few_outputs", "output has shape (1, 4), not (batch, 5)"),
+        ("compiled_already", "returned a compiled model: return it uncompiled"),
+    ],
+)
+def test_a_model_the_runner_cannot_train_is_refused(builder, message):
+    from omegaconf import OmegaConf
+
+    from runner.errors import UserError
+
+    with pytest.raises(UserError) as error:
+        modeling.build(
+            OmegaConf.create({"_target_": f"tests.test_models.{builder}"}), (12, 12, 3), 5
+        )
+    assert message in str(error.value)

@@ -124,3 +124,21 @@ def test_environment_differences_name_the_dotted_key():
     a = {"packages": {"keras": "3.15.1", "numpy": "2.4"}, "cpu": "x"}
     b = {"packages": {"keras": "3.16.0", "numpy": "2.4"}, "cpu": "x"}
     assert environment_differences(a, b) == [("packages.keras", "3.15.1", "3.16.0")]
+
+
+def test_repro_of_a_run_of_an_older_layout_says_so(tmp_path):
+    """A run whose logged config predates models named by `_target_` cannot be rerun by this
+    runner: one line says which commit can, before anything trains."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run() as run:
+        mlflow.set_tag("git_commit", "b0ad1bd")
+        mlflow.log_text("model:\n  name: softmax\ntracking_uri: x\n", "config.yaml")
+    with pytest.raises(UserError) as error:
+        rerun(run.info.run_id, uri, [])
+    assert str(error.value) == (
+        f"run {run.info.run_id} was recorded by an older runner, whose config names no "
+        f"model._target_: rerun it with the runner of its commit, b0ad1bd"
+    )

@@ -161,3 +161,19 @@ def test_mlflow_ui_shows_the_sweep_in_chromium(grid, mlflow_ui, tmp_path):
             browser.close()
     assert shown == {round(c.data.metrics["val/accuracy"], 4) for c in children}
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_sweep_over_data_keeps_its_runs_in_one_experiment(tmp_path, mnist_dir):
+    """Runs are recorded in the experiment named after their data unless in a sweep, whose jobs
+    join their parent's experiment, whatever data each trains on: else the parent's summary
+    would miss them."""
+    short = ["trainer.steps=10", "trainer.log_every=10", "trainer.eval_every=10"]
+    result = cli(
+        "runner", "-m", *QUICK, *short, "data.name=mnist,digits", cwd=tmp_path, mnist_dir=mnist_dir
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = store_client(tmp_path)
+    assert client.get_experiment_by_name("digits") is None
+    parent, children = sweep_runs(tmp_path)
+    assert sorted(c.data.params["data.name"] for c in children) == ["digits", "mnist"]
+    assert "best/val/accuracy" in parent.data.metrics
