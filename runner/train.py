@@ -78,7 +78,7 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
             if resumed
             else modeling.build(cfg.model, splits.input_shape, splits.num_classes)
         )
-        modeling.compiled(model, cfg, plan)
+        modeling.compiled(model, cfg, plan, resumed=resumed is not None)
     run_tags = {**found.tags(), **plan.tags(), **(tags or {})}
     with (
         terminate_as_interrupt(),

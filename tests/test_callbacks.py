@@ -62,6 +62,7 @@ def test_early_stopping_ends_the_run_at_the_step_it_stopped(in_tmp_store):
 
     overrides = [
         *QUICK,
+        f"tracking.uri=sqlite:///{in_tmp_store}/mlflow.db",  # MLflow caches a relative one
         "callbacks=early_stopping",
         "callbacks.early_stopping.patience_steps=20",
         "trainer.steps=100",
@@ -98,6 +99,7 @@ def test_any_keras_callback_joins_by_target(in_tmp_store):
     cfg = compose_config(
         [
             *QUICK,
+            f"tracking.uri=sqlite:///{in_tmp_store}/mlflow.db",
             "+callbacks.csv._target_=keras.callbacks.CSVLogger",
             f"+callbacks.csv.filename={log}",
         ]

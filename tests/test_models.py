@@ -215,6 +215,7 @@ def test_a_users_loss_joins_by_target(in_tmp_store):
     cfg = compose_config(
         [
             *QUICK,
+            f"tracking.uri=sqlite:///{in_tmp_store}/mlflow.db",  # MLflow caches a relative one
             "loss._target_=tests.test_models.smoothed_cross_entropy",
             "~loss.from_logits",
             "+loss.smoothing=0.1",

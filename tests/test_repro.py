@@ -129,16 +129,16 @@ def test_environment_differences_name_the_dotted_key():
 def test_repro_of_a_run_of_an_older_layout_says_so(tmp_path):
     """A run whose logged config predates models named by `_target_` cannot be rerun by this
     runner: one line says which commit can, before anything trains."""
-    import mlflow
+    from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run() as run:
-        mlflow.set_tag("git_commit", "b0ad1bd")
-        mlflow.log_text("model:\n  name: softmax\ntracking_uri: x\n", "config.yaml")
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("old", artifact_location=str(tmp_path / "mlruns"))
+    run_id = client.create_run(experiment, tags={"git_commit": "b0ad1bd"}).info.run_id
+    client.log_text(run_id, "model:\n  name: softmax\ntracking_uri: x\n", "config.yaml")
     with pytest.raises(UserError) as error:
-        rerun(run.info.run_id, uri, [])
+        rerun(run_id, uri, [])
     assert str(error.value) == (
-        f"run {run.info.run_id} was recorded by an older runner, whose config names no "
+        f"run {run_id} was recorded by an older runner, whose config names no "
         f"model._target_: rerun it with the runner of its commit, b0ad1bd"
     )
