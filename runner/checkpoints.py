@@ -130,7 +130,7 @@ def _check_settings(checkpoint: Checkpoint, now: dict[str, Any], mode: str) -> N
                 f"trainer.resume=extend needs trainer.steps above the checkpoint's step "
                 f"{checkpoint.step}, not {now['trainer.steps']}"
             )
-        if now.get("optimizer.schedule") != "constant":
+        if now.get("optimizer.schedule", "constant") != "constant":
             raise UserError(
                 f"trainer.resume=extend cannot lengthen optimizer.schedule="
                 f"{now.get('optimizer.schedule')}: its rate reaches 0 at the run's "

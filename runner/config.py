@@ -184,6 +184,7 @@ def _message(error: OmegaConfBaseException) -> str:
 
 def check_config(cfg: Any) -> None:
     """Reject values the types allow but training cannot use, naming the key and a fix."""
+    _check_known_keys(cfg)
     for path in ("model", "optimizer", "loss", "data"):
         if not OmegaConf.is_dict(cfg.get(path)):
             raise UserError(f"{path} is not set: pick an option, {path}=NAME (see runner --help)")
@@ -247,6 +248,34 @@ def check_config(cfg: Any) -> None:
             f"choose one of {', '.join(RESULT_METRICS)}"
         )
     _check_data(d, cfg.data)
+
+
+def _check_known_keys(cfg: Any) -> None:
+    """Refuse a key the runner's own schemas lack: Hydra adds one given with `+` (as its own
+    error message for a misspelt key suggests), and training would silently ignore it."""
+    from difflib import get_close_matches
+
+    for path, schema in (
+        ("", Config),
+        ("trainer", TrainerConf),
+        ("device", DeviceConf),
+        ("tracking", TrackingConf),
+    ):
+        node = cfg.get(path) if path else cfg
+        if not OmegaConf.is_dict(node):
+            continue
+        known = [f.name for f in fields(schema)]
+        for key in node:
+            if key in known or (not path and key == "hydra"):
+                continue
+            name = f"{path}.{key}" if path else key
+            close = get_close_matches(str(key), known, n=1)
+            hint = (
+                f"did you mean {path + '.' if path else ''}{close[0]}?"
+                if close
+                else (f"the keys there are {', '.join(known)}")
+            )
+            raise UserError(f"{name} is not a setting of the runner: {hint}")
 
 
 def _check_missing(cfg: Any) -> None:

@@ -131,7 +131,10 @@ def _images(x: np.ndarray, where: str) -> np.ndarray:
         return x.astype(np.float32) / 255.0
     if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
         raise UserError(f"{where} holds {x.dtype} values, not numbers")
-    return x.astype(np.float32)
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise UserError(f"{where} holds NaN or infinite values: the model would learn nothing")
+    return x
 
 
 def _labels(y: np.ndarray, where: str) -> np.ndarray:

@@ -8,6 +8,7 @@ from typing import Any
 
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
+from yaml import YAMLError
 
 
 class UserError(Exception):
@@ -39,7 +40,8 @@ def reported(command: str) -> Iterator[None]:
 
 def run_hydra_app(command: str, app: Callable[[], Any]) -> None:
     """Run the `@hydra.main` function `app` as the command `command`. Hydra's own errors (an
-    unknown option, a misspelt key, a value of the wrong type) are told in one line, as a
+    unknown option, a misspelt key, a value of the wrong type, a YAML file that does not parse)
+    are told in one line, as a
     `UserError` is, instead of Hydra's report of several; HYDRA_FULL_ERROR=1 still shows that."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         with reported(command):
@@ -49,7 +51,7 @@ def run_hydra_app(command: str, app: Callable[[], Any]) -> None:
     try:
         with reported(command):
             app()
-    except (HydraException, OmegaConfBaseException) as error:
+    except (HydraException, OmegaConfBaseException, YAMLError) as error:
         print(f"{command}: error: {one_line(error)}", file=sys.stderr)
         raise SystemExit(1) from None
 

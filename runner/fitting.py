@@ -114,12 +114,21 @@ def fit(
 def configured_callbacks(cfg: Any) -> dict[str, Any]:
     """The callbacks the `callbacks` group adds to the runner's own, built by their `_target_`,
     by name."""
+    import keras
+
     from runner import targets
 
-    return {
+    built = {
         name: targets.build(node, f"callbacks.{name}")
         for name, node in (cfg.callbacks or {}).items()
     }
+    for name, callback in built.items():
+        if not isinstance(callback, keras.callbacks.Callback):
+            raise UserError(
+                f"callbacks.{name}: {cfg.callbacks[name]._target_} returned a "
+                f"{type(callback).__name__}, not a keras.callbacks.Callback"
+            )
+    return built
 
 
 def intervals(trainer: Any, callbacks: dict[str, Any]) -> list[int]:

@@ -4,6 +4,7 @@ MLflow is imported where it is used, so that `check_choice` answers a wrong comm
 once rather than after MLflow's and TensorFlow's seconds of loading."""
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from runner.errors import UserError
@@ -33,12 +34,28 @@ def load(run_id: str | None, model_uri: str | None) -> LoggedModel:
     register_custom_objects()
     try:
         uri = model_uri or _model_of_run(run_id)
-        info = mlflow.models.get_model_info(uri)
+        if Path(uri).is_dir():  # a model saved or downloaded here: its store may be elsewhere
+            source_run = mlflow.models.Model.load(uri).run_id
+        else:
+            source_run = mlflow.models.get_model_info(uri).run_id
         model = mlflow.keras.load_model(uri)
-        run = mlflow.get_run(info.run_id) if info.run_id else None
     except MlflowException as error:
         raise UserError(f"cannot load the model: {error.message}") from None
-    return LoggedModel(model, uri, run)
+    return LoggedModel(model, uri, _run_if_known(source_run))
+
+
+def _run_if_known(run_id: str | None) -> Any:
+    """The run `run_id` in this store; None for a model without one, or whose run is in a store
+    this command does not read."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    try:
+        return mlflow.get_run(run_id)
+    except MlflowException:
+        return None
 
 
 def _model_of_run(run_id: str) -> str:
@@ -62,7 +79,8 @@ def _model_of_run(run_id: str) -> str:
     )
     if not models:
         raise UserError(
-            f"run {run_id} logged no model (was it trained with trainer.log_model=false?)"
+            f"run {run_id} logged no model: it was trained with trainer.log_model=false (as "
+            f"debug=quick sets); train it again with trainer.log_model=true"
         )
     return models[0].model_uri
 

@@ -73,3 +73,20 @@ def compiled(model: Any, cfg: Any, plan: Any, resumed: bool = False) -> Any:
         steps_per_execution=plan.steps_per_execution,
     )
     return model
+
+
+def check_loss(model: Any, cfg: Any, x: Any, y: Any) -> None:
+    """Score two examples with the compiled loss before any run starts: a loss that cannot take
+    the data's integer labels (one that wants one-hot targets, say) fails here in one line,
+    not inside the first training step as a traceback."""
+    import keras
+
+    try:
+        keras.ops.convert_to_numpy(model.loss(y[:2], model(x[:2], training=False)))
+    except Exception as error:
+        text = str(error).strip()
+        raise UserError(
+            f"loss: {cfg.loss._target_} cannot score the model's outputs against the data's "
+            f"labels, integers of shape (N,): {type(error).__name__}: "
+            f"{text.splitlines()[0] if text else ''}"
+        ) from None

@@ -43,6 +43,10 @@ def open_image(path: Path) -> Any:
         image.load()
     except (OSError, UnidentifiedImageError) as error:
         raise UserError(f"{path}: not a readable image ({error})") from None
+    if image.mode.startswith("I"):  # 16- or 32-bit grey, which convert("L") would clip
+        wide = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or wide.max() <= 65535 else wide.max()
+        image = Image.fromarray(np.round(wide / top * 255).astype(np.uint8), "L")
     return image
 
 

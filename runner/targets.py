@@ -7,6 +7,7 @@ parameter of it, of the annotated type. Each failure is one line naming the conf
 misspelt key or a broken builder is told before training, not as a traceback from inside it.
 """
 
+import importlib
 import inspect
 import os
 import sys
@@ -27,21 +28,38 @@ def importable_from_cwd() -> None:
 
 
 def target(node: DictConfig, path: str) -> Callable:
-    """The callable `node._target_` names, imported."""
-    from hydra.utils import get_object
-
+    """The callable `node._target_` names, imported: the longest prefix of the dotted name that
+    is a module, then attributes. Hydra's own lookup logs its failures before raising them and
+    calls a missing attribute a missing module."""
     name = node.get("_target_")
     if not name:
         raise UserError(f"{path} names no _target_: set {path}._target_=<module>.<callable>")
-    try:
-        found = get_object(name)
-    except Exception as error:  # Hydra wraps ImportError and AttributeError alike
-        cause = error.__cause__ or error
-        raise UserError(
-            f"{path}._target_={name} cannot be imported ({type(cause).__name__}: "
-            f"{_first_line(cause)}): check the name, and that its module is importable from "
-            f"this folder or installed"
-        ) from None
+    parts = str(name).split(".")
+    module, end = None, 0
+    for end in range(1, len(parts) + 1):  # each package, then what it holds
+        prefix = ".".join(parts[:end])
+        try:
+            module = importlib.import_module(prefix)
+        except ModuleNotFoundError as missing:
+            if missing.name != prefix or module is None:  # a module it imports is missing too
+                raise UserError(
+                    f"{path}._target_={name} cannot be imported ({missing}): check the name, "
+                    f"and that its module is in the folder you run from or installed"
+                ) from None
+            end -= 1
+            break
+        except Exception as broken:  # the module exists and fails to import (a syntax error)
+            raise UserError(
+                f"{path}._target_={name}: importing {prefix} raised "
+                f"{type(broken).__name__}: {_first_line(broken)}"
+            ) from None
+    found: Any = module
+    for attribute in parts[end:]:
+        if not hasattr(found, attribute):
+            raise UserError(
+                f"{path}._target_={name}: {found.__name__} has no attribute {attribute!r}"
+            )
+        found = getattr(found, attribute)
     if not callable(found):
         raise UserError(f"{path}._target_={name} is a {type(found).__name__}, not a callable")
     return found

@@ -79,6 +79,7 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
             else modeling.build(cfg.model, splits.input_shape, splits.num_classes)
         )
         modeling.compiled(model, cfg, plan, resumed=resumed is not None)
+        modeling.check_loss(model, cfg, splits.train.x, splits.train.y)
     run_tags = {**found.tags(), **plan.tags(), **(tags or {})}
     with (
         terminate_as_interrupt(),

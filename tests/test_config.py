@@ -226,3 +226,33 @@ def test_printing_the_config_does_not_import_tensorflow(tmp_path):
 def test_an_unknown_optimized_metric_is_named_with_the_choices():
     with pytest.raises(UserError, match=r"optimized_metric=val/acc is not .*val/accuracy"):
         check_config(compose_config(["optimized_metric=val/acc"]))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "+trainer.step=5",
+            "trainer.step is not a setting of the runner: did you mean trainer.steps?",
+        ),
+        ("+seeed=1", "seeed is not a setting of the runner: did you mean seed?"),
+        ("+device.precison=x", "did you mean device.precision?"),
+        ("+tracking.urii=x", "did you mean tracking.uri?"),
+    ],
+)
+def test_a_runner_key_added_with_a_plus_is_still_checked(override, message):
+    """Hydra's message for a misspelt key suggests `+KEY=VALUE`, which adds it: training would
+    then ignore it silently."""
+    with pytest.raises(UserError) as error:
+        check_config(compose_config([override]))
+    assert message in str(error.value)
+
+
+def test_a_yaml_of_ones_own_that_does_not_parse_is_one_line(tmp_path):
+    (tmp_path / "conf" / "model").mkdir(parents=True)
+    (tmp_path / "conf" / "model" / "broken.yaml").write_text("_target_: a.b\nwidth: : 3\n")
+    result = run_runner("--config-dir", "conf", "model=broken", "--cfg", "job", cwd=tmp_path)
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("runner: error: mapping values are not allowed here")
+    assert "broken.yaml" in line

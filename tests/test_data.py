@@ -849,6 +849,7 @@ def test_npz_of_cifar_layout_loads_with_labels_of_shape_n_by_1(tmp_path):
         ({"x_test": np.zeros((4, 7, 7), np.uint8)}, "training images are (6, 6, 1) but test"),
         ({"x_train": np.zeros((8, 36), np.uint8)}, "x_train has shape (8, 36)"),
         ({"y_train": np.zeros(7, np.int64)}, "x_train holds 8 examples but y_train 7"),
+        ({"x_test": np.full((4, 6, 6), np.nan, np.float32)}, "x_test holds NaN or infinite"),
     ],
 )
 def test_npz_arrays_that_cannot_train_are_refused_naming_them(tmp_path, arrays, message):

@@ -238,3 +238,54 @@ def test_predict_reads_ink_held_in_the_alpha_channel_and_warns_of_blank_images(
     assert warnings == [
         f"warning: {tmp_path}/blank.png is blank (every pixel alike): its class means nothing"
     ]
+
+
+def test_a_model_saved_in_a_folder_evaluates_from_anywhere(trained, mnist_dir, tmp_path):
+    """A logged model downloaded to a folder loads without the store it was logged in; with no
+    run to read its data from, the data is named."""
+    work, run_id = trained
+    mlflow.set_tracking_uri(f"sqlite:///{work}/mlflow.db")
+    experiment = mlflow.get_experiment_by_name("mnist").experiment_id
+    [model] = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
+    folder = mlflow.artifacts.download_artifacts(model.model_uri, dst_path=str(tmp_path / "m"))
+    elsewhere = [f"model_uri={folder}", f"tracking.uri=sqlite:///{tmp_path}/other.db"]
+    by_folder = evaluate(
+        app_config("evaluate", [*elsewhere, "data=mnist", f"data.dir={mnist_dir}"])
+    )
+    by_run = evaluate(
+        app_config("evaluate", [f"run_id={run_id}", f"tracking.uri=sqlite:///{work}/mlflow.db"])
+    )
+    assert by_folder["accuracy"] == by_run["accuracy"]
+    with pytest.raises(UserError, match="has no training run to take its data from"):
+        evaluate(app_config("evaluate", elsewhere))
+
+
+def test_eval_on_data_of_another_shape_is_one_line(trained, tmp_path):
+    work, run_id = trained
+    path = tmp_path / "small.npz"
+    small = np.zeros((4, 12, 12, 3), np.uint8)
+    np.savez(path, x_train=small, y_train=np.zeros(4, int), x_test=small, y_test=np.zeros(4, int))
+    cfg = app_config(
+        "evaluate",
+        [
+            f"run_id={run_id}",
+            f"tracking.uri=sqlite:///{work}/mlflow.db",
+            "data=npz",
+            f"data.path={path}",
+            "data.validation_size=1",
+        ],
+    )
+    with pytest.raises(UserError, match=r"takes inputs of shape \(28, 28, 1\) but the test images"):
+        evaluate(cfg)
+
+
+def test_sixteen_bit_grey_pngs_keep_their_levels(tmp_path):
+    from runner.predict import open_image, pixels
+
+    levels = np.zeros((28, 28), np.uint16)
+    levels[7:21, 12:16] = 60000  # a bright bar on black, in 16 bits
+    Image.fromarray(levels).save(tmp_path / "deep.png")
+    image = open_image(tmp_path / "deep.png")
+    values = pixels(image, tmp_path / "deep.png", (28, 28, 1), invert=False)
+    assert values.max() == pytest.approx(60000 / 65535, abs=1 / 255)
+    assert values.min() == 0.0

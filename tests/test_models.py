@@ -284,3 +284,14 @@ def test_a_model_the_runner_cannot_train_is_refused(builder, message):
             OmegaConf.create({"_target_": f"tests.test_models.{builder}"}), (12, 12, 3), 5
         )
     assert message in str(error.value)
+
+
+def test_a_loss_that_cannot_take_integer_labels_is_refused_before_the_run():
+    cfg = compose_config(["loss._target_=keras.losses.CategoricalFocalCrossentropy"])
+    model = modeling.build(cfg.model, (28, 28, 1), 10)
+    model.compile(optimizer="sgd", loss=keras.losses.CategoricalFocalCrossentropy())
+    x, y = np.zeros((2, 28, 28, 1), np.float32), np.array([3, 1])
+    from runner.errors import UserError
+
+    with pytest.raises(UserError, match="loss: keras.losses.CategoricalFocalCrossentropy cannot"):
+        modeling.check_loss(model, cfg, x, y)

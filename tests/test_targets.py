@@ -56,7 +56,7 @@ def test_passed_keys_reach_only_targets_that_take_them():
         ("tests.test_targets.needs_depth", {}, "model.depth is missing"),
         ("tests.test_targets.takes_nothing", {}, "must take input_shape and num_classes"),
         ("nowhere_pkg.build", {}, "model._target_=nowhere_pkg.build cannot be imported"),
-        ("tests.test_targets.no_such", {}, "model._target_=tests.test_targets.no_such cannot"),
+        ("tests.test_targets.no_such", {}, "tests.test_targets has no attribute 'no_such'"),
         (
             "tests.test_targets.raising_builder",
             {},
@@ -89,3 +89,27 @@ def test_a_node_without_target_is_refused():
 def test_label_is_the_name_else_the_targets_own_name():
     assert label(node("pkg.mod.build_net", name="net")) == "net"
     assert label(node("pkg.mod.build_net")) == "build_net"
+
+
+def test_a_target_whose_module_does_not_import_says_why(tmp_path, monkeypatch):
+    (tmp_path / "broken_net.py").write_text("def build(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UserError) as error:
+        build(node("broken_net.build"), "model", **GIVEN)
+    assert str(error.value).startswith(
+        "model._target_=broken_net.build: importing broken_net raised SyntaxError"
+    )
+
+
+def not_a_callback():
+    return 42
+
+
+def test_a_callback_target_must_give_a_keras_callback():
+    from runner.fitting import configured_callbacks
+
+    cfg = OmegaConf.create({"callbacks": {"h": {"_target_": "tests.test_targets.not_a_callback"}}})
+    with pytest.raises(
+        UserError, match="callbacks.h: .*not_a_callback returned a int, not a keras"
+    ):
+        configured_callbacks(cfg)
