@@ -6,7 +6,6 @@ run when the sweep ends (`runner.nested_runs`).
 """
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -188,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     from runner import tracking
 
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    uri = args.tracking_uri or tracking.default_uri()
     with reported("runner-compare"):
         tracking.connect(_existing_store(uri))
         runs = select_runs(args.experiment, args.parent, args.all)

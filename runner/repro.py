@@ -194,7 +194,9 @@ def main(argv: list[str] | None = None) -> None:
         help="change the logged config, e.g. --set data.dir=/data/mnist on another machine",
     )
     args = parser.parse_args(argv)
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    from runner.tracking import default_uri
+
+    uri = default_uri()
     # MLflow draws a download bar on stderr for each of the run's small files it reads.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 

@@ -284,6 +284,13 @@ def _set_experiment(name: str, artifacts: Path | None) -> None:
     mlflow.set_experiment(name)
 
 
+def default_uri() -> str:
+    """`tracking.uri` as conf/tracking/mlflow.yaml sets it (MLFLOW_TRACKING_URI, else
+    ./mlflow.db), for the commands that compose no Hydra config: one place says it."""
+    conf = Path(__file__).resolve().parent.parent / "conf" / "tracking" / "mlflow.yaml"
+    return str(OmegaConf.load(conf).uri)
+
+
 def connect(uri: str) -> None:
     """Point MLflow at `uri`, probing a server first: MLflow itself retries an unreachable
     server for minutes before it gives up."""
