@@ -32,6 +32,13 @@ def build(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Any:
             f"model: {cfg._target_} returned a compiled model: return it uncompiled, and choose "
             f"its optimizer and loss with optimizer= and loss="
         )
+    output = str(cfg.get("output", "logits"))
+    if output == "logits" and _ends_in_softmax(model):
+        raise UserError(
+            f"model: {cfg._target_} ends in a softmax, so it emits probabilities, but "
+            f"model.output=logits: set model.output=probabilities and "
+            f"loss=cross_entropy_of_probabilities, or end it in logits"
+        )
     shape = _output_shape(model, cfg._target_, input_shape)
     if len(shape) != 2 or shape[-1] != num_classes:
         raise UserError(
@@ -39,6 +46,19 @@ def build(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Any:
             f"(batch, {num_classes}): one value for each of the data's {num_classes} classes"
         )
     return model
+
+
+def _ends_in_softmax(model: Any) -> bool:
+    """Whether the model's last layer is a softmax, or has one as its activation."""
+    import keras
+
+    layers = getattr(model, "layers", None)
+    if not layers:
+        return False
+    last = layers[-1]
+    return isinstance(last, keras.layers.Softmax) or (
+        getattr(last, "activation", None) is keras.activations.softmax
+    )
 
 
 def _output_shape(model: Any, target: str, input_shape: tuple[int, ...]) -> tuple:

@@ -295,3 +295,24 @@ def test_a_loss_that_cannot_take_integer_labels_is_refused_before_the_run():
 
     with pytest.raises(UserError, match="loss: keras.losses.CategoricalFocalCrossentropy cannot"):
         modeling.check_loss(model, cfg, x, y)
+
+
+def ends_in_softmax(input_shape, num_classes):
+    inputs = keras.Input(input_shape)
+    outputs = keras.layers.Dense(num_classes, activation="softmax")(keras.layers.Flatten()(inputs))
+    return keras.Model(inputs, outputs)
+
+
+def test_a_model_ending_in_softmax_must_say_it_emits_probabilities():
+    """Else the loss would take its probabilities for logits and softmax them again."""
+    from omegaconf import OmegaConf
+
+    from runner.errors import UserError
+
+    target = {"_target_": "tests.test_models.ends_in_softmax"}
+    with pytest.raises(UserError, match="ends in a softmax, so it emits probabilities"):
+        modeling.build(OmegaConf.create(target), (12, 12, 3), 5)
+    said = OmegaConf.create({**target, "output": "probabilities"})
+    assert modeling.build(said, (12, 12, 3), 5).output_shape == (None, 5)
+    softmax = compose_config(["model=softmax", "model.output=probabilities"]).model
+    assert modeling.build(softmax, (28, 28, 1), 10).layers[-1].name == "probabilities"
