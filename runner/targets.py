@@ -57,7 +57,8 @@ def target(node: DictConfig, path: str) -> Callable:
     for attribute in parts[end:]:
         if not hasattr(found, attribute):
             raise UserError(
-                f"{path}._target_={name}: {found.__name__} has no attribute {attribute!r}"
+                f"{path}._target_={name}: {found.__name__} holds no {attribute!r}, neither a "
+                f"module nor an attribute"
             )
         found = getattr(found, attribute)
     if not callable(found):

@@ -56,7 +56,7 @@ def test_passed_keys_reach_only_targets_that_take_them():
         ("tests.test_targets.needs_depth", {}, "model.depth is missing"),
         ("tests.test_targets.takes_nothing", {}, "must take input_shape and num_classes"),
         ("nowhere_pkg.build", {}, "model._target_=nowhere_pkg.build cannot be imported"),
-        ("tests.test_targets.no_such", {}, "tests.test_targets has no attribute 'no_such'"),
+        ("tests.test_targets.no_such", {}, "tests.test_targets holds no 'no_such'"),
         (
             "tests.test_targets.raising_builder",
             {},
