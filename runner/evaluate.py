@@ -26,11 +26,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float | int | None]:
     tracking.connect(cfg.tracking.uri)
     from runner.tensorflow_logs import load_tensorflow
 
+    uri = logged_model.locate(cfg.run_id, cfg.model_uri)
     load_tensorflow()  # before anything else imports it
     from runner import data
     from runner.fitting import evaluate_outputs
 
-    found = logged_model.load(cfg.run_id, cfg.model_uri)
+    found = logged_model.load(uri)
     data_cfg = test_data(cfg.data, found)
     test = fitted(data.load_test(data_cfg), found.model)
     outputs, loss = evaluate_outputs(found.model, test, data_cfg.eval_batch_size)

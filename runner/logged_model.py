@@ -24,16 +24,21 @@ def check_choice(run_id: str | None, model_uri: str | None) -> None:
         raise UserError("give exactly one of run_id=<MLflow run id> or model_uri=<model URI>")
 
 
-def load(run_id: str | None, model_uri: str | None) -> LoggedModel:
-    """The Keras model `run_id` logged, or the one at `model_uri` (models:/, runs:/, a path), in
-    the store that `runner.tracking.connect` pointed MLflow at."""
+def locate(run_id: str | None, model_uri: str | None) -> str:
+    """The URI of the model `run_id` logged, else `model_uri` (models:/, runs:/, a path), in
+    the store that `runner.tracking.connect` pointed MLflow at: a wrong run is told before
+    TensorFlow loads, which takes seconds."""
+    check_choice(run_id, model_uri)
+    return model_uri or _model_of_run(run_id)
+
+
+def load(uri: str) -> LoggedModel:
+    """The Keras model at `uri` (from `locate`), and its training run where this store has it."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    check_choice(run_id, model_uri)
     register_custom_objects()
     try:
-        uri = model_uri or _model_of_run(run_id)
         if Path(uri).is_dir():  # a model saved or downloaded here: its store may be elsewhere
             source_run = mlflow.models.Model.load(uri).run_id
         else:

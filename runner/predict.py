@@ -122,10 +122,11 @@ def predict(cfg: DictConfig) -> list[tuple[Path, int, np.ndarray]]:
     tracking.connect(cfg.tracking.uri)
     from runner.tensorflow_logs import load_tensorflow
 
+    uri = logged_model.locate(cfg.run_id, cfg.model_uri)
     load_tensorflow()  # before anything else imports it
     import keras
 
-    found = logged_model.load(cfg.run_id, cfg.model_uri)
+    found = logged_model.load(uri)
     shape = tuple(found.model.inputs[0].shape[1:])
     inputs = [pixels(i, p, shape, cfg.invert) for i, p in zip(images, paths, strict=True)]
     if len({x.shape for x in inputs}) == 1:

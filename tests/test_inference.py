@@ -289,3 +289,25 @@ def test_sixteen_bit_grey_pngs_keep_their_levels(tmp_path):
     values = pixels(image, tmp_path / "deep.png", (28, 28, 1), invert=False)
     assert values.max() == pytest.approx(60000 / 65535, abs=1 / 255)
     assert values.min() == 0.0
+
+
+def test_an_unknown_run_is_told_before_tensorflow_loads(trained):
+    work, _ = trained
+    probe = (
+        "import sys\n"
+        "from hydra import compose, initialize_config_dir\n"
+        "from runner.errors import UserError\n"
+        "from runner.evaluate import evaluate\n"
+        "from runner.train import CONF_DIR\n"
+        "with initialize_config_dir(config_dir=str(CONF_DIR), version_base='1.3'):\n"
+        f"    cfg = compose('evaluate', ['run_id=0123456789abcdef', 'tracking.uri=sqlite:///{work}/mlflow.db'])\n"
+        "try:\n"
+        "    evaluate(cfg)\n"
+        "except UserError as error:\n"
+        "    print(error, 'tensorflow' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120
+    )
+    assert result.stdout.strip().endswith("False"), result.stdout + result.stderr[-2000:]
+    assert "no run '0123456789abcdef'" in result.stdout
