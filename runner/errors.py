@@ -7,7 +7,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from hydra.errors import HydraException
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 from yaml import YAMLError
 
 
@@ -52,8 +53,36 @@ def run_hydra_app(command: str, app: Callable[[], Any]) -> None:
         with reported(command):
             app()
     except (HydraException, OmegaConfBaseException, YAMLError) as error:
-        print(f"{command}: error: {one_line(error)}", file=sys.stderr)
+        print(f"{command}: error: {misspelt_key(error) or one_line(error)}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def misspelt_key(error: BaseException) -> str | None:
+    """For an override of a key the config lacks, the closest key there is, where Hydra would
+    suggest adding the misspelt one with `+`; None for any other error."""
+    from difflib import get_close_matches
+
+    cause = error.__cause__
+    if not str(error).startswith("Could not override") or not isinstance(
+        cause, ConfigAttributeError | ConfigKeyError
+    ):
+        return None
+    parent, key, full = cause.parent_node, cause.key, str(cause.full_key)
+    if parent is None or key is None:
+        return None
+    keys = [str(k) for k in parent if k != "hydra"]
+    prefix = full[: -len(str(key))]
+    close = get_close_matches(str(key), keys, n=1)
+    if close:
+        return f"{full} is not a key of the config: did you mean {prefix}{close[0]}?"
+    where = f"{prefix.rstrip('.')}'s keys" if prefix else "the top-level keys"
+    # A builder's or loader's own key may be added to its node, which no schema closes.
+    add = (
+        f"; to add one for its _target_: +{full}=VALUE"
+        if OmegaConf.get_type(parent) is dict
+        else ""
+    )
+    return f"{full} is not a key of the config; {where} are {', '.join(keys)}{add}"
 
 
 # Lines of Hydra's and OmegaConf's reports that locate an error rather than say what it is.

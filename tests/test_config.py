@@ -169,7 +169,19 @@ def run_runner(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("optimizer.lrr=0.1", "Could not override 'optimizer.lrr'"),
+        (
+            "optimizer.lrr=0.1",
+            "optimizer.lrr is not a key of the config: did you mean optimizer.lr?",
+        ),
+        (
+            "trainer.stepz=3",
+            "trainer.stepz is not a key of the config: did you mean trainer.steps?",
+        ),
+        (
+            "model.zzz=3",
+            "model.zzz is not a key of the config; model's keys are _target_, name, output; "
+            "to add one for its _target_: +model.zzz=VALUE",
+        ),
         ("trainer.steps=many", "Value 'many' of type 'str' could not be converted to Integer"),
         ("model=resnet", "Could not find 'model/resnet'"),
     ],
