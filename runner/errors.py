@@ -11,6 +11,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 from yaml import YAMLError
 
+from runner.masking import mask
+
 
 class UserError(Exception):
     """Bad input (config, data files, environment); the message says what is wrong and the fix.
@@ -35,7 +37,7 @@ def reported(command: str) -> Iterator[None]:
     try:
         yield
     except UserError as error:
-        print(f"{command}: error: {error}", file=sys.stderr)
+        print(f"{command}: error: {mask(str(error))}", file=sys.stderr)
         raise SystemExit(error.exit_code) from None
 
 
@@ -53,7 +55,7 @@ def run_hydra_app(command: str, app: Callable[[], Any]) -> None:
         with reported(command):
             app()
     except (HydraException, OmegaConfBaseException, YAMLError) as error:
-        print(f"{command}: error: {misspelt_key(error) or one_line(error)}", file=sys.stderr)
+        print(f"{command}: error: {mask(misspelt_key(error) or one_line(error))}", file=sys.stderr)
         raise SystemExit(1) from None
 
 

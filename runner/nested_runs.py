@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from runner import compare, plots, tracking
 from runner.errors import UserError, reported
+from runner.masking import mask
 from runner.sweep import SWEEP_DIR_TAG, SWEEP_FILE
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class NestedRuns(Callback):
         import mlflow
 
         sweep_dir = Path(config.hydra.sweep.dir).absolute()
-        overrides = " ".join(config.hydra.overrides.task)
+        overrides = mask(" ".join(config.hydra.overrides.task))
         run = mlflow.MlflowClient().create_run(
             mlflow.get_experiment_by_name(config.tracking.experiment_name).experiment_id,
             run_name=f"sweep {overrides}"[:250],

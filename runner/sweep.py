@@ -14,6 +14,8 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
+from runner.masking import mask
+
 # Written into the sweep directory for the jobs: the parent run's id, and the keys that the
 # sweep's command line sets to one value for every job.
 SWEEP_FILE = "mlflow_sweep.json"
@@ -40,7 +42,7 @@ def current_job() -> SweepJob | None:
         return None
     sweep = json.loads(path.read_text())
     own = [o for o in hydra.overrides.task if o.split("=", 1)[0] not in sweep["fixed"]]
-    name = " ".join([f"#{hydra.job.num}", *own])[:250]
+    name = mask(" ".join([f"#{hydra.job.num}", *own]))[:250]
     return SweepJob(sweep["parent_run_id"], name, sweep["experiment_name"])
 
 

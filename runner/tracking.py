@@ -17,17 +17,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import mlflow
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
-from mlflow.entities import Metric
+from mlflow.entities import Experiment, Metric
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from runner import environment, plots
+from runner import access, environment, plots
 from runner.data import Split, Splits
 from runner.errors import Interrupted, UserError
+from runner.masking import mask
 from runner.sweep import SweepJob
 from runner.targets import label
 
@@ -220,12 +222,16 @@ def open_store(uri: str, experiment_name: str) -> None:
     database = _sqlite_file(uri)
     try:
         if database is None:
-            _set_experiment(experiment_name, None)
+            experiment = _set_experiment(experiment_name, None)
         else:
             with _store_lock(uri, database):
-                _set_experiment(experiment_name, database.parent / "mlruns")
+                experiment = _set_experiment(experiment_name, database.parent / "mlruns")
     except MlflowException as error:
-        raise UserError(f"cannot use the MLflow tracking store {uri}: {error.message}") from None
+        raise access.refusal(error, uri, experiment_name) or UserError(
+            f"cannot use the MLflow tracking store {mask(uri)}: {mask(error.message)}"
+        ) from None
+    if uri.startswith(("http://", "https://")):
+        access.check_can_record(uri, experiment.experiment_id, experiment_name)
 
 
 def _sqlite_file(uri: str) -> Path | None:
@@ -270,10 +276,11 @@ def _store_lock(uri: str, database: Path) -> Iterator[None]:
         os.close(lock)  # which releases the lock
 
 
-def _set_experiment(name: str, artifacts: Path | None) -> None:
-    """Make `name` the active experiment. A new one keeps its artifacts in `artifacts` (else
-    where the store puts them): MLflow's default for a SQLite store is ./mlruns of whichever
-    folder the run started in, not the store's. An existing experiment stays as it is."""
+def _set_experiment(name: str, artifacts: Path | None) -> Experiment:
+    """Make `name` the active experiment, and return it. A new one keeps its artifacts in
+    `artifacts` (else where the store puts them): MLflow's default for a SQLite store is ./mlruns
+    of whichever folder the run started in, not the store's. An existing experiment stays as it
+    is."""
     client = mlflow.MlflowClient()
     if client.get_experiment_by_name(name) is None:
         try:
@@ -281,7 +288,7 @@ def _set_experiment(name: str, artifacts: Path | None) -> None:
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":  # another run created it first
                 raise
-    mlflow.set_experiment(name)
+    return mlflow.set_experiment(name)
 
 
 def default_uri() -> str:
@@ -295,21 +302,31 @@ def connect(uri: str) -> None:
     """Point MLflow at `uri`, probing a server first: MLflow itself retries an unreachable
     server for minutes before it gives up."""
     if uri.startswith(("http://", "https://")):
+        parts = urlsplit(uri)  # urllib takes no user in the address; /health asks for none
+        health = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl().rstrip("/")
         try:
-            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
+            urllib.request.urlopen(f"{health}/health", timeout=10).close()
         except (OSError, ValueError) as error:
             raise UserError(
-                f"the MLflow tracking server {uri} does not answer ({error}): start it, correct "
-                f"MLFLOW_TRACKING_URI (or tracking.uri), or unset it to record into ./mlflow.db"
+                mask(
+                    f"the MLflow tracking server {uri} does not answer ({error}): start it, "
+                    f"correct MLFLOW_TRACKING_URI (or tracking.uri), or unset it to record into "
+                    f"./mlflow.db"
+                )
             ) from None
+        access.check_credentials(uri)
+    if mask(uri) != uri:  # MLflow prints the run's address, with the URI's password in it
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     mlflow.set_tracking_uri(uri)
 
 
 def _log_config(cfg: DictConfig, hydra_dir: Path | None) -> None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    mlflow.log_params(dict(flatten(resolved)))
+    mlflow.log_params(
+        {key: mask(value) if isinstance(value, str) else value for key, value in flatten(resolved)}
+    )
     mlflow.set_tags({"model": label(cfg.model), "optimizer": label(cfg.optimizer)})
-    mlflow.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
+    mlflow.log_text(mask(OmegaConf.to_yaml(resolved)), "config.yaml")
     if hydra_dir is not None and hydra_dir.is_dir():
         mlflow.log_artifacts(str(hydra_dir), "hydra")
 
@@ -366,4 +383,4 @@ def _run_name(cfg: DictConfig, sweep_job: SweepJob | None) -> str:
     if sweep_job:
         return sweep_job.name
     overrides = HydraConfig.get().job.override_dirname if HydraConfig.initialized() else ""
-    return overrides or label(cfg.model)
+    return mask(overrides) or label(cfg.model)

@@ -17,11 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 from runner import sweep
 from runner.config import check_config, register_configs, resume_mode
 from runner.errors import Interrupted, UserError, reported, run_hydra_app
+from runner.masking import install_log_masking, mask_hydra_record
 from runner.outputs import check_given_dirs, register_resolvers
 from runner.targets import importable_from_cwd
 
 register_configs()
 register_resolvers()
+install_log_masking()  # here, as each sweep job's process imports this module too
 log = logging.getLogger(__name__)
 # hydra-optuna-sweeper 1.3 speaks Optuna 2's API, which Optuna 4 and 5 still take, with a
 # FutureWarning for every deprecated sampler argument and distribution it passes: noise to users.
@@ -142,6 +144,7 @@ def main() -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def run_hydra(cfg: DictConfig) -> float:
+    mask_hydra_record()
     with reported("runner"):
         try:
             return objective(cfg)

@@ -1,0 +1,84 @@
+"""Credentials in URIs, masked wherever the runner writes or prints them.
+
+A tracking URI such as `postgresql://user:secret@db/mlflow` or `https://user:token@host`, or
+any other config value holding a URI, would otherwise land in the run's parameters, its
+`config.yaml`, Hydra's record of the overrides, the run name and the console, readable by
+everyone who can read the run. The password of a URI's user, and the value of a query parameter
+named like a secret (`?token=...`, `&sig=...`), become `***`; the rest stays, so that the
+record still says which server and which user.
+"""
+
+import logging
+import re
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+
+MASK = "***"
+
+# Hydra writes an override's colons escaped: tracking.uri=http\://user\:secret@host
+_PASSWORD = re.compile(
+    r"(?P<keep>\b[a-zA-Z][a-zA-Z0-9+.-]*\\?://[^\s/:@\\]*\\?:)[^\s/@]+(?=@)"
+)
+_SECRET_PARAMETER = re.compile(
+    r"(?P<keep>[?&][^\s=&#]*(?:token|password|passwd|pwd|secret|key|sig|signature|credential)"
+    r"[^\s=&#]*=)[^\s&#'\"]+",
+    re.IGNORECASE,
+)
+
+
+def mask(text: str) -> str:
+    """`text` with every URI's password and secret query values replaced by `***`."""
+    if "//" not in text:
+        return text
+    text = _PASSWORD.sub(rf"\g<keep>{MASK}", text)
+    return _SECRET_PARAMETER.sub(rf"\g<keep>{MASK}", text)
+
+
+def mask_files(*paths: Path) -> None:
+    """Mask the secrets in each text file that exists, in place: Hydra writes the config and the
+    command line's overrides into the run's folder as given."""
+    for path in paths:
+        if not path.is_file():
+            continue
+        text = path.read_text()
+        masked = mask(text)
+        if masked != text:
+            temporary = path.with_name(f".{path.name}.masking")
+            temporary.write_text(masked)
+            temporary.replace(path)  # whole, even for a reader of the folder at that moment
+
+
+def mask_hydra_record() -> None:
+    """Mask the job's record of its command in its folder (`.hydra/*.yaml`), and the sweep's
+    (`multirun.yaml`), which Hydra writes before the job starts."""
+    if not HydraConfig.initialized():
+        return
+    hydra = HydraConfig.get()
+    files = []
+    if hydra.output_subdir is not None:
+        files += (Path(hydra.runtime.output_dir) / hydra.output_subdir).glob("*.yaml")
+    if hydra.mode is not None and hydra.mode.name == "MULTIRUN":
+        files.append(Path(hydra.sweep.dir) / "multirun.yaml")
+    mask_files(*files)
+
+
+def install_log_masking() -> None:
+    """Mask secrets in every log record from now on, whichever logger or handler writes it:
+    Hydra's launchers log each job's overrides, and MLflow the run's address."""
+    factory = logging.getLogRecordFactory()
+    if getattr(factory, "masks_secrets", False):
+        return
+
+    def masking_factory(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a bad format: the handler reports it as usual
+            return record
+        if "//" in message:
+            record.msg, record.args = mask(message), None
+        return record
+
+    masking_factory.masks_secrets = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(masking_factory)
