@@ -63,12 +63,18 @@ QUICK = ["debug=quick"]
 
 
 def cli(
-    name: str, *args: str, cwd: Path, mnist_dir: Path, timeout: int = 300
+    name: str,
+    *args: str,
+    cwd: Path,
+    mnist_dir: Path,
+    timeout: int = 300,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """One of the project's commands (`runner`, `runner-eval`, ...) run as a user would, in
-    `cwd`, recording into the default store there."""
-    env = {**os.environ, "MNIST_DIR": str(mnist_dir)}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    `cwd`, recording into the default store there, unless `env` (variables set over the test's
+    own) names a tracking server."""
+    outer = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    env = {**outer, **(env or {}), "MNIST_DIR": str(mnist_dir)}
     return subprocess.run(
         [str(Path(sys.executable).with_name(name)), *args],
         cwd=cwd,
