@@ -57,6 +57,14 @@ def run_hydra_app(command: str, app: Callable[[], Any]) -> None:
     except (HydraException, OmegaConfBaseException, YAMLError) as error:
         print(f"{command}: error: {mask(misspelt_key(error) or one_line(error))}", file=sys.stderr)
         raise SystemExit(1) from None
+    except Exception as error:
+        from runner.slurm import job_failure  # a SLURM job lost: its id, state and log
+
+        message = job_failure(error)
+        if message is None:
+            raise
+        print(f"{command}: error: {mask(message)}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def misspelt_key(error: BaseException) -> str | None:

@@ -14,7 +14,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from runner import compare, plots, tracking
+from runner import compare, plots, slurm, tracking
 from runner.errors import UserError, reported
 from runner.masking import mask
 from runner.sweep import SWEEP_DIR_TAG, SWEEP_FILE
@@ -44,6 +44,7 @@ class NestedRuns(Callback):
             except UserError:
                 _drop_if_empty(Path(config.hydra.sweep.dir))
                 raise
+        slurm.prepare_sweep(config)
         import mlflow
 
         sweep_dir = Path(config.hydra.sweep.dir).absolute()
