@@ -338,7 +338,8 @@ def team_server() -> Iterator[TeamServer]:
         if os.environ.get("CI"):
             pytest.fail(f"{reason} missing in CI: .ci/run installs Debian's postgresql")
         pytest.skip(f"needs {reason}: apt-get install postgresql")
-    base = Path(tempfile.mkdtemp(prefix="team-"))
+    # As root, in /tmp, which the unprivileged user can reach whatever TMPDIR says.
+    base = Path(tempfile.mkdtemp(prefix="team-", dir="/tmp" if pg_user else None))
     if pg_user:
         shutil.chown(base, user=pg_user)  # initdb makes $TEAM_DIR inside it
     server = TeamServer(base, bin_dir, pg_user)
