@@ -61,7 +61,7 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
         munged = _start(
             stack,
             [
-                "munged",
+                _which("munged"),
                 "--foreground",
                 f"--socket={socket_path}",
                 f"--key-file={munge_dir / 'munge.key'}",
@@ -78,7 +78,9 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
         cluster = SlurmCluster({**os.environ, "SLURM_CONF": str(conf)}, PARTITION, logs, conf)
         daemons = [munged]
         for name in ("slurmctld", "slurmd"):
-            daemons.append(_start(stack, [name, "-D"], logs / f"{name}.out", env=cluster.env))
+            daemons.append(
+                _start(stack, [_which(name), "-D"], logs / f"{name}.out", env=cluster.env)
+            )
         stack.callback(_drain, cluster)  # runs before the daemons stop
         _wait_for(
             lambda: (
@@ -94,7 +96,7 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
 
 def _check_installed() -> None:
     """Skip where SLURM is missing, except in CI, where .ci/run installs it."""
-    missing = [n for n in ("munged", "slurmctld", "slurmd", "sbatch") if not shutil.which(n)]
+    missing = [n for n in ("munged", "slurmctld", "slurmd", "sbatch") if not _which(n)]
     if missing:
         if os.environ.get("CI"):
             pytest.fail(f"{', '.join(missing)} missing in CI: .ci/run installs slurm-wlm, munge")
@@ -104,6 +106,11 @@ def _check_installed() -> None:
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
+
+
+def _which(name: str) -> str | None:
+    """A SLURM or munge program, also in /usr/sbin where a user's PATH may not look."""
+    return shutil.which(name, path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
 
 
 def _munge_dir() -> Path:
@@ -123,7 +130,7 @@ def _slurm_conf(folder: Path, munge_socket: Path) -> str:
     """slurm.conf for one node, this machine, as `slurmd -C` describes it."""
     host = socket.gethostname().split(".")[0]
     node = subprocess.run(
-        ["slurmd", "-C"], capture_output=True, text=True, check=True
+        [_which("slurmd"), "-C"], capture_output=True, text=True, check=True
     ).stdout.splitlines()[0]
     return f"""\
 ClusterName=runner-tests
