@@ -2,10 +2,9 @@
 private PostgreSQL cluster, `mlflow server --app-name basic-auth` over it with the artifacts it
 keeps, and the accounts alice (who owns the experiment) and bob (who may read it).
 
-A module that uses it imports the fixture and runs on the worker that holds the one server:
-
-    from .team_server import team_server  # noqa: F401
-    pytestmark = pytest.mark.xdist_group("team_server")
+tests/conftest.py registers this module as a plugin, so a test asks for `team_server` by name
+(importing it too would make a second server); its module runs on the worker holding the one
+server with `pytestmark = pytest.mark.xdist_group("team_server")`.
 """
 
 import base64

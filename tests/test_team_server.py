@@ -16,7 +16,7 @@ from PIL import Image
 from runner.data import TEST_IMAGES, read_idx
 
 from .conftest import QUICK, cli, compose_config
-from .team_server import readme_commands, team_server  # noqa: F401
+from .team_server import readme_commands
 
 # Every module using the server runs on the worker that started it.
 pytestmark = pytest.mark.xdist_group("team_server")
@@ -54,9 +54,7 @@ def finish(launched: tuple[subprocess.Popen, Path]) -> tuple[int, str, str]:
     return process.returncode, out.read_text(), err.read_text()
 
 
-def test_readme_points_the_runner_at_the_server_without_credentials_in_the_uri(
-    team_server,  # noqa: F811
-):
+def test_readme_points_the_runner_at_the_server_without_credentials_in_the_uri(team_server):
     [export] = [c for c in readme_commands() if c.startswith("export ") and "_USERNAME=" in c]
     settings = dict(word.split("=", 1) for word in shlex.split(export)[1:])
     assert settings.keys() == {
@@ -78,9 +76,7 @@ def test_readme_points_the_runner_at_the_server_without_credentials_in_the_uri(
 
 
 def test_owners_sweep_of_eight_jobs_and_every_command_work_against_the_server(
-    team_server,  # noqa: F811
-    mnist_dir,
-    tmp_path,
+    team_server, mnist_dir, tmp_path
 ):
     """The README's joblib sweep (8 jobs, 2 at a time) as alice, in quick runs that log their
     model: every child FINISHED with its metrics, artifacts kept by the server and model; then
@@ -152,9 +148,7 @@ def test_owners_sweep_of_eight_jobs_and_every_command_work_against_the_server(
 
 
 def test_mlflow_records_straight_into_the_servers_postgresql_database(
-    team_server,  # noqa: F811
-    mnist_dir,
-    tmp_path,
+    team_server, mnist_dir, tmp_path
 ):
     """`tracking.uri=postgresql://...`: MLflow's own PostgreSQL store (psycopg), no server in
     between; the run lands in the database the server reads, so the admin sees it there."""
