@@ -143,19 +143,31 @@ class StepProgbar(keras.callbacks.ProgbarLogger):
             print(f"Steps {first}-{last} of {self.total_steps}", flush=True)
 
 
-class StopOnSignal(keras.callbacks.Callback):
-    """Ctrl-C (SIGINT) and SIGTERM stop training at the end of the step under way, instead of
-    killing it mid-step, so that a checkpoint can be written; `received` names the signal."""
+# Ctrl-C; a stop by `kill`, or by SLURM for a cancelled or requeued job; SLURM's notice of a
+# coming preemption or time limit (runner.preemption).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
-    def __init__(self) -> None:
+
+# StopOnSignal.received when the tracking server stopped answering (Recorder.lost).
+SERVER_LOST = "server lost"
+
+
+class StopOnSignal(keras.callbacks.Callback):
+    """Ctrl-C (SIGINT), SIGTERM and SIGUSR2 stop training at the end of the step under way,
+    instead of killing it mid-step, so that a checkpoint can be written; `received` names the
+    signal. So does a `recorder` whose tracking server has stopped answering, at the end of the
+    window whose metrics it could not write (`received` is then SERVER_LOST)."""
+
+    def __init__(self, recorder: Any = None) -> None:
         super().__init__()
         self.received: str | None = None
+        self.recorder = recorder
         self._previous: dict = {}
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread may handle signals
-        for number in (signal.SIGINT, signal.SIGTERM):
+        for number in STOP_SIGNALS:
             self._previous[number] = signal.signal(number, self._request_stop)
 
     def _request_stop(self, number: int, frame: Any) -> None:
@@ -164,6 +176,11 @@ class StopOnSignal(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if self.received:
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if not self.received and getattr(self.recorder, "lost", False):
+            self.received = SERVER_LOST
             self.model.stop_training = True
 
     def on_train_end(self, logs: dict | None = None) -> None:
@@ -292,8 +309,9 @@ class EarlyStopping(RunnerCallback):
 
 @contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
-    """Outside the training steps (loading, testing, logging the model), SIGTERM raises
-    KeyboardInterrupt as Ctrl-C does, so the MLflow run ends KILLED instead of staying RUNNING."""
+    """Outside the training steps (loading, testing, logging the model), SIGTERM and SIGUSR2
+    raise KeyboardInterrupt as Ctrl-C does, so the MLflow run ends KILLED instead of staying
+    RUNNING; the exception's argument names the signal."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -301,8 +319,9 @@ def terminate_as_interrupt() -> Iterator[None]:
     def interrupt(number: int, frame: Any) -> None:
         raise KeyboardInterrupt(signal.Signals(number).name)
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {number: signal.signal(number, interrupt) for number in STOP_SIGNALS[1:]}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)

@@ -64,6 +64,9 @@ class Checkpoint:
     callbacks: dict[str, Any] = field(default_factory=dict)
     # Whether a callback (early stopping) ended training here: the run is over.
     stopped_early: bool = False
+    # Metrics the tracking server had not taken when this was written, as [key, value,
+    # timestamp, step]: the resumed run writes those it lacks.
+    unrecorded: list[list[Any]] = field(default_factory=list)
 
     def load_model(self) -> keras.Model:
         """The model as it was at `step`, compiled, with its optimizer and dropout state."""
@@ -75,10 +78,12 @@ class Checkpoint:
         return model
 
 
-def resume_point(cfg: Any, mode: str, digests: dict[str, str]) -> Checkpoint:
+def resume_point(cfg: Any, mode: str, digests: dict[str, str], finish: bool = False) -> Checkpoint:
     """The checkpoint `trainer.resume=<mode>` carries on from, or a clear error if there is none
     or if `cfg` differs from its run's settings: `true` must match them all, `extend` may raise
-    trainer.steps. `digests` are the data's (`Splits.digests`), which must be the run's too."""
+    trainer.steps. `digests` are the data's (`Splits.digests`), which must be the run's too.
+    With `finish`, a checkpoint at the last step is taken too, for a run stopped after training
+    but before its test and model were recorded."""
     directory = Path(cfg.trainer.checkpoint_dir)
     found = latest(directory)
     if found is None:
@@ -92,7 +97,7 @@ def resume_point(cfg: Any, mode: str, digests: dict[str, str]) -> Checkpoint:
             f"the checkpoint in {directory} is where a callback stopped the run early, at step "
             f"{found.step}: the run is over; start a new run to train again"
         )
-    if found.step >= cfg.trainer.steps:
+    if found.step >= cfg.trainer.steps and not finish:
         raise UserError(
             f"the checkpoint in {directory} is at step {found.step}, the run's last: nothing is "
             f"left to train; to train it further, use trainer.resume=extend with a larger "
@@ -167,6 +172,7 @@ def save(
     metric_state: list[Any] | None = None,
     callbacks: dict[str, Any] | None = None,
     stopped_early: bool = False,
+    unrecorded: list[list[Any]] | None = None,
 ) -> Checkpoint:
     """Write a checkpoint atomically, then drop all but the newest `keep`."""
     final = directory / f"{_PREFIX}{step:07d}"
@@ -182,6 +188,7 @@ def save(
         "metric_state": metric_state,
         "callbacks": callbacks or {},
         "stopped_early": stopped_early,
+        "unrecorded": unrecorded or [],
     }
     (partial / "state.json").write_text(json.dumps(state))
     shutil.rmtree(final, ignore_errors=True)
@@ -189,7 +196,14 @@ def save(
     for old in sorted(_complete(directory), key=lambda c: c.step)[:-keep]:
         shutil.rmtree(old.path)
     return Checkpoint(
-        final, step, run_id, run_settings, metric_state, callbacks or {}, stopped_early
+        final,
+        step,
+        run_id,
+        run_settings,
+        metric_state,
+        callbacks or {},
+        stopped_early,
+        unrecorded or [],
     )
 
 
@@ -208,6 +222,7 @@ def _complete(directory: Path) -> list[Checkpoint]:
                     saved.get("metric_state"),
                     saved.get("callbacks", {}),
                     saved.get("stopped_early", False),
+                    saved.get("unrecorded", []),
                 )
             )
     return found
@@ -222,11 +237,12 @@ def _seed_states(model: keras.Model) -> list[Any]:
 
 class Checkpointer(keras.callbacks.Callback):
     """Saves a checkpoint every `every` steps, at the last step and where training was stopped,
-    after flushing `recorder`'s metrics to MLflow, so a resumed run neither loses nor repeats a
-    logged step. A stop inside a logging window of `window` steps also saves the training
-    metrics' running sums, taken before Keras's validation resets them; each of `callbacks`
-    (the configured ones of the runner's, by name) saves its state; a stop that no signal
-    (`stop`) asked for is recorded as an early stop, which ends the run."""
+    after flushing `recorder`'s metrics to MLflow, with those the server did not take, so a
+    resumed run neither loses nor repeats a logged step. A stop inside a logging window of
+    `window` steps also saves the training metrics' running sums, taken before Keras's
+    validation resets them; each of `callbacks` (the configured ones of the runner's, by name)
+    saves its state; a stop that neither a signal nor a lost server (`stop`) asked for is
+    recorded as an early stop, which ends the run."""
 
     def __init__(
         self,
@@ -257,7 +273,7 @@ class Checkpointer(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         step = self.counter.step
         if step % self.every == 0 or step == self.last or self.model.stop_training:
-            self.recorder.flush()
+            self.recorder.flush()  # keeps what a server that does not answer has not taken
             save(
                 self.model,
                 self.directory,
@@ -268,6 +284,7 @@ class Checkpointer(keras.callbacks.Callback):
                 self.metric_state,
                 {name: callback.state() for name, callback in self.callbacks.items()},
                 stopped_early=self.model.stop_training and not self.stop.received,
+                unrecorded=self.recorder.unrecorded(),
             )
 
 

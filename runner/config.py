@@ -111,6 +111,7 @@ class TrackingConf:
     system_metrics: bool = True
     system_metrics_every_s: float = 10.0
     metrics_flush_every_s: float = 5.0
+    server_patience_s: float = 300.0
 
 
 # The metrics every run ends with, each a sweeper may optimise.
@@ -356,6 +357,10 @@ def _check_device_settings(device: Any, tracking: Any) -> None:
     if tracking.system_metrics_every_s <= 0:
         raise UserError(
             f"tracking.system_metrics_every_s={tracking.system_metrics_every_s} must be positive"
+        )
+    if tracking.server_patience_s < 0:
+        raise UserError(
+            f"tracking.server_patience_s={tracking.server_patience_s} must be 0 or more"
         )
     if tracking.metrics_flush_every_s < 0:
         raise UserError(

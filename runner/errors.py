@@ -22,12 +22,17 @@ class UserError(Exception):
 
 
 class Interrupted(UserError):
-    """Training stopped on SIGINT or SIGTERM, after writing a checkpoint; the run ends KILLED.
-    Exits 130 or 143, as a process killed by the signal would."""
+    """Training stopped on a signal (SIGINT, SIGTERM, SIGUSR2), after writing a checkpoint; the
+    run ends KILLED. Exits 128 + the signal's number, as a process killed by it would."""
 
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class ServerLost(UserError):
+    """The MLflow tracking server stopped answering for longer than the run waits: training
+    stopped with a checkpoint holding the metrics it did not take."""
 
 
 @contextmanager

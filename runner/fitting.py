@@ -1,6 +1,7 @@
 """Keras `fit` driven in optimizer steps: one Keras epoch is one logging window."""
 
 import shlex
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -8,6 +9,7 @@ import numpy as np
 
 from runner import checkpoints, sweep
 from runner.callbacks import (
+    SERVER_LOST,
     MlflowMetrics,
     RunnerCallback,
     StepCounter,
@@ -21,7 +23,8 @@ from runner.callbacks import (
 from runner.checkpoints import Checkpoint, Checkpointer, RestoreMetrics
 from runner.data import Split, Splits, in_batches, training_dataset
 from runner.devices import Plan
-from runner.errors import Interrupted, UserError
+from runner.errors import Interrupted, ServerLost, UserError
+from runner.preemption import NOTICE, will_requeue
 
 
 def fit(
@@ -36,7 +39,7 @@ def fit(
     """Train from the `resumed` checkpoint's step (else 0) to `trainer.steps`, with the
     configured `extra` callbacks (by name) among the runner's own; validate every `eval_every`
     steps and after the last one; checkpoint every `checkpoint_every` steps, after the last one
-    and on SIGINT or SIGTERM, which then raise `Interrupted`. Each step trains on
+    and on SIGINT, SIGTERM or SIGUSR2, which then raise `Interrupted`. Each step trains on
     `data.batch_size` examples per replica. Metrics are logged only for whole windows, so a run
     stopped and resumed logs the same history as one left alone. Returns the step training
     ended at, which a callback that stops training (early stopping) puts before
@@ -44,7 +47,7 @@ def fit(
     trainer = cfg.trainer
     start_step = resumed.step if resumed else 0
     batch = cfg.data.batch_size * plan.replicas
-    stop = StopOnSignal()
+    stop = StopOnSignal(recorder)
     folder = Path(trainer.checkpoint_dir)
     counter = StepCounter()
     training = Training(
@@ -96,11 +99,23 @@ def fit(
         _fit_windows(
             model, splits, cfg, batch, callbacks, aligned, windows, trainer.log_every, True
         )
+    if stop.received == SERVER_LOST:
+        raise ServerLost(
+            f"the MLflow tracking server has not answered for {recorder.patience_s:g} s "
+            f"(tracking.server_patience_s): training stopped at step {optimizer_step(model)}, "
+            f"checkpoint written to {folder} with the metrics the server has not taken; once "
+            f"the server is back, {_how_to_resume(folder)}"
+        )
     if stop.received:
+        resume = (
+            "the requeued job carries on from it"
+            if stop.received == NOTICE.name and will_requeue()
+            else _how_to_resume(folder)
+        )
         raise Interrupted(
             f"stopped by {stop.received} at step {optimizer_step(model)}, checkpoint written "
-            f"to {folder}; {_how_to_resume(folder)}",
-            exit_code=130 if stop.received == "SIGINT" else 143,
+            f"to {folder}; {resume}",
+            exit_code=128 + signal.Signals[stop.received],
         )
     reached = optimizer_step(model)
     if reached % trainer.eval_every:

@@ -17,9 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 MASK = "***"
 
 # Hydra writes an override's colons escaped: tracking.uri=http\://user\:secret@host
-_PASSWORD = re.compile(
-    r"(?P<keep>\b[a-zA-Z][a-zA-Z0-9+.-]*\\?://[^\s/:@\\]*\\?:)[^\s/@]+(?=@)"
-)
+_PASSWORD = re.compile(r"(?P<keep>\b[a-zA-Z][a-zA-Z0-9+.-]*\\?://[^\s/:@\\]*\\?:)[^\s/@]+(?=@)")
 _SECRET_PARAMETER = re.compile(
     r"(?P<keep>[?&][^\s=&#]*(?:token|password|passwd|pwd|secret|key|sig|signature|credential)"
     r"[^\s=&#]*=)[^\s&#'\"]+",

@@ -14,7 +14,7 @@ import time
 import urllib.request
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner import access, environment, plots
 from runner.data import Split, Splits
-from runner.errors import Interrupted, UserError
+from runner.errors import Interrupted, ServerLost, UserError
 from runner.masking import mask
 from runner.sweep import SweepJob
 from runner.targets import label
@@ -43,16 +43,36 @@ class Recorder:
 
     Metrics wait in memory, stamped with the time they were logged, until `flush` writes them in
     one batch, which `log_metrics` does once `flush_every_s` seconds have passed since the last.
-    A resumed run starts from the histories already in MLflow and skips any step logged before
-    the interruption, so each metric keeps one value a step."""
+    A resumed run starts from the histories already in MLflow, and the metrics its checkpoint
+    holds as `unrecorded`, and skips any step logged before the interruption, so each metric
+    keeps one value a step.
 
-    def __init__(self, run_id: str, history: dict | None = None, flush_every_s: float = 0.0):
+    A tracking server that does not answer (restarted, or gone) does not stop training: its
+    metrics stay in memory, and in each checkpoint, and are written once it answers again. After
+    `patience_s` seconds without an answer the recorder is `lost`, and training stops."""
+
+    def __init__(
+        self,
+        run_id: str,
+        history: dict | None = None,
+        flush_every_s: float = 0.0,
+        patience_s: float = 0.0,
+        unrecorded: list[list[Any]] | None = None,
+    ):
         self.run_id = run_id
         self.history: dict[str, list[tuple[int, float]]] = history or {}
         self._logged = {(key, step) for key, points in self.history.items() for step, _ in points}
         self.flush_every_s = flush_every_s
+        self.patience_s = patience_s
         self._pending: list[Metric] = []
+        for key, value, timestamp, step in unrecorded or []:
+            if (key, step) not in self._logged:
+                self.history.setdefault(key, []).append((step, value))
+                self._logged.add((key, step))
+                self._pending.append(Metric(key, value, timestamp, step))
         self._flushed_at = time.monotonic()
+        self._unanswered_since: float | None = None
+        self.lost = False
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now_ms = int(time.time() * 1000)
@@ -64,12 +84,41 @@ class Recorder:
         if time.monotonic() - self._flushed_at >= self.flush_every_s:
             self.flush()
 
-    def flush(self) -> None:
-        """Write the metrics logged since the last flush."""
-        if self._pending:
-            mlflow.MlflowClient().log_batch(self.run_id, metrics=self._pending)
-            self._pending = []
+    def flush(self, final: bool = False) -> None:
+        """Write the metrics logged since the last flush. Unless `final`, a server that does not
+        answer is tried once, and the metrics kept for the next flush."""
         self._flushed_at = time.monotonic()
+        client = mlflow.MlflowClient()
+        while self._pending:
+            batch = self._pending[:_BATCH]  # the most MLflow takes in one log_batch
+            try:
+                with nullcontext() if final else _one_attempt():
+                    client.log_batch(self.run_id, metrics=batch)
+            except MlflowException as error:
+                if final or not _unanswered(error):
+                    raise
+                self._not_answered(error)
+                return
+            del self._pending[: len(batch)]
+        if self._unanswered_since is not None:
+            log.warning("the MLflow tracking server answers again: its metrics are written")
+            self._unanswered_since = None
+
+    def _not_answered(self, error: MlflowException) -> None:
+        now = time.monotonic()
+        if self._unanswered_since is None:
+            self._unanswered_since = now
+            log.warning(
+                "the MLflow tracking server does not answer (%s): training goes on, and its "
+                "metrics wait in memory and in the checkpoints for up to %g s",
+                error.message.split(" failed with exception ")[-1][:200],
+                self.patience_s,
+            )
+        self.lost = now - self._unanswered_since >= self.patience_s
+
+    def unrecorded(self) -> list[list[Any]]:
+        """The metrics not yet written, as [key, value, timestamp, step], for a checkpoint."""
+        return [[m.key, m.value, m.timestamp, m.step] for m in self._pending]
 
     def set_tag(self, key: str, value: str) -> None:
         mlflow.MlflowClient().set_tag(self.run_id, key, value)
@@ -116,6 +165,7 @@ def mlflow_run(
     resume_run_id: str | None = None,
     sweep_job: SweepJob | None = None,
     extends: bool = False,
+    unrecorded: list[list[Any]] | None = None,
 ) -> Iterator[Recorder]:
     """One MLflow run around the training; ends FAILED (with an `error` tag) if anything raises.
 
@@ -124,7 +174,11 @@ def mlflow_run(
     `resume_run_id` it reopens that run, whose config is already logged; with `extends` too, it
     starts a new run that carries that run's history on under the new config (tagged
     `extends`), since MLflow's params cannot change. A new run of a `sweep_job` is nested under
-    the sweep's parent run. Call `open_store` first.
+    the sweep's parent run; `unrecorded` are the metrics the resumed checkpoint holds that the
+    server had not taken. Call `open_store` first.
+
+    A run whose server stopped answering (`ServerLost`) stays RUNNING there, if the server
+    cannot be told, and is reopened by its resume.
     """
     hydra_dir = _hydra_record_dir()
     reopen = resume_run_id if not extends else None
@@ -152,15 +206,54 @@ def mlflow_run(
                 _log_dataset(splits, cfg.data)
             _log_environment(splits.digests)
             mlflow.set_tags(tags or {})
-            recorder = Recorder(run_id, history, cfg.tracking.metrics_flush_every_s)
+            recorder = Recorder(
+                run_id,
+                history,
+                cfg.tracking.metrics_flush_every_s,
+                cfg.tracking.server_patience_s,
+                unrecorded,
+            )
             yield recorder
-            recorder.flush()
-        except BaseException as error:
-            _keep_metrics(recorder)
-            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
-            if isinstance(error, Interrupted | KeyboardInterrupt):
-                mlflow.end_run("KILLED")  # the context manager would record FAILED
+            recorder.flush(final=True)
+        except ServerLost as error:
+            _leave(error, "KILLED")
             raise
+        except MlflowException as error:
+            if not _unanswered(error):
+                _fail(error, recorder)
+                raise
+            _leave(error, "FAILED")  # MLflow has retried for minutes already
+            raise UserError(
+                f"the MLflow tracking server {mask(cfg.tracking.uri)} stopped answering "
+                f"({mask(error.message)[:300]}): start it again, then run the command again"
+            ) from None
+        except BaseException as error:
+            _fail(error, recorder)
+            raise
+
+
+def _fail(error: BaseException, recorder: Recorder | None) -> None:
+    """End the active run FAILED, or KILLED if interrupted, with its error as a tag."""
+    _keep_metrics(recorder)
+    mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+    if isinstance(error, Interrupted | KeyboardInterrupt):
+        mlflow.end_run("KILLED")  # the context manager would record FAILED
+
+
+def _leave(error: BaseException, status: str) -> None:
+    """End the active run on a server that does not answer: tried once each, so that the run is
+    told if the server is back, and otherwise left RUNNING there for its resume to reopen."""
+    with _one_attempt(), suppress(MlflowException):
+        mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+    with _one_attempt(), suppress(MlflowException):
+        mlflow.end_run(status)  # leaves MLflow's stack of runs even when the server is away
+
+
+def _unanswered(error: MlflowException) -> bool:
+    """Whether a tracking server failed to answer, rather than refused a request."""
+    return mlflow.get_tracking_uri().startswith(("http://", "https://")) and (
+        error.get_http_status_code() >= 500
+    )
 
 
 def _keep_metrics(recorder: Recorder | None) -> None:
@@ -211,6 +304,25 @@ def _carry_on(
 
 
 _BATCH = 1000
+
+
+@contextmanager
+def _one_attempt() -> Iterator[None]:
+    """MLflow's requests inside make one attempt of at most 30 s, instead of retrying for
+    minutes: a flush during training must not hold training up while the server is away."""
+    saved = {name: os.environ.get(name) for name in _RETRY_SETTINGS}
+    os.environ.update(_RETRY_SETTINGS)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+_RETRY_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 def open_store(uri: str, experiment_name: str) -> None:

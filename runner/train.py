@@ -19,6 +19,7 @@ from runner.config import check_config, register_configs, resume_mode
 from runner.errors import Interrupted, UserError, reported, run_hydra_app
 from runner.masking import install_log_masking, mask_hydra_record
 from runner.outputs import check_given_dirs, register_resolvers
+from runner.preemption import handed_on
 from runner.targets import importable_from_cwd
 
 register_configs()
@@ -50,7 +51,7 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
     from runner.tensorflow_logs import load_tensorflow
 
     load_tensorflow()  # before anything else imports it
-    from runner import checkpoints, data, devices, modeling
+    from runner import checkpoints, data, devices, modeling, preemption
     from runner.callbacks import terminate_as_interrupt
     from runner.fitting import (
         check_resumable,
@@ -69,8 +70,12 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
     log.info("devices: %s; %s", found.describe(), plan.describe())
     start_clean(cfg.seed, cfg.device.deterministic, plan.precision)
     splits = data.load(cfg.data)
-    mode = resume_mode(cfg.trainer)
-    resumed = checkpoints.resume_point(cfg, mode, splits.digests) if mode != "false" else None
+    mode = preemption.resume_mode(resume_mode(cfg.trainer), cfg.trainer.checkpoint_dir)
+    resumed = (
+        checkpoints.resume_point(cfg, mode, splits.digests, finish=preemption.requeued())
+        if mode != "false"
+        else None
+    )
     check_resumable(resumed.step if resumed else 0, plan)
     # trainer.resume=extend with more steps: a new run, as MLflow's params cannot change.
     extends = resumed is not None and resumed.settings.get("trainer.steps") != cfg.trainer.steps
@@ -86,7 +91,13 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
     with (
         terminate_as_interrupt(),
         tracking.mlflow_run(
-            cfg, splits, run_tags, resumed and resumed.run_id, job, extends
+            cfg,
+            splits,
+            run_tags,
+            resumed and resumed.run_id,
+            job,
+            extends,
+            resumed.unrecorded if resumed else None,
         ) as recorder,
     ):
         reached = fit(model, splits, cfg, recorder, plan, resumed, callbacks)
@@ -145,7 +156,7 @@ def main() -> None:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def run_hydra(cfg: DictConfig) -> float:
     mask_hydra_record()
-    with reported("runner"):
+    with reported("runner"), handed_on():
         try:
             return objective(cfg)
         except UserError as error:
