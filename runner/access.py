@@ -69,6 +69,17 @@ def check_credentials(uri: str) -> None:
         raise _refused("UNAUTHENTICATED", uri, None)
 
 
+def _is_admin(uri: str) -> bool:
+    """Whether the server's auth app knows this user as an admin, who may do anything."""
+    try:
+        answer = http_request(
+            get_default_host_creds(uri), "/api/2.0/mlflow/users/current", "GET", max_retries=0
+        )
+    except MlflowException:
+        return False
+    return answer.ok and bool(answer.json().get("user", {}).get("is_admin"))
+
+
 def check_can_record(uri: str, experiment_id: str, experiment: str) -> None:
     """Refuse, in one line, a user who may read `experiment` on the server at `uri` but not
     write runs into it. Servers without MLflow's auth app let everyone write."""
@@ -90,9 +101,10 @@ def check_can_record(uri: str, experiment_id: str, experiment: str) -> None:
     if answer.status_code == 404 or not answer.ok:  # no auth app: anyone may write
         return
     permission = answer.json().get("permission")
-    if permission not in _CAN_WRITE:
+    if permission not in _CAN_WRITE and not _is_admin(uri):
+        may = "only read" if permission in ("READ", "USE") else "not use"
         raise UserError(
-            f"user {user(uri)!r} may only {'read' if permission else 'not use'} experiment "
+            f"user {user(uri)!r} may {may} experiment "
             f"{experiment!r} on the MLflow tracking server {mask(uri)} (permission "
             f"{permission or 'none'}): ask its owner or the server's admin for EDIT on it, or "
             f"record into an experiment of your own with tracking.experiment_name=NAME"

@@ -9,8 +9,6 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +18,7 @@ import tensorflow as tf
 
 from runner.data import Split, batch_indices
 from runner.errors import UserError
+from runner.preemption import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +140,6 @@ class StepProgbar(keras.callbacks.ProgbarLogger):
             first = self.counter.step + 1
             last = first + self.target - 1
             print(f"Steps {first}-{last} of {self.total_steps}", flush=True)
-
-
-# Ctrl-C; a stop by `kill`, or by SLURM for a cancelled or requeued job; SLURM's notice of a
-# coming preemption or time limit (runner.preemption).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
 
 # StopOnSignal.received when the tracking server stopped answering (Recorder.lost).
@@ -305,23 +299,3 @@ class EarlyStopping(RunnerCallback):
                 step,
             )
             self.model.stop_training = True
-
-
-@contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """Outside the training steps (loading, testing, logging the model), SIGTERM and SIGUSR2
-    raise KeyboardInterrupt as Ctrl-C does, so the MLflow run ends KILLED instead of staying
-    RUNNING; the exception's argument names the signal."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(number: int, frame: Any) -> None:
-        raise KeyboardInterrupt(signal.Signals(number).name)
-
-    previous = {number: signal.signal(number, interrupt) for number in STOP_SIGNALS[1:]}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)

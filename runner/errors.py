@@ -1,6 +1,7 @@
 """Errors that a user caused and can fix: reported as one clear line, without a traceback."""
 
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,19 +39,28 @@ class ServerLost(UserError):
 @contextmanager
 def reported(command: str) -> Iterator[None]:
     """Every command's handling of a `UserError`: `COMMAND: error: MESSAGE` on stderr, one line,
-    and exit with the error's code."""
+    and exit with the error's code; of Ctrl-C (or a signal raised as it), one line too."""
     try:
         yield
     except UserError as error:
         print(f"{command}: error: {mask(str(error))}", file=sys.stderr)
         raise SystemExit(error.exit_code) from None
+    except KeyboardInterrupt as error:  # before or after training, which says more itself
+        stopped_by = str(error) if str(error) in signal.Signals.__members__ else "SIGINT"
+        print(f"{command}: stopped by {stopped_by}", file=sys.stderr)
+        raise SystemExit(128 + signal.Signals[stopped_by]) from None
 
 
-def run_hydra_app(command: str, app: Callable[[], Any]) -> None:
+def run_hydra_app(
+    command: str,
+    app: Callable[[], Any],
+    explain: Callable[[BaseException], str | None] | None = None,
+) -> None:
     """Run the `@hydra.main` function `app` as the command `command`. Hydra's own errors (an
     unknown option, a misspelt key, a value of the wrong type, a YAML file that does not parse)
-    are told in one line, as a
-    `UserError` is, instead of Hydra's report of several; HYDRA_FULL_ERROR=1 still shows that."""
+    are told in one line, as a `UserError` is, instead of Hydra's report of several;
+    HYDRA_FULL_ERROR=1 still shows that. So is any other error that `explain` turns into a
+    message (a launcher's lost job, say)."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         with reported(command):
             app()
@@ -63,9 +73,7 @@ def run_hydra_app(command: str, app: Callable[[], Any]) -> None:
         print(f"{command}: error: {mask(misspelt_key(error) or one_line(error))}", file=sys.stderr)
         raise SystemExit(1) from None
     except Exception as error:
-        from runner.slurm import job_failure  # a SLURM job lost: its id, state and log
-
-        message = job_failure(error)
+        message = explain(error) if explain else None
         if message is None:
             raise
         print(f"{command}: error: {mask(message)}", file=sys.stderr)

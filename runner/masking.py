@@ -9,15 +9,20 @@ record still says which server and which user.
 """
 
 import logging
+import os
 import re
+import sys
+import traceback
+import warnings
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 
 MASK = "***"
 
-# Hydra writes an override's colons escaped: tracking.uri=http\://user\:secret@host
-_PASSWORD = re.compile(r"(?P<keep>\b[a-zA-Z][a-zA-Z0-9+.-]*\\?://[^\s/:@\\]*\\?:)[^\s/@]+(?=@)")
+# Hydra writes an override's colons escaped: tracking.uri=http\://user\:secret@host. A password
+# may hold "/" (SQLAlchemy takes it) and runs to the token's last "@".
+_PASSWORD = re.compile(r"(?P<keep>\b[a-zA-Z][a-zA-Z0-9+.-]*\\?://[^\s/:@\\]*\\?:)\S+(?=@)")
 _SECRET_PARAMETER = re.compile(
     r"(?P<keep>[?&][^\s=&#]*(?:token|password|passwd|pwd|secret|key|sig|signature|credential)"
     r"[^\s=&#]*=)[^\s&#'\"]+",
@@ -41,8 +46,8 @@ def mask_files(*paths: Path) -> None:
             continue
         text = path.read_text()
         masked = mask(text)
-        if masked != text:
-            temporary = path.with_name(f".{path.name}.masking")
+        if masked != text:  # jobs starting at once may each mask the sweep's multirun.yaml
+            temporary = path.with_name(f".{path.name}.masking-{os.getpid()}")
             temporary.write_text(masked)
             temporary.replace(path)  # whole, even for a reader of the folder at that moment
 
@@ -61,22 +66,37 @@ def mask_hydra_record() -> None:
     mask_files(*files)
 
 
-def install_log_masking() -> None:
-    """Mask secrets in every log record from now on, whichever logger or handler writes it:
-    Hydra's launchers log each job's overrides, and MLflow the run's address."""
+def install_masking() -> None:
+    """Mask secrets in every log record from now on, whichever logger or handler writes it
+    (Hydra's launchers log each job's overrides, and MLflow the run's address), and in the
+    tracebacks and warnings Python prints."""
     factory = logging.getLogRecordFactory()
     if getattr(factory, "masks_secrets", False):
         return
+    sys.excepthook = _masked_excepthook
+    printed = warnings.showwarning
+
+    def masked_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        printed(mask(str(message)), category, filename, lineno, file, line)
+
+    warnings.showwarning = masked_warning
 
     def masking_factory(*args: object, **kwargs: object) -> logging.LogRecord:
         record = factory(*args, **kwargs)
         try:
             message = record.getMessage()
-        except (TypeError, ValueError):  # a bad format: the handler reports it as usual
+        except Exception:  # a bad format or argument: the handler reports it as usual
             return record
         if "//" in message:
             record.msg, record.args = mask(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = mask("".join(traceback.format_exception(*record.exc_info)).rstrip())
         return record
 
     masking_factory.masks_secrets = True  # type: ignore[attr-defined]
     logging.setLogRecordFactory(masking_factory)
+
+
+def _masked_excepthook(kind: type[BaseException], error: BaseException, tb) -> None:
+    text = "".join(traceback.format_exception(kind, error, tb))
+    print(mask(text), end="", file=sys.stderr)

@@ -1,25 +1,29 @@
 """A SLURM job preempted, requeued or near its time limit: checkpointed, requeued, carried on.
 
-SLURM warns a job with SIGUSR2 (submitit's `--signal=USR2@signal_delay_s`) before its time limit
-or a preemption, and stops a job it requeues (`scontrol requeue`) or cancels with SIGTERM. On
-either, the runner stops training at the end of the step under way, writes a checkpoint and
-ends the MLflow run KILLED (runner.callbacks.StopOnSignal). SIGUSR2 is then handed to submitit's
-own handler, which calls the launcher's `checkpoint` (resubmit the same job) and requeues it.
-The requeued job runs the same command again; seeing `SLURM_RESTART_COUNT`, it carries on from
-the checkpoint in the same MLflow run, as `trainer.resume=true` would.
+SLURM warns a job with SIGUSR2 (submitit's `--signal=USR2@signal_delay_s`) before its time
+limit, and before a preemption where the cluster says so (`PreemptParameters=send_user_signal`);
+it stops a job it requeues (`scontrol requeue`, or a preemption without that setting) or cancels
+with SIGTERM. On either, the runner stops training at the end of the step under way, writes a
+checkpoint and ends the MLflow run KILLED (runner.callbacks.StopOnSignal). SIGUSR2 is then
+handed to submitit's own handler, which calls the launcher's `checkpoint` (resubmit the same
+job) and requeues it. The requeued job runs the same command again; seeing
+`SLURM_RESTART_COUNT`, it carries on from the checkpoint in the same MLflow run, as
+`trainer.resume=true` would.
 """
 
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from runner.errors import Interrupted
 
 # SLURM's notice of a coming preemption or time limit, as submitit asks for it.
 NOTICE = signal.SIGUSR2
+# Ctrl-C; a stop by `kill`, or by SLURM for a cancelled or requeued job; SLURM's notice.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, NOTICE)
 
 
 def requeued() -> bool:
@@ -27,20 +31,38 @@ def requeued() -> bool:
     return int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
 
 
-def resume_mode(configured: str, checkpoint_dir: str) -> str:
+def resume_as(configured: str, has_checkpoint: bool) -> str:
     """`trainer.resume` for this job: `true` in a requeued job whose earlier start wrote a
-    checkpoint, as configured otherwise."""
-    from runner.checkpoints import latest
+    checkpoint (`has_checkpoint`), as configured otherwise."""
+    return "true" if configured == "false" and requeued() and has_checkpoint else configured
 
-    if configured == "false" and requeued() and latest(Path(checkpoint_dir)) is not None:
-        return "true"
-    return configured
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Outside the training steps (starting, loading, testing, logging the model), SIGTERM and
+    SIGUSR2 raise KeyboardInterrupt as Ctrl-C does, its argument naming the signal: the MLflow
+    run ends KILLED instead of staying RUNNING, and a SLURM job stopped while it starts ends at
+    once, rather than when SLURM kills it (submitit only logs SIGTERM)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(number: int, frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(number).name)
+
+    previous = {number: signal.signal(number, interrupt) for number in STOP_SIGNALS[1:]}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 @contextmanager
 def handed_on() -> Iterator[None]:
-    """Hand a stop by SLURM's notice, once the runner has checkpointed and closed its run, to
-    the handler that was there before (submitit's, which requeues the job and exits)."""
+    """Hand a stop by SLURM's notice, once the runner has closed its run (with a checkpoint,
+    if it came during training), to the handler that was there before (submitit's, which
+    requeues the job and exits)."""
     try:
         yield
     except Interrupted as error:

@@ -100,6 +100,7 @@ class Recorder:
                 self._not_answered(error)
                 return
             del self._pending[: len(batch)]
+        self.lost = False
         if self._unanswered_since is not None:
             log.warning("the MLflow tracking server answers again: its metrics are written")
             self._unanswered_since = None
@@ -235,7 +236,7 @@ def mlflow_run(
 def _fail(error: BaseException, recorder: Recorder | None) -> None:
     """End the active run FAILED, or KILLED if interrupted, with its error as a tag."""
     _keep_metrics(recorder)
-    mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+    mlflow.set_tag("error", _error_tag(error))
     if isinstance(error, Interrupted | KeyboardInterrupt):
         mlflow.end_run("KILLED")  # the context manager would record FAILED
 
@@ -244,9 +245,14 @@ def _leave(error: BaseException, status: str) -> None:
     """End the active run on a server that does not answer: tried once each, so that the run is
     told if the server is back, and otherwise left RUNNING there for its resume to reopen."""
     with _one_attempt(), suppress(MlflowException):
-        mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+        mlflow.set_tag("error", _error_tag(error))
     with _one_attempt(), suppress(MlflowException):
         mlflow.end_run(status)  # leaves MLflow's stack of runs even when the server is away
+
+
+def _error_tag(error: BaseException) -> str:
+    """The `error` tag: the exception's type and message, as MLflow's may hold the URI."""
+    return mask(f"{type(error).__name__}: {error}")[:5000]
 
 
 def _unanswered(error: MlflowException) -> bool:
@@ -308,7 +314,7 @@ _BATCH = 1000
 
 @contextmanager
 def _one_attempt() -> Iterator[None]:
-    """MLflow's requests inside make one attempt of at most 30 s, instead of retrying for
+    """MLflow's requests inside make one attempt of at most 10 s, instead of retrying for
     minutes: a flush during training must not hold training up while the server is away."""
     saved = {name: os.environ.get(name) for name in _RETRY_SETTINGS}
     os.environ.update(_RETRY_SETTINGS)
@@ -322,7 +328,7 @@ def _one_attempt() -> Iterator[None]:
                 os.environ[name] = value
 
 
-_RETRY_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+_RETRY_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def open_store(uri: str, experiment_name: str) -> None:
@@ -435,7 +441,10 @@ def connect(uri: str) -> None:
 def _log_config(cfg: DictConfig, hydra_dir: Path | None) -> None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     mlflow.log_params(
-        {key: mask(value) if isinstance(value, str) else value for key, value in flatten(resolved)}
+        {
+            key: value if value is None or isinstance(value, int | float) else mask(str(value))
+            for key, value in flatten(resolved)
+        }
     )
     mlflow.set_tags({"model": label(cfg.model), "optimizer": label(cfg.optimizer)})
     mlflow.log_text(mask(OmegaConf.to_yaml(resolved)), "config.yaml")
@@ -449,7 +458,7 @@ def _log_dataset(splits: Splits, data: DictConfig) -> None:
     from mlflow.data import from_numpy
 
     digest = hashlib.sha256("".join(sorted(splits.digests.values())).encode()).hexdigest()[:16]
-    source = str(data.get("path") or data.get("dir") or data.get("_target_"))
+    source = mask(str(data.get("path") or data.get("dir") or data.get("_target_")))
     for context, split in (
         ("training", splits.train),
         ("validation", splits.validation),

@@ -14,17 +14,16 @@ import hydra
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
-from runner import sweep
+from runner import preemption, sweep
 from runner.config import check_config, register_configs, resume_mode
 from runner.errors import Interrupted, UserError, reported, run_hydra_app
-from runner.masking import install_log_masking, mask_hydra_record
+from runner.masking import install_masking, mask_hydra_record
 from runner.outputs import check_given_dirs, register_resolvers
-from runner.preemption import handed_on
 from runner.targets import importable_from_cwd
 
 register_configs()
 register_resolvers()
-install_log_masking()  # here, as each sweep job's process imports this module too
+install_masking()  # here, as each sweep job's process imports this module too
 log = logging.getLogger(__name__)
 # hydra-optuna-sweeper 1.3 speaks Optuna 2's API, which Optuna 4 and 5 still take, with a
 # FutureWarning for every deprecated sampler argument and distribution it passes: noise to users.
@@ -51,8 +50,7 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
     from runner.tensorflow_logs import load_tensorflow
 
     load_tensorflow()  # before anything else imports it
-    from runner import checkpoints, data, devices, modeling, preemption
-    from runner.callbacks import terminate_as_interrupt
+    from runner import checkpoints, data, devices, modeling
     from runner.fitting import (
         check_resumable,
         configured_callbacks,
@@ -70,7 +68,9 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
     log.info("devices: %s; %s", found.describe(), plan.describe())
     start_clean(cfg.seed, cfg.device.deterministic, plan.precision)
     splits = data.load(cfg.data)
-    mode = preemption.resume_mode(resume_mode(cfg.trainer), cfg.trainer.checkpoint_dir)
+    mode = preemption.resume_as(
+        resume_mode(cfg.trainer), checkpoints.latest(Path(cfg.trainer.checkpoint_dir)) is not None
+    )
     resumed = (
         checkpoints.resume_point(cfg, mode, splits.digests, finish=preemption.requeued())
         if mode != "false"
@@ -89,7 +89,7 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
         modeling.check_loss(model, cfg, splits.train.x, splits.train.y)
     run_tags = {**found.tags(), **plan.tags(), **(tags or {})}
     with (
-        terminate_as_interrupt(),
+        preemption.terminate_as_interrupt(),
         tracking.mlflow_run(
             cfg,
             splits,
@@ -150,13 +150,22 @@ def main() -> None:
     with reported("runner"):
         check_given_dirs(sys.argv[1:])
     importable_from_cwd()
-    run_hydra_app("runner", run_hydra)
+    run_hydra_app("runner", run_hydra, explain=_lost_job)
+
+
+def _lost_job(error: BaseException) -> str | None:
+    """A sweep's SLURM job that ended without its result, in one line: its id, state and log."""
+    if "submitit" not in sys.modules:
+        return None
+    from runner.slurm import job_failure
+
+    return job_failure(error)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def run_hydra(cfg: DictConfig) -> float:
     mask_hydra_record()
-    with reported("runner"), handed_on():
+    with reported("runner"), preemption.handed_on(), preemption.terminate_as_interrupt():
         try:
             return objective(cfg)
         except UserError as error:
