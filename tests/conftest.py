@@ -20,6 +20,10 @@ from runner.train import compose
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Services started once per test session, for every module that asks for them by name: a team
+# tracking server on PostgreSQL (`team_server`) and a one-node SLURM cluster (`slurm_cluster`).
+pytest_plugins = ["tests.team_server", "tests.slurm_cluster"]
+
 
 def mnist_path() -> Path:
     """MNIST_DIR; else data/mnist, where `uv run runner` downloads it; else CI's ../shared copy."""

@@ -2,7 +2,7 @@
 127.0.0.1, configured in a temporary folder, started once per test session and stopped by
 their process ids afterwards. Commands find it through `SLURM_CONF` in `SlurmCluster.env`.
 
-A test module gets the fixture with `from .slurm_cluster import slurm_cluster  # noqa: F401`
+A test module asks for the fixture by name (tests/conftest.py registers this module as a plugin)
 and keeps its tests on one xdist worker (`pytest.mark.xdist_group("slurm")`), so that they
 share one cluster."""
 

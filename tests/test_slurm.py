@@ -3,6 +3,7 @@ and submitit's sbatch: the runs it records, the job script it writes, what a clu
 accounting prints, jobs that sbatch refuses, and a job cancelled while it trains."""
 
 import re
+import shlex
 import sqlite3
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from .conftest import QUICK, cli, parents_and_children
-from .slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401
+from .slurm_cluster import SlurmCluster
+from .team_server import readme_commands
 
 # One worker runs every SLURM test: they share one cluster, and the sweep below.
 pytestmark = pytest.mark.xdist_group("slurm")
@@ -31,17 +33,22 @@ def on_cpus(cluster: SlurmCluster) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def sweep(slurm_cluster, tmp_path_factory, mnist_dir):  # noqa: F811
-    """A sweep of 2 jobs on the cluster: (its folder, the command's result)."""
+def sweep(slurm_cluster, tmp_path_factory, mnist_dir):
+    """A sweep of 2 jobs on the cluster, the README's ("For a team") on this cluster's partition
+    without GPUs: (its folder, the command's result)."""
     work = tmp_path_factory.mktemp("slurm_sweep")
-    args = ["-m", *on_cpus(slurm_cluster), "seed=1,2", *QUICK]
+    [line] = [c for c in readme_commands() if "hydra/launcher=slurm" in c]
+    readme = shlex.split(line)[3:]  # after `uv run runner`
+    assert readme[:2] == ["-m", "hydra/launcher=slurm"] and "seed=1,2" in readme, line
+    chosen = [a for a in readme if not a.startswith("hydra.launcher.partition=")]
+    args = [*chosen, *on_cpus(slurm_cluster)[1:], *QUICK]
     env = {"SLURM_CONF": slurm_cluster.env["SLURM_CONF"]}
     result = cli("runner", *args, cwd=work, mnist_dir=mnist_dir, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return work, result
 
 
-def test_sweep_runs_its_jobs_with_sbatch_as_children_of_one_parent(sweep, slurm_cluster):  # noqa: F811
+def test_sweep_runs_its_jobs_with_sbatch_as_children_of_one_parent(sweep, slurm_cluster):
     work, _ = sweep
     [parent], children = parents_and_children(work)
     assert parent.info.status == "FINISHED"
@@ -78,7 +85,7 @@ def test_a_cluster_without_accounting_says_so_once(sweep):
     assert output.count("SLURM accounting is off on this cluster, so sacct cannot tell") == 1
 
 
-def test_a_job_the_cluster_cannot_run_is_refused_in_one_line(slurm_cluster, tmp_path, mnist_dir):  # noqa: F811
+def test_a_job_the_cluster_cannot_run_is_refused_in_one_line(slurm_cluster, tmp_path, mnist_dir):
     """The preset's one GPU a job, on a cluster without any: sbatch refuses the jobs, and the
     command says so in one line that says what to change."""
     args = ["-m", "hydra/launcher=slurm", f"hydra.launcher.partition={slurm_cluster.partition}"]
@@ -96,7 +103,7 @@ def test_a_job_the_cluster_cannot_run_is_refused_in_one_line(slurm_cluster, tmp_
     assert parent.info.status == "FAILED" and children == []
 
 
-def test_a_cancelled_job_fails_the_sweep_in_one_line(slurm_cluster, tmp_path, mnist_dir):  # noqa: F811
+def test_a_cancelled_job_fails_the_sweep_in_one_line(slurm_cluster, tmp_path, mnist_dir):
     """scancel while job #1 trains: its run ends KILLED, job #0 still finishes, the parent
     run ends FAILED, and the command names the job in one line, without a traceback."""
     args = ["-m", *on_cpus(slurm_cluster), "trainer.steps=30,30000", *QUICK]

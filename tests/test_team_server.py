@@ -67,7 +67,7 @@ def test_readme_points_the_runner_at_the_server_without_credentials_in_the_uri(t
     sweep, compare, slurm = (split(c) for c in team_server.runner_commands)
     assert sweep[:2] == ["runner", "-m"] and "hydra/launcher=joblib" in sweep
     assert compare == ["runner-compare"]
-    # The SLURM line composes to submitit's SLURM launcher (tests/test_slurm.py runs such sweeps).
+    # The SLURM line composes to submitit's SLURM launcher (tests/test_slurm.py runs it).
     assert slurm[:2] == ["runner", "-m"]
     launcher = compose_config(
         [a.split(",")[0] if a.startswith("seed=") else a for a in slurm[2:]], hydra=True

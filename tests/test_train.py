@@ -220,6 +220,27 @@ def test_sigterm_after_training_ends_the_run_killed(in_tmp_store, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) == before, "the handler is put back"
 
 
+def test_sigterm_while_starting_stops_at_once_in_one_line(tmp_path, mnist_dir):
+    """SIGTERM before training (here while TensorFlow loads) ends the command at once, as a
+    SLURM job cancelled or requeued while it starts must, since submitit ignores SIGTERM."""
+    import signal
+    import time
+
+    command = [str(Path(sys.executable).with_name("runner")), *QUICK]
+    env = {**os.environ, "MNIST_DIR": str(mnist_dir)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    started = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    while not list(tmp_path.glob("outputs/*/*/.hydra/config.yaml")):  # Hydra calls the job
+        assert started.poll() is None, started.communicate()[1]
+        time.sleep(0.05)
+    time.sleep(0.5)
+    started.send_signal(signal.SIGTERM)
+    _, stderr = started.communicate(timeout=60)
+    assert started.returncode == 143, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "runner: stopped by SIGTERM"
+    assert "Traceback" not in stderr and "devices:" not in stderr
+
+
 def test_runner_returns_the_optimized_metric_for_sweepers(in_tmp_store):
     value = objective(compose_config([*QUICK, "model=softmax", "optimized_metric=val/loss"]))
     assert value == mlflow.last_active_run().data.metrics["val/loss"]
