@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 
 from runner.checkpoints import latest
 
-from .conftest import QUICK, cli, only_run, parents_and_children, store_client
+from .conftest import QUICK, only_run, parents_and_children, store_client
 from .test_slurm import on_cpus
 
 pytestmark = pytest.mark.xdist_group("slurm")
@@ -97,14 +97,22 @@ def test_requeued_and_timed_out_jobs_carry_on_in_their_runs_to_the_same_result(
         time.sleep(0.2)
     [array] = {p.name.split("_")[0] for p in (tmp_path / "multirun").glob("*/*/.submitit/*_0")}
     slurm_cluster.run("scontrol", "requeue", f"{array}_0")
-    out, err = sweep.communicate(timeout=400)
-    assert sweep.returncode == 0, err[-3000:]
-
-    alone_dir = tmp_path / "alone"  # the same config, never stopped, in a store of its own
+    # Meanwhile, while job #1 waits for its signal: the same config, never stopped, in a store
+    # of its own.
+    alone_dir = tmp_path / "alone"
     alone_dir.mkdir()
     (alone_dir / "hold.py").write_text(HOLD)
-    reference = cli("runner", *QUICK, *STEPS, *hold, cwd=alone_dir, mnist_dir=mnist_dir)
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    reference = subprocess.Popen(
+        [str(Path(sys.executable).with_name("runner")), *QUICK, *STEPS, *hold],
+        cwd=alone_dir,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _, err = sweep.communicate(timeout=400)
+    assert sweep.returncode == 0, err[-3000:]
+    _, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err[-3000:]
     alone = only_run(alone_dir)
     expected = _histories(store_client(alone_dir), alone.info.run_id)
 

@@ -167,5 +167,10 @@ def test_mlflow_records_straight_into_the_servers_postgresql_database(
     assert run.info.status == "FINISHED"
     assert run.data.metrics.keys() >= RESULTS
     assert len(client.get_metric_history(run.info.run_id, "val/accuracy")) == 1
+    # The database's password is in the URI: recorded and printed masked.
+    assert run.data.params["tracking.uri"] == team_server.db_uri.replace(
+        team_server.pg_password, "***"
+    )
+    assert team_server.pg_password not in result.stdout + result.stderr
     with team_server.as_user("admin"):
         assert MlflowClient(team_server.url).get_run(run.info.run_id).info.status == "FINISHED"
