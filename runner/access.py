@@ -35,23 +35,34 @@ def refusal(error: MlflowException, uri: str, experiment: str | None = None) -> 
 def _refused(code: str, uri: str, experiment: str | None) -> UserError | None:
     where = mask(uri)
     name = user(uri)
+    in_uri = urlsplit(uri).username is not None
+    credentials = "the user and password in the URI" if in_uri else _CREDENTIALS
     if code == "UNAUTHENTICATED":
         if name is None:
             return UserError(
                 f"the MLflow tracking server {where} asks who you are: set {_CREDENTIALS} "
                 f"to your user name and password there"
             )
+        if not in_uri and not get_default_host_creds(uri).password:
+            return UserError(
+                f"the MLflow tracking server {where} asks user {name!r} for a password: set "
+                f"MLFLOW_TRACKING_PASSWORD"
+            )
         return UserError(
             f"the MLflow tracking server {where} refused user {name!r}: the user does not exist "
-            f"there or the password is wrong; check {_CREDENTIALS}, or ask its admin for an "
+            f"there or the password is wrong; check {credentials}, or ask its admin for an "
             f"account"
         )
     if code == "PERMISSION_DENIED":
-        what = f"experiment {experiment!r}" if experiment else "this"
+        if experiment is None:
+            return UserError(
+                f"user {name!r} may not read this on the MLflow tracking server {where}: ask "
+                f"the owner of its experiment, or the server's admin, for READ permission"
+            )
         return UserError(
-            f"user {name!r} may not use {what} on the MLflow tracking server {where}: ask its "
-            f"owner or the server's admin for {'EDIT' if experiment else 'READ'} permission, "
-            f"or record elsewhere with tracking.experiment_name=NAME"
+            f"user {name!r} may not use experiment {experiment!r} on the MLflow tracking "
+            f"server {where}: ask its owner or the server's admin for EDIT permission, or "
+            f"record elsewhere with tracking.experiment_name=NAME"
         )
     return None
 

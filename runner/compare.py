@@ -185,12 +185,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    from mlflow.exceptions import MlflowException
+
     from runner import tracking
+    from runner.access import refusal
 
     uri = args.tracking_uri or tracking.default_uri()
     with reported("runner-compare"):
         tracking.connect(_existing_store(uri))
-        runs = select_runs(args.experiment, args.parent, args.all)
+        try:
+            runs = select_runs(args.experiment, args.parent, args.all)
+        except MlflowException as error:
+            raise refusal(error, uri) or error from None
         metrics, sort_by = chosen_metrics(runs, args.metrics, args.sort)
     sys.stdout.write(render(table(runs, metrics, sort_by), args.format))
 

@@ -68,10 +68,12 @@ def _model_of_run(run_id: str) -> str:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from runner.access import refusal
+
     try:
         run = mlflow.get_run(run_id)
-    except MlflowException:
-        raise UserError(
+    except MlflowException as error:
+        raise refusal(error, mlflow.get_tracking_uri()) or UserError(
             f"no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()}: run this "
             f"where the run was recorded, or set MLFLOW_TRACKING_URI"
         ) from None

@@ -99,6 +99,7 @@ def rerun(run_id: str, tracking_uri: str, overrides: list[str]) -> tuple[Any, An
     from omegaconf import OmegaConf
 
     from runner import tracking
+    from runner.access import refusal
     from runner.errors import UserError
     from runner.train import train
 
@@ -115,7 +116,9 @@ def rerun(run_id: str, tracking_uri: str, overrides: list[str]) -> tuple[Any, An
         original = client.get_run(run_id)
         logged = mlflow.artifacts.load_text(f"{original.info.artifact_uri}/config.yaml")
     except MlflowException as error:
-        raise UserError(f"cannot read run {run_id} in {tracking_uri}: {error.message}") from None
+        raise refusal(error, tracking_uri) or UserError(
+            f"cannot read run {run_id} in {tracking_uri}: {error.message}"
+        ) from None
     logged_cfg = OmegaConf.create(logged)
     if OmegaConf.select(logged_cfg, "model._target_") is None:
         commit = original.data.tags.get("git_commit", "its git_commit tag")

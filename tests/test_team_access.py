@@ -58,6 +58,27 @@ def test_a_user_who_may_not_record_is_told_in_one_line_before_training(
     assert len(runs_of(team_server)) == before
 
 
+def test_a_user_who_may_not_read_a_run_is_told_in_one_line(team_server, tmp_path, mnist_dir):
+    """bob may read alice's `mnist`, not an experiment she keeps to herself: runner-compare,
+    runner-eval and runner-repro each say so in one line, not that the run does not exist."""
+    with team_server.as_user("owner"):
+        client = MlflowClient(team_server.url)
+        found = client.search_experiments(filter_string="name = 'private'")
+        experiment = found[0].experiment_id if found else client.create_experiment("private")
+        run_id = client.create_run(experiment).info.run_id
+    told = "user 'bob' may not read this on the MLflow tracking server"
+    for command in (
+        ["runner-compare", "--experiment", "private"],
+        ["runner-eval", f"run_id={run_id}"],
+        ["runner-repro", run_id],
+    ):
+        result = cli(*command, cwd=tmp_path, mnist_dir=mnist_dir, env=team_server.env("reader"))
+        assert result.returncode == 1, result.stderr[-2000:]
+        line = result.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"{command[0]}: error: {told}"), result.stderr[-2000:]
+        assert "ask the owner of its experiment" in line and "Traceback" not in result.stderr
+
+
 def test_credentials_in_the_tracking_uri_are_masked_everywhere(team_server, tmp_path, mnist_dir):
     """alice's password in the URI itself, for a one-job sweep: it must appear in no parameter,
     tag, text artifact, run name, Hydra file or console line."""
