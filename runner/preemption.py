@@ -76,8 +76,8 @@ def handed_on() -> Iterator[None]:
 
 
 def will_requeue() -> bool:
-    """Whether a handler of SLURM's notice (submitit's) waits to requeue this job."""
-    return callable(signal.getsignal(NOTICE))
+    """Whether submitit runs this SLURM job, and so requeues it on SLURM's notice."""
+    return "SLURM_JOB_ID" in os.environ and "SUBMITIT_FOLDER" in os.environ
 
 
 def _hand_on() -> None:
