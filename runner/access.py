@@ -6,6 +6,7 @@ write: after the data and the model were built. `check_can_record` asks first, a
 becomes one line that names the user, what is missing and how to fix it.
 """
 
+from typing import Any
 from urllib.parse import urlsplit
 
 from mlflow.exceptions import MlflowException
@@ -70,25 +71,26 @@ def _refused(code: str, uri: str, experiment: str | None) -> UserError | None:
 def check_credentials(uri: str) -> None:
     """Refuse, in one line, missing or wrong credentials for the server at `uri`, before a
     command's first real request would raise them as a traceback."""
-    try:
-        answer = http_request(
-            get_default_host_creds(uri), "/api/2.0/mlflow/users/current", "GET", max_retries=0
-        )
-    except MlflowException:
-        return  # the server cannot answer now; the command's first request will tell
-    if answer.status_code == 401:
+    answer = _current_user(uri)
+    if answer is not None and answer.status_code == 401:
         raise _refused("UNAUTHENTICATED", uri, None)
 
 
 def _is_admin(uri: str) -> bool:
     """Whether the server's auth app knows this user as an admin, who may do anything."""
+    answer = _current_user(uri)
+    return answer is not None and answer.ok and bool(answer.json()["user"].get("is_admin"))
+
+
+def _current_user(uri: str) -> Any:
+    """The server's answer to who this user is (401 without valid credentials, 404 without the
+    auth app); None when it cannot answer now, which the command's first request will tell."""
     try:
-        answer = http_request(
+        return http_request(
             get_default_host_creds(uri), "/api/2.0/mlflow/users/current", "GET", max_retries=0
         )
     except MlflowException:
-        return False
-    return answer.ok and bool(answer.json().get("user", {}).get("is_admin"))
+        return None
 
 
 def check_can_record(uri: str, experiment_id: str, experiment: str) -> None:

@@ -58,6 +58,25 @@ def test_a_user_who_may_not_record_is_told_in_one_line_before_training(
     assert len(runs_of(team_server)) == before
 
 
+def test_the_admin_may_record_anywhere_although_mlflow_reports_read(team_server):
+    """MLflow's permission query answers READ for an admin on another user's experiment, where
+    at run time an admin may do anything: the admin is let through, a reader is not."""
+    from runner.access import check_can_record
+    from runner.errors import UserError
+
+    with team_server.as_user("admin"):
+        granted = team_server.api(
+            "3.0/mlflow/users/permissions/get",
+            username="admin",
+            resource_type="experiment",
+            resource_id=team_server.experiment_id,
+        )
+        assert granted["permission"] not in ("EDIT", "MANAGE")
+        check_can_record(team_server.url, team_server.experiment_id, team_server.experiment)
+    with team_server.as_user("reader"), pytest.raises(UserError, match="may only read"):
+        check_can_record(team_server.url, team_server.experiment_id, team_server.experiment)
+
+
 def test_a_user_who_may_not_read_a_run_is_told_in_one_line(team_server, tmp_path, mnist_dir):
     """bob may read alice's `mnist`, not an experiment she keeps to herself: runner-compare,
     runner-eval and runner-repro each say so in one line, not that the run does not exist."""
