@@ -23,17 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 # Services started once per test session, for every module that asks for them by name: a team
 # tracking server on PostgreSQL (`team_server`) and a one-node SLURM cluster (`slurm_cluster`).
 pytest_plugins = ["tests.team_server", "tests.slurm_cluster"]
-# Their groups' tests run on one worker each (xdist_group), for minutes: they go first, so that
-# the other tests fill both workers around them instead of one worker working on alone at the end.
-FIRST_GROUPS = ("team_server", "slurm")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def group(item: pytest.Item) -> str | None:
-        marker = item.get_closest_marker("xdist_group")
-        return marker.args[0] if marker and marker.args else None
-
-    items.sort(key=lambda item: group(item) not in FIRST_GROUPS)
 
 
 def mnist_path() -> Path:
