@@ -36,9 +36,6 @@ class Split:
     x: np.ndarray
     y: np.ndarray
 
-    def head(self, n: int | None) -> "Split":
-        return self if n is None else Split(self.x[:n], self.y[:n])
-
 
 @dataclass(frozen=True)
 class Splits:
@@ -63,19 +60,18 @@ def load(cfg: Any) -> Splits:
     """The `data` option's loader's arrays, checked, scaled and split as the tutorials split
     MNIST: the first `validation_size` training examples validate, the rest train; `limit`
     keeps the first examples of each split. uint8 pixels are scaled to [0, 1]."""
-    arrays, digests = _arrays(cfg)
-    x_train, y_train, x_test, y_test = arrays.values()
+    (x_train, y_train, x_test, y_test), digests, where = _arrays(cfg)
     n_val = cfg.validation_size
     if not 0 < n_val < len(y_train):
         raise UserError(
             f"data.validation_size={n_val} must be between 1 and {len(y_train) - 1}, "
             f"the training examples found"
         )
-    train_all, test = Split(x_train, y_train), Split(x_test, y_test)
+    n = cfg.limit
     return Splits(
-        train=Split(train_all.x[n_val:], train_all.y[n_val:]).head(cfg.limit),
-        validation=train_all.head(n_val).head(cfg.limit),
-        test=test.head(cfg.limit),
+        train=_split(x_train[n_val:][:n], y_train[n_val:][:n], f"{where}: x_train"),
+        validation=_split(x_train[:n_val][:n], y_train[:n_val][:n], f"{where}: x_train"),
+        test=_split(x_test[:n], y_test[:n], f"{where}: x_test"),
         num_classes=int(max(y_train.max(), y_test.max())) + 1,
         digests=digests,
     )
@@ -83,14 +79,15 @@ def load(cfg: Any) -> Splits:
 
 def load_test(cfg: Any) -> Split:
     """Only the test split (its first `limit` examples), for evaluating a trained model."""
-    _, _, x_test, y_test = _arrays(cfg)[0].values()
-    return Split(x_test, y_test).head(cfg.limit)
+    (_, _, x_test, y_test), _, where = _arrays(cfg)
+    return _split(x_test[: cfg.limit], y_test[: cfg.limit], f"{where}: x_test")
 
 
-def _arrays(cfg: Any) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """The loader's four arrays, checked: images (N, H, W) or (N, H, W, C) as float32 (uint8
-    scaled to [0, 1]) with a channel axis, labels as int32 (N,) in 0..K-1; and the SHA-256 of
-    each array as the loader returned it."""
+def _arrays(cfg: Any) -> tuple[list[np.ndarray], dict[str, str], str]:
+    """The loader's four arrays, checked: images (N, H, W, C), a channel axis added where
+    missing, labels as int32 (N,) in 0..K-1; the SHA-256 of each array as the loader returned
+    it; and the loader's name for messages. Images are scaled later (`_split`), only the rows a
+    run keeps, which makes a run with `data.limit` quick."""
     from runner import targets
 
     loaded = targets.build(cfg, "data", RUNNER_KEYS)
@@ -116,7 +113,8 @@ def _arrays(cfg: Any) -> tuple[dict[str, np.ndarray], dict[str, str]]:
             f"{where}: training images are {checked['x_train'].shape[1:]} but test images "
             f"{checked['x_test'].shape[1:]}"
         )
-    return {name: checked[name] for name in ARRAYS}, {name: _sha256(raw[name]) for name in ARRAYS}
+    digests = {name: _sha256(raw[name]) for name in ARRAYS}
+    return [checked[name] for name in ARRAYS], digests, where
 
 
 def _images(x: np.ndarray, where: str) -> np.ndarray:
@@ -125,16 +123,19 @@ def _images(x: np.ndarray, where: str) -> np.ndarray:
             f"{where} has shape {x.shape}: expected images of shape (N, height, width) or "
             f"(N, height, width, channels)"
         )
-    if x.ndim == 3:
-        x = x[..., np.newaxis]
-    if x.dtype == np.uint8:
-        return x.astype(np.float32) / 255.0
     if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
         raise UserError(f"{where} holds {x.dtype} values, not numbers")
+    return x[..., np.newaxis] if x.ndim == 3 else x
+
+
+def _split(x: np.ndarray, y: np.ndarray, where: str) -> Split:
+    """Images as float32, uint8 pixels scaled to [0, 1]."""
+    if x.dtype == np.uint8:
+        return Split(x.astype(np.float32) / 255.0, y)
     x = x.astype(np.float32)
     if not np.isfinite(x).all():
         raise UserError(f"{where} holds NaN or infinite values: the model would learn nothing")
-    return x
+    return Split(x, y)
 
 
 def _labels(y: np.ndarray, where: str) -> np.ndarray:

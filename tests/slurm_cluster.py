@@ -44,6 +44,19 @@ class SlurmCluster:
             command, env=self.env, capture_output=True, text=True, timeout=60, check=check
         )
 
+    def final_states(self, job: str, timeout_s: float = 60) -> list[str]:
+        """`<id> <state> <partition>` of each task of `job` once none is pending or running:
+        a task's result file is written a moment before SLURM marks it COMPLETED."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            queue = self.run("squeue", "-h", "-r", "-t", "all", "-o", "%i %T %P", "-j", job)
+            lines = sorted(queue.stdout.splitlines())
+            if time.monotonic() > deadline or not any(
+                state in line for line in lines for state in ("PENDING", "RUNNING", "COMPLETING")
+            ):
+                return lines
+            time.sleep(0.5)
+
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:

@@ -61,8 +61,7 @@ def test_sweep_runs_its_jobs_with_sbatch_as_children_of_one_parent(sweep, slurm_
     logs = sorted(Path(parent.data.tags["sweep.dir"]).glob(".submitit/*_[01]/*_log.out"))
     assert len(logs) == 2
     [array] = {path.parent.name.split("_")[0] for path in logs}
-    queue = slurm_cluster.run("squeue", "-h", "-r", "-t", "all", "-o", "%i %T %P", "-j", array)
-    assert sorted(queue.stdout.splitlines()) == [
+    assert slurm_cluster.final_states(array) == [
         f"{array}_{n} COMPLETED {slurm_cluster.partition}" for n in (0, 1)
     ]
 
