@@ -108,6 +108,7 @@ class DeviceConf:
 class TrackingConf:
     uri: str = MISSING
     experiment_name: str = MISSING
+    plots: bool = True
     system_metrics: bool = True
     system_metrics_every_s: float = 10.0
     metrics_flush_every_s: float = 5.0

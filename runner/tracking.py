@@ -125,12 +125,14 @@ class Recorder:
         mlflow.MlflowClient().set_tag(self.run_id, key, value)
 
     def log_test(self, test: Split, outputs: np.ndarray, loss: float, step: int) -> None:
-        """Test metrics at `step`, the last, the confusion matrix and the training curves."""
-        predicted = outputs.argmax(axis=1)
-        accuracy = float(np.mean(predicted == test.y))
+        """Test metrics at `step`, the last."""
+        accuracy = float(np.mean(outputs.argmax(axis=1) == test.y))
         self.log_metrics({"test/loss": loss, "test/accuracy": accuracy}, step=step)
         log.info("test accuracy %.4f, test loss %.4f", accuracy, loss)
-        confusion = plots.confusion_matrix(test.y, predicted, outputs.shape[1])
+
+    def log_plots(self, test: Split, outputs: np.ndarray) -> None:
+        """The test set's confusion matrix and the training curves, as PNG artifacts."""
+        confusion = plots.confusion_matrix(test.y, outputs.argmax(axis=1), outputs.shape[1])
         mlflow.log_figure(confusion, "plots/confusion_matrix.png")
         mlflow.log_figure(plots.training_curves(self.history), "plots/training_curves.png")
 

@@ -105,6 +105,8 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
             recorder.set_tag("stopped_early_at", str(reached))
         outputs, loss = evaluate_outputs(model, splits.test, cfg.data.eval_batch_size)
         recorder.log_test(splits.test, outputs, loss, reached)
+        if cfg.tracking.plots:
+            recorder.log_plots(splits.test, outputs)
         if cfg.trainer.log_model:
             recorder.log_model(model, splits.test.x[:8])
         return recorder.final_metrics()

@@ -243,4 +243,8 @@ def test_sigterm_while_starting_stops_at_once_in_one_line(tmp_path, mnist_dir):
 
 def test_runner_returns_the_optimized_metric_for_sweepers(in_tmp_store):
     value = objective(compose_config([*QUICK, "model=softmax", "optimized_metric=val/loss"]))
-    assert value == mlflow.last_active_run().data.metrics["val/loss"]
+    run = mlflow.last_active_run()
+    assert value == run.data.metrics["val/loss"]
+    # debug=quick draws no plots (tracking.plots=false), which take a second of a quick run.
+    artifacts = artifact_paths(store_client(in_tmp_store), run.info.run_id)
+    assert "config.yaml" in artifacts and not any(a.startswith("plots/") for a in artifacts)
