@@ -1,6 +1,7 @@
 """Shared fixtures: the real MNIST folder, composed configs, and a scratch MLflow store."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -52,9 +53,22 @@ def compose_config(overrides: list[str] = (), hydra: bool = False) -> DictConfig
     return compose(overrides, with_hydra=hydra)
 
 
+@pytest.fixture(scope="session")
+def new_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A new embedded store's database, made once: MLflow makes one through some fifty schema
+    migrations, a second of CPU that each test would otherwise spend again."""
+    database = tmp_path_factory.mktemp("new_store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{database}").search_experiments()
+    return database
+
+
 @pytest.fixture
-def in_tmp_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mnist_dir: Path) -> Path:
-    """Work in an empty directory, where MLflow's embedded store (mlflow.db, mlruns/) lands."""
+def in_tmp_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mnist_dir: Path, new_store: Path
+) -> Path:
+    """Work in an empty directory but for a new MLflow store (mlflow.db, as a run's would be;
+    its runs' mlruns/ land beside it)."""
+    shutil.copyfile(new_store, tmp_path / "mlflow.db")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MNIST_DIR", str(mnist_dir))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

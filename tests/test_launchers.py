@@ -9,18 +9,18 @@ from .conftest import QUICK, cli, compose_config, parents_and_children, store_cl
 RESULTS = {"train/loss", "train/accuracy", "val/loss", "val/accuracy", "test/loss", "test/accuracy"}
 
 
-def test_joblib_jobs_run_four_at_once_into_one_sqlite_store_and_start_clean(tmp_path, mnist_dir):
-    """Four workers for six jobs: the first four run at once, all writing to the one SQLite
-    store; the last two run in workers that already trained one, and must match job 0 (same
+def test_joblib_jobs_run_at_once_into_one_sqlite_store_and_start_clean(tmp_path, mnist_dir):
+    """Two workers for three jobs: the first two run at once, both writing to the one SQLite
+    store; the last runs in a worker that already trained one, and must match job 0 (same
     seed) exactly."""
-    launcher = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=4"]
-    overrides = ["seed=7,8,9,10,7,7", "model=cnn_raw", *QUICK]
+    launcher = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    overrides = ["seed=7,8,7", "model=cnn_raw", *QUICK]
     result = cli("runner", "-m", *launcher, *overrides, cwd=tmp_path, mnist_dir=mnist_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     [parent], children = parents_and_children(tmp_path)
     assert parent.data.tags["sweep.launcher"] == "JoblibLauncher"
     assert parent.info.status == "FINISHED"
-    assert sorted(c.data.params["seed"] for c in children) == ["10", "7", "7", "7", "8", "9"]
+    assert sorted(c.data.params["seed"] for c in children) == ["7", "7", "8"]
     client = store_client(tmp_path)
     curves = {}
     for child in children:
@@ -35,14 +35,13 @@ def test_joblib_jobs_run_four_at_once_into_one_sqlite_store_and_start_clean(tmp_
 
 def test_submitit_local_jobs_are_children_of_the_sweep(tmp_path, mnist_dir):
     launcher = ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"]
-    result = cli("runner", "-m", *launcher, "seed=1,2", *QUICK, cwd=tmp_path, mnist_dir=mnist_dir)
+    result = cli("runner", "-m", *launcher, "seed=1", *QUICK, cwd=tmp_path, mnist_dir=mnist_dir)
     assert result.returncode == 0, result.stderr[-3000:]
-    [parent], children = parents_and_children(tmp_path)
+    [parent], [child] = parents_and_children(tmp_path)
     assert parent.data.tags["sweep.launcher"] == "LocalLauncher"
-    assert parent.info.status == "FINISHED"
-    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
-    # Each job ran as its own process, which submitit logs under the sweep directory.
-    assert len(list(Path(parent.data.tags["sweep.dir"]).glob(".submitit/*/*_log.out"))) == 2
+    assert parent.info.status == child.info.status == "FINISHED"
+    # The job ran as its own process, which submitit logs under the sweep directory.
+    assert len(list(Path(parent.data.tags["sweep.dir"]).glob(".submitit/*/*_log.out"))) == 1
 
 
 def test_slurm_launcher_is_configured_and_keeps_the_nested_runs():

@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import QUICK, REPO, cli, only_run, store_client
+from runner.errors import UserError
+from runner.train import train
+
+from .conftest import QUICK, REPO, cli, compose_config, only_run, store_client
 
 # One worker runs this file: its tests share a module-scoped run.
 pytestmark = pytest.mark.xdist_group("own_model")
@@ -171,23 +174,41 @@ def without_y_test(user: Path, folder: Path) -> Path:
             ["model._target_=mynets.nowhere.build"],
             "mynets.nowhere.build: mynets holds no 'nowhere'",
         ),
-        (["model._target_=mynets.broken"], "mynets.broken raised ValueError: this builder is"),
-        (["model=mlp", "+model.widht=3"], "model.widht is not a parameter of mynets.build_mlp"),
+        (
+            ["model._target_=mynets.build_mlp", "+model.widht=3"],
+            "model.widht is not a parameter of mynets.build_mlp",
+        ),
         (["data.path={npz_without_y_test}"], "the .npz holds no y_test"),
     ],
-    ids=["target-not-importable", "builder-raises", "unknown-builder-key", "npz-lacks-y_test"],
+    ids=["target-not-importable", "unknown-builder-key", "npz-lacks-y_test"],
 )
-def test_a_users_mistake_is_a_one_line_error(user, mnist_dir, tmp_path, overrides, message):
+def test_a_users_mistake_is_found_before_the_run_starts(
+    user, tmp_path, monkeypatch, overrides, message
+):
+    """In-process, as the command would run them (from the user's folder): each mistake is a
+    UserError, the one line `runner: error: ...` the command prints (as the test below shows),
+    and no run is recorded at all."""
+    monkeypatch.chdir(user)
+    monkeypatch.syspath_prepend(str(user))
     npz = without_y_test(user, tmp_path)
     overrides = [o.format(npz_without_y_test=npz) for o in overrides]
+    store = f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"
+    config = ["data=npz", f"data.path={user / 'shapes.npz'}", *overrides, *QUICK, store]
+    with pytest.raises(UserError, match=re.escape(message)):
+        train(compose_config(config))
+    client = store_client(tmp_path)
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+def test_a_users_builder_that_raises_is_a_one_line_error(user, mnist_dir, tmp_path):
     store = f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"
     result = cli(
         "runner",
         "--config-dir",
         "my_conf",
+        "model._target_=mynets.broken",
         "data=npz",
         f"data.path={user / 'shapes.npz'}",
-        *overrides,
         *QUICK,
         store,
         cwd=user,
@@ -196,8 +217,8 @@ def test_a_users_mistake_is_a_one_line_error(user, mnist_dir, tmp_path, override
     assert result.returncode == 1, result.stdout + result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     last = result.stderr.splitlines()[-1]
+    message = "mynets.broken raised ValueError: this builder is broken"
     assert last.startswith("runner: error: ") and message in last, result.stderr[-3000:]
-    # Each is found before the MLflow run starts: no run is recorded at all.
     client = store_client(tmp_path)
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
