@@ -85,7 +85,13 @@ def test_owners_sweep_of_eight_jobs_and_every_command_work_against_the_server(
     sweep, compare, _ = (split(c) for c in team_server.runner_commands)
     started = time.monotonic()
     result = cli(
-        *sweep, *QUICK, "trainer.log_model=true", cwd=tmp_path, mnist_dir=mnist_dir, env=env
+        *sweep,
+        *QUICK,
+        "trainer.log_model=true",
+        "tracking.plots=true",
+        cwd=tmp_path,
+        mnist_dir=mnist_dir,
+        env=env,
     )
     swept = time.monotonic() - started
     assert result.returncode == 0, result.stderr[-3000:]
