@@ -1,7 +1,11 @@
 """`runner-repro RUN_ID`: rerun a logged run from its logged config and compare every metric
 history step by step. Exits 0 when they agree (exactly, or within --rtol/--atol), 1 otherwise,
 printing the first differing step of each metric and the environment differences that may
-explain them."""
+explain them.
+
+`runner-repro RUN_ID --save FILE` writes what such a rerun needs (config, environment, metric
+histories) to a small JSON file a repository can commit; `runner-repro --golden FILE` reruns it
+anywhere, into a scratch store, with no tracking server."""
 
 import argparse
 import json
@@ -79,12 +83,14 @@ def report(differences: list[Difference], environment: list[tuple[str, Any, Any]
         f"{d.metric:<16} {d.step:>20} {_number(d.expected):>14} {_number(d.found):>14}"
         for d in differences
     ]
-    if environment:
-        lines += ["", f"{'environment':<40} {'original':<30} rerun"]
-        lines += [f"{key:<40} {str(a):<30} {b}" for key, a, b in environment]
-    else:
-        lines += ["", "The environments are the same (versions, platform, devices, commit, data)."]
-    return "\n".join(lines)
+    return "\n".join([*lines, "", environment_report(environment)])
+
+
+def environment_report(environment: list[tuple[str, Any, Any]]) -> str:
+    if not environment:
+        return "The environments are the same (versions, platform, devices, commit, data)."
+    lines = [f"{'environment':<40} {'original':<30} rerun"]
+    return "\n".join(lines + [f"{key:<40} {str(a):<30} {b}" for key, a, b in environment])
 
 
 def _number(value: float | None) -> str:
@@ -94,14 +100,17 @@ def _number(value: float | None) -> str:
 def rerun(run_id: str, tracking_uri: str, overrides: list[str]) -> tuple[Any, Any]:
     """Train again from `run_id`'s logged config changed by `overrides` (KEY=VALUE); returns
     (original run, new run). The overrides and the store are checked before anything trains."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from omegaconf import OmegaConf
+    check_overrides(overrides)
+    original, logged_cfg = logged_run(run_id, tracking_uri)
+    # A fresh folder, so the rerun neither resumes from nor overwrites the original's checkpoints.
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    folder = Path("outputs") / "repro" / f"{run_id}_{stamp}"
+    cfg = overridden(logged_cfg, overrides, f"run {run_id}")
+    return original, train_again(cfg, tracking_uri, folder, run_id)
 
-    from runner import tracking
-    from runner.access import refusal
+
+def check_overrides(overrides: list[str]) -> None:
     from runner.errors import UserError
-    from runner.train import train
 
     for override in overrides:
         key, equals, _ = override.partition("=")
@@ -110,6 +119,18 @@ def rerun(run_id: str, tracking_uri: str, overrides: list[str]) -> tuple[Any, An
                 f"--set {override!r} is not KEY=VALUE: write it as, e.g., "
                 f"--set data.dir=/data/mnist"
             )
+
+
+def logged_run(run_id: str, tracking_uri: str) -> tuple[Any, Any]:
+    """The run and its logged config, read from `tracking_uri`."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from omegaconf import OmegaConf
+
+    from runner import tracking
+    from runner.access import refusal
+    from runner.errors import UserError
+
     tracking.connect(tracking_uri)  # MLflow would retry an unreachable server for minutes
     client = mlflow.MlflowClient(tracking_uri)
     try:
@@ -126,21 +147,100 @@ def rerun(run_id: str, tracking_uri: str, overrides: list[str]) -> tuple[Any, An
             f"run {run_id} was recorded by an older runner, whose config names no "
             f"model._target_: rerun it with the runner of its commit, {commit}"
         )
-    cfg = overridden(logged_cfg, overrides, run_id)
+    return original, logged_cfg
+
+
+def train_again(cfg: Any, tracking_uri: str, folder: Path, of: str) -> Any:
+    """Train `cfg` into `tracking_uri`, its checkpoints in `folder`, tagged `repro_of=<of>`;
+    returns the new run."""
+    import mlflow
+
+    from runner.train import train
+
     cfg.tracking.uri = tracking_uri
-    # A fresh folder, so the rerun neither resumes from nor overwrites the original's checkpoints.
-    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    cfg.trainer.checkpoint_dir = str(
-        Path("outputs") / "repro" / f"{run_id}_{stamp}" / "checkpoints"
-    )
+    cfg.trainer.checkpoint_dir = str(folder / "checkpoints")
     cfg.trainer.resume = False
-    train(cfg, tags={"repro_of": run_id})
-    return original, client.get_run(mlflow.last_active_run().info.run_id)
+    train(cfg, tags={"repro_of": of})
+    return mlflow.MlflowClient(tracking_uri).get_run(mlflow.last_active_run().info.run_id)
 
 
-def overridden(logged: Any, overrides: list[str], run_id: str) -> Any:
-    """The logged config with `overrides` applied. A key it lacks is refused: merged, a misspelt
-    key would be added beside the real one and the original rerun unchanged."""
+# The environment keys that decide whether a rerun must be bitwise equal: other versions, Python
+# or processors round otherwise.
+SAME_IF_EQUAL = ("packages", "python", "machine", "cpu")
+
+
+def save(run_id: str, tracking_uri: str, path: Path) -> dict:
+    """Write `run_id`'s golden file: its config, environment and metric histories."""
+    import mlflow
+    from omegaconf import OmegaConf
+
+    from runner.errors import UserError
+
+    original, logged_cfg = logged_run(run_id, tracking_uri)
+    golden = {
+        "run_id": run_id,
+        "config": OmegaConf.to_container(logged_cfg),
+        "environment": logged_environment(original),
+        "metrics": histories(mlflow.MlflowClient(tracking_uri), original),
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(golden, indent=1) + "\n")
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror}") from None
+    return golden
+
+
+def load_golden(path: Path) -> dict:
+    """A golden file `save` wrote, checked."""
+    from runner.errors import UserError
+
+    try:
+        golden = json.loads(path.read_text())
+    except OSError as error:
+        raise UserError(
+            f"cannot read the golden file {path}: {error.strerror}; write one with "
+            f"runner-repro RUN_ID --save {path}"
+        ) from None
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is not a golden file: {error}") from None
+    keys = golden if isinstance(golden, dict) else {}
+    missing = [key for key in ("config", "environment", "metrics") if key not in keys]
+    if missing:
+        raise UserError(
+            f"{path} is not a golden file: it lacks {', '.join(missing) or 'everything'}; "
+            f"write one with runner-repro RUN_ID --save {path}"
+        )
+    golden["metrics"] = {
+        key: [(int(step), float(value)) for step, value in points]
+        for key, points in golden["metrics"].items()
+    }
+    return golden
+
+
+def check_golden(path: Path, overrides: list[str]) -> tuple[dict, Any, dict]:
+    """Rerun golden file `path`'s config (changed by `overrides`) in a scratch store, deleted
+    afterwards; returns (golden, its rerun's histories, the rerun's environment)."""
+    import tempfile
+
+    import mlflow
+    from omegaconf import OmegaConf
+
+    check_overrides(overrides)
+    golden = load_golden(path)
+    cfg = overridden(OmegaConf.create(golden["config"]), overrides, str(path))
+    with tempfile.TemporaryDirectory(prefix="runner-repro-") as scratch:
+        uri = f"sqlite:///{scratch}/mlflow.db"
+        repeat = train_again(cfg, uri, Path(scratch), str(golden.get("run_id", path)))
+        found = histories(mlflow.MlflowClient(uri), repeat)
+        environment = logged_environment(repeat)
+    return golden, found, environment
+
+
+def overridden(logged: Any, overrides: list[str], whose: str) -> Any:
+    """The logged config (`whose`: "run <id>", or a golden file) with `overrides` applied. A key
+    it lacks is refused: merged, a misspelt key would be added beside the real one and the
+    original rerun unchanged."""
     from difflib import get_close_matches
 
     from omegaconf import OmegaConf
@@ -156,16 +256,16 @@ def overridden(logged: Any, overrides: list[str], run_id: str) -> Any:
             keys = [name for name, _ in flatten(OmegaConf.to_container(logged))]
             close = get_close_matches(key, keys, n=1)
             hint = f"did you mean {close[0]}?" if close else "see the run's config.yaml artifact"
-            raise UserError(f"--set {override}: run {run_id}'s config has no key {key!r} ({hint})")
+            raise UserError(f"--set {override}: {whose}'s config has no key {key!r} ({hint})")
         if OmegaConf.is_config(was):
             raise UserError(
-                f"--set {override}: {key} is a group of settings in run {run_id}'s config; set "
+                f"--set {override}: {key} is a group of settings in {whose}'s config; set "
                 f"its keys one by one (--set {key}.KEY=VALUE)"
             )
         now = OmegaConf.select(OmegaConf.from_dotlist([override]), key)
         if not _same_kind(was, now):
             raise UserError(
-                f"--set {override}: {key} is {type(was).__name__} in run {run_id}'s config "
+                f"--set {override}: {key} is {type(was).__name__} in {whose}'s config "
                 f"({was!r}), not {type(now).__name__}"
             )
     return OmegaConf.merge(logged, OmegaConf.from_dotlist(overrides))
@@ -184,9 +284,29 @@ def _same_kind(was: Any, now: Any) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="runner-repro", description=__doc__)
-    parser.add_argument("run_id", help="the MLflow run to reproduce")
-    parser.add_argument("--rtol", type=float, default=0.0, help="relative tolerance (default 0)")
+    parser = argparse.ArgumentParser(
+        prog="runner-repro",
+        description=__doc__,
+        usage="%(prog)s RUN_ID [--save FILE] | %(prog)s --golden FILE  [--set KEY=VALUE ...] "
+        "[--rtol R] [--atol A]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("run_id", nargs="?", help="the MLflow run to reproduce")
+    parser.add_argument(
+        "--save", type=Path, metavar="FILE", help="write RUN_ID's golden file, without a rerun"
+    )
+    parser.add_argument(
+        "--golden",
+        type=Path,
+        metavar="FILE",
+        help="rerun a golden file instead of a run, in a scratch store, with no tracking server",
+    )
+    parser.add_argument(
+        "--rtol",
+        type=float,
+        default=None,
+        help="relative tolerance (default 0; for --golden, 1e-3 when the environment differs)",
+    )
     parser.add_argument("--atol", type=float, default=0.0, help="absolute tolerance (default 0)")
     parser.add_argument(
         "--set",
@@ -197,28 +317,50 @@ def main(argv: list[str] | None = None) -> None:
         help="change the logged config, e.g. --set data.dir=/data/mnist on another machine",
     )
     args = parser.parse_args(argv)
-    from runner.tracking import default_uri
-
-    uri = default_uri()
+    if (args.run_id is None) == (args.golden is None):
+        parser.error("give either a RUN_ID or --golden FILE")
+    if args.save and (args.golden or args.overrides):
+        parser.error("--save writes RUN_ID's golden file as it was logged: drop --golden and --set")
     # MLflow draws a download bar on stderr for each of the run's small files it reads.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     from runner.errors import reported
     from runner.targets import importable_from_cwd
+    from runner.tracking import default_uri
 
     importable_from_cwd()
-    with reported("runner-repro"):
-        original, repeat = rerun(args.run_id, uri, args.overrides)
-    import mlflow
-
-    client = mlflow.MlflowClient(uri)
-    differences = compare(
-        histories(client, original), histories(client, repeat), args.rtol, args.atol
-    )
-    environments = [logged_environment(run) for run in (original, repeat)]
-    print(f"original run {original.info.run_id}, rerun {repeat.info.run_id}")
-    if not differences:
-        print(f"every metric history agrees (rtol={args.rtol}, atol={args.atol})")
+    if args.save:
+        with reported("runner-repro"):
+            golden = save(args.run_id, default_uri(), args.save)
+        points = sum(len(points) for points in golden["metrics"].values())
+        print(
+            f"wrote {args.save}: run {args.run_id}'s config, environment and {points} metric "
+            f"points; check it anywhere with: runner-repro --golden {args.save}"
+        )
         return
-    print(report(differences, environment_differences(*environments)))
+    if args.golden:
+        with reported("runner-repro"):
+            golden, found, environment = check_golden(args.golden, args.overrides)
+        expected, logged = golden["metrics"], golden["environment"]
+        same = all(logged.get(key) == environment.get(key) for key in SAME_IF_EQUAL)
+        rtol = args.rtol if args.rtol is not None else 0.0 if same else 1e-3
+        print(f"golden file {args.golden}, rerun in a scratch store")
+    else:
+        with reported("runner-repro"):
+            original, repeat = rerun(args.run_id, default_uri(), args.overrides)
+        import mlflow
+
+        client = mlflow.MlflowClient(default_uri())
+        expected, found = histories(client, original), histories(client, repeat)
+        logged, environment = (logged_environment(run) for run in (original, repeat))
+        rtol = args.rtol or 0.0
+        print(f"original run {original.info.run_id}, rerun {repeat.info.run_id}")
+    differences = compare(expected, found, rtol, args.atol)
+    changed = environment_differences(logged, environment)
+    if not differences:
+        print(f"every metric history agrees (rtol={rtol}, atol={args.atol})")
+        if args.golden and changed:
+            print(environment_report(changed))
+        return
+    print(report(differences, changed))
     sys.exit(1)

@@ -14,13 +14,12 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from runner.repro import compare, histories, logged_environment
+from runner.repro import SAME_IF_EQUAL, compare, histories, logged_environment
 from runner.train import train
 
 from .conftest import compose_config
 
 GOLDEN = Path(__file__).parent / "golden"
-SAME_IF_EQUAL = ("packages", "python", "machine", "cpu")
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in GOLDEN.glob("*.json")))

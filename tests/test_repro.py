@@ -1,6 +1,9 @@
 """`runner-repro`: rerun a logged run and compare its metric histories step by step."""
 
+import json
 import os
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -8,11 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
+from runner import repro
 from runner.errors import UserError
 from runner.repro import Difference, compare, environment_differences, rerun
 
-from .conftest import QUICK, cli, store_client
+from .conftest import QUICK, REPO, cli, store_client
 
 # One worker runs this file: its tests share a module-scoped run.
 pytestmark = pytest.mark.xdist_group("test_repro")
@@ -63,12 +68,16 @@ def test_repro_of_an_unknown_run_is_a_clear_error(logged_run):
         rerun("feedfacefeedface", f"sqlite:///{work}/mlflow.db", [])
 
 
-def test_repro_refuses_an_unknown_or_malformed_set_before_training(logged_run, mnist_dir):
+def test_repro_refuses_an_unknown_or_malformed_set_before_training(
+    logged_run, mnist_dir, monkeypatch, capsys
+):
+    """The first through the command, the others in-process (the same main): one line each,
+    exit 1, and no run recorded."""
     work, run_id = logged_run
     client = store_client(work)
     experiment = client.get_experiment_by_name("mnist").experiment_id
     runs_before = len(client.search_runs([experiment]))
-    for setting, message in [
+    settings = [
         (
             "data.dirr=/x",
             f"--set data.dirr=/x: run {run_id}'s config has no key 'data.dirr' "
@@ -78,12 +87,126 @@ def test_repro_refuses_an_unknown_or_malformed_set_before_training(logged_run, m
         ("data.limit=abc", "--set data.limit=abc: data.limit is int in run"),
         ("trainer.progress_bar=3", "--set trainer.progress_bar=3: trainer.progress_bar is bool"),
         ("model=cnn_raw", "--set model=cnn_raw: model is a group of settings"),
-    ]:
-        result = cli("runner-repro", run_id, "--set", setting, cwd=work, mnist_dir=mnist_dir)
-        assert result.returncode == 1 and result.stdout == ""
-        [line] = result.stderr.splitlines()
+    ]
+    (setting, message), *others = settings
+    result = cli("runner-repro", run_id, "--set", setting, cwd=work, mnist_dir=mnist_dir)
+    assert result.returncode == 1 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"runner-repro: error: {message}")
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for setting, message in others:
+        with pytest.raises(SystemExit, match="^1$"):
+            repro.main([run_id, "--set", setting])
+        out, err = capsys.readouterr()
+        assert out == ""
+        [line] = err.splitlines()
         assert line.startswith(f"runner-repro: error: {message}")
     assert len(client.search_runs([experiment])) == runs_before
+
+
+WORKFLOW = REPO / "examples" / "github-actions" / "reproducibility.yml"
+
+
+@pytest.fixture(scope="module")
+def golden(logged_run, mnist_dir) -> Path:
+    """The README's `runner-repro <run id> --save golden/mnist.json`, in the run's folder."""
+    work, run_id = logged_run
+    result = cli(
+        "runner-repro", run_id, "--save", "golden/mnist.json", cwd=work, mnist_dir=mnist_dir
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "check it anywhere with: runner-repro --golden golden/mnist.json" in result.stdout
+    return work / "golden" / "mnist.json"
+
+
+def test_a_saved_golden_file_holds_the_runs_config_environment_and_histories(logged_run, golden):
+    work, run_id = logged_run
+    saved = json.loads(golden.read_text())
+    client = store_client(work)
+    run = client.get_run(run_id)
+    assert saved["run_id"] == run_id
+    assert saved["config"]["seed"] == int(run.data.params["seed"])
+    assert saved["environment"]["python"] == run.data.tags["python_version"]
+    history = client.get_metric_history(run_id, "train/loss")
+    assert saved["metrics"]["train/loss"] == [[m.step, m.value] for m in history]
+    assert not any(key.startswith(("perf/", "system/")) for key in saved["metrics"])
+
+
+def test_the_example_ci_job_passes_on_its_golden_file_without_a_store(golden, tmp_path, mnist_dir):
+    """The workflow's command, as written, in a checkout that holds only golden/mnist.json and
+    the data (where the job would download it): exact, in this environment; no store left."""
+    [command] = [
+        step["run"]
+        for step in yaml.safe_load(WORKFLOW.read_text())["jobs"]["golden"]["steps"]
+        if "runner-repro" in step.get("run", "")
+    ]
+    uv, run, name, *args = shlex.split(command)
+    assert (uv, run, name) == ("uv", "run", "runner-repro")
+    (tmp_path / "golden").mkdir()
+    shutil.copy(golden, tmp_path / "golden" / "mnist.json")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mnist").symlink_to(mnist_dir)
+    result = cli(name, *args, cwd=tmp_path, mnist_dir=mnist_dir)
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    assert "every metric history agrees (rtol=0.0, atol=0.0)" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "golden"]
+
+
+def test_a_golden_file_whose_config_changed_fails_naming_the_steps(
+    golden, tmp_path, monkeypatch, capsys
+):
+    changed = json.loads(golden.read_text())
+    changed["config"]["optimizer"]["lr"] = 0.4
+    path = tmp_path / "changed.json"
+    path.write_text(json.dumps(changed))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with pytest.raises(SystemExit, match="^1$"):
+        repro.main(["--golden", str(path)])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines() if "/" in line[:6]}
+    assert rows["train/loss"] == "10" and rows["test/accuracy"] == "30"
+    assert "The environments are the same" in out
+
+
+def test_a_golden_file_from_another_environment_is_checked_within_rtol_naming_it(
+    golden, tmp_path, monkeypatch, capsys
+):
+    """Recorded with another Keras: the rerun may round otherwise, so it is held to rtol 1e-3
+    rather than bitwise, and the output names the difference."""
+    elsewhere = json.loads(golden.read_text())
+    recorded = elsewhere["environment"]["packages"]["keras"]
+    elsewhere["environment"]["packages"]["keras"] = "3.0.0"
+    path = tmp_path / "elsewhere.json"
+    path.write_text(json.dumps(elsewhere))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    repro.main(["--golden", str(path)])
+    out = capsys.readouterr().out
+    assert "every metric history agrees (rtol=0.001, atol=0.0)" in out
+    [line] = [line for line in out.splitlines() if line.startswith("packages.keras")]
+    assert line.split() == ["packages.keras", "3.0.0", recorded]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot read the golden file {path}: No such file or directory"),
+        ("{", "{path} is not a golden file: Expecting property name"),
+        ('{"config": {}}', "{path} is not a golden file: it lacks environment, metrics"),
+    ],
+    ids=["missing", "not-json", "incomplete"],
+)
+def test_a_bad_golden_file_is_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "golden.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit, match="^1$"):
+        repro.main(["--golden", str(path)])
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"runner-repro: error: {message.format(path=path)}")
 
 
 def test_repro_fails_fast_on_an_unreachable_server(tmp_path):
