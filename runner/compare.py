@@ -1,8 +1,10 @@
-"""`runner-compare`: the runs of a sweep, or of a whole experiment, side by side.
+"""`runner-compare`: the runs of a sweep, of several sweeps, or of a whole experiment, side by
+side.
 
-One row a run: its name and status, the parameters that differ between the runs, and the final
-value of the chosen metrics, sorted by one of them. The same table is logged to a sweep's parent
-run when the sweep ends (`runner.nested_runs`).
+One row a run: its sweep (when several are compared), its name and status, the parameters that
+differ between the runs, and the final value of the chosen metrics, sorted by one of them. The
+same table is logged to a sweep's parent run when the sweep ends (`runner.nested_runs`);
+`--plot FILE` draws the runs' validation curves in one PNG.
 """
 
 import argparse
@@ -16,8 +18,12 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from runner.errors import UserError, reported
 from runner.sweep import SWEEP_DIR_TAG
 
+# The column naming each run's sweep, when the runs of several are compared.
+SWEEP = "sweep"
 DEFAULT_METRICS = ("test/accuracy", "val/accuracy", "test/loss", "val/loss")
 DEFAULT_SORT = "val/accuracy"
+# The metric --plot draws, each run's curve.
+CURVE = "val/accuracy"
 FORMATS = ("table", "markdown", "csv")
 
 
@@ -32,6 +38,7 @@ def table(runs: pd.DataFrame, metrics: Sequence[str], sort_by: str | None = None
     differing = sorted(column for column in params if runs[column].nunique(dropna=False) > 1)
     out = pd.DataFrame(
         {
+            **({SWEEP: runs[SWEEP]} if SWEEP in runs.columns else {}),
             "run": runs.get(f"tags.{MLFLOW_RUN_NAME}", runs["run_id"]),
             "run_id": runs["run_id"],
             "status": runs["status"],
@@ -118,9 +125,10 @@ def children(experiment_id: str, parent_run_id: str) -> pd.DataFrame:
     )
 
 
-def select_runs(experiment_name: str, parent: str | None, everything: bool) -> pd.DataFrame:
-    """The runs to compare: a sweep's children (`parent`, else the latest sweep), or with
-    `everything` every run of the experiment but the sweep parents."""
+def select_runs(experiment_name: str, parents: Sequence[str], everything: bool) -> pd.DataFrame:
+    """The runs to compare: the children of the sweeps `parents` (of the latest sweep if none),
+    each row naming its sweep when there are several; or with `everything` every run of the
+    experiment but the sweep parents."""
     import mlflow
 
     experiment = mlflow.get_experiment_by_name(experiment_name)
@@ -140,17 +148,37 @@ def select_runs(experiment_name: str, parent: str | None, everything: bool) -> p
                 f"`uv run runner`, or pick another experiment with --experiment"
             )
         return runs
-    if parent is None:
-        parent = latest_sweep(experiment.experiment_id)
-        if parent is None:
+    if not parents:
+        latest = latest_sweep(experiment.experiment_id)
+        if latest is None:
             raise UserError(
                 f"experiment {experiment_name!r} has no sweep yet: run one with "
                 f"`uv run runner -m ...`, or pass --all to compare every run"
             )
-    runs = children(experiment.experiment_id, parent)
-    if runs.empty:
-        raise UserError(f"run {parent} has no child runs in experiment {experiment_name!r}")
-    return runs
+        parents = [latest]
+    sweeps = []
+    for parent in dict.fromkeys(parents):
+        runs = children(experiment.experiment_id, parent)
+        if runs.empty:
+            raise UserError(f"run {parent} has no child runs in experiment {experiment_name!r}")
+        if len(parents) > 1:
+            runs.insert(0, SWEEP, f"{mlflow.get_run(parent).info.run_name} ({parent[:8]})")
+        sweeps.append(runs)
+    return pd.concat(sweeps, ignore_index=True)
+
+
+def curves(runs: pd.DataFrame, metric: str) -> dict[str, list[tuple[int, float]]]:
+    """Each run's history of `metric`, by its name (prefixed with its sweep's, if it has one)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    names = runs.get(f"tags.{MLFLOW_RUN_NAME}", runs["run_id"])
+    if SWEEP in runs.columns:
+        names = runs[SWEEP] + ": " + names
+    return {
+        name: [(m.step, m.value) for m in client.get_metric_history(run_id, metric)]
+        for name, run_id in zip(names, runs["run_id"], strict=True)
+    }
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -158,7 +186,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="runner-compare",
         description="Compare the runs of a sweep (the latest by default) or of an experiment.",
     )
-    parser.add_argument("--parent", metavar="RUN_ID", help="the sweep's parent run")
+    parser.add_argument(
+        "--parent",
+        metavar="RUN_ID",
+        action="append",
+        default=[],
+        help="a sweep's parent run; repeat it to put several sweeps side by side",
+    )
     parser.add_argument(
         "--all", action="store_true", help="every run of the experiment instead of one sweep"
     )
@@ -176,6 +210,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         f"{DEFAULT_SORT} where the runs have it)",
     )
     parser.add_argument("--format", choices=FORMATS, default="table")
+    parser.add_argument(
+        "--plot", type=Path, metavar="FILE", help=f"draw the runs' {CURVE} curves in this PNG"
+    )
     parser.add_argument(
         "--tracking-uri",
         help="the MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
@@ -198,7 +235,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         except MlflowException as error:
             raise refusal(error, uri) or error from None
         metrics, sort_by = chosen_metrics(runs, args.metrics, args.sort)
+        if args.plot:
+            _draw(curves(runs, CURVE), args.plot)
     sys.stdout.write(render(table(runs, metrics, sort_by), args.format))
+
+
+def _draw(runs_curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    from runner import plots
+
+    try:
+        plots.sweep_curves(runs_curves, CURVE).savefig(path)
+    except OSError as error:
+        raise UserError(f"cannot write --plot {path}: {error.strerror}") from None
 
 
 def _existing_store(uri: str) -> str:

@@ -128,11 +128,8 @@ def summarize(client: Any, parent_run_id: str, optimized_metric: str) -> None:
         return
     rows = compare.table(runs, compare.DEFAULT_METRICS, sort_by=optimized_metric)
     client.log_table(parent_run_id, data=rows, artifact_file=COMPARISON_TABLE)
-    curves = {
-        name: [(m.step, m.value) for m in client.get_metric_history(run_id, "val/accuracy")]
-        for name, run_id in zip(runs["tags.mlflow.runName"], runs["run_id"], strict=True)
-    }
-    client.log_figure(parent_run_id, plots.sweep_curves(curves, "val/accuracy"), CURVES_PLOT)
+    curves = compare.curves(runs, compare.CURVE)
+    client.log_figure(parent_run_id, plots.sweep_curves(curves, compare.CURVE), CURVES_PLOT)
     best = rows[optimized_metric].dropna()
     if not best.empty:
         client.log_metric(parent_run_id, f"best/{optimized_metric}", float(best.iloc[0]))

@@ -48,14 +48,14 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: int = 1
 
 
 def sweep_curves(curves: dict[str, list[tuple[int, float]]], metric: str) -> Figure:
-    """One line a run of a sweep: `metric` against optimizer step."""
+    """One line a run (of a sweep, or of several): `metric` against optimizer step."""
     fig = Figure(figsize=(9, 5), layout="constrained")
     ax = fig.subplots()
     for name, points in curves.items():
         if points:
             steps, values = zip(*sorted(points), strict=True)
             ax.plot(steps, values, marker="." if len(points) < 30 else None, label=name)
-    ax.set(title=f"{metric} of each run of the sweep", xlabel="step", ylabel=metric)
+    ax.set(title=f"{metric} of each run", xlabel="step", ylabel=metric)
     ax.grid(alpha=0.3)
     if curves:
         ax.legend(fontsize=7, loc="best")

@@ -1,6 +1,7 @@
 """A grid sweep as a user runs it: one MLflow parent run, a child a job, the comparison logged to
 the parent, `runner-compare` on the store, and the sweep seen in the MLflow UI in Chromium."""
 
+import io
 import json
 import os
 import shutil
@@ -177,3 +178,28 @@ def test_a_sweep_over_data_keeps_its_runs_in_one_experiment(tmp_path, mnist_dir)
     parent, children = sweep_runs(tmp_path)
     assert sorted(c.data.params["data.name"] for c in children) == ["digits", "mnist"]
     assert "best/val/accuracy" in parent.data.metrics
+
+
+def test_compare_puts_two_sweeps_side_by_side_and_plots_them(
+    tmp_path, mnist_dir, monkeypatch, capsys
+):
+    """`runner-compare --parent A --parent B --plot FILE`: the four runs of two sweeps in one
+    table, each row naming its own sweep, and their validation curves in one PNG."""
+    short = [*QUICK, "trainer.steps=10", "trainer.log_every=5", "trainer.eval_every=5"]
+    for swept in ("seed=1,2", "optimizer.lr=0.1,0.9"):
+        result = cli("runner", "-m", swept, *short, cwd=tmp_path, mnist_dir=mnist_dir)
+        assert result.returncode == 0, result.stderr[-3000:]
+    parents, children = parents_and_children(tmp_path)
+    first, second = sorted(parents, key=lambda run: run.info.start_time)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    plot = tmp_path / "curves.png"
+    args = ["--parent", first.info.run_id, "--parent", second.info.run_id, "--plot", str(plot)]
+    compare.main([*args, "--format", "csv"])
+    rows = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert list(rows.columns[:2]) == ["sweep", "run"] and len(rows) == 4
+    assert {"seed", "optimizer.lr"} <= set(rows.columns)  # each differs across the sweeps
+    label = {p.info.run_id: f"{p.info.run_name} ({p.info.run_id[:8]})" for p in parents}
+    sweep_of = {c.info.run_id: label[c.data.tags["mlflow.parentRunId"]] for c in children}
+    assert dict(zip(rows["run_id"], rows["sweep"], strict=True)) == sweep_of
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
