@@ -90,6 +90,9 @@ class TrainerConf:
     resume: str = "false"
     progress_bar: bool = True
     log_model: bool = True
+    register_as: str | None = None
+    register_alias: str = "champion"
+    register_force: bool = False
 
 
 @dataclass
@@ -204,6 +207,11 @@ def check_config(cfg: Any) -> None:
             f"({str(error).splitlines()[0]}): compose the config with runner.train.compose, or "
             f"set trainer.checkpoint_dir=DIR"
         ) from None
+    if t.register_as and not t.log_model:
+        raise UserError(
+            f"trainer.register_as={t.register_as} registers the run's logged model: add "
+            f"trainer.log_model=true (debug=quick turns it off)"
+        )
     for key, value in {
         "trainer.steps": t.steps,
         "trainer.log_every": t.log_every,

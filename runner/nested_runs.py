@@ -14,7 +14,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from runner import compare, plots, slurm, tracking
+from runner import compare, plots, registry, slurm, tracking
 from runner.errors import UserError, reported
 from runner.masking import mask
 from runner.sweep import SWEEP_DIR_TAG, SWEEP_FILE
@@ -32,6 +32,8 @@ class NestedRuns(Callback):
     def __init__(self) -> None:
         self.parent_run_id: str | None = None
         self.optimized_metric = "val/accuracy"
+        # trainer.register_as and its companions: the best job's model is registered at the end.
+        self.registration: tuple[str, str, str, bool] | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Hydra would make any exception raised here a warning and run the jobs all the same.
@@ -61,6 +63,7 @@ class NestedRuns(Callback):
         )
         self.parent_run_id = run.info.run_id
         self.optimized_metric = config.optimized_metric
+        self.registration = registry.settings(config)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / SWEEP_FILE).write_text(
             json.dumps(
@@ -91,7 +94,14 @@ class NestedRuns(Callback):
             summarize(client, self.parent_run_id, self.optimized_metric)
         except Exception as error:  # the parent must still end, whatever the summary hit
             log.warning("could not summarise the sweep in its parent run: %s", error)
-        if status == "FAILED":
+        refused = None
+        if status == "FINISHED" and self.registration:
+            try:
+                self._register_best(client)
+            except UserError as error:
+                refused, status = error, "FAILED"
+                client.set_tag(self.parent_run_id, "error", mask(str(error)))
+        if status == "FAILED" and refused is None:
             client.set_tag(
                 self.parent_run_id,
                 "error",
@@ -99,6 +109,17 @@ class NestedRuns(Callback):
             )
         client.set_terminated(self.parent_run_id, status)
         self.parent_run_id = None
+        if refused:
+            with reported("runner"):
+                raise refused
+
+    def _register_best(self, client: Any) -> None:
+        """Register the model of the child best by optimized_metric (summarize tagged it)."""
+        best = client.get_run(self.parent_run_id).data.tags.get("sweep.best_run_id")
+        if best is None:
+            raise UserError("no job of the sweep has a result to register its model by")
+        found = registry.register(best, *self.registration)
+        client.set_tag(self.parent_run_id, "registered", f"models:/{found.name}/{found.version}")
 
 
 def _drop_if_empty(folder: Path) -> None:

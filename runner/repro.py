@@ -160,6 +160,8 @@ def train_again(cfg: Any, tracking_uri: str, folder: Path, of: str) -> Any:
     cfg.tracking.uri = tracking_uri
     cfg.trainer.checkpoint_dir = str(folder / "checkpoints")
     cfg.trainer.resume = False
+    if cfg.trainer.get("register_as"):
+        cfg.trainer.register_as = None  # a rerun checks the model; it is no new version of it
     train(cfg, tags={"repro_of": of})
     return mlflow.MlflowClient(tracking_uri).get_run(mlflow.last_active_run().info.run_id)
 
@@ -291,7 +293,12 @@ def main(argv: list[str] | None = None) -> None:
         "[--rtol R] [--atol A]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("run_id", nargs="?", help="the MLflow run to reproduce")
+    parser.add_argument(
+        "run_id",
+        nargs="?",
+        help="the MLflow run to reproduce, or the registered model whose run it is "
+        "(models:/NAME@ALIAS, models:/NAME/VERSION)",
+    )
     parser.add_argument(
         "--save", type=Path, metavar="FILE", help="write RUN_ID's golden file, without a rerun"
     )
@@ -331,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     importable_from_cwd()
     if args.save:
         with reported("runner-repro"):
-            golden = save(args.run_id, default_uri(), args.save)
+            golden = save(_run_id(args.run_id, default_uri()), default_uri(), args.save)
         points = sum(len(points) for points in golden["metrics"].values())
         print(
             f"wrote {args.save}: run {args.run_id}'s config, environment and {points} metric "
@@ -347,7 +354,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"golden file {args.golden}, rerun in a scratch store")
     else:
         with reported("runner-repro"):
-            original, repeat = rerun(args.run_id, default_uri(), args.overrides)
+            run_id = _run_id(args.run_id, default_uri())
+            original, repeat = rerun(run_id, default_uri(), args.overrides)
         import mlflow
 
         client = mlflow.MlflowClient(default_uri())
@@ -364,3 +372,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(report(differences, changed))
     sys.exit(1)
+
+
+def _run_id(given: str, tracking_uri: str) -> str:
+    """`given`, or the run that logged the model a models:/ URI names."""
+    if not given.startswith("models:/"):
+        return given
+    from runner import registry, tracking
+
+    tracking.connect(tracking_uri)
+    return registry.run_of(given)

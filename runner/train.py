@@ -14,7 +14,7 @@ import hydra
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
-from runner import preemption, sweep
+from runner import preemption, registry, sweep
 from runner.config import check_config, register_configs, resume_mode
 from runner.errors import Interrupted, UserError, reported, run_hydra_app
 from runner.masking import install_masking, mask_hydra_record
@@ -109,7 +109,11 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
             recorder.log_plots(splits.test, outputs)
         if cfg.trainer.log_model:
             recorder.log_model(model, splits.test.x[:8])
-        return recorder.final_metrics()
+        final = recorder.final_metrics()
+    registration = registry.settings(cfg)
+    if registration and job is None:  # a sweep registers its best job's model, at its end
+        registry.register(recorder.run_id, *registration)
+    return final
 
 
 def _not_retracing(record: logging.LogRecord) -> bool:

@@ -1,0 +1,131 @@
+"""Register a run's logged model in MLflow's Model Registry and move an alias onto it, only when
+it beats the model the alias holds (`models:/NAME@champion` stays the best found so far).
+
+A new version of registered model NAME is made either way, tagged with its run, the run's
+overrides and the metric that chose it; the alias moves to it if its metric is better than the
+aliased version's run's (lower for a loss, higher otherwise), or when forced."""
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from runner.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Registered:
+    name: str
+    version: str
+    alias: str
+    moved: bool
+    # The version the alias stayed on, and its metric, when the new one did not beat it.
+    kept: str | None = None
+    kept_value: float | None = None
+
+
+def settings(cfg: Any) -> tuple[str, str, str, bool] | None:
+    """(name, alias, metric, force) of `trainer.register_as` and its companions; None when the
+    config registers nothing."""
+    t = cfg.trainer
+    if not t.get("register_as"):
+        return None
+    return t.register_as, t.register_alias, cfg.optimized_metric, t.register_force
+
+
+def register(run_id: str, name: str, alias: str, metric: str, force: bool) -> Registered:
+    """A new version of `name` from `run_id`'s newest logged model; `alias` moves onto it if
+    its run's final `metric` beats the aliased version's run's, or with `force`."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from runner.logged_model import locate
+
+    client = mlflow.MlflowClient()
+    value = _final(client, run_id, metric)
+    tags = {"run_id": run_id, "overrides": _overrides(run_id), "chosen_by": f"{metric}={value}"}
+    try:
+        version = mlflow.register_model(locate(run_id, None), name, tags=tags).version
+        current = _aliased(client, name, alias)
+        held = _final(client, current.run_id, metric) if current else None
+        moved = force or held is None or _better(value, held, metric)
+        if moved:
+            client.set_registered_model_alias(name, alias, version)
+    except MlflowException as error:
+        raise UserError(
+            f"cannot register run {run_id}'s model as {name!r}: {error.message}"
+        ) from None
+    found = Registered(name, str(version), alias, moved)
+    if moved:
+        log.info("registered models:/%s/%s, now models:/%s@%s", name, version, name, alias)
+        return found
+    log.info(
+        "registered models:/%s/%s; %s stays on version %s, whose %s %s beats this one's %s "
+        "(trainer.register_force=true moves it anyway)",
+        *(name, version, alias, current.version, metric, held, value),
+    )
+    return Registered(name, str(version), alias, False, current.version, held)
+
+
+def run_of(uri: str) -> str:
+    """The run that logged the model a registry URI names: models:/NAME/VERSION or
+    models:/NAME@ALIAS."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    name, _, which = uri.removeprefix("models:/").partition("@")
+    if not which and "/" not in name:  # a logged model's id, models:/m-...
+        try:
+            return mlflow.get_logged_model(name).source_run_id
+        except MlflowException as error:
+            raise UserError(f"no model {uri} in this store: {error.message}") from None
+    try:
+        if which:
+            version = mlflow.MlflowClient().get_model_version_by_alias(name, which)
+        else:
+            name, _, number = name.rpartition("/")
+            version = mlflow.MlflowClient().get_model_version(name, number)
+    except MlflowException as error:
+        raise UserError(
+            f"no registered model version {uri} in this store: {error.message}"
+        ) from None
+    if not version.run_id:
+        raise UserError(f"{uri} was registered from no run, so nothing says how to train it")
+    return version.run_id
+
+
+def _overrides(run_id: str) -> str:
+    """The command-line overrides the run was started with, as Hydra logged them."""
+    import mlflow
+    import yaml
+    from mlflow.exceptions import MlflowException
+
+    try:
+        logged = mlflow.artifacts.load_text(f"runs:/{run_id}/hydra/overrides.yaml")
+    except MlflowException:
+        return ""  # trained without a `runner` command
+    return " ".join(yaml.safe_load(logged) or [])
+
+
+def _aliased(client: Any, name: str, alias: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None  # no such alias yet
+
+
+def _final(client: Any, run_id: str, metric: str) -> float:
+    value = client.get_run(run_id).data.metrics.get(metric)
+    if value is None:
+        raise UserError(
+            f"run {run_id} has no {metric} to register its model by: set optimized_metric to "
+            f"one of its metrics"
+        )
+    return value
+
+
+def _better(value: float, than: float, metric: str) -> bool:
+    return value < than if "loss" in metric else value > than

@@ -1,0 +1,109 @@
+"""`trainer.register_as`: a run's model registered in MLflow's Model Registry, the `champion`
+alias moved onto it only when it beats the model the alias holds (or when forced), a sweep's
+best job registered at its end, and the commands that take `models:/NAME@ALIAS`."""
+
+import re
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from runner import repro
+from runner.errors import UserError
+from runner.evaluate import evaluate
+from runner.train import train
+
+from .conftest import QUICK, cli, compose_config, parents_and_children, store_client
+from .test_inference import app_config
+
+# One worker runs this file: its tests share a module-scoped store.
+pytestmark = pytest.mark.xdist_group("test_registry")
+
+NAME = "mnist-softmax"
+REGISTER = [*QUICK, "trainer.log_model=true", f"trainer.register_as={NAME}"]
+# A learning rate with which softmax regression learns nothing in 30 steps.
+HOPELESS = "optimizer.lr=1e-7"
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory, mnist_dir) -> Path:
+    """The README's command, then a hopeless run registered under the same name in-process,
+    in one folder's store: version 1 holds the alias, version 2 was refused it."""
+    work = tmp_path_factory.mktemp("registry")
+    result = cli("runner", *REGISTER, cwd=work, mnist_dir=mnist_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"registered models:/{NAME}/1, now models:/{NAME}@champion" in result.stdout
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(work)
+        patch.setenv("MNIST_DIR", str(mnist_dir))
+        train(compose_config([*REGISTER, HOPELESS, f"tracking.uri=sqlite:///{work}/mlflow.db"]))
+    return work
+
+
+def versions(work: Path) -> dict[int, object]:
+    client = store_client(work)
+    return {int(v.version): v for v in client.search_model_versions(f"name = '{NAME}'")}
+
+
+def test_a_worse_model_is_registered_but_the_alias_stays(registered):
+    client = store_client(registered)
+    found = versions(registered)
+    assert sorted(found) == [1, 2]
+    first, second = (client.get_run(found[v].run_id) for v in (1, 2))
+    assert [run.data.params["optimizer.lr"] for run in (first, second)] == ["0.5", "1e-07"]
+    assert int(client.get_model_version_by_alias(NAME, "champion").version) == 1
+    for version, run in ((found[1], first), (found[2], second)):
+        assert version.tags["run_id"] == run.info.run_id
+        assert version.tags["chosen_by"] == f"val/accuracy={run.data.metrics['val/accuracy']}"
+    assert found[1].tags["overrides"] == " ".join(REGISTER)  # the command's
+    assert first.data.metrics["val/accuracy"] > second.data.metrics["val/accuracy"]
+
+
+def test_eval_and_repro_take_the_alias(registered, mnist_dir, monkeypatch, capsys):
+    """The alias holds version 1 (the forcing test below runs after this one)."""
+    client = store_client(registered)
+    champion = client.get_run(client.get_model_version_by_alias(NAME, "champion").run_id)
+    assert champion.info.run_id == versions(registered)[1].run_id
+    store = f"tracking.uri=sqlite:///{registered}/mlflow.db"
+    mlflow.set_tracking_uri(f"sqlite:///{registered}/mlflow.db")
+    found = evaluate(app_config("evaluate", [f"model_uri=models:/{NAME}@champion", store]))
+    assert found["accuracy"] == pytest.approx(champion.data.metrics["test/accuracy"], abs=1e-6)
+    monkeypatch.chdir(registered)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    repro.main([f"models:/{NAME}/1"])
+    out = capsys.readouterr().out
+    assert f"original run {champion.info.run_id}," in out
+    assert "every metric history agrees (rtol=0.0, atol=0.0)" in out
+    assert sorted(versions(registered)) == [1, 2], "a rerun registers no new version"
+
+
+def test_forced_the_alias_moves_to_a_worse_model(registered, mnist_dir, monkeypatch):
+    monkeypatch.chdir(registered)
+    monkeypatch.setenv("MNIST_DIR", str(mnist_dir))
+    forced = [*REGISTER, HOPELESS, "trainer.register_force=true"]
+    train(compose_config([*forced, f"tracking.uri=sqlite:///{registered}/mlflow.db"]))
+    client = store_client(registered)
+    assert int(client.get_model_version_by_alias(NAME, "champion").version) == 3
+
+
+def test_registering_without_a_logged_model_is_refused_before_training(in_tmp_store):
+    with pytest.raises(UserError, match=re.escape("add trainer.log_model=true")):
+        train(compose_config([*QUICK, f"trainer.register_as={NAME}"]))
+    assert MlflowClient(f"sqlite:///{in_tmp_store}/mlflow.db").search_registered_models() == []
+
+
+def test_a_sweep_registers_its_best_job(tmp_path, mnist_dir):
+    """Two jobs, one that cannot learn: the other's model becomes version 1, champion, and the
+    parent run names it."""
+    swept = ["-m", f"optimizer.lr={HOPELESS.split('=')[1]},0.5", *REGISTER[1:], *QUICK]
+    result = cli("runner", *swept, cwd=tmp_path, mnist_dir=mnist_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [parent], children = parents_and_children(tmp_path)
+    [best] = [c for c in children if c.data.params["optimizer.lr"] == "0.5"]
+    client = store_client(tmp_path)
+    [version] = client.search_model_versions(f"name = '{NAME}'")
+    assert version.run_id == best.info.run_id
+    assert client.get_model_version_by_alias(NAME, "champion").version == version.version
+    assert parent.data.tags["registered"] == f"models:/{NAME}/1"
