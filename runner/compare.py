@@ -173,6 +173,8 @@ def curves(runs: pd.DataFrame, metric: str) -> dict[str, list[tuple[int, float]]
 
     client = mlflow.MlflowClient()
     names = runs.get(f"tags.{MLFLOW_RUN_NAME}", runs["run_id"])
+    if names.duplicated().any():  # reruns, repeated trials: a curve each all the same
+        names = names + " (" + runs["run_id"].str[:8] + ")"
     if SWEEP in runs.columns:
         names = runs[SWEEP] + ": " + names
     return {
@@ -232,11 +234,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         tracking.connect(_existing_store(uri))
         try:
             runs = select_runs(args.experiment, args.parent, args.all)
+            metrics, sort_by = chosen_metrics(runs, args.metrics, args.sort)
+            if args.plot:
+                _draw(curves(runs, CURVE), args.plot)
         except MlflowException as error:
             raise refusal(error, uri) or error from None
-        metrics, sort_by = chosen_metrics(runs, args.metrics, args.sort)
-        if args.plot:
-            _draw(curves(runs, CURVE), args.plot)
     sys.stdout.write(render(table(runs, metrics, sort_by), args.format))
 
 
@@ -244,7 +246,7 @@ def _draw(runs_curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
     from runner import plots
 
     try:
-        plots.sweep_curves(runs_curves, CURVE).savefig(path)
+        plots.sweep_curves(runs_curves, CURVE).savefig(path, format="png")
     except OSError as error:
         raise UserError(f"cannot write --plot {path}: {error.strerror}") from None
 

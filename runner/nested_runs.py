@@ -98,9 +98,14 @@ class NestedRuns(Callback):
         if status == "FINISHED" and self.registration:
             try:
                 self._register_best(client)
-            except UserError as error:
-                refused, status = error, "FAILED"
-                client.set_tag(self.parent_run_id, "error", mask(str(error)))
+            except Exception as error:  # Hydra would make it a warning, and the sweep exit 0
+                refused = (
+                    error
+                    if isinstance(error, UserError)
+                    else UserError(f"cannot register the sweep's best model: {error}")
+                )
+                status = "FAILED"
+                client.set_tag(self.parent_run_id, "error", mask(str(refused)))
         if status == "FAILED" and refused is None:
             client.set_tag(
                 self.parent_run_id,
@@ -118,8 +123,9 @@ class NestedRuns(Callback):
         best = client.get_run(self.parent_run_id).data.tags.get("sweep.best_run_id")
         if best is None:
             raise UserError("no job of the sweep has a result to register its model by")
-        found = registry.register(best, *self.registration)
-        client.set_tag(self.parent_run_id, "registered", f"models:/{found.name}/{found.version}")
+        name = self.registration[0]
+        version = registry.register(best, *self.registration)
+        client.set_tag(self.parent_run_id, "registered", f"models:/{name}/{version}")
 
 
 def _drop_if_empty(folder: Path) -> None:

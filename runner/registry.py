@@ -6,23 +6,11 @@ overrides and the metric that chose it; the alias moves to it if its metric is b
 aliased version's run's (lower for a loss, higher otherwise), or when forced."""
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 from runner.errors import UserError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Registered:
-    name: str
-    version: str
-    alias: str
-    moved: bool
-    # The version the alias stayed on, and its metric, when the new one did not beat it.
-    kept: str | None = None
-    kept_value: float | None = None
 
 
 def settings(cfg: Any) -> tuple[str, str, str, bool] | None:
@@ -34,21 +22,26 @@ def settings(cfg: Any) -> tuple[str, str, str, bool] | None:
     return t.register_as, t.register_alias, cfg.optimized_metric, t.register_force
 
 
-def register(run_id: str, name: str, alias: str, metric: str, force: bool) -> Registered:
-    """A new version of `name` from `run_id`'s newest logged model; `alias` moves onto it if
-    its run's final `metric` beats the aliased version's run's, or with `force`."""
+def register(run_id: str, name: str, alias: str, metric: str, force: bool) -> str:
+    """A new version of `name` from `run_id`'s newest logged model, returned; `alias` moves
+    onto it if its run's final `metric` beats the aliased version's run's, or with `force`."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     from runner.logged_model import locate
 
     client = mlflow.MlflowClient()
-    value = _final(client, run_id, metric)
-    tags = {"run_id": run_id, "overrides": _overrides(run_id), "chosen_by": f"{metric}={value}"}
     try:
-        version = mlflow.register_model(locate(run_id, None), name, tags=tags).version
+        value = _final(client, run_id, metric)
+        if value is None:
+            raise UserError(
+                f"run {run_id} has no {metric} to register its model by: set optimized_metric "
+                f"to one of its metrics"
+            )
         current = _aliased(client, name, alias)
-        held = _final(client, current.run_id, metric) if current else None
+        held = _final(client, current.run_id, metric) if current and current.run_id else None
+        tags = {"run_id": run_id, "overrides": _overrides(run_id), "chosen_by": f"{metric}={value}"}
+        version = mlflow.register_model(locate(run_id, None), name, tags=tags).version
         moved = force or held is None or _better(value, held, metric)
         if moved:
             client.set_registered_model_alias(name, alias, version)
@@ -56,16 +49,15 @@ def register(run_id: str, name: str, alias: str, metric: str, force: bool) -> Re
         raise UserError(
             f"cannot register run {run_id}'s model as {name!r}: {error.message}"
         ) from None
-    found = Registered(name, str(version), alias, moved)
     if moved:
         log.info("registered models:/%s/%s, now models:/%s@%s", name, version, name, alias)
-        return found
-    log.info(
-        "registered models:/%s/%s; %s stays on version %s, whose %s %s beats this one's %s "
-        "(trainer.register_force=true moves it anyway)",
-        *(name, version, alias, current.version, metric, held, value),
-    )
-    return Registered(name, str(version), alias, False, current.version, held)
+    else:
+        log.info(
+            "registered models:/%s/%s; %s stays on version %s, whose %s %s beats this one's %s "
+            "(trainer.register_force=true moves it anyway)",
+            *(name, version, alias, current.version, metric, held, value),
+        )
+    return str(version)
 
 
 def run_of(uri: str) -> str:
@@ -117,14 +109,8 @@ def _aliased(client: Any, name: str, alias: str) -> Any:
         return None  # no such alias yet
 
 
-def _final(client: Any, run_id: str, metric: str) -> float:
-    value = client.get_run(run_id).data.metrics.get(metric)
-    if value is None:
-        raise UserError(
-            f"run {run_id} has no {metric} to register its model by: set optimized_metric to "
-            f"one of its metrics"
-        )
-    return value
+def _final(client: Any, run_id: str, metric: str) -> float | None:
+    return client.get_run(run_id).data.metrics.get(metric)
 
 
 def _better(value: float, than: float, metric: str) -> bool:

@@ -87,6 +87,7 @@ def report(differences: list[Difference], environment: list[tuple[str, Any, Any]
 
 
 def environment_report(environment: list[tuple[str, Any, Any]]) -> str:
+    """The environment keys that differ, as a table; or a line saying none does."""
     if not environment:
         return "The environments are the same (versions, platform, devices, commit, data)."
     lines = [f"{'environment':<40} {'original':<30} rerun"]
@@ -207,10 +208,12 @@ def load_golden(path: Path) -> dict:
     except json.JSONDecodeError as error:
         raise UserError(f"{path} is not a golden file: {error}") from None
     keys = golden if isinstance(golden, dict) else {}
-    missing = [key for key in ("config", "environment", "metrics") if key not in keys]
+    missing = [
+        key for key in ("config", "environment", "metrics") if not isinstance(keys.get(key), dict)
+    ]
     if missing:
         raise UserError(
-            f"{path} is not a golden file: it lacks {', '.join(missing) or 'everything'}; "
+            f"{path} is not a golden file: it lacks {', '.join(missing)} (a mapping each); "
             f"write one with runner-repro RUN_ID --save {path}"
         )
     golden["metrics"] = {

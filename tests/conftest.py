@@ -56,7 +56,8 @@ def compose_config(overrides: list[str] = (), hydra: bool = False) -> DictConfig
 @pytest.fixture(scope="session")
 def new_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A new embedded store's database, made once: MLflow makes one through some fifty schema
-    migrations, a second of CPU that each test would otherwise spend again."""
+    migrations, a second of CPU that each test would otherwise spend again. Its Default
+    experiment keeps artifacts where pytest started; the runs of a test go to their own."""
     database = tmp_path_factory.mktemp("new_store") / "mlflow.db"
     MlflowClient(f"sqlite:///{database}").search_experiments()
     return database

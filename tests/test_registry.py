@@ -9,7 +9,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from runner import repro
+from runner import registry, repro
 from runner.errors import UserError
 from runner.evaluate import evaluate
 from runner.train import train
@@ -70,7 +70,8 @@ def test_eval_and_repro_take_the_alias(registered, mnist_dir, monkeypatch, capsy
     found = evaluate(app_config("evaluate", [f"model_uri=models:/{NAME}@champion", store]))
     assert found["accuracy"] == pytest.approx(champion.data.metrics["test/accuracy"], abs=1e-6)
     monkeypatch.chdir(registered)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # Absolute: MLflow caches a store by its URI, so a relative one could read another folder's.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{registered}/mlflow.db")
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     repro.main([f"models:/{NAME}/1"])
     out = capsys.readouterr().out
@@ -91,13 +92,15 @@ def test_forced_the_alias_moves_to_a_worse_model(registered, mnist_dir, monkeypa
 def test_registering_without_a_logged_model_is_refused_before_training(in_tmp_store):
     with pytest.raises(UserError, match=re.escape("add trainer.log_model=true")):
         train(compose_config([*QUICK, f"trainer.register_as={NAME}"]))
-    assert MlflowClient(f"sqlite:///{in_tmp_store}/mlflow.db").search_registered_models() == []
+    client = MlflowClient(f"sqlite:///{in_tmp_store}/mlflow.db")
+    assert client.search_registered_models() == []
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
 
 def test_a_sweep_registers_its_best_job(tmp_path, mnist_dir):
     """Two jobs, one that cannot learn: the other's model becomes version 1, champion, and the
     parent run names it."""
-    swept = ["-m", f"optimizer.lr={HOPELESS.split('=')[1]},0.5", *REGISTER[1:], *QUICK]
+    swept = ["-m", f"optimizer.lr={HOPELESS.split('=')[1]},0.5", *REGISTER]
     result = cli("runner", *swept, cwd=tmp_path, mnist_dir=mnist_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     [parent], children = parents_and_children(tmp_path)
@@ -107,3 +110,9 @@ def test_a_sweep_registers_its_best_job(tmp_path, mnist_dir):
     assert version.run_id == best.info.run_id
     assert client.get_model_version_by_alias(NAME, "champion").version == version.version
     assert parent.data.tags["registered"] == f"models:/{NAME}/1"
+
+
+def test_better_is_lower_for_a_loss_and_higher_otherwise():
+    assert registry._better(0.1, 0.2, "val/loss") and not registry._better(0.2, 0.1, "val/loss")
+    assert registry._better(0.9, 0.8, "val/accuracy")
+    assert not registry._better(0.8, 0.8, "val/accuracy")

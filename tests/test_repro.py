@@ -94,7 +94,8 @@ def test_repro_refuses_an_unknown_or_malformed_set_before_training(
     [line] = result.stderr.splitlines()
     assert line.startswith(f"runner-repro: error: {message}")
     monkeypatch.chdir(work)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # Absolute: MLflow caches a store by its URI, so a relative one could read another folder's.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work}/mlflow.db")
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for setting, message in others:
         with pytest.raises(SystemExit, match="^1$"):
@@ -196,8 +197,9 @@ def test_a_golden_file_from_another_environment_is_checked_within_rtol_naming_it
         (None, "cannot read the golden file {path}: No such file or directory"),
         ("{", "{path} is not a golden file: Expecting property name"),
         ('{"config": {}}', "{path} is not a golden file: it lacks environment, metrics"),
+        ('{"config": [], "environment": {}, "metrics": {}}', "{path} is not a golden file"),
     ],
-    ids=["missing", "not-json", "incomplete"],
+    ids=["missing", "not-json", "incomplete", "config-not-a-mapping"],
 )
 def test_a_bad_golden_file_is_one_line(tmp_path, capsys, content, message):
     path = tmp_path / "golden.json"

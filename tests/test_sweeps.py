@@ -203,3 +203,5 @@ def test_compare_puts_two_sweeps_side_by_side_and_plots_them(
     sweep_of = {c.info.run_id: label[c.data.tags["mlflow.parentRunId"]] for c in children}
     assert dict(zip(rows["run_id"], rows["sweep"], strict=True)) == sweep_of
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    drawn = compare.curves(rows.assign(**{"tags.mlflow.runName": rows["run"]}), compare.CURVE)
+    assert len(drawn) == 4 and all(len(points) == 2 for points in drawn.values())
