@@ -74,9 +74,10 @@ def test_processes_opening_a_new_experiment_on_a_server_at_once_all_get_it(serve
 
 
 def test_runs_started_at_once_each_get_their_own_folder_and_run(tmp_path, mnist_dir):
-    """4 `runner`s started together in an empty folder used to fail creating the store, and
-    those started in the same second shared `outputs/<date>/<time>/`: one's checkpoints
-    overwrote the other's, and its logged `hydra/overrides.yaml` held the other's seed."""
+    """`runner`s started together in an empty folder (3 here, 4 in the report) used to fail
+    creating the store, and those started in the same second shared `outputs/<date>/<time>/`:
+    one's checkpoints overwrote the other's, and its logged `hydra/overrides.yaml` held the
+    other's seed."""
     env = {**os.environ, "MNIST_DIR": str(mnist_dir)}
     env.pop("MLFLOW_TRACKING_URI", None)
     runner = str(Path(sys.executable).with_name("runner"))
@@ -89,18 +90,18 @@ def test_runs_started_at_once_each_get_their_own_folder_and_run(tmp_path, mnist_
             stderr=subprocess.PIPE,
             text=True,
         )
-        for seed in range(1, 5)
+        for seed in range(1, 4)
     ]
     errors = [p.communicate(timeout=600)[1] for p in processes]
-    assert [p.returncode for p in processes] == [0] * 4, "\n".join(e[-2000:] for e in errors)
+    assert [p.returncode for p in processes] == [0] * 3, "\n".join(e[-2000:] for e in errors)
 
     folders = [f for f in tmp_path.glob("outputs/*/*") if f.is_dir()]
-    assert len(folders) == 4, folders
+    assert len(folders) == 3, folders
     client = store_client(tmp_path)
     runs = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
-    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 4
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 3
     seeds_of_runs = {r.info.run_id: r.data.params["seed"] for r in runs}
-    assert sorted(seeds_of_runs.values()) == ["1", "2", "3", "4"]
+    assert sorted(seeds_of_runs.values()) == ["1", "2", "3"]
     for folder in folders:
         # One run wrote everything in this folder: Hydra's files, its log, its checkpoint.
         seed = _seed(yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()))

@@ -164,41 +164,34 @@ def test_mlflow_ui_shows_the_sweep_in_chromium(grid, mlflow_ui, tmp_path):
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_sweep_over_data_keeps_its_runs_in_one_experiment(tmp_path, mnist_dir):
-    """Runs are recorded in the experiment named after their data unless in a sweep, whose jobs
-    join their parent's experiment, whatever data each trains on: else the parent's summary
-    would miss them."""
-    short = ["trainer.steps=10", "trainer.log_every=10", "trainer.eval_every=10"]
-    result = cli(
-        "runner", "-m", *QUICK, *short, "data.name=mnist,digits", cwd=tmp_path, mnist_dir=mnist_dir
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    client = store_client(tmp_path)
-    assert client.get_experiment_by_name("digits") is None
-    parent, children = sweep_runs(tmp_path)
-    assert sorted(c.data.params["data.name"] for c in children) == ["digits", "mnist"]
-    assert "best/val/accuracy" in parent.data.metrics
-
-
-def test_compare_puts_two_sweeps_side_by_side_and_plots_them(
+def test_a_sweep_over_data_keeps_its_runs_in_one_experiment_and_compares_with_another(
     tmp_path, mnist_dir, monkeypatch, capsys
 ):
-    """`runner-compare --parent A --parent B --plot FILE`: the four runs of two sweeps in one
-    table, each row naming its own sweep, and their validation curves in one PNG."""
+    """Runs are recorded in the experiment named after their data unless in a sweep, whose jobs
+    join their parent's experiment, whatever data each trains on: else the parent's summary
+    would miss them. Then a second sweep in the same store, and `runner-compare --parent A
+    --parent B --plot FILE`: the four runs in one table, each row naming its own sweep, and
+    their validation curves in one PNG."""
     short = [*QUICK, "trainer.steps=10", "trainer.log_every=5", "trainer.eval_every=5"]
-    for swept in ("seed=1,2", "optimizer.lr=0.1,0.9"):
+    for swept in ("data.name=mnist,digits", "optimizer.lr=0.1,0.9"):
         result = cli("runner", "-m", swept, *short, cwd=tmp_path, mnist_dir=mnist_dir)
         assert result.returncode == 0, result.stderr[-3000:]
+    client = store_client(tmp_path)
+    assert client.get_experiment_by_name("digits") is None
     parents, children = parents_and_children(tmp_path)
     first, second = sorted(parents, key=lambda run: run.info.start_time)
+    of_first = [c for c in children if c.data.tags["mlflow.parentRunId"] == first.info.run_id]
+    assert sorted(c.data.params["data.name"] for c in of_first) == ["digits", "mnist"]
+    assert "best/val/accuracy" in first.data.metrics
+
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     plot = tmp_path / "curves.png"
     args = ["--parent", first.info.run_id, "--parent", second.info.run_id, "--plot", str(plot)]
     compare.main([*args, "--format", "csv"])
     rows = pd.read_csv(io.StringIO(capsys.readouterr().out))
     assert list(rows.columns[:2]) == ["sweep", "run"] and len(rows) == 4
-    assert {"seed", "optimizer.lr"} <= set(rows.columns)  # each differs across the sweeps
+    assert {"data.name", "optimizer.lr"} <= set(rows.columns)  # each differs across the sweeps
     label = {p.info.run_id: f"{p.info.run_name} ({p.info.run_id[:8]})" for p in parents}
     sweep_of = {c.info.run_id: label[c.data.tags["mlflow.parentRunId"]] for c in children}
     assert dict(zip(rows["run_id"], rows["sweep"], strict=True)) == sweep_of
