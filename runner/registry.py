@@ -53,8 +53,8 @@ def register(run_id: str, name: str, alias: str, metric: str, force: bool) -> st
         log.info("registered models:/%s/%s, now models:/%s@%s", name, version, name, alias)
     else:
         log.info(
-            "registered models:/%s/%s; %s stays on version %s, whose %s %s beats this one's %s "
-            "(trainer.register_force=true moves it anyway)",
+            "registered models:/%s/%s; %s stays on version %s, whose %s %s this one's %s does "
+            "not beat (trainer.register_force=true moves it anyway)",
             *(name, version, alias, current.version, metric, held, value),
         )
     return str(version)
