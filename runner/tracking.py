@@ -26,7 +26,7 @@ from mlflow.entities import Experiment, Metric
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from runner import access, environment, plots
+from runner import access, environment, plots, serving
 from runner.data import Split, Splits
 from runner.errors import Interrupted, ServerLost, UserError
 from runner.masking import mask
@@ -136,19 +136,18 @@ class Recorder:
         mlflow.log_figure(confusion, "plots/confusion_matrix.png")
         mlflow.log_figure(plots.training_curves(self.history), "plots/training_curves.png")
 
-    def log_model(self, model: Any, example: np.ndarray) -> None:
-        """The trained model and its signature; pinned requirements skip MLflow's slow inference."""
+    def log_model(self, model: Any, output: str) -> None:
+        """The trained model, which emits `output` (logits or probabilities), served as
+        `runner.serving` says; pinned requirements skip MLflow's slow inference of them."""
         import keras
         import tensorflow as tf
-        from mlflow.models import infer_signature
 
-        signature = infer_signature(example, model.predict_on_batch(example))
         # uv's environments have no pip, which MLflow reports as a warning while writing conda.yaml.
         logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)
-        mlflow.keras.log_model(
+        serving.log_model(
             model,
-            name=MODEL_ARTIFACT,
-            signature=signature,
+            MODEL_ARTIFACT,
+            output,
             pip_requirements=[
                 f"keras=={keras.__version__}",
                 f"tensorflow=={tf.__version__}",

@@ -108,7 +108,7 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
         if cfg.tracking.plots:
             recorder.log_plots(splits.test, outputs)
         if cfg.trainer.log_model:
-            recorder.log_model(model, splits.test.x[:8])
+            recorder.log_model(model, cfg.model.get("output", "logits"))
         final = recorder.final_metrics()
     registration = registry.settings(cfg)
     if registration and job is None:  # a sweep registers its best job's model, at its end

@@ -148,7 +148,7 @@ def test_each_run_records_throughput_and_system_metrics(in_tmp_store: Path):
             "trainer.steps=300",
             "trainer.log_every=100",
             "trainer.eval_every=300",
-            "tracking.system_metrics_every_s=1",
+            "tracking.system_metrics_every_s=0.1",
         ]  # fmt: skip
     )
     train(cfg)

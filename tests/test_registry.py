@@ -2,7 +2,19 @@
 alias moved onto it only when it beats the model the alias holds (or when forced), a sweep's
 best job registered at its end, and the commands that take `models:/NAME@ALIAS`."""
 
+import json
+import os
 import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -10,11 +22,12 @@ import pytest
 from mlflow import MlflowClient
 
 from runner import registry, repro
+from runner.data import read_idx
 from runner.errors import UserError
 from runner.evaluate import evaluate
 from runner.train import train
 
-from .conftest import QUICK, cli, compose_config, parents_and_children, store_client
+from .conftest import QUICK, REPO, cli, compose_config, parents_and_children, store_client
 from .test_inference import app_config
 
 # One worker runs this file: its tests share a module-scoped store.
@@ -78,6 +91,97 @@ def test_eval_and_repro_take_the_alias(registered, mnist_dir, monkeypatch, capsy
     assert f"original run {champion.info.run_id}," in out
     assert "every metric history agrees (rtol=0.0, atol=0.0)" in out
     assert sorted(versions(registered)) == [1, 2], "a rerun registers no new version"
+
+
+def serving_section() -> tuple[str, str]:
+    """The README's `mlflow models serve` command and its Python client."""
+    text = (REPO / "README.md").read_text().split("\n### Serving a model\n", 1)[1]
+    [command] = re.findall(r"```bash\n(.*?)\n```", text.split("\n## ", 1)[0], re.S)
+    [client] = re.findall(r"```python\n(.*?)```", text, re.S)
+    return command, client
+
+
+@contextmanager
+def served(folder: Path, command: str) -> Iterator[int]:
+    """The README's serve command run in `folder` as `uv run` would (the environment's bin
+    first on PATH), on a free port; yields the port once the server answers."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    uv, run, *args = shlex.split(command.replace("-p 5001", f"-p {port}"))
+    assert (uv, run, args[:3]) == ("uv", "run", ["mlflow", "models", "serve"]), command
+    bin_dir = str(Path(sys.executable).parent)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    server = subprocess.Popen(
+        [str(Path(bin_dir) / args[0]), *args[1:]],
+        cwd=folder,
+        env={**env, "PATH": f"{bin_dir}:{env['PATH']}"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(server.stderr.read().decode()[-3000:]) from None
+                time.sleep(0.5)
+        yield port
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def post(port: int, body: object) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, json.load(answer)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def test_the_served_champion_classifies_the_first_test_digits(registered, mnist_dir):
+    """The README's server and client: the champion's classes for the first ten test digits,
+    each answer with probabilities and logits that agree with it; bad requests are told why."""
+    command, client = serving_section()
+    labels = read_idx(mnist_dir / "t10k-labels-idx1-ubyte.gz")[:10]
+    digits = read_idx(mnist_dir / "t10k-images-idx3-ubyte.gz")[:10]
+    with served(registered, command) as port:
+        result = subprocess.run(
+            [sys.executable, "-c", client.replace(":5001/", f":{port}/")],
+            cwd=registered,
+            env={**os.environ, "MNIST_DIR": str(mnist_dir)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        classes = json.loads(result.stdout)
+        # 30 steps of softmax regression: one digit of the ten, a 5, is read as a 6.
+        assert sum(c == label for c, label in zip(classes, labels, strict=True)) >= 9
+        status, flat = post(port, {"inputs": (digits.reshape(10, -1) / 255.0).tolist()})
+        assert status == 200
+        for answer, expected in zip(flat["predictions"], classes, strict=True):
+            assert answer["class"] == expected
+            assert sum(answer["probabilities"]) == pytest.approx(1, abs=1e-5)
+            assert max(range(10), key=answer["logits"].__getitem__) == expected
+        for body, message in [
+            ({"inputs": digits[:, :14].tolist()}, "each image must have shape (28, 28, 1) or"),
+            ({"inputs": [["a"] * 784]}, "pixels must be numbers"),
+            ({"inputs": []}, "the batch is empty"),
+            ({"inputs": [[300] * 784]}, "integer pixels must lie in 0-255"),
+        ]:
+            status, error = post(port, body)
+            assert status == 400 and message in error["message"], (status, error)
 
 
 def test_forced_the_alias_moves_to_a_worse_model(registered, mnist_dir, monkeypatch):
