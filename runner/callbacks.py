@@ -249,6 +249,20 @@ class ProbabilityLogger(RunnerCallback):
         log.info("step %d: probabilities = %s", self.step, probabilities)
 
 
+class ReportToTrial(keras.callbacks.Callback):
+    """Reports the validation metric `metric` to an Optuna trial (`runner.pruning.Trial`) at
+    each validation, and stops training when its study's pruner calls the trial off."""
+
+    def __init__(self, trial: Any, metric: str):
+        super().__init__()
+        self.trial, self.key = trial, f"val_{metric.removeprefix('val/')}"
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        value = (logs or {}).get(self.key)
+        if value is not None and self.trial.report(float(value), optimizer_step(self.model)):
+            self.model.stop_training = True
+
+
 class EarlyStopping(RunnerCallback):
     """Stops training once the validation metric `monitor` (val/loss or val/accuracy, measured
     every trainer.eval_every steps) has not improved on its best by more than `min_delta` for

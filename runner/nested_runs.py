@@ -39,6 +39,7 @@ class NestedRuns(Callback):
         # Hydra would make any exception raised here a warning and run the jobs all the same.
         with reported("runner"):
             try:
+                _check_registration_not_swept(list(config.hydra.overrides.task))
                 if not sweeper_has_work(config):  # the sweeper says why when Hydra starts it
                     _drop_if_empty(Path(config.hydra.sweep.dir))
                     return
@@ -148,7 +149,7 @@ def sweeper_has_work(config: DictConfig) -> bool:
 
 def summarize(client: Any, parent_run_id: str, optimized_metric: str) -> None:
     """Log the children's comparison table and validation curves to the parent run, and the
-    best child's `optimized_metric` as the parent's `best/...` metric."""
+    best finished child's `optimized_metric` as the parent's `best/...` metric."""
     parent = client.get_run(parent_run_id)
     runs = compare.children(parent.info.experiment_id, parent_run_id)
     if runs.empty:
@@ -157,19 +158,35 @@ def summarize(client: Any, parent_run_id: str, optimized_metric: str) -> None:
     client.log_table(parent_run_id, data=rows, artifact_file=COMPARISON_TABLE)
     curves = compare.curves(runs, compare.CURVE)
     client.log_figure(parent_run_id, plots.sweep_curves(curves, compare.CURVE), CURVES_PLOT)
-    best = rows[optimized_metric].dropna()
+    best = rows[optimized_metric][rows["status"] == "FINISHED"].dropna()  # not pruned trials
     if not best.empty:
         client.log_metric(parent_run_id, f"best/{optimized_metric}", float(best.iloc[0]))
         client.set_tag(parent_run_id, "sweep.best_run_id", rows["run_id"][best.index[0]])
 
 
+def _check_registration_not_swept(overrides: list[str]) -> None:
+    """A sweep registers its best job's model once, at its end, under one name: refuse a sweep
+    over trainer.register_as (or its alias or force), which would register nothing."""
+    for key in _keys(overrides, swept=True):
+        if key.lstrip("+~").startswith("trainer.register_"):
+            raise UserError(
+                f"{key} cannot be swept: a sweep registers its best job's model once, under one "
+                f"name; give it one value, or run a sweep for each"
+            )
+
+
 def _fixed_keys(overrides: list[str]) -> list[str]:
     """The keys of the overrides that do not sweep (`a=1` but not `a=1,2`), as written."""
+    return _keys(overrides, swept=False)
+
+
+def _keys(overrides: list[str], swept: bool) -> list[str]:
+    """The keys, as written, of the overrides that sweep (`a=1,2`) or, not `swept`, do not."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(overrides)
     return [
         text.split("=", 1)[0]
         for text, override in zip(overrides, parsed, strict=True)
-        if not override.is_sweep_override()
+        if override.is_sweep_override() == swept
     ]

@@ -73,6 +73,8 @@ class Recorder:
         self._flushed_at = time.monotonic()
         self._unanswered_since: float | None = None
         self.lost = False
+        # How the run ends if nothing raises: KILLED for an Optuna trial called off (`prune`).
+        self.end_status = "FINISHED"
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now_ms = int(time.time() * 1000)
@@ -123,6 +125,11 @@ class Recorder:
 
     def set_tag(self, key: str, value: str) -> None:
         mlflow.MlflowClient().set_tag(self.run_id, key, value)
+
+    def prune(self, step: int) -> None:
+        """End the run KILLED, tagged with the step its Optuna trial was pruned at."""
+        self.set_tag("pruned_at_step", str(step))
+        self.end_status = "KILLED"
 
     def log_test(self, test: Split, outputs: np.ndarray, loss: float, step: int) -> None:
         """Test metrics at `step`, the last."""
@@ -217,6 +224,8 @@ def mlflow_run(
             )
             yield recorder
             recorder.flush(final=True)
+            if recorder.end_status != "FINISHED":
+                mlflow.end_run(recorder.end_status)  # the context manager would say FINISHED
         except ServerLost as error:
             _leave(error, "KILLED")
             raise

@@ -9,12 +9,13 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
-from runner import preemption, registry, sweep
+from runner import preemption, pruning, registry, sweep
 from runner.config import check_config, register_configs, resume_mode
 from runner.errors import Interrupted, UserError, reported, run_hydra_app
 from runner.masking import install_masking, mask_hydra_record
@@ -35,10 +36,14 @@ warnings.filterwarnings("ignore", message=r".*has been deprecated in v\d", categ
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
-def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, float]:
+def train(
+    cfg: DictConfig, tags: dict[str, str] | None = None, trial: Any = None
+) -> dict[str, float]:
     """Train one model as `cfg` says and record it in MLflow, with `tags` added to the run;
     returns the final metrics. Everything is built from the config's `_target_`s before the
-    MLflow run starts, so a config that cannot train leaves no run behind."""
+    MLflow run starts, so a config that cannot train leaves no run behind. An Optuna `trial`
+    (`runner.pruning.Trial`) hears each validation, and a trial its pruner calls off ends its
+    run KILLED, untested."""
     check_config(cfg)
     from runner import tracking
 
@@ -51,6 +56,7 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
 
     load_tensorflow()  # before anything else imports it
     from runner import checkpoints, data, devices, modeling
+    from runner.callbacks import ReportToTrial
     from runner.fitting import (
         check_resumable,
         configured_callbacks,
@@ -65,6 +71,8 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
     found = devices.detect(cfg.device.cpu_devices)  # before anything runs on them
     callbacks = configured_callbacks(cfg)
     plan = devices.plan(cfg.device, found, intervals(cfg.trainer, callbacks))
+    if trial is not None:
+        callbacks["optuna_trial"] = ReportToTrial(trial, cfg.optimized_metric)
     log.info("devices: %s; %s", found.describe(), plan.describe())
     start_clean(cfg.seed, cfg.device.deterministic, plan.precision)
     splits = data.load(cfg.data)
@@ -101,6 +109,9 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, floa
         ) as recorder,
     ):
         reached = fit(model, splits, cfg, recorder, plan, resumed, callbacks)
+        if trial is not None and trial.pruned_at is not None:
+            recorder.prune(reached)
+            return recorder.final_metrics()
         if reached < cfg.trainer.steps:
             recorder.set_tag("stopped_early_at", str(reached))
         outputs, loss = evaluate_outputs(model, splits.test, cfg.data.eval_batch_size)
@@ -141,9 +152,13 @@ def compose(overrides: Sequence[str] = (), with_hydra: bool = False) -> DictConf
 _HYDRA_OUTPUT_DIR = "${hydra:runtime.output_dir}"
 
 
-def objective(cfg: DictConfig) -> float:
-    """Train, then give `optimized_metric`'s final value: what a Hydra sweeper optimises."""
-    return train(cfg)[cfg.optimized_metric]
+def objective(cfg: DictConfig) -> "float | pruning.Pruned":
+    """Train, then give `optimized_metric`'s final value: what a Hydra sweeper optimises. A
+    trial of a pruned Optuna search gives `Pruned` if its pruner called it off."""
+    trial = pruning.this_jobs_trial()
+    tags = {"optuna.trial": str(trial.number)} if trial else None
+    value = train(cfg, tags, trial)[cfg.optimized_metric]
+    return trial.result(value) if trial else value
 
 
 class JobFailed(CompactHydraException):

@@ -5,32 +5,66 @@ from pathlib import Path
 import optuna
 import pytest
 
+from runner import pruning
+from runner.errors import UserError
+
 from .conftest import QUICK, cli, parents_and_children, store_client
 
+# Two trials, the first with a rate that learns, the second (as TPE seeded with 10 picks them)
+# with one that cannot: the median of the trials before it prunes it at its first validation.
+RIGGED = [
+    "-m",
+    *QUICK,
+    "trainer.eval_every=10",
+    "hydra/sweeper=runner_optuna",
+    "hydra.sweeper.storage=sqlite:///optuna.db",
+    "hydra.sweeper.study_name=rigged",
+    "hydra.sweeper.direction=maximize",
+    "hydra.sweeper.n_jobs=1",
+    "hydra.sweeper.sampler.seed=10",
+    "hydra.sweeper.pruner={_target_:optuna.pruners.MedianPruner,n_startup_trials:1}",
+    "optimizer.lr=choice(0.5,1e-7)",
+]
 
-def test_optuna_search_runs_trials_as_children_and_resumes_its_study(tmp_path, mnist_dir):
-    search = ["hparams_search=cnn_optuna", *QUICK]
-    first = cli("runner", *search, "hydra.sweeper.n_trials=1", cwd=tmp_path, mnist_dir=mnist_dir)
+
+def test_a_hopeless_trial_is_pruned_and_the_study_resumes(tmp_path, mnist_dir):
+    first = cli("runner", *RIGGED, "hydra.sweeper.n_trials=2", cwd=tmp_path, mnist_dir=mnist_dir)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "FutureWarning" not in first.stderr  # Optuna's notes on the plugin's old API
-    study = optuna.load_study(study_name="cnn_optuna", storage=f"sqlite:///{tmp_path}/optuna.db")
-    [trial] = study.trials
-    assert trial.state.name == "COMPLETE" and trial.params["data.batch_size"] in (50, 100, 200)
+    assert "trial 1 pruned at step 10" in first.stdout
+    study = optuna.load_study(study_name="rigged", storage=f"sqlite:///{tmp_path}/optuna.db")
+    good, hopeless = study.trials
+    assert (good.params["optimizer.lr"], hopeless.params["optimizer.lr"]) == (0.5, 1e-7)
+    assert (good.state.name, hopeless.state.name) == ("COMPLETE", "PRUNED")
+    assert sorted(good.intermediate_values) == [10, 20, 30]
+    assert list(hopeless.intermediate_values) == [10]
+    assert hopeless.intermediate_values[10] < good.intermediate_values[10]
+    [parent], children = parents_and_children(tmp_path)
+    runs = {c.data.tags["optuna.trial"]: c for c in children}
+    assert (runs["0"].info.status, runs["1"].info.status) == ("FINISHED", "KILLED")
+    assert runs["1"].data.tags["pruned_at_step"] == "10"
+    assert "test/accuracy" not in runs["1"].data.metrics, "a pruned trial is not tested"
+    assert runs["0"].data.metrics["val/accuracy"] == good.value
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["sweep.best_run_id"] == runs["0"].info.run_id
 
     study.ask()  # a trial whose process died: left RUNNING in the study
-    again = cli("runner", *search, "hydra.sweeper.n_trials=2", cwd=tmp_path, mnist_dir=mnist_dir)
+    again = cli("runner", *RIGGED, "hydra.sweeper.n_trials=3", cwd=tmp_path, mnist_dir=mnist_dir)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "1 of 2 trials completed, 1 interrupted" in again.stdout
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE"]
-    assert study.trials[2].params != study.trials[0].params
-
+    assert "2 of 3 trials finished, 1 interrupted" in again.stdout
+    states = [t.state.name for t in study.trials]
+    assert states[:3] == ["COMPLETE", "PRUNED", "FAIL"] and len(states) == 4
+    assert states[3] in ("COMPLETE", "PRUNED")
     parents, children = parents_and_children(tmp_path)
-    assert len(parents) == 2 and len(children) == 2
+    assert len(parents) == 2 and len(children) == 3
     assert all(p.info.status == "FINISHED" for p in parents)
-    values = sorted(t.value for t in study.trials if t.state.name == "COMPLETE")
-    assert values == sorted(c.data.metrics["val/accuracy"] for c in children)
-    assert {c.data.params["model.name"] for c in children} == {"cnn_raw"}
-    assert set(study.best_params) == {"optimizer.lr", "data.batch_size", "model.keep_prob"}
+
+
+def test_pruners_by_name_and_a_misspelt_one():
+    assert pruning.build_pruner("none") is None
+    assert type(pruning.build_pruner("median")).__name__ == "MedianPruner"
+    assert type(pruning.build_pruner("hyperband")).__name__ == "HyperbandPruner"
+    with pytest.raises(UserError, match=r"pruner=medain is not none, median or hyperband"):
+        pruning.build_pruner("medain")
 
 
 # A tiny search: one trial of a few steps.
@@ -51,6 +85,7 @@ def searched(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Path:
     folder = tmp_path_factory.mktemp("searched")
     done = cli("runner", *TINY, cwd=folder, mnist_dir=mnist_dir)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "FutureWarning" not in done.stderr  # Optuna's notes on the plugin's old API
     return folder
 
 
@@ -62,6 +97,19 @@ def run_ids(folder: Path) -> set[str]:
 
 def sweep_folders(folder: Path) -> list[Path]:
     return sorted((folder / "multirun").glob("*/*"))
+
+
+def test_the_cnn_search_reports_each_validation_of_its_trial(searched):
+    """cnn_optuna searches cnn_raw's rate, batch and dropout, its trials reporting to a median
+    pruner, which prunes nothing before five trials."""
+    study = optuna.load_study(study_name="cnn_optuna", storage=f"sqlite:///{searched}/optuna.db")
+    [trial] = study.trials
+    assert trial.state.name == "COMPLETE" and trial.params["data.batch_size"] in (50, 100, 200)
+    assert set(trial.params) == {"optimizer.lr", "data.batch_size", "model.keep_prob"}
+    assert trial.intermediate_values == {20: trial.value}
+    [parent], [child] = parents_and_children(searched)
+    assert child.data.params["model.name"] == "cnn_raw"
+    assert child.data.metrics["val/accuracy"] == trial.value
 
 
 def test_a_study_refuses_other_settings_than_it_was_started_with(searched, mnist_dir):
@@ -89,7 +137,7 @@ def test_a_completed_study_run_again_says_so_and_leaves_no_empty_parent(searched
     before, folders = run_ids(searched), sweep_folders(searched)
     again = cli("runner", *TINY, cwd=searched, mnist_dir=mnist_dir)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "study 'cnn_optuna' already has its 1 completed trial" in again.stdout
+    assert "study 'cnn_optuna' already has its 1 finished trial" in again.stdout
     assert "raise hydra.sweeper.n_trials to run more" in again.stdout
     assert run_ids(searched) == before
     assert sweep_folders(searched) == folders

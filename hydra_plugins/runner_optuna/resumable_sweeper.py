@@ -1,23 +1,35 @@
-"""Hydra's Optuna sweeper, made resumable and kept to one set of settings: `n_trials` counts the
-completed trials of the whole study, so rerunning an interrupted search runs only the trials it
-still lacks, and a study refuses to go on under other settings than it was started with.
+"""Hydra's Optuna sweeper, made resumable, kept to one set of settings and able to prune:
+`n_trials` counts the finished (completed or pruned) trials of the whole study, so rerunning an
+interrupted search runs only the trials it still lacks; a study refuses to go on under other
+settings than it was started with; and `pruner` (none, median, hyperband) calls off trials that
+report hopeless validations (`runner.pruning`).
 
 The stock sweeper (hydra-optuna-sweeper) reloads a stored study but then runs `n_trials` more,
 and its seeded sampler would propose the first trials' parameters again; nor does it notice that
 a study started with `trainer.steps=200` is continued with `trainer.steps=1000`, which would mix
-trials that cannot be compared and report the best of either. Hydra only instantiates sweepers
-from the `hydra_plugins` package, hence this module's home; it imports Optuna lazily because
-Hydra imports every plugin module at each start.
+trials that cannot be compared and report the best of either. The stock sweeper also never hears
+from a trial before it ends, so it cannot prune. Hydra only instantiates sweepers from the
+`hydra_plugins` package, hence this module's home; it imports Optuna lazily because Hydra
+imports every plugin module at each start.
+
+`hydra/sweeper=runner_optuna` selects it, with the stock sweeper's settings and `pruner`.
 """
 
 import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
+from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from runner import pruning
 from runner.errors import UserError, reported
 
 log = logging.getLogger(__name__)
@@ -30,7 +42,23 @@ class SettingsChanged(UserError):
     """A stored study continued with other settings than it was started with."""
 
 
+@dataclass
+class RunnerOptunaSweeperConf(OptunaSweeperConf):
+    _target_: str = "hydra_plugins.runner_optuna.resumable_sweeper.ResumableOptunaSweeper"
+    # none, median or hyperband (Optuna's defaults), or a pruner's {_target_: ..., ...}.
+    pruner: Any = "none"
+
+
+ConfigStore.instance().store(
+    group="hydra/sweeper", name="runner_optuna", node=RunnerOptunaSweeperConf, provider="runner"
+)
+
+
 class ResumableOptunaSweeper(OptunaSweeper):
+    def __init__(self, *args: Any, pruner: Any = "none", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pruner = pruner
+
     @classmethod
     def check_before_sweep(cls, config: DictConfig) -> bool:
         """Whether the sweep has trials to run; raises `SettingsChanged` if the stored study was
@@ -40,6 +68,11 @@ class ResumableOptunaSweeper(OptunaSweeper):
         storage = sweeper.storage
         if isinstance(storage, DictConfig):
             storage = instantiate(storage)
+        directions = sweeper.direction
+        directions = list(directions) if isinstance(directions, ListConfig) else [directions]
+        _checked_pruner(
+            sweeper.get("pruner"), config.optimized_metric, storage, sweeper.study_name, directions
+        )
         _, done = _checked_study(sweeper.study_name, storage, settings(config))
         return done < sweeper.n_trials
 
@@ -51,14 +84,21 @@ class ResumableOptunaSweeper(OptunaSweeper):
         now = settings(search.config)
         # Refused here only with NestedRuns, which checks first, switched off.
         with reported("runner"):
+            pruner = _checked_pruner(
+                self.pruner,
+                search.config.optimized_metric,
+                search.storage,
+                search.study_name,
+                search._get_directions(),
+            )
             study, done = _checked_study(search.study_name, search.storage, now)
-        if study is None and search.study_name is not None and search.storage is not None:
+        if study is None:
             study = optuna.create_study(
                 study_name=search.study_name,
                 storage=search.storage,
                 directions=search._get_directions(),
             )
-        if study is not None and SETTINGS_ATTR not in study.user_attrs:
+        if SETTINGS_ATTR not in study.user_attrs:
             if study.trials:
                 log.warning(
                     "study %r has no record of the settings its trials ran with (it predates "
@@ -71,10 +111,10 @@ class ResumableOptunaSweeper(OptunaSweeper):
             log.info(
                 "study %r already has its %s; raise hydra.sweeper.n_trials to run more",
                 search.study_name,
-                _count(done, "completed trial"),
+                _count(done, "finished trial"),
             )
             return None
-        if study is not None and study.trials:
+        if study.trials:
             interrupted = [t.number for t in study.trials if t.state == TrialState.RUNNING]
             for number in interrupted:  # their process died: they will never report
                 study.tell(number, state=TrialState.FAIL)
@@ -83,7 +123,7 @@ class ResumableOptunaSweeper(OptunaSweeper):
             if hasattr(search.sampler, "reseed_rng"):
                 search.sampler.reseed_rng()
             log.info(
-                "Resuming study %r: %d of %d trials completed, %d interrupted (marked failed); "
+                "Resuming study %r: %d of %d trials finished, %d interrupted (marked failed); "
                 "running %d more",
                 search.study_name,
                 done,
@@ -91,7 +131,82 @@ class ResumableOptunaSweeper(OptunaSweeper):
                 len(interrupted),
                 search.n_trials,
             )
-        return super().sweep(arguments)
+        return self._sweep(arguments, study, pruner)
+
+    def _sweep(self, arguments: list[str], study: Any, pruner: Any) -> None:
+        """The stock sweeper's loop (`OptunaSweeperImpl.sweep`), on `study`: ask a batch of
+        `n_jobs` trials, launch them, tell the study how each ended: completed with its values,
+        pruned (`runner.pruning.Pruned`) or failed. Each trial is marked with its job, which
+        finds it there to report to."""
+        import optuna
+        from optuna.trial import TrialState
+
+        search = self.sweeper
+        search._process_searchspace_config()
+        space, fixed = create_params_from_overrides(
+            search._parse_sweeper_params_config() + list(arguments)
+        )
+        space = {**(search.search_space_distributions or {}), **space}
+        space = {name: d for name, d in space.items() if name not in fixed}
+        sampler = search.sampler
+        if getattr(sampler, "func", None) is optuna.samplers.GridSampler:  # a partial
+            grid = {name: search._to_grid_sampler_choices(d) for name, d in space.items()}
+            sampler = sampler(grid)
+            search.n_trials = min(search.n_trials, math.prod(len(v) for v in grid.values()))
+        study.sampler, study.pruner = sampler, pruner
+        objectives = len(search._get_directions())
+        left = search.n_trials
+        while left > 0:
+            trials = [study.ask() for _ in range(min(left, search.n_jobs))]
+            for offset, trial in enumerate(trials):
+                trial.set_user_attr(
+                    pruning.JOB_ATTR, pruning.job_key(search.sweep_dir, search.job_idx + offset)
+                )
+            overrides = search._configure_trials(trials, space, fixed)
+            returns = search.launcher.launch(overrides, initial_job_idx=search.job_idx)
+            search.job_idx += len(returns)
+            failures = []
+            for trial, ret in zip(trials, returns, strict=True):
+                try:
+                    value = ret.return_value
+                    if isinstance(value, pruning.Pruned):
+                        study.tell(trial, state=TrialState.PRUNED)
+                        continue
+                    values = [float(v) for v in value] if objectives > 1 else [float(value)]
+                    study.tell(trial, values)
+                except Exception as error:
+                    study.tell(trial, state=TrialState.FAIL)
+                    log.warning("Failed experiment: %s", error)
+                    failures.append(error)
+            if len(failures) / len(returns) > search.max_failure_rate:
+                log.error(
+                    "Failed %s times out of %d with max_failure_rate=%s",
+                    failures,
+                    len(returns),
+                    search.max_failure_rate,
+                )
+                for ret in returns:
+                    ret.return_value  # noqa: B018 - raises the job's error, with its traceback
+            left -= len(trials)
+        _save_results(study, objectives, Path(search.config.hydra.sweep.dir))
+
+
+def _save_results(study: Any, objectives: int, sweep_dir: Path) -> None:
+    """The best trial (the Pareto front of several objectives), logged and written to
+    optimization_results.yaml as the stock sweeper writes it."""
+    if not study.best_trials:
+        log.warning("no trial of study %r completed: none is best", study.study_name)
+        return
+    if objectives == 1:
+        best = study.best_trial
+        results = {"name": "optuna", "best_params": best.params, "best_value": best.value}
+        log.info("Best parameters: %s", best.params)
+        log.info("Best value: %s", best.value)
+    else:
+        front = [{"params": t.params, "values": t.values} for t in study.best_trials]
+        results = {"name": "optuna", "solutions": front}
+        log.info("Number of Pareto solutions: %d", len(front))
+    OmegaConf.save(OmegaConf.create(results), sweep_dir / "optimization_results.yaml")
 
 
 def settings(config: DictConfig) -> dict[str, Any]:
@@ -110,8 +225,30 @@ def settings(config: DictConfig) -> dict[str, Any]:
     return {"fixed": sorted(fixed), "searched": dict(sorted(searched.items()))}
 
 
+def _checked_pruner(
+    spec: Any, metric: str, storage: Any, study_name: str | None, directions: list
+) -> Any:
+    """The pruner `spec` builds (None for none), refused where its trials could not report."""
+    pruner = pruning.build_pruner(spec)
+    if pruner is None:
+        return None
+    if not str(metric).startswith("val/"):
+        raise UserError(
+            f"hydra.sweeper.pruner prunes on validations, but optimized_metric={metric} is not "
+            f"a validation metric: optimize a val/ one, or set hydra.sweeper.pruner=none"
+        )
+    if storage is None or study_name is None:
+        raise UserError(
+            "hydra.sweeper.pruner needs a stored study, which the trials report to: set "
+            "hydra.sweeper.storage=sqlite:///optuna.db and hydra.sweeper.study_name=NAME"
+        )
+    if len(directions) > 1:
+        raise UserError("hydra.sweeper.pruner prunes single-objective studies only")
+    return pruner
+
+
 def _checked_study(name: str | None, storage: Any, now: dict[str, Any]) -> tuple[Any, int]:
-    """The stored study (None if there is none yet) and its count of completed trials; raises
+    """The stored study (None if there is none yet) and its count of finished trials; raises
     `SettingsChanged` if it was started with other settings than `now`."""
     from optuna.trial import TrialState
 

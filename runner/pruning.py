@@ -1,0 +1,106 @@
+"""Pruned Optuna searches, the job's side: a trial reports `optimized_metric` at each validation
+and stops when the study's pruner says it is hopeless.
+
+Hydra's Optuna sweeper keeps the trial to itself and hands the job only its parameters. The
+runner's sweeper (`hydra_plugins.runner_optuna`) marks each trial it asks with the job it
+launches it as; the job finds that trial in the study's storage, which every launcher's jobs
+reach, and reports to it there. A pruned job returns `Pruned`, and the sweeper tells the study.
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig
+
+from runner import sweep
+from runner.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# The trial's user attribute naming the job that runs it: `job_key`.
+JOB_ATTR = "runner.job"
+# hydra.sweeper.pruner's names, and what they build (Optuna's defaults).
+PRUNERS = {"median": "optuna.pruners.MedianPruner", "hyperband": "optuna.pruners.HyperbandPruner"}
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What a pruned trial's job returns to the sweeper: the step it stopped at and its
+    `optimized_metric` there."""
+
+    step: int
+    value: float
+
+
+def build_pruner(spec: Any) -> Any:
+    """The Optuna pruner `hydra.sweeper.pruner` names (none, median, hyperband) or builds (a
+    `_target_` node, which Hydra may have built already); None for none."""
+    if spec is None or isinstance(spec, str):
+        if spec in (None, "none"):
+            return None
+        if spec not in PRUNERS:
+            raise UserError(
+                f"hydra.sweeper.pruner={spec} is not none, median or hyperband; an Optuna pruner "
+                f"of your own goes in as hydra.sweeper.pruner={{_target_:optuna.pruners.NAME,...}}"
+            )
+        return get_class(PRUNERS[spec])()
+    if isinstance(spec, DictConfig | dict):
+        try:
+            return instantiate(spec)
+        except Exception as error:
+            raise UserError(f"hydra.sweeper.pruner: cannot build it: {error}") from None
+    return spec
+
+
+def job_key(sweep_dir: str, job_num: int) -> str:
+    """The job a trial runs as: its sweep's folder and its number there."""
+    return f"{Path(sweep_dir).absolute()}#{job_num}"
+
+
+class Trial:
+    """This job's Optuna trial, which hears the validations and may call training off."""
+
+    def __init__(self, trial: Any):
+        self.trial = trial
+        self.number: int = trial.number
+        self.pruned_at: int | None = None
+
+    def report(self, value: float, step: int) -> bool:
+        """Record `value` at `step`; whether the pruner calls the trial off there."""
+        self.trial.report(value, step)
+        if not self.trial.should_prune():
+            return False
+        log.info("trial %d pruned at step %d (%.4f there)", self.number, step, value)
+        self.pruned_at = step
+        return True
+
+    def result(self, value: float) -> "float | Pruned":
+        """What the job returns to the sweeper, `value` being its optimized_metric."""
+        return value if self.pruned_at is None else Pruned(self.pruned_at, value)
+
+
+def this_jobs_trial() -> Trial | None:
+    """The trial this job runs, if it is a job of the runner's Optuna sweeper with a pruner."""
+    if not sweep.in_multirun():
+        return None
+    hydra = HydraConfig.get()
+    sweeper = hydra.sweeper
+    pruner = build_pruner(sweeper.get("pruner"))
+    if pruner is None:
+        return None
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = instantiate(sweeper.storage) if isinstance(sweeper.storage, DictConfig) else None
+    study = optuna.load_study(
+        study_name=sweeper.study_name, storage=storage or sweeper.storage, pruner=pruner
+    )
+    key = job_key(hydra.sweep.dir, hydra.job.num)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get(JOB_ATTR) == key:
+            return Trial(optuna.Trial(study, trial._trial_id))
+    raise UserError(f"no running trial of study {sweeper.study_name!r} is this job's ({key})")
