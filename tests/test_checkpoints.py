@@ -21,14 +21,15 @@ from .conftest import compose_config, only_run, parents_and_children, store_clie
 # One worker runs this file: its tests share a module-scoped run.
 pytestmark = pytest.mark.xdist_group("test_checkpoints")
 
+STEPS = 120
 CNN = [
     "model=cnn_raw",
     "optimizer=adam",
     "data.batch_size=50",
     "data.limit=2000",
-    "trainer.steps=200",
+    f"trainer.steps={STEPS}",
     "trainer.log_every=20",
-    "trainer.eval_every=100",
+    "trainer.eval_every=100",  # and at step 120, off the multiples
     "trainer.checkpoint_every=40",
     # Executions shorter than a window, so that a signal may stop the run mid-window.
     "device.steps_per_execution=10",
@@ -76,7 +77,7 @@ def test_resume_without_a_checkpoint_is_a_clear_error(in_tmp_store):
 
 def final_weights(run_dir: Path) -> list[np.ndarray]:
     final = checkpoints.latest(run_dir / "checkpoints")
-    assert final.step == 200
+    assert final.step == STEPS
     return final.load_model().get_weights()
 
 
@@ -149,7 +150,7 @@ def resume(command: list[str], env: dict, cwd: Path) -> None:
 def test_run_killed_and_resumed_ends_as_if_never_interrupted(tmp_path, mnist_dir, reference):
     command, env, code, _ = interrupt(tmp_path, mnist_dir, signal.SIGKILL)
     assert code == -signal.SIGKILL, "the run finished before it could be killed"
-    assert checkpoints.latest(tmp_path / "run" / "checkpoints").step < 200
+    assert checkpoints.latest(tmp_path / "run" / "checkpoints").step < STEPS
     resume([*command, "trainer.resume=true"], env, tmp_path)
     assert_same_end(tmp_path, reference)
 
@@ -162,7 +163,7 @@ def test_ctrl_c_checkpoints_marks_killed_and_resumes_to_the_same_end(
     assert "runner: error: stopped by SIGINT at step" in stderr
     assert "Traceback" not in stderr
     stopped = checkpoints.latest(tmp_path / "run" / "checkpoints")
-    assert 40 < stopped.step < 200
+    assert 40 < stopped.step < STEPS
     assert f"at step {stopped.step}," in stderr
     assert f"trainer.resume=true hydra.run.dir={tmp_path / 'run'}\n" in stderr
     run = only_run(tmp_path)

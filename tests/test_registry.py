@@ -216,6 +216,18 @@ def test_a_sweep_registers_its_best_job(tmp_path, mnist_dir):
     assert parent.data.tags["registered"] == f"models:/{NAME}/1"
 
 
+def test_a_sweep_over_the_name_is_refused_before_it_starts(tmp_path, mnist_dir):
+    result = cli(
+        "runner", "-m", *REGISTER[:-1], "trainer.register_as=a,b", cwd=tmp_path, mnist_dir=mnist_dir
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "runner: error: trainer.register_as cannot be swept: a sweep registers its best job's "
+        "model once, under one name; give it one value, or run a sweep for each"
+    ]
+    assert not (tmp_path / "mlflow.db").exists() and not list(tmp_path.glob("multirun/*/*"))
+
+
 def test_better_is_lower_for_a_loss_and_higher_otherwise():
     assert registry._better(0.1, 0.2, "val/loss") and not registry._better(0.2, 0.1, "val/loss")
     assert registry._better(0.9, 0.8, "val/accuracy")
