@@ -39,7 +39,7 @@ class NestedRuns(Callback):
         # Hydra would make any exception raised here a warning and run the jobs all the same.
         with reported("runner"):
             try:
-                _check_registration_not_swept(list(config.hydra.overrides.task))
+                _check_registration_not_swept(config)
                 if not sweeper_has_work(config):  # the sweeper says why when Hydra starts it
                     _drop_if_empty(Path(config.hydra.sweep.dir))
                     return
@@ -164,10 +164,12 @@ def summarize(client: Any, parent_run_id: str, optimized_metric: str) -> None:
         client.set_tag(parent_run_id, "sweep.best_run_id", rows["run_id"][best.index[0]])
 
 
-def _check_registration_not_swept(overrides: list[str]) -> None:
+def _check_registration_not_swept(config: DictConfig) -> None:
     """A sweep registers its best job's model once, at its end, under one name: refuse a sweep
-    over trainer.register_as (or its alias or force), which would register nothing."""
-    for key in _keys(overrides, swept=True):
+    (or search) over trainer.register_as, its alias or force, which would register nothing."""
+    swept = _keys(list(config.hydra.overrides.task), swept=True)
+    searched = list(config.hydra.sweeper.get("params") or {})
+    for key in swept + searched:
         if key.lstrip("+~").startswith("trainer.register_"):
             raise UserError(
                 f"{key} cannot be swept: a sweep registers its best job's model once, under one "

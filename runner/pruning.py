@@ -17,7 +17,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from runner import sweep
-from runner.errors import UserError
+from runner.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +29,10 @@ PRUNERS = {"median": "optuna.pruners.MedianPruner", "hyperband": "optuna.pruners
 
 @dataclass(frozen=True)
 class Pruned:
-    """What a pruned trial's job returns to the sweeper: the step it stopped at and its
-    `optimized_metric` there."""
+    """What a pruned trial's job returns to the sweeper: the step it stopped at (its value
+    there is the last it reported)."""
 
     step: int
-    value: float
 
 
 def build_pruner(spec: Any) -> Any:
@@ -52,13 +51,14 @@ def build_pruner(spec: Any) -> Any:
         try:
             return instantiate(spec)
         except Exception as error:
-            raise UserError(f"hydra.sweeper.pruner: cannot build it: {error}") from None
+            raise UserError(f"hydra.sweeper.pruner: cannot build it: {one_line(error)}") from None
     return spec
 
 
-def job_key(sweep_dir: str, job_num: int) -> str:
-    """The job a trial runs as: its sweep's folder and its number there."""
-    return f"{Path(sweep_dir).absolute()}#{job_num}"
+def job_key(hydra: Any, job_num: int) -> str:
+    """The job a trial runs as: its sweep's folder (from where the search was started, as a job
+    may run elsewhere) and its number there; `hydra` is the `hydra` config node."""
+    return f"{Path(hydra.runtime.cwd) / hydra.sweep.dir}#{job_num}"
 
 
 class Trial:
@@ -80,27 +80,33 @@ class Trial:
 
     def result(self, value: float) -> "float | Pruned":
         """What the job returns to the sweeper, `value` being its optimized_metric."""
-        return value if self.pruned_at is None else Pruned(self.pruned_at, value)
+        return value if self.pruned_at is None else Pruned(self.pruned_at)
 
 
 def this_jobs_trial() -> Trial | None:
-    """The trial this job runs, if it is a job of the runner's Optuna sweeper with a pruner."""
+    """The trial this job runs, if it is a job of the runner's Optuna sweeper on a stored study
+    (without a pruner, it reports all the same: Optuna's plots show the curves)."""
     if not sweep.in_multirun():
         return None
     hydra = HydraConfig.get()
     sweeper = hydra.sweeper
-    pruner = build_pruner(sweeper.get("pruner"))
-    if pruner is None:
+    runner_optuna = str(sweeper.get("_target_", "")).endswith(".ResumableOptunaSweeper")
+    if not runner_optuna or sweeper.get("storage") is None:
         return None
     import optuna
     from optuna.trial import TrialState
 
-    storage = instantiate(sweeper.storage) if isinstance(sweeper.storage, DictConfig) else None
+    storage = sweeper.storage
     study = optuna.load_study(
-        study_name=sweeper.study_name, storage=storage or sweeper.storage, pruner=pruner
+        study_name=sweeper.study_name,
+        storage=instantiate(storage) if isinstance(storage, DictConfig) else storage,
+        pruner=build_pruner(sweeper.get("pruner")) or optuna.pruners.NopPruner(),
     )
-    key = job_key(hydra.sweep.dir, hydra.job.num)
+    key = job_key(hydra, hydra.job.num)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if trial.user_attrs.get(JOB_ATTR) == key:
             return Trial(optuna.Trial(study, trial._trial_id))
-    raise UserError(f"no running trial of study {sweeper.study_name!r} is this job's ({key})")
+    raise UserError(
+        f"no running trial of study {sweeper.study_name!r} is this job's ({key}): run the "
+        f"search itself (runner -m ...), not one of its jobs alone"
+    )

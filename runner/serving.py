@@ -109,6 +109,8 @@ class Classifier:
             raise _refused(f"the images are not one array: {error}") from None
         if x.ndim == 0 or len(x) == 0:
             raise _refused("the batch is empty: send at least one image")
+        if x.ndim == 1:
+            raise _refused("send a list of images, even of one: [[...]], not [...]")
         if x.dtype.kind not in "iuf":
             raise _refused(f"pixels must be numbers, not {x.dtype} values")
         pixels = int(np.prod(self.shape))

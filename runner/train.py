@@ -110,7 +110,7 @@ def train(
     ):
         reached = fit(model, splits, cfg, recorder, plan, resumed, callbacks)
         if trial is not None and trial.pruned_at is not None:
-            recorder.prune(reached)
+            recorder.prune(trial.pruned_at)
             return recorder.final_metrics()
         if reached < cfg.trainer.steps:
             recorder.set_tag("stopped_early_at", str(reached))

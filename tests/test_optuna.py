@@ -1,11 +1,15 @@
 """hparams_search=cnn_optuna: Optuna's trials as MLflow children, and a study that resumes."""
 
+import re
 from pathlib import Path
 
+import mlflow
 import optuna
 import pytest
+from optuna.trial import TrialState
 
-from runner import pruning
+from hydra_plugins.runner_optuna import resumable_sweeper
+from runner import nested_runs, pruning
 from runner.errors import UserError
 
 from .conftest import QUICK, cli, parents_and_children, store_client
@@ -65,6 +69,52 @@ def test_pruners_by_name_and_a_misspelt_one():
     assert type(pruning.build_pruner("hyperband")).__name__ == "HyperbandPruner"
     with pytest.raises(UserError, match=r"pruner=medain is not none, median or hyperband"):
         pruning.build_pruner("medain")
+
+
+@pytest.mark.parametrize(
+    ("metric", "storage", "directions", "message"),
+    [
+        ("test/accuracy", "sqlite:///optuna.db", ["maximize"], "optimize a val/ one"),
+        ("val/accuracy", None, ["maximize"], "hydra.sweeper.storage=sqlite:///optuna.db"),
+        ("val/loss", "sqlite:///optuna.db", ["minimize"] * 2, "give hydra.sweeper.direction one"),
+    ],
+)
+def test_a_pruner_is_refused_where_trials_could_not_report(metric, storage, directions, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        resumable_sweeper._checked_pruner("median", metric, storage, "s", directions)
+    assert resumable_sweeper._checked_pruner("none", metric, storage, "s", directions) is None
+
+
+def test_a_grid_search_that_runs_out_of_points_is_told_its_last_trial():
+    """GridSampler stops the study after its last point, which outside `optimize` raises."""
+
+    def last_point() -> tuple[optuna.Study, optuna.Trial]:
+        study = optuna.create_study(sampler=optuna.samplers.GridSampler({"x": [1]}))
+        return study, study.ask({"x": optuna.distributions.CategoricalDistribution([1])})
+
+    study, trial = last_point()
+    with pytest.raises(RuntimeError, match="Study.stop"):
+        study.tell(trial, 1.0)
+    study, trial = last_point()
+    resumable_sweeper._tell(study, trial, True, values=[1.0], state=TrialState.COMPLETE)
+    assert study.trials[0].state == TrialState.COMPLETE
+
+
+def test_a_pruned_child_is_never_the_sweeps_best(in_tmp_store):
+    """Even one whose last validation beats the finished children's."""
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("pruned")
+    parent = client.create_run(experiment).info.run_id
+    ids = {}
+    for status, accuracy in [("FINISHED", 0.8), ("KILLED", 0.9)]:
+        child = client.create_run(experiment, tags={"mlflow.parentRunId": parent}).info.run_id
+        client.log_metric(child, "val/accuracy", accuracy)
+        client.set_terminated(child, status)
+        ids[status] = child
+    nested_runs.summarize(client, parent, "val/accuracy")
+    tags, metrics = client.get_run(parent).data.tags, client.get_run(parent).data.metrics
+    assert tags["sweep.best_run_id"] == ids["FINISHED"]
+    assert metrics["best/val/accuracy"] == 0.8
 
 
 # A tiny search: one trial of a few steps.

@@ -178,6 +178,7 @@ def test_the_served_champion_classifies_the_first_test_digits(registered, mnist_
             ({"inputs": digits[:, :14].tolist()}, "each image must have shape (28, 28, 1) or"),
             ({"inputs": [["a"] * 784]}, "pixels must be numbers"),
             ({"inputs": []}, "the batch is empty"),
+            ({"inputs": [0.0] * 784}, "send a list of images, even of one"),
             ({"inputs": [[300] * 784]}, "integer pixels must lie in 0-255"),
         ]:
             status, error = post(port, body)

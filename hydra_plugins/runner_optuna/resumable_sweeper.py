@@ -24,7 +24,6 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
-from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -139,6 +138,7 @@ class ResumableOptunaSweeper(OptunaSweeper):
         pruned (`runner.pruning.Pruned`) or failed. Each trial is marked with its job, which
         finds it there to report to."""
         import optuna
+        from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
         from optuna.trial import TrialState
 
         search = self.sweeper
@@ -149,7 +149,8 @@ class ResumableOptunaSweeper(OptunaSweeper):
         space = {**(search.search_space_distributions or {}), **space}
         space = {name: d for name, d in space.items() if name not in fixed}
         sampler = search.sampler
-        if getattr(sampler, "func", None) is optuna.samplers.GridSampler:  # a partial
+        is_grid = getattr(sampler, "func", None) is optuna.samplers.GridSampler  # a partial
+        if is_grid:
             grid = {name: search._to_grid_sampler_choices(d) for name, d in space.items()}
             sampler = sampler(grid)
             search.n_trials = min(search.n_trials, math.prod(len(v) for v in grid.values()))
@@ -159,9 +160,8 @@ class ResumableOptunaSweeper(OptunaSweeper):
         while left > 0:
             trials = [study.ask() for _ in range(min(left, search.n_jobs))]
             for offset, trial in enumerate(trials):
-                trial.set_user_attr(
-                    pruning.JOB_ATTR, pruning.job_key(search.sweep_dir, search.job_idx + offset)
-                )
+                key = pruning.job_key(search.config.hydra, search.job_idx + offset)
+                trial.set_user_attr(pruning.JOB_ATTR, key)
             overrides = search._configure_trials(trials, space, fixed)
             returns = search.launcher.launch(overrides, initial_job_idx=search.job_idx)
             search.job_idx += len(returns)
@@ -170,12 +170,13 @@ class ResumableOptunaSweeper(OptunaSweeper):
                 try:
                     value = ret.return_value
                     if isinstance(value, pruning.Pruned):
-                        study.tell(trial, state=TrialState.PRUNED)
+                        log.info("trial %d pruned at step %d", trial.number, value.step)
+                        _tell(study, trial, is_grid, state=TrialState.PRUNED)
                         continue
                     values = [float(v) for v in value] if objectives > 1 else [float(value)]
-                    study.tell(trial, values)
+                    _tell(study, trial, is_grid, values=values, state=TrialState.COMPLETE)
                 except Exception as error:
-                    study.tell(trial, state=TrialState.FAIL)
+                    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                     log.warning("Failed experiment: %s", error)
                     failures.append(error)
             if len(failures) / len(returns) > search.max_failure_rate:
@@ -189,6 +190,16 @@ class ResumableOptunaSweeper(OptunaSweeper):
                     ret.return_value  # noqa: B018 - raises the job's error, with its traceback
             left -= len(trials)
         _save_results(study, objectives, Path(search.config.hydra.sweep.dir))
+
+
+def _tell(study: Any, trial: Any, is_grid: bool, **how: Any) -> None:
+    """`study.tell(trial, **how)`. A grid sampler whose grid is done stops the study, which
+    outside `study.optimize` raises once the trial is told: the sweep ends there anyway."""
+    try:
+        study.tell(trial, **how)
+    except RuntimeError as error:
+        if not (is_grid and "Study.stop" in str(error)):
+            raise
 
 
 def _save_results(study: Any, objectives: int, sweep_dir: Path) -> None:
@@ -243,7 +254,10 @@ def _checked_pruner(
             "hydra.sweeper.storage=sqlite:///optuna.db and hydra.sweeper.study_name=NAME"
         )
     if len(directions) > 1:
-        raise UserError("hydra.sweeper.pruner prunes single-objective studies only")
+        raise UserError(
+            f"hydra.sweeper.pruner prunes studies of one objective, not {len(directions)}: give "
+            f"hydra.sweeper.direction one value, or set hydra.sweeper.pruner=none"
+        )
     return pruner
 
 
