@@ -20,11 +20,13 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow import MlflowClient
+from PIL import Image
 
 from runner import registry, repro
 from runner.data import read_idx
 from runner.errors import UserError
 from runner.evaluate import evaluate
+from runner.predict import predict
 from runner.train import train
 
 from .conftest import QUICK, REPO, cli, compose_config, parents_and_children, store_client
@@ -73,7 +75,7 @@ def test_a_worse_model_is_registered_but_the_alias_stays(registered):
     assert first.data.metrics["val/accuracy"] > second.data.metrics["val/accuracy"]
 
 
-def test_eval_and_repro_take_the_alias(registered, mnist_dir, monkeypatch, capsys):
+def test_eval_predict_and_repro_take_the_alias(registered, mnist_dir, monkeypatch, capsys):
     """The alias holds version 1 (the forcing test below runs after this one)."""
     client = store_client(registered)
     champion = client.get_run(client.get_model_version_by_alias(NAME, "champion").run_id)
@@ -82,6 +84,11 @@ def test_eval_and_repro_take_the_alias(registered, mnist_dir, monkeypatch, capsy
     mlflow.set_tracking_uri(f"sqlite:///{registered}/mlflow.db")
     found = evaluate(app_config("evaluate", [f"model_uri=models:/{NAME}@champion", store]))
     assert found["accuracy"] == pytest.approx(champion.data.metrics["test/accuracy"], abs=1e-6)
+    seven = read_idx(mnist_dir / "t10k-images-idx3-ubyte.gz")[0]  # the first test digit, a 7
+    Image.fromarray(seven).save(registered / "seven.png")
+    by_alias = [f"model_uri=models:/{NAME}@champion", f"images={registered}/seven.png", store]
+    [(_, digit, _)] = predict(app_config("predict", by_alias))
+    assert digit == 7
     monkeypatch.chdir(registered)
     # Absolute: MLflow caches a store by its URI, so a relative one could read another folder's.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{registered}/mlflow.db")
