@@ -1,11 +1,13 @@
 """Shared fixtures: the real MNIST folder, composed configs, and a scratch MLflow store."""
 
+import functools
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -53,14 +55,20 @@ def compose_config(overrides: list[str] = (), hydra: bool = False) -> DictConfig
     return compose(overrides, with_hydra=hydra)
 
 
-@pytest.fixture(scope="session")
-def new_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A new embedded store's database, made once: MLflow makes one through some fifty schema
-    migrations, a second of CPU that each test would otherwise spend again. Its Default
-    experiment keeps artifacts where pytest started; the runs of a test go to their own."""
-    database = tmp_path_factory.mktemp("new_store") / "mlflow.db"
+@functools.cache
+def template_store() -> Path:
+    """A new embedded store's database, made once a process: MLflow makes one through some
+    fifty schema migrations, a second of CPU that each test (or `runner` started in an empty
+    folder) would otherwise spend again. Its Default experiment keeps artifacts where pytest
+    started; the runs of a test go to their own."""
+    database = Path(tempfile.mkdtemp(prefix="new_store")) / "mlflow.db"
     MlflowClient(f"sqlite:///{database}").search_experiments()
     return database
+
+
+@pytest.fixture(scope="session")
+def new_store() -> Path:
+    return template_store()
 
 
 @pytest.fixture
@@ -88,12 +96,24 @@ def cli(
     mnist_dir: Path,
     timeout: int = 300,
     env: dict[str, str] | None = None,
+    new_store: bool = True,
 ) -> subprocess.CompletedProcess:
     """One of the project's commands (`runner`, `runner-eval`, ...) run as a user would, in
     `cwd`, recording into the default store there, unless `env` (variables set over the test's
-    own) names a tracking server."""
+    own) names a tracking server. A `runner` about to make that store finds a copy of a new one
+    instead (the same tables, a second of CPU less), unless `new_store` is False: for tests
+    that check that no store is made."""
     outer = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
     env = {**outer, **(env or {}), "MNIST_DIR": str(mnist_dir)}
+    default_store = cwd / "mlflow.db"
+    if (
+        new_store
+        and name == "runner"
+        and "MLFLOW_TRACKING_URI" not in env
+        and not any(a.startswith("tracking.uri=") for a in args)
+        and not default_store.exists()
+    ):
+        shutil.copyfile(template_store(), default_store)
     return subprocess.run(
         [str(Path(sys.executable).with_name(name)), *args],
         cwd=cwd,

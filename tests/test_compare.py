@@ -1,19 +1,11 @@
-"""`runner-compare`: which parameters differ, which metrics may be asked for, and empty
-experiments, on tables shaped like `mlflow.search_runs` output and on a real store."""
-
-from pathlib import Path
+"""`runner-compare`: which parameters differ and which metrics may be asked for, on tables
+shaped like `mlflow.search_runs` output (tests/test_sweeps.py compares a real sweep's runs)."""
 
 import pandas as pd
 import pytest
-from mlflow import MlflowClient
 
 from runner import compare
 from runner.errors import UserError
-
-from .conftest import QUICK, cli
-
-# One worker runs this file: its tests share a module-scoped store.
-pytestmark = pytest.mark.xdist_group("test_compare")
 
 
 def searched_runs() -> pd.DataFrame:
@@ -74,58 +66,3 @@ def test_the_default_sort_is_dropped_where_no_run_has_it():
     assert compare.chosen_metrics(runs, None, None) == (list(compare.DEFAULT_METRICS), None)
     with pytest.raises(UserError, match="'val/accuracy'"):
         compare.chosen_metrics(runs, None, "val/accuracy")
-
-
-@pytest.fixture(scope="module")
-def two_models(tmp_path_factory, mnist_dir) -> Path:
-    """A softmax and a cnn_layers run, as one sweep, in a scratch folder's default store."""
-    work = tmp_path_factory.mktemp("compare")
-    result = cli("runner", "-m", "model=softmax,cnn_layers", *QUICK, cwd=work, mnist_dir=mnist_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return work
-
-
-def test_compare_shows_a_parameter_of_one_model_only(two_models, monkeypatch, capsys):
-    monkeypatch.chdir(two_models)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    for args in ([], ["--all"]):
-        compare.main([*args, "--format", "csv"])
-        header, *lines = capsys.readouterr().out.strip().splitlines()
-        columns = header.split(",")
-        assert {"model.name", "model.dropout_rate", *compare.DEFAULT_METRICS} <= set(columns)
-        assert "best/val/accuracy" not in columns  # the sweep parent's, not the runs'
-        cells = [dict(zip(columns, line.split(","), strict=True)) for line in lines]
-        rates = {row["model.name"]: row["model.dropout_rate"] for row in cells}
-        assert rates == {"softmax": "", "cnn_layers": "0.4"}
-
-
-def test_compare_refuses_a_metric_no_run_has(two_models, mnist_dir):
-    result = cli(
-        "runner-compare", "--all", "--sort", "val/acc", cwd=two_models, mnist_dir=mnist_dir
-    )
-    assert result.returncode == 1 and result.stdout == ""
-    [line] = result.stderr.splitlines()
-    assert line.startswith("runner-compare: error: no run compared has the metric 'val/acc'")
-    assert "val/accuracy" in line and "train/loss" in line
-    result = cli(
-        "runner-compare",
-        *("--metrics", "test/accuracy", "test/acc", "val/los"),
-        cwd=two_models,
-        mnist_dir=mnist_dir,
-    )
-    assert result.returncode == 1
-    assert "the metric 'test/acc', 'val/los':" in result.stderr
-
-
-def test_compare_of_an_experiment_without_runs_says_so(two_models, monkeypatch, capsys):
-    monkeypatch.chdir(two_models)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    MlflowClient(f"sqlite:///{two_models / 'mlflow.db'}").create_experiment("empty")
-    with pytest.raises(SystemExit, match="^1$"):
-        compare.main(["--all", "--experiment", "empty"])
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    assert captured.err == (
-        "runner-compare: error: experiment 'empty' has no runs yet: train one with "
-        "`uv run runner`, or pick another experiment with --experiment\n"
-    )

@@ -137,6 +137,6 @@ def test_a_run_never_takes_the_folder_of_a_run_started_in_the_same_second(in_tmp
 
 
 def test_printing_the_config_creates_no_folder(tmp_path, mnist_dir):
-    result = cli("runner", "--cfg", "job", cwd=tmp_path, mnist_dir=mnist_dir)
+    result = cli("runner", "--cfg", "job", cwd=tmp_path, mnist_dir=mnist_dir, new_store=False)
     assert result.returncode == 0, result.stderr
     assert list(tmp_path.iterdir()) == []

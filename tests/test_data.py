@@ -389,7 +389,12 @@ def test_runner_refuses_a_data_dir_that_is_a_file_before_any_run(tmp_path, mnist
     archive = tmp_path / "mnist.zip"
     archive.write_bytes(b"PK")
     result = cli(
-        "runner", f"data.dir={archive}", "data.download=false", cwd=tmp_path, mnist_dir=mnist_dir
+        "runner",
+        f"data.dir={archive}",
+        "data.download=false",
+        cwd=tmp_path,
+        mnist_dir=mnist_dir,
+        new_store=False,
     )
     assert result.returncode == 1
     assert result.stderr == f"runner: error: {not_a_folder_message(archive)}\n"

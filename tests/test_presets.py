@@ -169,6 +169,12 @@ def test_fast_cnn_keeps_the_tutorial_network_and_changes_only_the_schedule():
 
 
 def test_short_fast_cnn_schedule_learns(in_tmp_store):
-    """Its schedule squeezed into 200 steps already gets most digits right."""
-    metrics = quick("fast_cnn", in_tmp_store, "trainer.steps=200", "optimizer.warmup_steps=10")
-    assert metrics["test/accuracy"] >= 0.93
+    """Its schedule squeezed into 100 steps already gets most digits right."""
+    metrics = quick(
+        "fast_cnn",
+        in_tmp_store,
+        "trainer.steps=100",
+        "optimizer.warmup_steps=10",
+        "data.limit=2000",
+    )
+    assert metrics["test/accuracy"] >= 0.92

@@ -225,9 +225,8 @@ def test_a_sweep_registers_its_best_job(tmp_path, mnist_dir):
 
 
 def test_a_sweep_over_the_name_is_refused_before_it_starts(tmp_path, mnist_dir):
-    result = cli(
-        "runner", "-m", *REGISTER[:-1], "trainer.register_as=a,b", cwd=tmp_path, mnist_dir=mnist_dir
-    )
+    swept = [*REGISTER[:-1], "trainer.register_as=a,b"]
+    result = cli("runner", "-m", *swept, cwd=tmp_path, mnist_dir=mnist_dir, new_store=False)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         "runner: error: trainer.register_as cannot be swept: a sweep registers its best job's "

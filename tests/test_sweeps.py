@@ -164,6 +164,51 @@ def test_mlflow_ui_shows_the_sweep_in_chromium(grid, mlflow_ui, tmp_path):
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_compare_shows_a_parameter_of_one_model_only(grid, monkeypatch, capsys):
+    """cnn_layers has a dropout rate, softmax none: the column is blank for softmax."""
+    monkeypatch.chdir(grid)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for args in ([], ["--all"]):
+        compare.main([*args, "--format", "csv"])
+        header, *lines = capsys.readouterr().out.strip().splitlines()
+        columns = header.split(",")
+        assert {"model.name", "model.dropout_rate", *compare.DEFAULT_METRICS} <= set(columns)
+        assert "best/val/accuracy" not in columns  # the sweep parent's, not the runs'
+        cells = [dict(zip(columns, line.split(","), strict=True)) for line in lines]
+        rates = {row["model.name"]: row["model.dropout_rate"] for row in cells}
+        assert rates == {"softmax": "", "cnn_layers": "0.4"}
+
+
+def test_compare_refuses_a_metric_no_run_has(grid, mnist_dir):
+    result = cli("runner-compare", "--all", "--sort", "val/acc", cwd=grid, mnist_dir=mnist_dir)
+    assert result.returncode == 1 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith("runner-compare: error: no run compared has the metric 'val/acc'")
+    assert "val/accuracy" in line and "train/loss" in line
+    result = cli(
+        "runner-compare",
+        *("--metrics", "test/accuracy", "test/acc", "val/los"),
+        cwd=grid,
+        mnist_dir=mnist_dir,
+    )
+    assert result.returncode == 1
+    assert "the metric 'test/acc', 'val/los':" in result.stderr
+
+
+def test_compare_of_an_experiment_without_runs_says_so(grid, monkeypatch, capsys):
+    monkeypatch.chdir(grid)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store_client(grid).create_experiment("empty")
+    with pytest.raises(SystemExit, match="^1$"):
+        compare.main(["--all", "--experiment", "empty"])
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "runner-compare: error: experiment 'empty' has no runs yet: train one with "
+        "`uv run runner`, or pick another experiment with --experiment\n"
+    )
+
+
 def test_a_sweep_over_data_keeps_its_runs_in_one_experiment_and_compares_with_another(
     tmp_path, mnist_dir, monkeypatch, capsys
 ):

@@ -75,10 +75,10 @@ def test_readme_points_the_runner_at_the_server_without_credentials_in_the_uri(t
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
 
 
-def test_owners_sweep_of_eight_jobs_and_every_command_work_against_the_server(
+def test_owners_sweep_of_four_jobs_and_every_command_work_against_the_server(
     team_server, mnist_dir, tmp_path
 ):
-    """The README's joblib sweep (8 jobs, 2 at a time) as alice, in quick runs that log their
+    """The README's joblib sweep (4 jobs, 2 at a time) as alice, in quick runs that log their
     model: every child FINISHED with its metrics, artifacts kept by the server and model; then
     runner-compare, runner-eval, runner-predict and runner-repro against the server."""
     env = team_server.env("owner")
@@ -101,7 +101,7 @@ def test_owners_sweep_of_eight_jobs_and_every_command_work_against_the_server(
         [parent] = [r for r in runs if r.data.tags.get("sweep.dir", "").startswith(str(tmp_path))]
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         assert parent.info.status == "FINISHED"
-        assert sorted(int(c.data.params["seed"]) for c in children) == list(range(1, 9))
+        assert sorted(int(c.data.params["seed"]) for c in children) == list(range(1, 5))
         for child in children:
             assert child.info.status == "FINISHED", child.info
             assert child.data.metrics.keys() >= RESULTS
@@ -112,7 +112,7 @@ def test_owners_sweep_of_eight_jobs_and_every_command_work_against_the_server(
         models = client.search_logged_models([team_server.experiment_id])
         assert {m.source_run_id for m in models} >= {c.info.run_id for c in children}
     # The server wrote the files in its own folder: the clients uploaded them through it.
-    assert len(list((team_server.dir / "artifacts").rglob("config.yaml"))) >= 8
+    assert len(list((team_server.dir / "artifacts").rglob("config.yaml"))) >= 4
 
     child = children[0].info.run_id
     images = read_idx(mnist_dir / f"{TEST_IMAGES}.gz")[:1]
