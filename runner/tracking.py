@@ -483,7 +483,20 @@ def _log_dataset(splits: Splits, data: DictConfig) -> None:
                 name=f"{label(data)}-{context}",
                 digest=digest,
             )
-        mlflow.log_input(dataset, context=context)
+        try:
+            mlflow.log_input(dataset, context=context)
+        except MlflowException as error:
+            if not _duplicate(error):
+                raise
+            mlflow.log_input(dataset, context=context)
+
+
+def _duplicate(error: MlflowException) -> bool:
+    """Whether the store refused a record that another run added at the same moment: it looks
+    for a dataset, finds none and inserts it, so of two runs logging the same new dataset at
+    once (a sweep's first jobs) the second is refused; asked again, it links the one now there."""
+    text = str(error.message)
+    return any(hint in text for hint in ("UniqueViolation", "UNIQUE constraint", "duplicate key"))
 
 
 def _log_environment(data_digests: dict[str, str]) -> None:

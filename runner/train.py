@@ -9,7 +9,6 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import hydra
 from hydra.errors import CompactHydraException
@@ -37,13 +36,12 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def train(
-    cfg: DictConfig, tags: dict[str, str] | None = None, trial: Any = None
+    cfg: DictConfig, tags: dict[str, str] | None = None, trial: pruning.Trial | None = None
 ) -> dict[str, float]:
     """Train one model as `cfg` says and record it in MLflow, with `tags` added to the run;
     returns the final metrics. Everything is built from the config's `_target_`s before the
     MLflow run starts, so a config that cannot train leaves no run behind. An Optuna `trial`
-    (`runner.pruning.Trial`) hears each validation, and a trial its pruner calls off ends its
-    run KILLED, untested."""
+    hears each validation, and a trial its pruner calls off ends its run KILLED, untested."""
     check_config(cfg)
     from runner import tracking
 
@@ -152,7 +150,7 @@ def compose(overrides: Sequence[str] = (), with_hydra: bool = False) -> DictConf
 _HYDRA_OUTPUT_DIR = "${hydra:runtime.output_dir}"
 
 
-def objective(cfg: DictConfig) -> "float | pruning.Pruned":
+def objective(cfg: DictConfig) -> float | pruning.Pruned:
     """Train, then give `optimized_metric`'s final value: what a Hydra sweeper optimises. A
     trial of a pruned Optuna search gives `Pruned` if its pruner called it off."""
     trial = pruning.this_jobs_trial()

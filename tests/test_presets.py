@@ -44,7 +44,7 @@ def test_a_misspelt_preset_is_refused_like_any_unknown_option(
     override, options, print_config, tmp_path, mnist_dir
 ):
     args = [override, *QUICK, *(["--cfg", "job"] if print_config else [])]
-    result = cli("runner", *args, cwd=tmp_path, mnist_dir=mnist_dir)
+    result = cli("runner", *args, cwd=tmp_path, mnist_dir=mnist_dir, new_store=False)
     name = override.split("=")[1]
     assert result.returncode == 1
     assert f"Could not find '{options}/{name}'" in result.stderr

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from runner.tracking import Recorder, open_store
 
-from .conftest import QUICK
+from .conftest import QUICK, compose_config
 
 
 @pytest.fixture
@@ -61,6 +61,34 @@ def test_metrics_are_written_once_the_interval_has_passed(run_id):
     at_once = Recorder(run_id, flush_every_s=0)
     at_once.log_metrics({"val/loss": 3.0}, step=20)
     assert [v for _, v, _ in history(run_id, "val/loss")] == [3.0]
+
+
+def test_a_dataset_another_run_logged_a_moment_before_is_linked(run_id, monkeypatch, mnist_dir):
+    """Two sweep jobs logging one new dataset at once: the team server (PostgreSQL) refused the
+    second, which found no dataset, then could not insert it. Asked again, it links it."""
+    from mlflow.exceptions import MlflowException
+
+    from runner import data, tracking
+
+    cfg = compose_config([*QUICK, f"data.dir={mnist_dir}"])
+    log_input, raced = mlflow.log_input, []
+
+    def racing(dataset, context):
+        if not raced:  # the other job inserts it first
+            raced.append(context)
+            with mlflow.start_run(nested=True):
+                log_input(dataset, context=context)
+            raise MlflowException(
+                "(psycopg.errors.UniqueViolation) duplicate key value violates unique constraint "
+                '"dataset_pk"'
+            )
+        log_input(dataset, context=context)
+
+    monkeypatch.setattr(mlflow, "log_input", racing)
+    tracking._log_dataset(data.load(cfg.data), cfg.data)
+    inputs = MlflowClient().get_run(run_id).inputs.dataset_inputs
+    contexts = {tag.value for i in inputs for tag in i.tags if tag.key == "mlflow.data.context"}
+    assert contexts == {"training", "validation", "test"}
 
 
 def test_a_new_experiment_keeps_its_artifacts_beside_its_sqlite_store(tmp_path, monkeypatch):
