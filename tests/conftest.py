@@ -1,5 +1,6 @@
 """Shared fixtures: the real MNIST folder, composed configs, and a scratch MLflow store."""
 
+import atexit
 import functools
 import os
 import shutil
@@ -61,7 +62,9 @@ def template_store() -> Path:
     fifty schema migrations, a second of CPU that each test (or `runner` started in an empty
     folder) would otherwise spend again. Its Default experiment keeps artifacts where pytest
     started; the runs of a test go to their own."""
-    database = Path(tempfile.mkdtemp(prefix="new_store")) / "mlflow.db"
+    folder = tempfile.mkdtemp(prefix="new_store")
+    atexit.register(shutil.rmtree, folder, True)
+    database = Path(folder) / "mlflow.db"
     MlflowClient(f"sqlite:///{database}").search_experiments()
     return database
 

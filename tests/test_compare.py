@@ -1,8 +1,10 @@
 """`runner-compare`: which parameters differ and which metrics may be asked for, on tables
-shaped like `mlflow.search_runs` output (tests/test_sweeps.py compares a real sweep's runs)."""
+shaped like `mlflow.search_runs` output, and an experiment without runs (tests/test_sweeps.py
+compares a real sweep's runs)."""
 
 import pandas as pd
 import pytest
+from mlflow import MlflowClient
 
 from runner import compare
 from runner.errors import UserError
@@ -66,3 +68,15 @@ def test_the_default_sort_is_dropped_where_no_run_has_it():
     assert compare.chosen_metrics(runs, None, None) == (list(compare.DEFAULT_METRICS), None)
     with pytest.raises(UserError, match="'val/accuracy'"):
         compare.chosen_metrics(runs, None, "val/accuracy")
+
+
+def test_compare_of_an_experiment_without_runs_says_so(in_tmp_store, capsys):
+    MlflowClient(f"sqlite:///{in_tmp_store}/mlflow.db").create_experiment("empty")
+    with pytest.raises(SystemExit, match="^1$"):
+        compare.main(["--all", "--experiment", "empty"])
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "runner-compare: error: experiment 'empty' has no runs yet: train one with "
+        "`uv run runner`, or pick another experiment with --experiment\n"
+    )

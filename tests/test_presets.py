@@ -169,7 +169,8 @@ def test_fast_cnn_keeps_the_tutorial_network_and_changes_only_the_schedule():
 
 
 def test_short_fast_cnn_schedule_learns(in_tmp_store):
-    """Its schedule squeezed into 100 steps already gets most digits right."""
+    """Its schedule squeezed into 100 steps on 2,000 examples already gets most of the first
+    2,000 test digits right (0.934)."""
     metrics = quick(
         "fast_cnn",
         in_tmp_store,

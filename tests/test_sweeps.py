@@ -195,20 +195,6 @@ def test_compare_refuses_a_metric_no_run_has(grid, mnist_dir):
     assert "the metric 'test/acc', 'val/los':" in result.stderr
 
 
-def test_compare_of_an_experiment_without_runs_says_so(grid, monkeypatch, capsys):
-    monkeypatch.chdir(grid)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    store_client(grid).create_experiment("empty")
-    with pytest.raises(SystemExit, match="^1$"):
-        compare.main(["--all", "--experiment", "empty"])
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    assert captured.err == (
-        "runner-compare: error: experiment 'empty' has no runs yet: train one with "
-        "`uv run runner`, or pick another experiment with --experiment\n"
-    )
-
-
 def test_a_sweep_over_data_keeps_its_runs_in_one_experiment_and_compares_with_another(
     tmp_path, mnist_dir, monkeypatch, capsys
 ):

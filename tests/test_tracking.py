@@ -91,6 +91,15 @@ def test_a_dataset_another_run_logged_a_moment_before_is_linked(run_id, monkeypa
     assert contexts == {"training", "validation", "test"}
 
 
+def test_only_a_record_inserted_meanwhile_is_asked_for_again():
+    from mlflow.exceptions import MlflowException
+
+    from runner.tracking import _duplicate
+
+    assert _duplicate(MlflowException("UNIQUE constraint failed: datasets.experiment_id"))
+    assert not _duplicate(MlflowException("RESOURCE_DOES_NOT_EXIST: run abc not found"))
+
+
 def test_a_new_experiment_keeps_its_artifacts_beside_its_sqlite_store(tmp_path, monkeypatch):
     """MLflow put them in ./mlruns of whichever folder the run started in."""
     elsewhere, store = tmp_path / "elsewhere", tmp_path / "store"
