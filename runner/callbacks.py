@@ -14,9 +14,9 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from runner.data import Split, batch_indices
+from runner import backends
+from runner.data import Split
 from runner.errors import UserError
 from runner.preemption import STOP_SIGNALS
 
@@ -70,7 +70,8 @@ def _metric_name(key: str) -> str:
 class Throughput(keras.callbacks.Callback):
     """Adds `perf/steps_per_sec` and `perf/examples_per_sec` to each window's logs, timed over
     its training steps only (validation excluded), and on a GPU `perf/gpu_peak_mb`, the peak
-    memory TensorFlow allocated on GPU:0 in the window.
+    memory the backend allocated on the first GPU: in the window on TensorFlow, since the
+    process started on JAX, which cannot reset its peak.
 
     The first execution of each `fit` is left out: it traces and compiles the step function."""
 
@@ -78,7 +79,8 @@ class Throughput(keras.callbacks.Callback):
         super().__init__()
         self.batch_size = batch_size
         self.steps_per_call = steps_per_execution
-        self.gpu = bool(tf.config.list_logical_devices("GPU"))
+        self.backend = backends.current()
+        self.gpu = self.backend.has_gpu()
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         self.traced = False
@@ -87,7 +89,7 @@ class Throughput(keras.callbacks.Callback):
         self.start = self.end = time.perf_counter() if self.traced else None
         self.steps = 0
         if self.gpu:
-            tf.config.experimental.reset_memory_stats("GPU:0")
+            self.backend.reset_gpu_peak()
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         now = time.perf_counter()
@@ -105,8 +107,7 @@ class Throughput(keras.callbacks.Callback):
             logs["perf/steps_per_sec"] = rate
             logs["perf/examples_per_sec"] = rate * self.batch_size
         if self.gpu:
-            peak = tf.config.experimental.get_memory_info("GPU:0")["peak"]
-            logs["perf/gpu_peak_mb"] = peak / 2**20
+            logs["perf/gpu_peak_mb"] = self.backend.gpu_peak_mb()
 
 
 class TrainingDiverged(UserError):
@@ -216,7 +217,7 @@ class ProbabilityLogger(RunnerCallback):
     """The TF Layers guide's logging hook: every `every` steps, print the softmax probabilities
     of the first `examples` examples of the batch that step trained on.
 
-    It replays the training order from the same seed (`batch_indices`), keeping only every
+    It replays the training order from the same seed (`every_nth_batch`), keeping only every
     `every`-th batch, so it reads no batch off the training pipeline and costs nothing between.
     """
 
@@ -230,10 +231,13 @@ class ProbabilityLogger(RunnerCallback):
     def attach(self, training: Training) -> None:
         self.x = training.train.x
         self.logits = training.logits
-        shard = batch_indices(len(training.train.y), training.batch_size, training.seed).shard(
-            self.every, self.every - 1
+        self.batches = backends.current().every_nth_batch(
+            len(training.train.y),
+            training.batch_size,
+            training.seed,
+            self.every,
+            training.start_step,
         )
-        self.batches = iter(shard.skip(training.start_step // self.every))
         self.step = training.start_step
         self.steps_per_call = training.steps_per_execution
 
@@ -241,7 +245,7 @@ class ProbabilityLogger(RunnerCallback):
         self.step += self.steps_per_call  # cheaper than reading the optimizer's counter
         if self.step % self.every:
             return
-        examples = next(self.batches).numpy()[: self.examples]
+        examples = next(self.batches)[: self.examples]
         outputs = self.model(self.x[examples], training=False)
         if self.logits:
             outputs = keras.ops.softmax(outputs)

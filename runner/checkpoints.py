@@ -32,6 +32,7 @@ _PARTIAL = ".partial"
 # ending in "." stands for all below it): they decide the model, its optimizer, the data and its
 # order, and the metric history's steps. trainer.steps may grow with trainer.resume=extend.
 RESUME_KEYS = (
+    "backend",
     "model.",
     "optimizer.",
     "loss.",
@@ -127,7 +128,7 @@ def _check_settings(checkpoint: Checkpoint, now: dict[str, Any], mode: str) -> N
     if not checkpoint.settings:
         log.warning("%s records no settings to check the resumed run against", checkpoint.path)
         return
-    was = checkpoint.settings
+    was = {"backend": "tensorflow", **checkpoint.settings}  # as runs before `backend` were
     differ = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
     if mode == "extend" and differ == ["trainer.steps"]:
         if now["trainer.steps"] <= checkpoint.step:

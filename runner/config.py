@@ -75,6 +75,12 @@ class Strategy(StrEnum):
     auto = "auto"
     single = "single"
     mirrored = "mirrored"
+    data_parallel = "data_parallel"
+
+
+class Backend(StrEnum):
+    tensorflow = "tensorflow"
+    jax = "jax"
 
 
 @dataclass
@@ -137,6 +143,7 @@ class Config:
     callbacks: Any = None
     seed: int = MISSING
     optimized_metric: str = "val/accuracy"
+    backend: Backend = Backend.tensorflow
 
 
 @dataclass
@@ -146,6 +153,8 @@ class EvaluateConf:
     data: dict[str, Any] = field(default_factory=dict)
     run_id: str | None = None
     model_uri: str | None = None
+    # None: the backend the model was saved on.
+    backend: Backend | None = None
 
 
 @dataclass
@@ -153,6 +162,7 @@ class PredictConf:
     tracking: TrackingConf = MISSING
     run_id: str | None = None
     model_uri: str | None = None
+    backend: Backend | None = None
     # A path, a glob, a folder of PNGs, or a list of those.
     images: Any = MISSING
     invert: bool = False

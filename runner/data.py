@@ -1,5 +1,6 @@
-"""The data a run trains on: a loader's arrays checked, scaled and split, then batched; and the
-loader of IDX files (MNIST, Fashion-MNIST): find or download them, verify them, decode them."""
+"""The data a run trains on: a loader's arrays checked, scaled and split (each backend batches
+them, `runner.backends`); and the loader of IDX files (MNIST, Fashion-MNIST): find or download
+them, verify them, decode them."""
 
 import gzip
 import hashlib
@@ -333,47 +334,11 @@ def check_sha256(raw: bytes, content: bytes, sha256: str | None, source: object)
     )
 
 
-def training_dataset(split: Split, batch_size: int, seed: int, start_step: int = 0) -> Any:
-    """Endless batches in a seeded order, reshuffled every epoch, prefetched behind training;
-    `start_step` skips the batches a resumed run has already trained on.
-
-    Shuffling indices and gathering whole batches costs one op per batch instead of one per
-    example, which keeps the input pipeline off the critical path even for the softmax model.
-    """
-    import tensorflow as tf
-
-    x, y = tf.constant(split.x), tf.constant(split.y)
-    return (
-        batch_indices(len(split.y), batch_size, seed)
-        .skip(start_step)
-        .map(lambda idx: (tf.gather(x, idx), tf.gather(y, idx)))
-        .prefetch(tf.data.AUTOTUNE)
-    )
-
-
-def in_batches(split: Split, batch_size: int, labels: bool = True) -> Any:
-    """`split` in order, in batches, for Keras's `evaluate` and `predict`. Keras's own pipeline
-    for arrays maps in parallel, which under op determinism makes TensorFlow 2.21 print a
-    spurious ERROR line ("NodeDef mentions attribute use_unbounded_threadpool")."""
-    import tensorflow as tf
-
-    examples = (split.x, split.y) if labels else split.x
-    return tf.data.Dataset.from_tensor_slices(examples).batch(batch_size)
-
-
-def batch_indices(n: int, batch_size: int, seed: int) -> Any:
-    """The example indices of each training batch, in training order: the same `seed` replays
-    the same sequence, so a callback can tell which examples a given step trained on."""
-    import tensorflow as tf
-
+def check_batch_fits(n: int, batch_size: int) -> None:
+    """A training batch must fit in the training split, which it is drawn from without
+    replacement."""
     if batch_size > n:
         raise UserError(
             f"a training batch of {batch_size} examples (data.batch_size times the replicas) "
             f"exceeds the {n} training examples: lower data.batch_size, or raise data.limit"
         )
-    return (
-        tf.data.Dataset.range(n)
-        .shuffle(n, seed=seed, reshuffle_each_iteration=True)
-        .repeat()
-        .batch(batch_size, drop_remainder=True)
-    )

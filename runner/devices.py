@@ -1,12 +1,10 @@
-"""The devices TensorFlow trains on, and what `auto` picks for them: precision, XLA, steps per
-execution and distribution strategy."""
+"""The devices a run trains on, as its backend found them (`runner.backends`), and what `auto`
+picks for them: precision, XLA, steps per execution and distribution strategy."""
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
 
-from runner.environment import cpu_cores
 from runner.errors import UserError
 
 # Largest steps_per_execution that `auto` picks: it cuts Python's share of a small model's step
@@ -25,7 +23,7 @@ class Gpu:
 class Devices:
     gpus: tuple[Gpu, ...]
     cpu_cores: int
-    cpu_devices: int  # logical CPU devices TensorFlow sees
+    cpu_devices: int  # logical CPU devices the backend sees
 
     def describe(self) -> str:
         if not self.gpus:
@@ -49,7 +47,7 @@ class Plan:
     precision: str
     jit_compile: bool
     steps_per_execution: int
-    strategy: str  # single | mirrored
+    strategy: str  # single | mirrored (TensorFlow) | data_parallel (JAX)
     replicas: int
 
     def describe(self) -> str:
@@ -72,48 +70,7 @@ def _describe_gpu(gpu: Gpu) -> str:
     return f"{gpu.name} ({', '.join(details)})" if details else gpu.name
 
 
-def detect(cpu_devices: int = 1) -> Devices:
-    """The devices TensorFlow sees, with GPU memory growth on (so that sweep jobs can share a
-    GPU) and the CPU split into `cpu_devices` logical devices. Call before anything runs on
-    them: TensorFlow fixes its devices at first use."""
-    import tensorflow as tf
-
-    physical_gpus = tf.config.list_physical_devices("GPU")
-    for gpu in physical_gpus:
-        # RuntimeError: already initialized, by an earlier job in this process
-        with contextlib.suppress(RuntimeError):
-            tf.config.experimental.set_memory_growth(gpu, True)
-    _split_cpu(tf, cpu_devices)
-    gpus = tuple(_gpu(tf, gpu, index) for index, gpu in enumerate(physical_gpus))
-    return Devices(gpus, cpu_cores(), len(tf.config.list_logical_devices("CPU")))
-
-
-def _split_cpu(tf: Any, count: int) -> None:
-    if count == 1:
-        return
-    [cpu] = tf.config.list_physical_devices("CPU")
-    try:
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * count
-        )
-    except RuntimeError:
-        if len(tf.config.list_logical_devices("CPU")) != count:
-            raise UserError(
-                f"device.cpu_devices={count} cannot take effect: TensorFlow already set up "
-                f"its devices in this process (a reused sweep worker); run it in a new process"
-            ) from None
-
-
-def _gpu(tf: Any, device: Any, index: int) -> Gpu:
-    details = tf.config.experimental.get_device_details(device)
-    return Gpu(
-        details.get("device_name", device.name),
-        details.get("compute_capability"),
-        _gpu_memory_mib(index),
-    )
-
-
-def _gpu_memory_mib(index: int) -> int | None:
+def gpu_memory_mib(index: int) -> int | None:
     """Total memory of GPU `index` from NVML (nvidia-ml-py, in the `gpu` extra), if present."""
     try:
         import pynvml
@@ -128,16 +85,35 @@ def _gpu_memory_mib(index: int) -> int | None:
         return None
 
 
-def plan(device: Any, devices: Devices, intervals: list[int]) -> Plan:
-    """Resolve the `auto` settings of the `device` config for `devices`; `intervals` are the
-    step counts that callbacks act on (trainer.log_every, eval_every, checkpoint_every, ...)."""
+# The device.strategy that replicates the model over every device, by backend.
+REPLICATED = {"tensorflow": "mirrored", "jax": "data_parallel"}
+
+
+def plan(device: Any, devices: Devices, intervals: list[int], backend: str = "tensorflow") -> Plan:
+    """Resolve the `auto` settings of the `device` config for `devices` on `backend`;
+    `intervals` are the step counts that callbacks act on (trainer.log_every, eval_every,
+    checkpoint_every, ...). On JAX, XLA is how Keras runs at all, and `auto` replicates over a
+    CPU split into devices as well as over GPUs."""
+    replicated = REPLICATED[backend]
     strategy = str(device.strategy)
     if strategy == "auto":
-        strategy = "mirrored" if len(devices.gpus) > 1 else "single"
-    replicas = (len(devices.gpus) or devices.cpu_devices) if strategy == "mirrored" else 1
+        several = len(devices.gpus) > 1 or (
+            backend == "jax" and not devices.gpus and devices.cpu_devices > 1
+        )
+        strategy = replicated if several else "single"
+    elif strategy not in ("single", replicated):
+        other = next(name for name, s in REPLICATED.items() if s == strategy)
+        raise UserError(
+            f"device.strategy={strategy} is for backend={other}; on backend={backend} use "
+            f"device.strategy={replicated} (or auto)"
+        )
+    replicas = (len(devices.gpus) or devices.cpu_devices) if strategy != "single" else 1
+    jit = str(device.jit_compile).lower()
     return Plan(
         precision=_precision(str(device.precision), devices),
-        jit_compile=_jit_compile(str(device.jit_compile).lower(), devices, device.deterministic),
+        jit_compile=jit != "false"
+        if backend == "jax"
+        else _jit_compile(jit, devices, device.deterministic),
         steps_per_execution=_steps_per_execution(
             str(device.steps_per_execution), intervals, mirrored=strategy == "mirrored"
         ),
@@ -186,14 +162,3 @@ def _steps_per_execution(setting: str, intervals: list[int], mirrored: bool) -> 
             f"try device.steps_per_execution=auto"
         )
     return steps
-
-
-def distribution(plan: Plan) -> Any:
-    """The `tf.distribute` strategy whose scope the model is built in."""
-    import tensorflow as tf
-
-    if plan.strategy == "single":
-        return tf.distribute.get_strategy()  # the default: one device, no replication
-    gpus = tf.config.list_logical_devices("GPU")
-    devices = gpus or tf.config.list_logical_devices("CPU")
-    return tf.distribute.MirroredStrategy([device.name for device in devices])

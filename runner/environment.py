@@ -7,19 +7,23 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-PACKAGES = ("keras", "tensorflow", "mlflow", "hydra-core", "numpy")
+# Besides the backend's own packages, which a run of the other backend leaves out: a TensorFlow
+# run's environment is the one its golden histories were recorded in.
+PACKAGES = ("keras", "mlflow", "hydra-core", "numpy")
 _CHECKOUT = Path(__file__).resolve().parent
 
 
-def describe(data_digests: dict[str, str]) -> dict[str, Any]:
-    """The environment.json of a run; `data_digests` holds the SHA-256 of each data array."""
+def describe(data_digests: dict[str, str], backend: Any) -> dict[str, Any]:
+    """The environment.json of a run on `backend` (a `runner.backends` module);
+    `data_digests` holds the SHA-256 of each data array."""
     return {
         "python": platform.python_version(),
-        "packages": {name: _version(name) for name in PACKAGES},
+        "backend": backend.__name__.rpartition(".")[2],
+        "packages": {name: _version(name) for name in (*PACKAGES, *backend.PACKAGES)},
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu": cpu(),
-        "devices": devices(),
+        "devices": backend.physical_devices(),
         "git": {"commit": _git("rev-parse", "HEAD"), "dirty": git_dirty()},
         "data_sha256": data_digests,
     }
@@ -27,10 +31,13 @@ def describe(data_digests: dict[str, str]) -> dict[str, Any]:
 
 def tags(environment: dict[str, Any]) -> dict[str, str]:
     """The part of the environment one filters runs on, as MLflow tags."""
+    backend = environment.get("backend", "tensorflow")
     found = {
         "python_version": environment["python"],
         "keras_version": environment["packages"]["keras"],
-        "tensorflow_version": environment["packages"]["tensorflow"],
+        "backend": backend,
+        "backend_version": environment["packages"].get(backend),
+        "tensorflow_version": environment["packages"].get("tensorflow"),
         "devices": ", ".join(environment["devices"]),
         "git_commit": environment["git"]["commit"],
         "git_dirty": environment["git"]["dirty"],
@@ -59,15 +66,6 @@ def cpu_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
-
-
-def devices() -> list[str]:
-    import tensorflow as tf
-
-    return [
-        device.name.removeprefix("/physical_device:")
-        for device in tf.config.list_physical_devices()
-    ]
 
 
 def git_dirty() -> bool | None:

@@ -17,17 +17,17 @@ register_configs()
 
 def evaluate(cfg: DictConfig) -> dict[str, float | int | None]:
     """Loss, accuracy and the optimizer step the model reached. The command line and the store
-    are checked before TensorFlow loads, which takes seconds."""
+    are checked before the backend loads, which takes seconds."""
     from runner import logged_model
 
     logged_model.check_choice(cfg.run_id, cfg.model_uri)
     from runner import tracking
 
     tracking.connect(cfg.tracking.uri)
-    from runner.tensorflow_logs import load_tensorflow
+    from runner import backends
 
     uri = logged_model.locate(cfg.run_id, cfg.model_uri)
-    load_tensorflow()  # before anything else imports it
+    backends.select(str(cfg.backend or logged_model.backend_of(uri)))  # before Keras loads
     from runner import data
     from runner.fitting import evaluate_outputs
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from runner import checkpoints, sweep
+from runner import backends, checkpoints, sweep
 from runner.callbacks import (
     SERVER_LOST,
     MlflowMetrics,
@@ -21,7 +21,7 @@ from runner.callbacks import (
     optimizer_step,
 )
 from runner.checkpoints import Checkpoint, Checkpointer, RestoreMetrics
-from runner.data import Split, Splits, in_batches, training_dataset
+from runner.data import Split, Splits
 from runner.devices import Plan
 from runner.errors import Interrupted, ServerLost, UserError
 from runner.preemption import NOTICE, will_requeue
@@ -120,7 +120,9 @@ def fit(
     reached = optimizer_step(model)
     if reached % trainer.eval_every:
         final = model.evaluate(
-            in_batches(splits.validation, cfg.data.eval_batch_size), verbose=0, return_dict=True
+            backends.current().in_batches(splits.validation, cfg.data.eval_batch_size),
+            verbose=0,
+            return_dict=True,
         )
         recorder.log_metrics({f"val/{k}": v for k, v in final.items()}, step=reached)
     return reached
@@ -201,13 +203,14 @@ def _fit_windows(
     trainer = cfg.trainer
     first = start // window
     full = window == trainer.log_every
-    validation = in_batches(splits.validation, cfg.data.eval_batch_size) if validate else None
+    backend = backends.current()
+    validation = backend.in_batches(splits.validation, cfg.data.eval_batch_size)
     model.fit(
-        training_dataset(splits.train, batch, cfg.seed, start),
+        backend.training_dataset(splits.train, batch, cfg.seed, start),
         steps_per_epoch=window,
         initial_epoch=first,
         epochs=first + windows,
-        validation_data=validation,
+        validation_data=validation if validate else None,
         validation_freq=trainer.eval_every // trainer.log_every if full else 1,
         callbacks=callbacks,
         verbose=1 if trainer.progress_bar else 0,
@@ -218,6 +221,8 @@ def _fit_windows(
 def evaluate_outputs(model: Any, split: Split, batch_size: int) -> tuple[np.ndarray, float]:
     """The model's outputs (logits or probabilities) for `split` and their mean loss, from one
     pass over it."""
-    outputs = model.predict(in_batches(split, batch_size, labels=False), verbose=0)
+    outputs = model.predict(
+        backends.current().in_batches(split, batch_size, labels=False), verbose=0
+    )
     loss = float(np.mean(model.loss(split.y, outputs)))
     return outputs, loss

@@ -3,18 +3,22 @@
 Keras 3 writes Adam's update as about ten element-wise ops per variable, each a pass over the
 weights; on the CPU that pass count made the raw-ops CNN's 3.2M-weight `fc1` layer a large part
 of a step (docs/performance.md). The fused kernel, the one TF1's `AdamOptimizer` (and so the
-tutorial) ran, makes one pass with the same formula. Under a `tf.distribute` strategy, and with
-`amsgrad`, Keras's own update runs instead.
+tutorial) ran, makes one pass with the same formula. Under a `tf.distribute` strategy, with
+`amsgrad`, and on any other backend (where XLA fuses the element-wise ops itself), Keras's own
+update runs instead.
 """
 
 import keras
-import tensorflow as tf
 from keras import ops
 
 
 @keras.saving.register_keras_serializable(package="runner")
 class FusedAdam(keras.optimizers.Adam):
     def update_step(self, gradient, variable, learning_rate):
+        if keras.backend.backend() != "tensorflow":
+            return super().update_step(gradient, variable, learning_rate)
+        import tensorflow as tf
+
         if self.amsgrad or tf.distribute.has_strategy():
             return super().update_step(gradient, variable, learning_rate)
         dtype = variable.dtype

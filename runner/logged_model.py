@@ -32,6 +32,22 @@ def locate(run_id: str | None, model_uri: str | None) -> str:
     return model_uri or _model_of_run(run_id)
 
 
+def backend_of(uri: str) -> str:
+    """The Keras backend the model at `uri` was saved on, as MLflow's Keras flavour records it
+    (TensorFlow for a model saved before it did)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if Path(uri).is_dir():
+            flavors = mlflow.models.Model.load(uri).flavors
+        else:
+            flavors = mlflow.models.get_model_info(uri).flavors
+    except MlflowException as error:
+        raise UserError(f"cannot load the model: {error.message}") from None
+    return flavors.get("keras", {}).get("keras_backend", "tensorflow")
+
+
 def load(uri: str) -> LoggedModel:
     """The Keras model at `uri` (from `locate`), and its training run where this store has it."""
     import mlflow

@@ -35,7 +35,7 @@ def image_paths(images: str | ListConfig) -> list[Path]:
 
 
 def open_image(path: Path) -> Any:
-    """The decoded image, read before TensorFlow loads so that a bad file is told at once."""
+    """The decoded image, read before the backend loads so that a bad file is told at once."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -107,7 +107,7 @@ def _has_alpha(image: Any) -> bool:
 
 def predict(cfg: DictConfig) -> list[tuple[Path, int, np.ndarray]]:
     """Each image's class and probabilities. The command line, the images and the store are
-    checked before TensorFlow loads, which takes seconds."""
+    checked before the backend loads, which takes seconds."""
     from runner import logged_model
 
     if OmegaConf.is_missing(cfg, "images"):
@@ -120,10 +120,10 @@ def predict(cfg: DictConfig) -> list[tuple[Path, int, np.ndarray]]:
     from runner import tracking
 
     tracking.connect(cfg.tracking.uri)
-    from runner.tensorflow_logs import load_tensorflow
+    from runner import backends
 
     uri = logged_model.locate(cfg.run_id, cfg.model_uri)
-    load_tensorflow()  # before anything else imports it
+    backends.select(str(cfg.backend or logged_model.backend_of(uri)))  # before Keras loads
     import keras
 
     found = logged_model.load(uri)

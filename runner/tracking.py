@@ -147,7 +147,8 @@ class Recorder:
         """The trained model, which emits `output` (logits or probabilities), served as
         `runner.serving` says; pinned requirements skip MLflow's slow inference of them."""
         import keras
-        import tensorflow as tf
+
+        from runner import backends
 
         # uv's environments have no pip, which MLflow reports as a warning while writing conda.yaml.
         logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)
@@ -157,7 +158,7 @@ class Recorder:
             output,
             pip_requirements=[
                 f"keras=={keras.__version__}",
-                f"tensorflow=={tf.__version__}",
+                *backends.current().requirements(),
                 f"mlflow=={mlflow.__version__}",
             ],
         )
@@ -500,7 +501,9 @@ def _duplicate(error: MlflowException) -> bool:
 
 
 def _log_environment(data_digests: dict[str, str]) -> None:
-    described = environment.describe(data_digests)
+    from runner import backends
+
+    described = environment.describe(data_digests, backends.current())
     mlflow.set_tags(environment.tags(described))
     mlflow.log_dict(described, "environment.json")
 

@@ -50,9 +50,10 @@ def train(
     tracking.open_store(
         cfg.tracking.uri, job.experiment_name if job else cfg.tracking.experiment_name
     )
-    from runner.tensorflow_logs import load_tensorflow
+    from runner import backends
 
-    load_tensorflow()  # before anything else imports it
+    name = str(cfg.get("backend", "tensorflow"))  # a run logged before backends: TensorFlow
+    backend = backends.select(name, cfg.device)  # before anything imports Keras
     from runner import checkpoints, data, devices, modeling
     from runner.callbacks import ReportToTrial
     from runner.fitting import (
@@ -62,17 +63,14 @@ def train(
         fit,
         intervals,
     )
-    from runner.reproducibility import start_clean
 
-    logging.getLogger("tensorflow").setLevel(logging.WARNING)  # tf.distribute's INFO chatter
-    logging.getLogger("tensorflow").addFilter(_not_retracing)
-    found = devices.detect(cfg.device.cpu_devices)  # before anything runs on them
+    found = backend.detect(cfg.device.cpu_devices)  # before anything runs on them
     callbacks = configured_callbacks(cfg)
-    plan = devices.plan(cfg.device, found, intervals(cfg.trainer, callbacks))
+    plan = devices.plan(cfg.device, found, intervals(cfg.trainer, callbacks), name)
     if trial is not None:
         callbacks["optuna_trial"] = ReportToTrial(trial, cfg.optimized_metric)
     log.info("devices: %s; %s", found.describe(), plan.describe())
-    start_clean(cfg.seed, cfg.device.deterministic, plan.precision)
+    backend.start_clean(cfg.seed, cfg.device.deterministic, plan.precision)
     splits = data.load(cfg.data)
     mode = preemption.resume_as(
         resume_mode(cfg.trainer), checkpoints.latest(Path(cfg.trainer.checkpoint_dir)) is not None
@@ -85,7 +83,8 @@ def train(
     check_resumable(resumed.step if resumed else 0, plan)
     # trainer.resume=extend with more steps: a new run, as MLflow's params cannot change.
     extends = resumed is not None and resumed.settings.get("trainer.steps") != cfg.trainer.steps
-    with devices.distribution(plan).scope():
+    run_tags = {**found.tags(), **plan.tags(), **(tags or {})}
+    with backend.distribution(plan):
         model = (
             resumed.load_model()
             if resumed
@@ -93,42 +92,35 @@ def train(
         )
         modeling.compiled(model, cfg, plan, resumed=resumed is not None)
         modeling.check_loss(model, cfg, splits.train.x, splits.train.y)
-    run_tags = {**found.tags(), **plan.tags(), **(tags or {})}
-    with (
-        preemption.terminate_as_interrupt(),
-        tracking.mlflow_run(
-            cfg,
-            splits,
-            run_tags,
-            resumed and resumed.run_id,
-            job,
-            extends,
-            resumed.unrecorded if resumed else None,
-        ) as recorder,
-    ):
-        reached = fit(model, splits, cfg, recorder, plan, resumed, callbacks)
-        if trial is not None and trial.pruned_at is not None:
-            recorder.prune(trial.pruned_at)
-            return recorder.final_metrics()
-        if reached < cfg.trainer.steps:
-            recorder.set_tag("stopped_early_at", str(reached))
-        outputs, loss = evaluate_outputs(model, splits.test, cfg.data.eval_batch_size)
-        recorder.log_test(splits.test, outputs, loss, reached)
-        if cfg.tracking.plots:
-            recorder.log_plots(splits.test, outputs)
-        if cfg.trainer.log_model:
-            recorder.log_model(model, cfg.model.get("output", "logits"))
-        final = recorder.final_metrics()
+        with (
+            preemption.terminate_as_interrupt(),
+            tracking.mlflow_run(
+                cfg,
+                splits,
+                run_tags,
+                resumed and resumed.run_id,
+                job,
+                extends,
+                resumed.unrecorded if resumed else None,
+            ) as recorder,
+        ):
+            reached = fit(model, splits, cfg, recorder, plan, resumed, callbacks)
+            if trial is not None and trial.pruned_at is not None:
+                recorder.prune(trial.pruned_at)
+                return recorder.final_metrics()
+            if reached < cfg.trainer.steps:
+                recorder.set_tag("stopped_early_at", str(reached))
+            outputs, loss = evaluate_outputs(model, splits.test, cfg.data.eval_batch_size)
+            recorder.log_test(splits.test, outputs, loss, reached)
+            if cfg.tracking.plots:
+                recorder.log_plots(splits.test, outputs)
+            if cfg.trainer.log_model:
+                recorder.log_model(model, cfg.model.get("output", "logits"))
+            final = recorder.final_metrics()
     registration = registry.settings(cfg)
     if registration and job is None:  # a sweep registers its best job's model, at its end
         registry.register(recorder.run_id, *registration)
     return final
-
-
-def _not_retracing(record: logging.LogRecord) -> bool:
-    """Drops TensorFlow's retracing warning, which a sweep's jobs in one process all trigger:
-    each builds a new model, hence new functions to trace."""
-    return "triggered tf.function retracing" not in record.getMessage()
 
 
 def compose(overrides: Sequence[str] = (), with_hydra: bool = False) -> DictConfig:

@@ -100,12 +100,14 @@ def cli(
     timeout: int = 300,
     env: dict[str, str] | None = None,
     new_store: bool = True,
+    report_tensorflow: bool = False,
 ) -> subprocess.CompletedProcess:
     """One of the project's commands (`runner`, `runner-eval`, ...) run as a user would, in
     `cwd`, recording into the default store there, unless `env` (variables set over the test's
     own) names a tracking server. A `runner` about to make that store finds a copy of a new one
     instead (the same tables, a second of CPU less), unless `new_store` is False: for tests
-    that check that no store is made."""
+    that check that no store is made. With `report_tensorflow`, the command's last line of
+    output says whether TensorFlow was imported (`tensorflow_imported`)."""
     outer = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
     env = {**outer, **(env or {}), "MNIST_DIR": str(mnist_dir)}
     default_store = cwd / "mlflow.db"
@@ -117,14 +119,40 @@ def cli(
         and not default_store.exists()
     ):
         shutil.copyfile(template_store(), default_store)
+    command = [str(Path(sys.executable).with_name(name))]
+    if report_tensorflow:
+        command = [sys.executable, "-c", _REPORT_TENSORFLOW.format(name=name, main=ENTRIES[name])]
     return subprocess.run(
-        [str(Path(sys.executable).with_name(name)), *args],
+        [*command, *args],
         cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+# Each command's `main`, as pyproject.toml's [project.scripts] names it.
+ENTRIES = {
+    "runner": "runner.train",
+    "runner-eval": "runner.evaluate",
+    "runner-predict": "runner.predict",
+    "runner-repro": "runner.repro",
+}
+_REPORT_TENSORFLOW = (
+    "import atexit, sys\n"
+    "atexit.register(lambda: print('tensorflow imported:', 'tensorflow' in sys.modules))\n"
+    "sys.argv[0] = {name!r}\n"
+    "from {main} import main\n"
+    "main()\n"
+)
+
+
+def tensorflow_imported(result: subprocess.CompletedProcess) -> bool:
+    """What a command run with `cli(..., report_tensorflow=True)` said."""
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("tensorflow imported: "), result.stdout[-2000:]
+    return last == "tensorflow imported: True"
 
 
 def store_client(folder: Path) -> MlflowClient:

@@ -220,18 +220,19 @@ def test_a_limit_below_one_batch_is_refused_before_any_run(tmp_path, mnist_dir):
     assert runs_in(tmp_path) == []
 
 
-def test_printing_the_config_does_not_import_tensorflow(tmp_path):
+def test_printing_the_config_imports_no_backend(tmp_path):
     probe = (
-        "import sys; sys.argv = ['runner', '--cfg', 'job', 'model=cnn_layers'];"
+        "import sys; sys.argv = ['runner', '--cfg', 'job', 'model=cnn_layers', 'backend=jax'];"
         "import runner.train as t\n"
         "try:\n    t.main()\nexcept SystemExit:\n    pass\n"
-        "heavy = sorted(m for m in ('tensorflow', 'keras', 'mlflow') if m in sys.modules)\n"
+        "heavy = sorted(m for m in ('tensorflow', 'jax', 'keras', 'mlflow') if m in sys.modules)\n"
         "print('HEAVY', heavy)"
     )
     result = subprocess.run(
         [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert "name: cnn_layers" in result.stdout
+    assert "backend: jax" in result.stdout
     assert "HEAVY []" in result.stdout, result.stdout + result.stderr
 
 

@@ -1,5 +1,5 @@
 """Tests for runner.data: the IDX loader, its checks, the mirror download, data=fashion_mnist
-and the tf.data pipeline.
+and each backend's batch pipeline.
 
 The real MNIST files come from MNIST_DIR (default: ../shared/data/mnist beside the repo root).
 Downloads are exercised against an HTTP server on 127.0.0.1 that the tests start themselves;
@@ -11,15 +11,18 @@ import gzip
 import hashlib
 import http.client
 import http.server
+import importlib
 import re
 import socket
 import threading
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from runner import backends
 from runner.data import (
     FILES,
     TEST_IMAGES,
@@ -32,7 +35,6 @@ from runner.data import (
     load,
     parse_idx,
     read_idx,
-    training_dataset,
 )
 from runner.errors import UserError
 from runner.train import compose
@@ -760,7 +762,7 @@ def test_runner_trains_on_fake_fashion_mnist(tmp_path, mnist_dir):
     assert client.get_experiment_by_name("mnist") is None
 
 
-# --------------------------------------------------------------------------- tf.data pipeline
+# --------------------------------------------------------------------------- batch pipelines
 
 
 @pytest.fixture(scope="module")
@@ -772,13 +774,20 @@ def indexed_split():
     return Split(x, np.arange(n, dtype=np.int32))
 
 
-def first_batches(split: Split, batch_size: int, seed: int, count: int):
-    dataset = training_dataset(split, batch_size, seed)
-    return [(x.numpy(), y.numpy()) for x, y in dataset.take(count)]
+@pytest.fixture(params=backends.NAMES)
+def pipeline(request):
+    """Each backend's batching: tf.data's on TensorFlow, NumPy's on JAX (pure NumPy, so it runs
+    in this TensorFlow process)."""
+    return importlib.import_module(f"runner.backends.{request.param}")
 
 
-def test_training_dataset_batches(indexed_split):
-    batches = first_batches(indexed_split, 10, seed=1, count=6)
+def first_batches(pipeline, split: Split, batch_size: int, seed: int, count: int, start=0):
+    batches = islice(iter(pipeline.training_dataset(split, batch_size, seed, start)), count)
+    return [(np.asarray(x), np.asarray(y)) for x, y in batches]
+
+
+def test_training_dataset_batches(pipeline, indexed_split):
+    batches = first_batches(pipeline, indexed_split, 10, seed=1, count=6)
     assert len(batches) == 6
     for x, y in batches:
         assert x.shape == (10, 784) and x.dtype == np.float32
@@ -786,8 +795,8 @@ def test_training_dataset_batches(indexed_split):
         np.testing.assert_array_equal(x[:, 0], y)  # images stay with their labels
 
 
-def test_training_dataset_epoch_covers_each_example_once(indexed_split):
-    batches = first_batches(indexed_split, 10, seed=3, count=12)
+def test_training_dataset_epoch_covers_each_example_once(pipeline, indexed_split):
+    batches = first_batches(pipeline, indexed_split, 10, seed=3, count=12)
     first_epoch = np.concatenate([y for _, y in batches[:6]])
     second_epoch = np.concatenate([y for _, y in batches[6:]])
     np.testing.assert_array_equal(np.sort(first_epoch), np.arange(60))
@@ -796,26 +805,45 @@ def test_training_dataset_epoch_covers_each_example_once(indexed_split):
     assert not np.array_equal(first_epoch, second_epoch)  # reshuffled each epoch
 
 
-def test_training_dataset_seeded_order(indexed_split):
-    a = np.concatenate([y for _, y in first_batches(indexed_split, 10, seed=7, count=9)])
-    b = np.concatenate([y for _, y in first_batches(indexed_split, 10, seed=7, count=9)])
-    c = np.concatenate([y for _, y in first_batches(indexed_split, 10, seed=8, count=9)])
+def test_training_dataset_seeded_order(pipeline, indexed_split):
+    def order(seed):
+        return np.concatenate([y for _, y in first_batches(pipeline, indexed_split, 10, seed, 9)])
+
+    a, b, c = order(7), order(7), order(8)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a[:60], c[:60])
 
 
-def test_training_dataset_is_endless_across_epochs(indexed_split):
+def test_training_dataset_is_endless_across_epochs(pipeline, indexed_split):
     # 60 examples in batches of 25: the stream of shuffled epochs is cut into full batches.
-    batches = first_batches(indexed_split, 25, seed=0, count=5)
+    batches = first_batches(pipeline, indexed_split, 25, seed=0, count=5)
     assert [len(y) for _, y in batches] == [25] * 5
     stream = np.concatenate([y for _, y in batches])
     np.testing.assert_array_equal(np.sort(stream[:60]), np.arange(60))
     np.testing.assert_array_equal(np.sort(stream[60:120]), np.arange(60))
 
 
-def test_training_dataset_batch_larger_than_split(indexed_split):
+def test_a_resumed_pipeline_carries_on_where_it_stopped(pipeline, indexed_split):
+    # Batches of 25 from 60 examples: step 7 starts inside the third epoch.
+    whole = first_batches(pipeline, indexed_split, 25, seed=5, count=12)
+    resumed = first_batches(pipeline, indexed_split, 25, seed=5, count=5, start=7)
+    for (_, expected), (_, found) in zip(whole[7:], resumed, strict=True):
+        np.testing.assert_array_equal(found, expected)
+
+
+@pytest.mark.parametrize("start", [0, 8, 9])
+def test_every_nth_batch_is_the_batch_of_those_steps(pipeline, indexed_split, start):
+    # The probabilities hook's view of the order: the batches of steps 4, 8, 12, ... after start.
+    whole = first_batches(pipeline, indexed_split, 10, seed=2, count=24)
+    found = list(islice(pipeline.every_nth_batch(60, 10, 2, 4, start), 3))
+    steps = [step for step in range(start + 1, 25) if step % 4 == 0][:3]
+    for step, indices in zip(steps, found, strict=True):
+        np.testing.assert_array_equal(indices, whole[step - 1][1])
+
+
+def test_training_dataset_batch_larger_than_split(pipeline, indexed_split):
     with pytest.raises(UserError, match=r"batch of 61 examples \(data\.batch_size times .* 60 "):
-        training_dataset(indexed_split, 61, seed=0)
+        first_batches(pipeline, indexed_split, 61, seed=0, count=1)
 
 
 # --------------------------------------------------------------------------- npz and loaders

@@ -24,10 +24,11 @@ def gpus(*capabilities: tuple[int, int]) -> Devices:
     return Devices(gpus=found, cpu_cores=16, cpu_devices=1)
 
 
-def plan(found: Devices, *overrides: str) -> devices.Plan:
+def plan(found: Devices, *overrides: str, backend: str = "tensorflow") -> devices.Plan:
     cfg = compose_config(list(overrides))
     check_config(cfg)
-    return devices.plan(cfg.device, found, intervals(cfg.trainer, configured_callbacks(cfg)))
+    every = intervals(cfg.trainer, configured_callbacks(cfg))
+    return devices.plan(cfg.device, found, every, backend)
 
 
 @pytest.mark.parametrize(
@@ -104,6 +105,20 @@ def test_strategy_auto_mirrors_over_several_gpus_only():
     assert mirrored.steps_per_execution == 1
     with pytest.raises(UserError, match="does not work with device.strategy=mirrored"):
         plan(split_cpu, "device.strategy=mirrored", "device.steps_per_execution=10")
+
+
+def test_on_jax_auto_replicates_over_any_devices_with_xla_always_on():
+    split_cpu = Devices(gpus=(), cpu_cores=2, cpu_devices=2)
+    two = plan(split_cpu, backend="jax")
+    assert (two.strategy, two.replicas, two.jit_compile) == ("data_parallel", 2, True)
+    one = plan(CPU, backend="jax")
+    assert (one.strategy, one.replicas, one.jit_compile) == ("single", 1, True)
+    assert plan(gpus((9, 0), (9, 0)), backend="jax").strategy == "data_parallel"
+    assert not plan(CPU, "device.jit_compile=false", backend="jax").jit_compile
+    with pytest.raises(UserError, match="mirrored is for backend=tensorflow; on backend=jax use"):
+        plan(split_cpu, "device.strategy=mirrored", backend="jax")
+    with pytest.raises(UserError, match="data_parallel is for backend=jax; on backend=tensorflow"):
+        plan(split_cpu, "device.strategy=data_parallel")
 
 
 def test_gpu_description_names_the_chip_its_capability_and_memory():

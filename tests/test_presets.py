@@ -7,8 +7,9 @@ import keras
 import numpy as np
 import pytest
 
+from runner.backends.tensorflow import batch_indices
 from runner.config import check_config
-from runner.data import batch_indices, load
+from runner.data import load
 from runner.errors import UserError
 from runner.train import train
 

@@ -1,0 +1,52 @@
+"""The Keras backend a run computes with, `backend=tensorflow` (the default) or `backend=jax`,
+and what the runner does through it: load it, find its devices, seed it, feed it batches,
+distribute over devices, read its GPU memory.
+
+Keras reads KERAS_BACKEND once, when it is first imported, so `select` runs before anything
+imports Keras; `current` gives the module of the backend Keras loaded. Each backend module
+(`runner.backends.tensorflow`, `runner.backends.jax`) imports only its own framework, so a JAX
+run never loads TensorFlow.
+"""
+
+import importlib
+import importlib.util
+import os
+import sys
+from types import ModuleType
+from typing import Any
+
+from runner.errors import UserError
+
+NAMES = ("tensorflow", "jax")
+# What installs a backend that is missing.
+INSTALL = {"tensorflow": "uv sync", "jax": "uv sync (or: uv pip install jax)"}
+
+
+def select(name: str, device: Any = None) -> ModuleType:
+    """Load backend `name` for Keras, with the `device` settings that must be known before the
+    backend starts (JAX's XLA flags); returns its module. A process whose Keras already runs on
+    another backend (a reused sweep worker) cannot switch: refused in one line."""
+    if name not in NAMES:
+        raise UserError(f"backend={name} is not one of {', '.join(NAMES)}")
+    if importlib.util.find_spec(name) is None:
+        raise UserError(
+            f"backend={name}: {name} is not installed here; install it: {INSTALL[name]}"
+        )
+    keras = sys.modules.get("keras")
+    if keras is not None and keras.backend.backend() != name:
+        raise UserError(
+            f"backend={name}: Keras already runs on {keras.backend.backend()} in this process, "
+            f"and cannot switch; run each backend in its own command (or sweep backends with "
+            f"hydra/launcher=submitit_local, a process a job)"
+        )
+    os.environ["KERAS_BACKEND"] = name
+    module = importlib.import_module(f"{__name__}.{name}")
+    module.load(device)
+    return module
+
+
+def current() -> ModuleType:
+    """The module of the backend Keras runs on."""
+    import keras
+
+    return importlib.import_module(f"{__name__}.{keras.backend.backend()}")

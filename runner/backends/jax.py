@@ -1,0 +1,194 @@
+"""The runner on Keras's JAX backend, without TensorFlow: NumPy batches, XLA flags set before
+JAX starts, `keras.distribution.DataParallel` over several devices, and the devices' own
+memory statistics.
+
+The training order is the runner's own (NumPy's generator seeded by the seed and the epoch),
+not tf.data's, so a JAX run's history is its own: reproducible on JAX, not equal to the same
+config's on TensorFlow."""
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from importlib.metadata import version
+from itertools import islice
+from typing import Any
+
+import numpy as np
+
+from runner.data import Split, check_batch_fits
+from runner.devices import Devices, Gpu, Plan, gpu_memory_mib
+from runner.environment import cpu_cores
+from runner.errors import UserError
+
+PACKAGES = ("jax", "jaxlib")
+REPLICATED = "data_parallel"
+_DEVICE_COUNT = "--xla_force_host_platform_device_count"
+_DETERMINISTIC = "--xla_gpu_deterministic_ops"
+
+
+def load(device: Any = None) -> None:
+    """Set what JAX reads once, when it starts, from `device`: the CPU split into
+    `cpu_devices` devices, and on GPUs deterministic XLA kernels and memory taken as needed
+    (so that sweep jobs can share a GPU), as TensorFlow's memory growth does. Then import
+    Keras, without letting it import TensorFlow."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    if device is not None and device.cpu_devices > 1 and not _given(flags, _DEVICE_COUNT):
+        flags.append(f"{_DEVICE_COUNT}={device.cpu_devices}")
+    if device is not None and device.deterministic and not _given(flags, _DETERMINISTIC):
+        flags.append(f"{_DETERMINISTIC}=true")
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    # "Unable to initialize backend 'tpu'" at INFO, on every machine without one.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    import keras
+    from keras.src.utils import module_utils
+
+    if "tensorflow" not in sys.modules:
+        # Keras asks whether TensorFlow is installed (`tf.available`) by importing it, to seed
+        # it and to recognise its types when saving or sharding data: seconds and TensorFlow's
+        # whole runtime for nothing, as no TensorFlow object exists unless user code made one.
+        module_utils.tensorflow._available = False
+    assert keras.backend.backend() == "jax"
+
+
+def _given(flags: list[str], name: str) -> bool:
+    return any(flag.split("=")[0] == name for flag in flags)
+
+
+def requirements() -> list[str]:
+    """The pip requirements of a model this backend saved."""
+    return [f"{package}=={version(package)}" for package in PACKAGES]
+
+
+def physical_devices() -> list[str]:
+    import jax
+
+    return [f"{device.platform.upper()}:{device.id}" for device in jax.devices()]
+
+
+def detect(cpu_devices: int = 1) -> Devices:
+    """The devices JAX sees. The CPU's split (`load`) takes effect only where JAX had not
+    started yet in this process."""
+    import jax
+
+    cpus = jax.devices("cpu")
+    if cpu_devices > 1 and len(cpus) != cpu_devices:
+        raise UserError(
+            f"device.cpu_devices={cpu_devices} cannot take effect: JAX already set up "
+            f"{len(cpus)} CPU device(s) in this process (a reused sweep worker, or XLA_FLAGS "
+            f"with {_DEVICE_COUNT}); run it in a new process"
+        )
+    gpus = tuple(
+        Gpu(device.device_kind, _capability(device), gpu_memory_mib(index))
+        for index, device in enumerate(_gpus())
+    )
+    return Devices(gpus, cpu_cores(), len(cpus))
+
+
+def _gpus() -> list[Any]:
+    import jax
+
+    try:
+        return jax.devices("gpu")
+    except RuntimeError:  # no GPU backend: a CPU-only jaxlib, or no driver
+        return []
+
+
+def _capability(device: Any) -> tuple[int, int] | None:
+    text = getattr(device, "compute_capability", None)
+    if not text:
+        return None
+    major, _, minor = str(text).partition(".")
+    return int(major), int(minor or 0)
+
+
+def start_clean(seed: int, deterministic: bool, precision: str) -> None:
+    """Forget what earlier runs in this process left behind, set the dtype policy `precision`,
+    then seed Python, NumPy and Keras. Determinism is XLA's (`load`): JAX's CPU kernels are
+    deterministic, and its GPU ones are made so by flag."""
+    import keras
+
+    keras.backend.clear_session()
+    keras.config.set_dtype_policy(precision)
+    keras.utils.set_random_seed(seed)
+
+
+@contextlib.contextmanager
+def distribution(plan: Plan) -> Iterator[None]:
+    """`keras.distribution.DataParallel` over every device for the whole run, building and
+    training: Keras shards each batch across the devices when it is set at `fit`."""
+    if plan.strategy == "single":
+        yield
+        return
+    import keras
+
+    with keras.distribution.DataParallel(devices=keras.distribution.list_devices()).scope():
+        yield
+
+
+def training_dataset(split: Split, batch_size: int, seed: int, start_step: int = 0) -> Any:
+    """Endless batches in a seeded order, reshuffled every epoch; `start_step` skips the
+    batches a resumed run has already trained on."""
+    for indices in _batch_indices(len(split.y), batch_size, seed, start_step):
+        yield split.x[indices], split.y[indices]
+
+
+def in_batches(split: Split, batch_size: int, labels: bool = True) -> Any:
+    """`split` in order, in batches, for Keras's `evaluate` and `predict`: a `PyDataset`, which
+    `fit` can go through again at each validation, unlike a generator."""
+    import keras
+
+    class InBatches(keras.utils.PyDataset):
+        def __len__(self) -> int:
+            return -(-len(split.y) // batch_size)
+
+        def __getitem__(self, index: int) -> tuple:
+            rows = slice(index * batch_size, (index + 1) * batch_size)
+            return (split.x[rows], split.y[rows]) if labels else (split.x[rows],)
+
+    return InBatches()
+
+
+def _batch_indices(n: int, batch_size: int, seed: int, start_step: int) -> Iterator[np.ndarray]:
+    """The example indices of each training batch from `start_step` on. The batches cut one
+    endless stream of epochs, each a permutation of the `n` examples drawn from (seed, epoch),
+    so a batch may span two epochs, as tf.data's `shuffle().repeat().batch()` does; a resumed
+    run finds its place by arithmetic, not by replaying the stream."""
+    check_batch_fits(n, batch_size)
+    epoch, offset = divmod(start_step * batch_size, n)
+    pending = _permutation(n, seed, epoch)[offset:]
+    while True:
+        while len(pending) < batch_size:
+            epoch += 1
+            pending = np.concatenate([pending, _permutation(n, seed, epoch)])
+        yield pending[:batch_size]
+        pending = pending[batch_size:]
+
+
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def every_nth_batch(
+    n: int, batch_size: int, seed: int, every: int, start_step: int
+) -> Iterator[np.ndarray]:
+    """The example indices of the batches trained at steps every, 2 * every, ... after
+    `start_step`."""
+    base = start_step // every * every
+    return islice(_batch_indices(n, batch_size, seed, base), every - 1, None, every)
+
+
+def has_gpu() -> bool:
+    return bool(_gpus())
+
+
+def reset_gpu_peak() -> None:
+    """JAX keeps one peak per process and cannot reset it: `gpu_peak_mb` is the process's."""
+
+
+def gpu_peak_mb() -> float:
+    """The most memory JAX has held on the first GPU since the process started."""
+    stats = _gpus()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use", 0) / 2**20

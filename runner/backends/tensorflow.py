@@ -1,0 +1,194 @@
+"""The runner on Keras's TensorFlow backend: tf.data batches, `tf.distribute` strategies, op
+determinism and TensorFlow's own GPU memory statistics."""
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from importlib.metadata import version
+from typing import Any
+
+import numpy as np
+
+from runner.data import Split, check_batch_fits
+from runner.devices import Devices, Gpu, Plan, gpu_memory_mib
+from runner.environment import cpu_cores
+from runner.errors import UserError
+
+# The packages whose versions decide a run's numbers, besides Keras's own.
+PACKAGES = ("tensorflow",)
+# device.strategy that replicates the model over every device.
+REPLICATED = "mirrored"
+
+
+def load(device: Any = None) -> None:
+    """Import TensorFlow without its start-up noise (`runner.tensorflow_logs`)."""
+    from runner.tensorflow_logs import load_tensorflow
+
+    load_tensorflow()  # before anything else imports it
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)  # tf.distribute's INFO chatter
+    logging.getLogger("tensorflow").addFilter(_not_retracing)
+
+
+def _not_retracing(record: logging.LogRecord) -> bool:
+    """Drops TensorFlow's retracing warning, which a sweep's jobs in one process all trigger:
+    each builds a new model, hence new functions to trace."""
+    return "triggered tf.function retracing" not in record.getMessage()
+
+
+def requirements() -> list[str]:
+    """The pip requirements of a model this backend saved."""
+    return [f"tensorflow=={version('tensorflow')}"]
+
+
+def physical_devices() -> list[str]:
+    import tensorflow as tf
+
+    return [
+        device.name.removeprefix("/physical_device:")
+        for device in tf.config.list_physical_devices()
+    ]
+
+
+def detect(cpu_devices: int = 1) -> Devices:
+    """The devices TensorFlow sees, with GPU memory growth on (so that sweep jobs can share a
+    GPU) and the CPU split into `cpu_devices` logical devices. Call before anything runs on
+    them: TensorFlow fixes its devices at first use."""
+    import tensorflow as tf
+
+    physical_gpus = tf.config.list_physical_devices("GPU")
+    for gpu in physical_gpus:
+        # RuntimeError: already initialized, by an earlier job in this process
+        with contextlib.suppress(RuntimeError):
+            tf.config.experimental.set_memory_growth(gpu, True)
+    _split_cpu(tf, cpu_devices)
+    gpus = tuple(_gpu(tf, gpu, index) for index, gpu in enumerate(physical_gpus))
+    return Devices(gpus, cpu_cores(), len(tf.config.list_logical_devices("CPU")))
+
+
+def _split_cpu(tf: Any, count: int) -> None:
+    if count == 1:
+        return
+    [cpu] = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * count
+        )
+    except RuntimeError:
+        if len(tf.config.list_logical_devices("CPU")) != count:
+            raise UserError(
+                f"device.cpu_devices={count} cannot take effect: TensorFlow already set up "
+                f"its devices in this process (a reused sweep worker); run it in a new process"
+            ) from None
+
+
+def _gpu(tf: Any, device: Any, index: int) -> Gpu:
+    details = tf.config.experimental.get_device_details(device)
+    return Gpu(
+        details.get("device_name", device.name),
+        details.get("compute_capability"),
+        gpu_memory_mib(index),
+    )
+
+
+def start_clean(seed: int, deterministic: bool, precision: str) -> None:
+    """Forget what earlier runs in this process left behind, set the dtype policy `precision`,
+    then seed everything. The joblib launcher reuses worker processes between sweep jobs, and
+    Keras and TensorFlow keep global state (graph names, dtype policy, seeds, the determinism
+    flag) across them."""
+    import keras
+    import tensorflow as tf
+
+    keras.backend.clear_session()
+    keras.config.set_dtype_policy(precision)
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+    else:
+        # Not exported by tf.config, but the only way to undo an earlier run's enable call.
+        from tensorflow.python.framework import config as tf_config
+
+        tf_config.disable_op_determinism()
+
+
+@contextlib.contextmanager
+def distribution(plan: Plan) -> Iterator[None]:
+    """The `tf.distribute` strategy the model is built and trained in."""
+    import tensorflow as tf
+
+    if plan.strategy == "single":
+        strategy = tf.distribute.get_strategy()  # the default: one device, no replication
+    else:
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        strategy = tf.distribute.MirroredStrategy([device.name for device in devices])
+    with strategy.scope():
+        yield
+
+
+def training_dataset(split: Split, batch_size: int, seed: int, start_step: int = 0) -> Any:
+    """Endless batches in a seeded order, reshuffled every epoch, prefetched behind training;
+    `start_step` skips the batches a resumed run has already trained on.
+
+    Shuffling indices and gathering whole batches costs one op per batch instead of one per
+    example, which keeps the input pipeline off the critical path even for the softmax model.
+    """
+    import tensorflow as tf
+
+    x, y = tf.constant(split.x), tf.constant(split.y)
+    return (
+        batch_indices(len(split.y), batch_size, seed)
+        .skip(start_step)
+        .map(lambda idx: (tf.gather(x, idx), tf.gather(y, idx)))
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def in_batches(split: Split, batch_size: int, labels: bool = True) -> Any:
+    """`split` in order, in batches, for Keras's `evaluate` and `predict`. Keras's own pipeline
+    for arrays maps in parallel, which under op determinism makes TensorFlow 2.21 print a
+    spurious ERROR line ("NodeDef mentions attribute use_unbounded_threadpool")."""
+    import tensorflow as tf
+
+    examples = (split.x, split.y) if labels else split.x
+    return tf.data.Dataset.from_tensor_slices(examples).batch(batch_size)
+
+
+def batch_indices(n: int, batch_size: int, seed: int) -> Any:
+    """The example indices of each training batch, in training order, as a tf.data dataset: the
+    same `seed` replays the same sequence."""
+    import tensorflow as tf
+
+    check_batch_fits(n, batch_size)
+    return (
+        tf.data.Dataset.range(n)
+        .shuffle(n, seed=seed, reshuffle_each_iteration=True)
+        .repeat()
+        .batch(batch_size, drop_remainder=True)
+    )
+
+
+def every_nth_batch(
+    n: int, batch_size: int, seed: int, every: int, start_step: int
+) -> Iterator[np.ndarray]:
+    """The example indices of the batches trained at steps every, 2 * every, ... after
+    `start_step`: what a callback acting every `every` steps needs of the training order."""
+    shard = batch_indices(n, batch_size, seed).shard(every, every - 1)
+    return shard.skip(start_step // every).as_numpy_iterator()
+
+
+def reset_gpu_peak() -> None:
+    import tensorflow as tf
+
+    tf.config.experimental.reset_memory_stats("GPU:0")
+
+
+def gpu_peak_mb() -> float:
+    """The most memory TensorFlow held on GPU:0 since `reset_gpu_peak`."""
+    import tensorflow as tf
+
+    return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+
+
+def has_gpu() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_logical_devices("GPU"))

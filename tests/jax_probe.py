@@ -1,0 +1,46 @@
+"""A user's callback and model for the JAX tests, named by `_target_` (with the repository on
+PYTHONPATH): a callback that signals its own process at a chosen step, and a model that
+records how each training batch is laid out over the devices."""
+
+import json
+import os
+import signal
+
+import keras
+
+
+class SignalAt(keras.callbacks.Callback):
+    """Sends the signal RUNNER_TEST_SIGNAL (`KILL@50`: SIGKILL once step 50 has trained) to
+    this process; does nothing where it is unset. Set by environment, not by config, so the run
+    it stops and its resume have the same settings."""
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        name, _, step = os.environ.get("RUNNER_TEST_SIGNAL", "").partition("@")
+        if name and int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)) == int(step):
+            os.kill(os.getpid(), signal.Signals[f"SIG{name}"])
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class RecordSharding(keras.layers.Layer):
+    """Passes its input on, writing to RUNNER_TEST_SHARDING, as JSON, the shape of the batch
+    and of each device's shard of it, as XLA laid it out when `fit` compiled its step."""
+
+    def call(self, x):
+        import jax
+
+        def record(sharding):
+            with open(os.environ["RUNNER_TEST_SHARDING"], "a") as file:
+                shard = sharding.shard_shape(tuple(x.shape))
+                devices = len(sharding.device_set)
+                file.write(json.dumps({"batch": list(x.shape), "shard": shard, "devices": devices}))
+                file.write("\n")
+
+        jax.debug.inspect_array_sharding(x, callback=record)
+        return x
+
+
+def sharded_softmax(input_shape: tuple, num_classes: int) -> keras.Model:
+    """Softmax regression whose input passes `RecordSharding`."""
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Flatten()(RecordSharding()(inputs))
+    return keras.Model(inputs, keras.layers.Dense(num_classes)(x))

@@ -1,0 +1,239 @@
+"""Keras on JAX (`backend=jax`): the tutorial models and a user's model train; a run stopped by
+kill -9, then by Ctrl-C, resumes to the uninterrupted run's end bitwise; a CPU split in two
+trains data-parallel; a NaN fails the run; models move between backends. Every JAX command is
+checked never to have imported TensorFlow."""
+
+import ast
+import importlib.util
+import json
+import re
+import signal
+from importlib.metadata import version
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from runner import backends, checkpoints, repro
+from runner.errors import UserError
+from runner.train import train
+
+from .conftest import QUICK, REPO, cli, compose_config, only_run, store_client, tensorflow_imported
+
+# One worker runs this file: its tests share a module-scoped run.
+pytestmark = pytest.mark.xdist_group("test_jax")
+
+# tests.jax_probe, which some runs name by _target_, is importable from the repository.
+PROBE = {"PYTHONPATH": str(REPO)}
+
+
+def run_jax(folder: Path, mnist_dir: Path, *overrides: str, env=None, code: int = 0, sweep=False):
+    """`runner [-m] debug=quick backend=jax OVERRIDES` in `folder`, ending with `code`, and
+    (unless killed, which skips Python's exit) without importing TensorFlow."""
+    result = cli(
+        "runner",
+        *(["-m"] if sweep else []),
+        *QUICK,
+        "backend=jax",
+        *overrides,
+        cwd=folder,
+        mnist_dir=mnist_dir,
+        env={**PROBE, **(env or {})},
+        report_tensorflow=True,
+    )
+    assert result.returncode == code, result.stderr[-3000:]
+    if code != -signal.SIGKILL:
+        assert not tensorflow_imported(result)
+    return result
+
+
+@pytest.fixture(scope="module")
+def jax_softmax(tmp_path_factory, mnist_dir) -> Path:
+    """The R edition's softmax (probabilities, and their cross-entropy as the loss) trained on
+    JAX, its model logged: the folder of its store."""
+    folder = tmp_path_factory.mktemp("jax_softmax")
+    run_jax(folder, mnist_dir, "experiment=deep_mnist_r", "trainer.log_model=true")
+    return folder
+
+
+def test_a_jax_run_records_its_backend_and_learns(jax_softmax):
+    run = only_run(jax_softmax)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["backend"] == "jax"
+    tags = run.data.tags
+    assert (tags["backend"], tags["backend_version"]) == ("jax", version("jax"))
+    assert "tensorflow_version" not in tags
+    assert tags["plan.jit_compile"] == "True"
+    environment = repro.logged_environment(run)
+    assert environment["backend"] == "jax"
+    assert environment["packages"]["jaxlib"] == version("jaxlib")
+    assert "tensorflow" not in environment["packages"]
+    assert run.data.metrics["test/accuracy"] > 0.7
+    [model] = store_client(jax_softmax).search_logged_models([run.info.experiment_id])
+    requirements = Path(
+        mlflow.artifacts.download_artifacts(f"{model.artifact_location}/requirements.txt")
+    ).read_text()
+    assert f"jax=={version('jax')}" in requirements
+    assert "tensorflow" not in requirements
+
+
+def test_tutorial_cnns_train_on_jax_with_their_optimizers(tmp_path, mnist_dir):
+    """Both CNNs in one sweep: cnn_raw with (fused, on TensorFlow) Adam, cnn_layers with SGD
+    and the TF Layers guide's probability hook."""
+    result = run_jax(
+        tmp_path,
+        mnist_dir,
+        "model=cnn_raw,cnn_layers",
+        "callbacks=probabilities",
+        "callbacks.probabilities.every=10",
+        "trainer.eval_every=10",
+        "optimizer.lr=0.01",
+        sweep=True,
+    )
+    assert result.stdout.count("step 30: probabilities = [[") == 2, result.stdout[-3000:]
+    client = store_client(tmp_path)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("mnist").experiment_id],
+        filter_string="tags.backend = 'jax'",
+    )
+    assert {r.data.params["model.name"]: r.data.params["optimizer.name"] for r in runs} == {
+        "cnn_raw": "adam",
+        "cnn_layers": "sgd",
+    }
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        accuracy = client.get_metric_history(run.info.run_id, "val/accuracy")
+        assert [m.step for m in accuracy] == [10, 20, 30]
+        values = [m.value for m in accuracy]
+        assert values[-1] > max(values[0], 0.25), (run.data.params["model.name"], values)
+
+
+RESUMABLE = [
+    "trainer.steps=120",
+    "trainer.checkpoint_every=40",
+    "device.steps_per_execution=5",
+    "+callbacks.signal._target_=tests.jax_probe.SignalAt",
+]
+
+
+def test_killed_then_interrupted_run_resumes_bitwise(tmp_path, mnist_dir):
+    """kill -9 after step 50 (checkpoint at 40), Ctrl-C after step 80, which stops training at
+    the end of the next execution, step 85, mid-window: the run carried
+    on twice ends with the weights, metrics and history of the run left alone, each step
+    logged once, all in one MLflow run. Four processes: the runs are equal across them."""
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    reference.mkdir(), stopped.mkdir()
+    run_jax(reference, mnist_dir, *RESUMABLE, f"hydra.run.dir={reference / 'run'}")
+    here = [*RESUMABLE, f"hydra.run.dir={stopped / 'run'}"]
+    killed = -signal.SIGKILL
+    run_jax(stopped, mnist_dir, *here, env={"RUNNER_TEST_SIGNAL": "KILL@50"}, code=killed)
+    assert checkpoints.latest(stopped / "run" / "checkpoints").step == 40
+    resume = [*here, "trainer.resume=true"]
+    result = run_jax(stopped, mnist_dir, *resume, env={"RUNNER_TEST_SIGNAL": "INT@80"}, code=130)
+    assert "runner: error: stopped by SIGINT at step 85, checkpoint written" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert checkpoints.latest(stopped / "run" / "checkpoints").step == 85
+    assert only_run(stopped).info.status == "KILLED"
+    run_jax(stopped, mnist_dir, *resume)
+
+    run, want = only_run(stopped), only_run(reference)
+    assert run.info.status == "FINISHED"
+    for key in ("test/accuracy", "test/loss", "val/accuracy", "train/loss"):
+        assert run.data.metrics[key] == want.data.metrics[key], key
+    client = store_client(stopped)
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == list(range(10, 121, 10))
+    assert repro.histories(client, run) == repro.histories(store_client(reference), want)
+    weights = [checkpoints.latest(f / "run" / "checkpoints") for f in (stopped, reference)]
+    got, expected = (w.load_model().get_weights() for w in weights)
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_cpu_split_in_two_trains_data_parallel(tmp_path, mnist_dir):
+    """A user's model (tests.jax_probe) records how XLA laid each batch out: the 2 x 100
+    examples of a step split 100 a device."""
+    layout = tmp_path / "layout.jsonl"
+    run_jax(
+        tmp_path,
+        mnist_dir,
+        "device.cpu_devices=2",
+        "model._target_=tests.jax_probe.sharded_softmax",
+        env={"RUNNER_TEST_SHARDING": str(layout)},
+    )
+    run = only_run(tmp_path)
+    assert (run.data.tags["plan.strategy"], run.data.tags["plan.replicas"]) == (
+        "data_parallel",
+        "2",
+    )
+    seen = [json.loads(line) for line in layout.read_text().splitlines()]
+    training = {"batch": [200, 28, 28, 1], "shard": [100, 28, 28, 1], "devices": 2}
+    assert training in seen, seen
+    loss = store_client(tmp_path).get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in loss] == [10, 20, 30]
+    assert loss[-1].value < loss[0].value
+    metrics = run.data.metrics
+    assert metrics["perf/examples_per_sec"] / metrics["perf/steps_per_sec"] == pytest.approx(200)
+
+
+def test_a_nan_loss_fails_the_jax_run_at_its_step(tmp_path, mnist_dir):
+    result = run_jax(tmp_path, mnist_dir, "experiment=deep_mnist_r", "optimizer.lr=1e6", code=1)
+    assert re.search(
+        r"runner: error: the training loss became (nan|inf) at step \d+", result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    run = only_run(tmp_path)
+    assert run.info.status == "FAILED"
+
+
+def evaluated(folder: Path, mnist_dir: Path, *args: str, tensorflow: bool) -> float:
+    """runner-eval's test accuracy, checking whether it loaded TensorFlow."""
+    result = cli("runner-eval", *args, cwd=folder, mnist_dir=mnist_dir, report_tensorflow=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert tensorflow_imported(result) is tensorflow
+    [line] = [x for x in result.stdout.splitlines() if x.startswith("{'loss'")]
+    return ast.literal_eval(line)["accuracy"]
+
+
+def test_models_move_between_backends(jax_softmax, mnist_dir, monkeypatch):
+    """A model trained on JAX evaluates on its own backend by default and on TensorFlow when
+    told, and one trained on TensorFlow on JAX: each to the accuracy its run measured."""
+    monkeypatch.chdir(jax_softmax)
+    monkeypatch.setenv("MNIST_DIR", str(mnist_dir))
+    uri = f"sqlite:///{jax_softmax}/mlflow.db"
+    train(
+        compose_config(
+            [*QUICK, "experiment=deep_mnist_r", "trainer.log_model=true", f"tracking.uri={uri}"]
+        )
+    )
+    client = store_client(jax_softmax)
+    runs = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
+    by_backend = {r.data.tags["backend"]: r for r in runs}
+    on_jax, on_tf = by_backend["jax"], by_backend["tensorflow"]
+    measured = on_jax.data.metrics["test/accuracy"]
+    run = f"run_id={on_jax.info.run_id}"
+    assert evaluated(jax_softmax, mnist_dir, run, tensorflow=False) == pytest.approx(
+        measured, abs=1e-4
+    )
+    there = evaluated(jax_softmax, mnist_dir, run, "backend=tensorflow", tensorflow=True)
+    assert there == pytest.approx(measured, abs=1e-4)
+    back = evaluated(
+        jax_softmax, mnist_dir, f"run_id={on_tf.info.run_id}", "backend=jax", tensorflow=False
+    )
+    assert back == pytest.approx(on_tf.data.metrics["test/accuracy"], abs=1e-4)
+
+
+def test_a_process_cannot_switch_backends():
+    """Keras reads its backend once; this test process runs TensorFlow."""
+    with pytest.raises(UserError, match="Keras already runs on tensorflow in this process"):
+        backends.select("jax")
+
+
+def test_a_missing_backend_names_the_command_that_installs_it(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "jax" else real(name, *a)
+    )
+    with pytest.raises(UserError, match=r"^backend=jax: jax is not installed here; install it: uv"):
+        backends.select("jax")
