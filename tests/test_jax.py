@@ -15,7 +15,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from runner import backends, checkpoints, repro
+from runner import backends, checkpoints, logged_model, repro
 from runner.errors import UserError
 from runner.train import train
 
@@ -48,12 +48,24 @@ def run_jax(folder: Path, mnist_dir: Path, *overrides: str, env=None, code: int 
     return result
 
 
+# The R edition's softmax (probabilities, and their cross-entropy as the loss), 120 steps with
+# a checkpoint every 40, 5 steps an execution, and the signalling callback (idle unless asked).
+RESUMABLE = [
+    "experiment=deep_mnist_r",
+    "trainer.steps=120",
+    "trainer.checkpoint_every=40",
+    "trainer.log_model=true",
+    "device.steps_per_execution=5",
+    "+callbacks.signal._target_=tests.jax_probe.SignalAt",
+]
+
+
 @pytest.fixture(scope="module")
 def jax_softmax(tmp_path_factory, mnist_dir) -> Path:
-    """The R edition's softmax (probabilities, and their cross-entropy as the loss) trained on
-    JAX, its model logged: the folder of its store."""
+    """The RESUMABLE run trained on JAX, left alone: the folder of its store, its own folder
+    in run/."""
     folder = tmp_path_factory.mktemp("jax_softmax")
-    run_jax(folder, mnist_dir, "experiment=deep_mnist_r", "trainer.log_model=true")
+    run_jax(folder, mnist_dir, *RESUMABLE, f"hydra.run.dir={folder / 'run'}")
     return folder
 
 
@@ -109,43 +121,32 @@ def test_tutorial_cnns_train_on_jax_with_their_optimizers(tmp_path, mnist_dir):
         assert values[-1] > max(values[0], 0.25), (run.data.params["model.name"], values)
 
 
-RESUMABLE = [
-    "trainer.steps=120",
-    "trainer.checkpoint_every=40",
-    "device.steps_per_execution=5",
-    "+callbacks.signal._target_=tests.jax_probe.SignalAt",
-]
-
-
-def test_killed_then_interrupted_run_resumes_bitwise(tmp_path, mnist_dir):
+def test_killed_then_interrupted_run_resumes_bitwise(jax_softmax, tmp_path, mnist_dir):
     """kill -9 after step 50 (checkpoint at 40), Ctrl-C after step 80, which stops training at
-    the end of the next execution, step 85, mid-window: the run carried
-    on twice ends with the weights, metrics and history of the run left alone, each step
-    logged once, all in one MLflow run. Four processes: the runs are equal across them."""
-    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
-    reference.mkdir(), stopped.mkdir()
-    run_jax(reference, mnist_dir, *RESUMABLE, f"hydra.run.dir={reference / 'run'}")
-    here = [*RESUMABLE, f"hydra.run.dir={stopped / 'run'}"]
+    the end of the next execution, step 85, mid-window: the run carried on twice ends with the
+    weights, metrics and history of the run left alone, each step logged once, all in one
+    MLflow run. Four processes: the runs are equal across them."""
+    here = [*RESUMABLE, f"hydra.run.dir={tmp_path / 'run'}"]
     killed = -signal.SIGKILL
-    run_jax(stopped, mnist_dir, *here, env={"RUNNER_TEST_SIGNAL": "KILL@50"}, code=killed)
-    assert checkpoints.latest(stopped / "run" / "checkpoints").step == 40
+    run_jax(tmp_path, mnist_dir, *here, env={"RUNNER_TEST_SIGNAL": "KILL@50"}, code=killed)
+    assert checkpoints.latest(tmp_path / "run" / "checkpoints").step == 40
     resume = [*here, "trainer.resume=true"]
-    result = run_jax(stopped, mnist_dir, *resume, env={"RUNNER_TEST_SIGNAL": "INT@80"}, code=130)
+    result = run_jax(tmp_path, mnist_dir, *resume, env={"RUNNER_TEST_SIGNAL": "INT@80"}, code=130)
     assert "runner: error: stopped by SIGINT at step 85, checkpoint written" in result.stderr
     assert "Traceback" not in result.stderr
-    assert checkpoints.latest(stopped / "run" / "checkpoints").step == 85
-    assert only_run(stopped).info.status == "KILLED"
-    run_jax(stopped, mnist_dir, *resume)
+    assert checkpoints.latest(tmp_path / "run" / "checkpoints").step == 85
+    assert only_run(tmp_path).info.status == "KILLED"
+    run_jax(tmp_path, mnist_dir, *resume)
 
-    run, want = only_run(stopped), only_run(reference)
+    run, want = only_run(tmp_path), only_run(jax_softmax)
     assert run.info.status == "FINISHED"
     for key in ("test/accuracy", "test/loss", "val/accuracy", "train/loss"):
         assert run.data.metrics[key] == want.data.metrics[key], key
-    client = store_client(stopped)
+    client = store_client(tmp_path)
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert steps == list(range(10, 121, 10))
-    assert repro.histories(client, run) == repro.histories(store_client(reference), want)
-    weights = [checkpoints.latest(f / "run" / "checkpoints") for f in (stopped, reference)]
+    assert repro.histories(client, run) == repro.histories(store_client(jax_softmax), want)
+    weights = [checkpoints.latest(f / "run" / "checkpoints") for f in (tmp_path, jax_softmax)]
     got, expected = (w.load_model().get_weights() for w in weights)
     for a, b in zip(got, expected, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -187,40 +188,31 @@ def test_a_nan_loss_fails_the_jax_run_at_its_step(tmp_path, mnist_dir):
     assert run.info.status == "FAILED"
 
 
-def evaluated(folder: Path, mnist_dir: Path, *args: str, tensorflow: bool) -> float:
-    """runner-eval's test accuracy, checking whether it loaded TensorFlow."""
+def evaluated(folder: Path, mnist_dir: Path, *args: str) -> float:
+    """runner-eval's test accuracy, checking that it loaded TensorFlow only if told to."""
     result = cli("runner-eval", *args, cwd=folder, mnist_dir=mnist_dir, report_tensorflow=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert tensorflow_imported(result) is tensorflow
+    assert tensorflow_imported(result) is ("backend=tensorflow" in args)
     [line] = [x for x in result.stdout.splitlines() if x.startswith("{'loss'")]
     return ast.literal_eval(line)["accuracy"]
 
 
-def test_models_move_between_backends(jax_softmax, mnist_dir, monkeypatch):
-    """A model trained on JAX evaluates on its own backend by default and on TensorFlow when
-    told, and one trained on TensorFlow on JAX: each to the accuracy its run measured."""
-    monkeypatch.chdir(jax_softmax)
+def test_models_move_between_backends(jax_softmax, tmp_path, mnist_dir, monkeypatch):
+    """A model trained on JAX loads on JAX unless told otherwise (MLflow records its backend)
+    and evaluates on TensorFlow, and one trained on TensorFlow evaluates on JAX: each to the
+    test accuracy its own run measured."""
+    on_jax = only_run(jax_softmax)
+    [model] = store_client(jax_softmax).search_logged_models([on_jax.info.experiment_id])
+    assert logged_model.backend_of(model.artifact_location.removeprefix("file://")) == "jax"
+    there = evaluated(jax_softmax, mnist_dir, f"run_id={on_jax.info.run_id}", "backend=tensorflow")
+    assert there == pytest.approx(on_jax.data.metrics["test/accuracy"], abs=1e-4)
+
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MNIST_DIR", str(mnist_dir))
-    uri = f"sqlite:///{jax_softmax}/mlflow.db"
-    train(
-        compose_config(
-            [*QUICK, "experiment=deep_mnist_r", "trainer.log_model=true", f"tracking.uri={uri}"]
-        )
-    )
-    client = store_client(jax_softmax)
-    runs = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
-    by_backend = {r.data.tags["backend"]: r for r in runs}
-    on_jax, on_tf = by_backend["jax"], by_backend["tensorflow"]
-    measured = on_jax.data.metrics["test/accuracy"]
-    run = f"run_id={on_jax.info.run_id}"
-    assert evaluated(jax_softmax, mnist_dir, run, tensorflow=False) == pytest.approx(
-        measured, abs=1e-4
-    )
-    there = evaluated(jax_softmax, mnist_dir, run, "backend=tensorflow", tensorflow=True)
-    assert there == pytest.approx(measured, abs=1e-4)
-    back = evaluated(
-        jax_softmax, mnist_dir, f"run_id={on_tf.info.run_id}", "backend=jax", tensorflow=False
-    )
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    train(compose_config([*QUICK, *RESUMABLE[:1], "trainer.log_model=true", f"tracking.uri={uri}"]))
+    on_tf = only_run(tmp_path)
+    back = evaluated(tmp_path, mnist_dir, f"run_id={on_tf.info.run_id}", "backend=jax")
     assert back == pytest.approx(on_tf.data.metrics["test/accuracy"], abs=1e-4)
 
 
