@@ -33,16 +33,11 @@ def load(device: Any = None) -> None:
     `cpu_devices` devices, and on GPUs deterministic XLA kernels and memory taken as needed
     (so that sweep jobs can share a GPU), as TensorFlow's memory growth does. Then import
     Keras, without letting it import TensorFlow."""
-    flags = os.environ.get("XLA_FLAGS", "").split()
-    if device is not None and device.cpu_devices > 1 and not _given(flags, _DEVICE_COUNT):
-        flags.append(f"{_DEVICE_COUNT}={device.cpu_devices}")
-    if device is not None and device.deterministic and not _given(flags, _DETERMINISTIC):
-        flags.append(f"{_DETERMINISTIC}=true")
-    os.environ["XLA_FLAGS"] = " ".join(flags)
+    if device is not None:
+        os.environ["XLA_FLAGS"] = xla_flags(os.environ.get("XLA_FLAGS", ""), device)
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     # "Unable to initialize backend 'tpu'" at INFO, on every machine without one.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-    import keras
     from keras.src.utils import module_utils
 
     if "tensorflow" not in sys.modules:
@@ -50,7 +45,17 @@ def load(device: Any = None) -> None:
         # it and to recognise its types when saving or sharding data: seconds and TensorFlow's
         # whole runtime for nothing, as no TensorFlow object exists unless user code made one.
         module_utils.tensorflow._available = False
-    assert keras.backend.backend() == "jax"
+
+
+def xla_flags(given: str, device: Any) -> str:
+    """XLA_FLAGS `given`, plus the CPU split into `device.cpu_devices` devices and, with
+    `device.deterministic`, XLA's deterministic GPU kernels; a flag already given wins."""
+    flags = given.split()
+    if device.cpu_devices > 1 and not _given(flags, _DEVICE_COUNT):
+        flags.append(f"{_DEVICE_COUNT}={device.cpu_devices}")
+    if device.deterministic and not _given(flags, _DETERMINISTIC):
+        flags.append(f"{_DETERMINISTIC}=true")
+    return " ".join(flags)
 
 
 def _given(flags: list[str], name: str) -> bool:
