@@ -3,6 +3,7 @@
 import atexit
 import functools
 import os
+import re
 import shutil
 import signal
 import socket
@@ -153,6 +154,19 @@ def tensorflow_imported(result: subprocess.CompletedProcess) -> bool:
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("tensorflow imported: "), result.stdout[-2000:]
     return last == "tensorflow imported: True"
+
+
+def readme_commands(section: str) -> list[str]:
+    """The lines of the bash blocks under the README heading `section`, comments dropped."""
+    text = (REPO / "README.md").read_text()
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", body, re.S):
+        for line in block.splitlines():
+            command = line.split(" #", 1)[0].strip()
+            if command:
+                lines.append(command)
+    return lines
 
 
 def store_client(folder: Path) -> MlflowClient:

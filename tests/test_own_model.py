@@ -15,7 +15,7 @@ from PIL import Image
 from runner.errors import UserError
 from runner.train import train
 
-from .conftest import QUICK, REPO, cli, compose_config, only_run, store_client
+from .conftest import QUICK, REPO, cli, compose_config, only_run, readme_commands, store_client
 
 # One worker runs this file: its tests share a module-scoped run.
 pytestmark = pytest.mark.xdist_group("own_model")
@@ -221,19 +221,6 @@ def test_a_users_builder_that_raises_is_a_one_line_error(user, mnist_dir, tmp_pa
     assert last.startswith("runner: error: ") and message in last, result.stderr[-3000:]
     client = store_client(tmp_path)
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
-
-
-def readme_commands(section: str) -> list[str]:
-    """The lines of the bash blocks under the README heading `section`, comments dropped."""
-    text = (REPO / "README.md").read_text()
-    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
-    lines = []
-    for block in re.findall(r"```bash\n(.*?)```", body, re.S):
-        for line in block.splitlines():
-            command = line.split(" #", 1)[0].strip()
-            if command:
-                lines.append(command)
-    return lines
 
 
 def test_readme_own_model_and_data_commands_work_as_written(mnist_dir, tmp_path):
