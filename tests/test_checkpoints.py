@@ -93,19 +93,29 @@ def reference(tmp_path_factory, mnist_dir) -> Path:
 
 
 def interrupt(
-    tmp_path: Path, mnist_dir: Path, how: signal.Signals, sweep: bool = False
+    tmp_path: Path,
+    mnist_dir: Path,
+    how: signal.Signals,
+    sweep: bool = False,
+    extra: tuple[str, ...] = (),
+    after: int = 40,
 ) -> tuple[list[str], dict, int, str]:
-    """Start the CNN run as a user would (as a sweep's one job with `sweep`), and send it `how`
-    once its first checkpoint exists."""
+    """Start the CNN run as a user would (as a sweep's one job with `sweep`; with `extra`
+    overrides), and send it `how` once its checkpoint of step `after` exists."""
     env = {**os.environ, "MNIST_DIR": str(mnist_dir)}
     env.pop("MLFLOW_TRACKING_URI", None)
     where = f"hydra.sweep.dir={tmp_path / 'run'}" if sweep else f"hydra.run.dir={tmp_path / 'run'}"
     command = [sys.executable, "-m", "runner", *(["-m"] if sweep else []), *CNN, where]
     process = subprocess.Popen(
-        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        [*command, *extra],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     job = tmp_path / "run" / ("0" if sweep else "")
-    first = job / "checkpoints" / "step-0000040" / "state.json"
+    first = job / "checkpoints" / f"step-{after:07d}" / "state.json"
     deadline = time.monotonic() + 240
     while not first.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -147,34 +157,33 @@ def resume(command: list[str], env: dict, cwd: Path) -> None:
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
-def test_run_killed_and_resumed_ends_as_if_never_interrupted(tmp_path, mnist_dir, reference):
+def test_run_killed_then_interrupted_resumes_to_the_uninterrupted_end(
+    tmp_path, mnist_dir, reference
+):
+    """kill -9 after the first checkpoint; the resumed run stopped by Ctrl-C after the second,
+    which writes a checkpoint and ends the MLflow run KILLED; resumed again, the run ends as
+    the one left alone did."""
     command, env, code, _ = interrupt(tmp_path, mnist_dir, signal.SIGKILL)
     assert code == -signal.SIGKILL, "the run finished before it could be killed"
     assert checkpoints.latest(tmp_path / "run" / "checkpoints").step < STEPS
-    resume([*command, "trainer.resume=true"], env, tmp_path)
-    assert_same_end(tmp_path, reference)
-
-
-def test_ctrl_c_checkpoints_marks_killed_and_resumes_to_the_same_end(
-    tmp_path, mnist_dir, reference
-):
-    command, env, code, stderr = interrupt(tmp_path, mnist_dir, signal.SIGINT)
+    resume_once = ("trainer.resume=true",)
+    _, _, code, stderr = interrupt(tmp_path, mnist_dir, signal.SIGINT, extra=resume_once, after=80)
     assert code == 130, stderr[-3000:]
     assert "runner: error: stopped by SIGINT at step" in stderr
     assert "Traceback" not in stderr
     stopped = checkpoints.latest(tmp_path / "run" / "checkpoints")
-    assert 40 < stopped.step < STEPS
+    assert 80 < stopped.step < STEPS
     assert f"at step {stopped.step}," in stderr
     assert f"trainer.resume=true hydra.run.dir={tmp_path / 'run'}\n" in stderr
-    run = only_run(tmp_path)
-    assert run.info.status == "KILLED"
+    assert only_run(tmp_path).info.status == "KILLED"
     resume([*command, "trainer.resume=true"], env, tmp_path)
     assert_same_end(tmp_path, reference)
-    # Hydra's record of the first command stays; the resume's is kept beside it.
+    # Hydra's record of the first command stays; each resume's is kept beside it.
     hydra = tmp_path / "run" / ".hydra"
     assert "trainer.resume" not in (hydra / "overrides.yaml").read_text()
-    [resumed] = hydra.glob("resumed-*")
-    assert "trainer.resume=true" in (resumed / "overrides.yaml").read_text()
+    resumes = sorted(hydra.glob("resumed-*"))
+    assert len(resumes) == 2
+    assert all("trainer.resume=true" in (r / "overrides.yaml").read_text() for r in resumes)
 
 
 def test_a_sweep_job_stopped_says_how_to_carry_it_on_alone(tmp_path, mnist_dir, reference):
