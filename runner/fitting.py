@@ -186,6 +186,22 @@ def check_resumable(start_step: int, plan: Plan) -> None:
         )
 
 
+def check_even_batches(splits: Splits, eval_batch_size: int, plan: Plan) -> None:
+    """A data-parallel run on JAX splits every batch evenly over its devices, the last batch of
+    the validation and test sets too; Keras would fail on an uneven one inside the run."""
+    if plan.strategy != "data_parallel":
+        return
+    for name, split in (("validation", splits.validation), ("test", splits.test)):
+        last = len(split.y) % eval_batch_size or eval_batch_size
+        if eval_batch_size % plan.replicas or last % plan.replicas:
+            raise UserError(
+                f"device.strategy=data_parallel splits every batch evenly over "
+                f"{plan.replicas} devices, but data.eval_batch_size={eval_batch_size} leaves a "
+                f"last {name} batch of {last} examples: pick a data.eval_batch_size (or "
+                f"data.limit) that makes both multiples of {plan.replicas}"
+            )
+
+
 def _fit_windows(
     model: Any,
     splits: Splits,
@@ -204,13 +220,15 @@ def _fit_windows(
     first = start // window
     full = window == trainer.log_every
     backend = backends.current()
-    validation = backend.in_batches(splits.validation, cfg.data.eval_batch_size)
+    validation = (
+        backend.in_batches(splits.validation, cfg.data.eval_batch_size) if validate else None
+    )
     model.fit(
         backend.training_dataset(splits.train, batch, cfg.seed, start),
         steps_per_epoch=window,
         initial_epoch=first,
         epochs=first + windows,
-        validation_data=validation if validate else None,
+        validation_data=validation,
         validation_freq=trainer.eval_every // trainer.log_every if full else 1,
         callbacks=callbacks,
         verbose=1 if trainer.progress_bar else 0,

@@ -57,6 +57,7 @@ def train(
     from runner import checkpoints, data, devices, modeling
     from runner.callbacks import ReportToTrial
     from runner.fitting import (
+        check_even_batches,
         check_resumable,
         configured_callbacks,
         evaluate_outputs,
@@ -70,7 +71,7 @@ def train(
     if trial is not None:
         callbacks["optuna_trial"] = ReportToTrial(trial, cfg.optimized_metric)
     log.info("devices: %s; %s", found.describe(), plan.describe())
-    backend.start_clean(cfg.seed, cfg.device.deterministic, plan.precision)
+    backend.start_clean(cfg.seed, cfg.device.deterministic, plan)
     splits = data.load(cfg.data)
     mode = preemption.resume_as(
         resume_mode(cfg.trainer), checkpoints.latest(Path(cfg.trainer.checkpoint_dir)) is not None
@@ -81,10 +82,10 @@ def train(
         else None
     )
     check_resumable(resumed.step if resumed else 0, plan)
+    check_even_batches(splits, cfg.data.eval_batch_size, plan)
     # trainer.resume=extend with more steps: a new run, as MLflow's params cannot change.
     extends = resumed is not None and resumed.settings.get("trainer.steps") != cfg.trainer.steps
-    run_tags = {**found.tags(), **plan.tags(), **(tags or {})}
-    with backend.distribution(plan):
+    with backend.build_scope(plan):
         model = (
             resumed.load_model()
             if resumed
@@ -92,31 +93,32 @@ def train(
         )
         modeling.compiled(model, cfg, plan, resumed=resumed is not None)
         modeling.check_loss(model, cfg, splits.train.x, splits.train.y)
-        with (
-            preemption.terminate_as_interrupt(),
-            tracking.mlflow_run(
-                cfg,
-                splits,
-                run_tags,
-                resumed and resumed.run_id,
-                job,
-                extends,
-                resumed.unrecorded if resumed else None,
-            ) as recorder,
-        ):
-            reached = fit(model, splits, cfg, recorder, plan, resumed, callbacks)
-            if trial is not None and trial.pruned_at is not None:
-                recorder.prune(trial.pruned_at)
-                return recorder.final_metrics()
-            if reached < cfg.trainer.steps:
-                recorder.set_tag("stopped_early_at", str(reached))
-            outputs, loss = evaluate_outputs(model, splits.test, cfg.data.eval_batch_size)
-            recorder.log_test(splits.test, outputs, loss, reached)
-            if cfg.tracking.plots:
-                recorder.log_plots(splits.test, outputs)
-            if cfg.trainer.log_model:
-                recorder.log_model(model, cfg.model.get("output", "logits"))
-            final = recorder.final_metrics()
+    run_tags = {**found.tags(), **plan.tags(), **(tags or {})}
+    with (
+        preemption.terminate_as_interrupt(),
+        tracking.mlflow_run(
+            cfg,
+            splits,
+            run_tags,
+            resumed and resumed.run_id,
+            job,
+            extends,
+            resumed.unrecorded if resumed else None,
+        ) as recorder,
+    ):
+        reached = fit(model, splits, cfg, recorder, plan, resumed, callbacks)
+        if trial is not None and trial.pruned_at is not None:
+            recorder.prune(trial.pruned_at)
+            return recorder.final_metrics()
+        if reached < cfg.trainer.steps:
+            recorder.set_tag("stopped_early_at", str(reached))
+        outputs, loss = evaluate_outputs(model, splits.test, cfg.data.eval_batch_size)
+        recorder.log_test(splits.test, outputs, loss, reached)
+        if cfg.tracking.plots:
+            recorder.log_plots(splits.test, outputs)
+        if cfg.trainer.log_model:
+            recorder.log_model(model, cfg.model.get("output", "logits"))
+        final = recorder.final_metrics()
     registration = registry.settings(cfg)
     if registration and job is None:  # a sweep registers its best job's model, at its end
         registry.register(recorder.run_id, *registration)

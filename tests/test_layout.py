@@ -15,14 +15,18 @@ def imports() -> dict[str, set[str]]:
         deps = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("runner"):
-                if node.module == "runner":
-                    deps |= {f"runner.{alias.name}" for alias in node.names}
-                else:
-                    deps.add(node.module)
+                # `from runner.backends import jax` imports the module runner.backends.jax.
+                deps |= {_module_or_package(node.module, alias.name) for alias in node.names}
             elif isinstance(node, ast.Import):
                 deps |= {alias.name for alias in node.names if alias.name.startswith("runner")}
         found[name] = deps
     return found
+
+
+def _module_or_package(package: str, name: str) -> str:
+    """`package.name` where that is a module of the repository, else `package`."""
+    path = REPO.joinpath(*package.split("."), name)
+    return f"{package}.{name}" if path.with_suffix(".py").exists() or path.is_dir() else package
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:

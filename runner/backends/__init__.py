@@ -8,7 +8,6 @@ imports Keras; `current` gives the module of the backend Keras loaded. Each back
 run never loads TensorFlow.
 """
 
-import importlib
 import importlib.util
 import os
 import sys
@@ -40,7 +39,7 @@ def select(name: str, device: Any = None) -> ModuleType:
             f"hydra/launcher=submitit_local, a process a job)"
         )
     os.environ["KERAS_BACKEND"] = name
-    module = importlib.import_module(f"{__name__}.{name}")
+    module = _module(name)
     module.load(device)
     return module
 
@@ -49,4 +48,12 @@ def current() -> ModuleType:
     """The module of the backend Keras runs on."""
     import keras
 
-    return importlib.import_module(f"{__name__}.{keras.backend.backend()}")
+    return _module(keras.backend.backend())
+
+
+def _module(name: str) -> ModuleType:
+    if name == "jax":
+        from runner.backends import jax as module
+    else:
+        from runner.backends import tensorflow as module
+    return module

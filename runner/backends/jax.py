@@ -23,9 +23,12 @@ from runner.environment import cpu_cores
 from runner.errors import UserError
 
 PACKAGES = ("jax", "jaxlib")
-REPLICATED = "data_parallel"
 _DEVICE_COUNT = "--xla_force_host_platform_device_count"
 _DETERMINISTIC = "--xla_gpu_deterministic_ops"
+# The XLA_FLAGS the user set, which `load` adds the device settings to.
+_GIVEN_FLAGS = os.environ.get("XLA_FLAGS", "")
+# The XLA_FLAGS JAX started with in this process, once it has: fixed from then on.
+_started_with: str | None = None
 
 
 def load(device: Any = None) -> None:
@@ -34,7 +37,7 @@ def load(device: Any = None) -> None:
     (so that sweep jobs can share a GPU), as TensorFlow's memory growth does. Then import
     Keras, without letting it import TensorFlow."""
     if device is not None:
-        os.environ["XLA_FLAGS"] = xla_flags(os.environ.get("XLA_FLAGS", ""), device)
+        os.environ["XLA_FLAGS"] = flags_for(device)
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     # "Unable to initialize backend 'tpu'" at INFO, on every machine without one.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
@@ -44,6 +47,7 @@ def load(device: Any = None) -> None:
         # Keras asks whether TensorFlow is installed (`tf.available`) by importing it, to seed
         # it and to recognise its types when saving or sharding data: seconds and TensorFlow's
         # whole runtime for nothing, as no TensorFlow object exists unless user code made one.
+        # A private attribute: tests/test_jax.py fails if a Keras release stops honouring it.
         module_utils.tensorflow._available = False
 
 
@@ -58,6 +62,20 @@ def xla_flags(given: str, device: Any) -> str:
     return " ".join(flags)
 
 
+def flags_for(device: Any) -> str:
+    """The XLA_FLAGS `device` needs; refused in a process whose JAX started with others (a
+    reused sweep worker, or Hydra's in-process launcher), which it would silently keep."""
+    wanted = xla_flags(_GIVEN_FLAGS, device)
+    if _started_with is not None and wanted != _started_with:
+        raise UserError(
+            f"device.cpu_devices={device.cpu_devices} device.deterministic="
+            f"{str(device.deterministic).lower()} need XLA_FLAGS={wanted!r}, but JAX started "
+            f"in this process with {_started_with!r} and cannot change: give each setting a "
+            f"process of its own (hydra/launcher=submitit_local, or one command each)"
+        )
+    return wanted
+
+
 def _given(flags: list[str], name: str) -> bool:
     return any(flag.split("=")[0] == name for flag in flags)
 
@@ -68,6 +86,7 @@ def requirements() -> list[str]:
 
 
 def physical_devices() -> list[str]:
+    """Every device JAX found, as `CPU:0`, `GPU:0`, ..."""
     import jax
 
     return [f"{device.platform.upper()}:{device.id}" for device in jax.devices()]
@@ -78,7 +97,9 @@ def detect(cpu_devices: int = 1) -> Devices:
     started yet in this process."""
     import jax
 
-    cpus = jax.devices("cpu")
+    global _started_with
+    cpus = jax.devices("cpu")  # starts JAX, with the XLA_FLAGS of `load`
+    _started_with = os.environ.get("XLA_FLAGS", "")
     if cpu_devices > 1 and len(cpus) != cpu_devices:
         raise UserError(
             f"device.cpu_devices={cpu_devices} cannot take effect: JAX already set up "
@@ -109,28 +130,29 @@ def _capability(device: Any) -> tuple[int, int] | None:
     return int(major), int(minor or 0)
 
 
-def start_clean(seed: int, deterministic: bool, precision: str) -> None:
-    """Forget what earlier runs in this process left behind, set the dtype policy `precision`,
-    then seed Python, NumPy and Keras. Determinism is XLA's (`load`): JAX's CPU kernels are
-    deterministic, and its GPU ones are made so by flag."""
+def start_clean(seed: int, deterministic: bool, plan: Plan) -> None:
+    """Forget what earlier runs in this process left behind, set the dtype policy and the
+    distribution `plan` names, then seed Python, NumPy and Keras. Determinism is XLA's
+    (`load`): JAX's CPU kernels are deterministic, and its GPU ones are made so by flag.
+
+    A data-parallel run sets `keras.distribution.DataParallel` over every device for the
+    process: Keras lays the weights out by it when building, and shards each batch by it in
+    `fit`, `evaluate` and `predict`."""
     import keras
 
     keras.backend.clear_session()
-    keras.config.set_dtype_policy(precision)
+    keras.config.set_dtype_policy(plan.precision)
+    parallel = plan.strategy != "single"
+    devices = keras.distribution.list_devices()
+    keras.distribution.set_distribution(
+        keras.distribution.DataParallel(devices=devices) if parallel else None
+    )
     keras.utils.set_random_seed(seed)
 
 
-@contextlib.contextmanager
-def distribution(plan: Plan) -> Iterator[None]:
-    """`keras.distribution.DataParallel` over every device for the whole run, building and
-    training: Keras shards each batch across the devices when it is set at `fit`."""
-    if plan.strategy == "single":
-        yield
-        return
-    import keras
-
-    with keras.distribution.DataParallel(devices=keras.distribution.list_devices()).scope():
-        yield
+def build_scope(plan: Plan) -> contextlib.AbstractContextManager:
+    """Nothing: `start_clean` set the distribution for the whole run."""
+    return contextlib.nullcontext()
 
 
 def training_dataset(split: Split, batch_size: int, seed: int, start_step: int = 0) -> Any:
@@ -186,6 +208,7 @@ def every_nth_batch(
 
 
 def has_gpu() -> bool:
+    """Whether JAX has a GPU to train on."""
     return bool(_gpus())
 
 

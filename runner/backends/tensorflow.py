@@ -16,8 +16,6 @@ from runner.errors import UserError
 
 # The packages whose versions decide a run's numbers, besides Keras's own.
 PACKAGES = ("tensorflow",)
-# device.strategy that replicates the model over every device.
-REPLICATED = "mirrored"
 
 
 def load(device: Any = None) -> None:
@@ -41,6 +39,7 @@ def requirements() -> list[str]:
 
 
 def physical_devices() -> list[str]:
+    """Every device TensorFlow found, as `CPU:0`, `GPU:0`, ..."""
     import tensorflow as tf
 
     return [
@@ -90,16 +89,16 @@ def _gpu(tf: Any, device: Any, index: int) -> Gpu:
     )
 
 
-def start_clean(seed: int, deterministic: bool, precision: str) -> None:
-    """Forget what earlier runs in this process left behind, set the dtype policy `precision`,
-    then seed everything. The joblib launcher reuses worker processes between sweep jobs, and
-    Keras and TensorFlow keep global state (graph names, dtype policy, seeds, the determinism
-    flag) across them."""
+def start_clean(seed: int, deterministic: bool, plan: Plan) -> None:
+    """Forget what earlier runs in this process left behind, set the dtype policy `plan`
+    names, then seed everything. The joblib launcher reuses worker processes between sweep
+    jobs, and Keras and TensorFlow keep global state (graph names, dtype policy, seeds, the
+    determinism flag) across them."""
     import keras
     import tensorflow as tf
 
     keras.backend.clear_session()
-    keras.config.set_dtype_policy(precision)
+    keras.config.set_dtype_policy(plan.precision)
     keras.utils.set_random_seed(seed)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -111,8 +110,10 @@ def start_clean(seed: int, deterministic: bool, precision: str) -> None:
 
 
 @contextlib.contextmanager
-def distribution(plan: Plan) -> Iterator[None]:
-    """The `tf.distribute` strategy the model is built and trained in."""
+def build_scope(plan: Plan) -> Iterator[None]:
+    """The scope of the `tf.distribute` strategy the model is built in, which it keeps for
+    training. Only the building: a loss computed in a mirrored scope is divided by the
+    replicas."""
     import tensorflow as tf
 
     if plan.strategy == "single":
@@ -176,6 +177,7 @@ def every_nth_batch(
 
 
 def reset_gpu_peak() -> None:
+    """Start `gpu_peak_mb`'s count again."""
     import tensorflow as tf
 
     tf.config.experimental.reset_memory_stats("GPU:0")
@@ -189,6 +191,7 @@ def gpu_peak_mb() -> float:
 
 
 def has_gpu() -> bool:
+    """Whether TensorFlow trains on a GPU."""
     import tensorflow as tf
 
     return bool(tf.config.list_logical_devices("GPU"))
