@@ -1,6 +1,6 @@
-"""A user's callback and model for the JAX tests, named by `_target_` (with the repository on
-PYTHONPATH): a callback that signals its own process at a chosen step, and a model that
-records how each training batch is laid out over the devices."""
+"""A user's callback and models for the JAX tests, named by `_target_` (with the repository on
+PYTHONPATH): a callback that signals its own process at a chosen step, a model with dropout,
+and a model that records how each training batch is laid out over the devices."""
 
 import json
 import os
@@ -44,3 +44,14 @@ def sharded_softmax(input_shape: tuple, num_classes: int) -> keras.Model:
     inputs = keras.Input(input_shape)
     x = keras.layers.Flatten()(RecordSharding()(inputs))
     return keras.Model(inputs, keras.layers.Dense(num_classes)(x))
+
+
+def dropout_softmax(input_shape: tuple, num_classes: int, output: str = "logits") -> keras.Model:
+    """Softmax regression behind Keras's Dropout, whose random state a resumed run must carry
+    on from its checkpoint; emits probabilities if `output` says so."""
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Dropout(0.2)(keras.layers.Flatten()(inputs))
+    outputs = keras.layers.Dense(num_classes)(x)
+    if output == "probabilities":
+        outputs = keras.layers.Softmax()(outputs)
+    return keras.Model(inputs, outputs)

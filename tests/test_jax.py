@@ -6,6 +6,7 @@ checked never to have imported TensorFlow."""
 import ast
 import importlib.util
 import json
+import os
 import re
 import shlex
 import signal
@@ -66,10 +67,12 @@ def run_jax(folder: Path, mnist_dir: Path, *overrides: str, env=None, code: int 
 
 
 # The README's first JAX command, the R edition's softmax (probabilities, and their
-# cross-entropy as the loss), made 120 steps with a checkpoint every 40, 5 steps an execution,
-# and the signalling callback (idle unless asked).
+# cross-entropy as the loss), with dropout before it (a user's model, whose random state a resume
+# must carry on), made 120 steps with a checkpoint every 40, 5 steps an execution, and the
+# signalling callback (idle unless asked).
 RESUMABLE = [
     "experiment=deep_mnist_r",
+    "model._target_=tests.jax_probe.dropout_softmax",
     "trainer.steps=120",
     "trainer.checkpoint_every=40",
     "trainer.log_model=true",
@@ -237,6 +240,10 @@ def test_models_move_between_backends(jax_softmax, tmp_path, mnist_dir, monkeypa
     assert back == pytest.approx(on_tf.data.metrics["test/accuracy"], abs=1e-4)
 
 
+@pytest.mark.skipif(
+    os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow",
+    reason="the test process's Keras must run on TensorFlow",
+)
 def test_a_process_cannot_switch_backends():
     """Keras reads its backend once; this test process runs TensorFlow."""
     with pytest.raises(UserError, match="Keras already runs on tensorflow in this process"):
@@ -272,3 +279,41 @@ def test_a_checkpoint_resumes_only_on_its_own_backend(tmp_path):
     written = checkpoints.Checkpoint(tmp_path, 10, "r1", then)
     with pytest.raises(UserError, match=r"trained with backend=tensorflow \(now jax\)"):
         checkpoints._check_settings(written, now, "true")
+
+
+def test_xla_flags_cannot_change_once_jax_started(monkeypatch):
+    """The second job of an in-process sweep (device.cpu_devices=2,1): its JAX keeps the first
+    job's two CPU devices, so the job is refused rather than trained data-parallel."""
+    from runner.backends import jax as on_jax
+
+    two, one = (compose_config([f"device.cpu_devices={n}"]).device for n in (2, 1))
+    monkeypatch.setattr(on_jax, "_GIVEN_FLAGS", "")
+    monkeypatch.setattr(on_jax, "_started_with", None)
+    started = on_jax.flags_for(two)
+    monkeypatch.setattr(on_jax, "_started_with", started)
+    assert on_jax.flags_for(two) == started
+    with pytest.raises(UserError, match=r"^device.cpu_devices=1 device.deterministic=true need"):
+        on_jax.flags_for(one)
+
+
+@pytest.mark.parametrize(
+    ("eval_batch", "limit", "refused"), [(500, 1000, None), (500, 999, "test")]
+)
+def test_data_parallel_evaluation_needs_even_batches(eval_batch, limit, refused):
+    """Two devices split each evaluation batch, the last one too: 999 test examples leave a
+    last batch of 499."""
+    from runner.data import Split, Splits
+    from runner.devices import Plan
+    from runner.fitting import check_even_batches
+
+    def split(n):
+        return Split(np.zeros((n, 2)), np.zeros(n))
+
+    splits = Splits(split(10), split(1000), split(limit), 10, {})
+    plan = Plan("float32", True, 1, "data_parallel", 2)
+    if refused is None:
+        check_even_batches(splits, eval_batch, plan)
+        return
+    with pytest.raises(UserError, match=r"leaves a last test batch of 499 examples: pick"):
+        check_even_batches(splits, eval_batch, plan)
+    check_even_batches(splits, eval_batch, Plan("float32", True, 1, "single", 1))
