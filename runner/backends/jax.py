@@ -63,17 +63,28 @@ def xla_flags(given: str, device: Any) -> str:
 
 
 def flags_for(device: Any) -> str:
-    """The XLA_FLAGS `device` needs; refused in a process whose JAX started with others (a
-    reused sweep worker, or Hydra's in-process launcher), which it would silently keep."""
+    """The XLA_FLAGS `device` needs. In a process whose JAX started already (a reused sweep
+    worker, Hydra's in-process launcher), which keeps its flags, one asking for another number
+    of CPU devices, or on a GPU for other determinism, is refused rather than silently run
+    with the first."""
     wanted = xla_flags(_GIVEN_FLAGS, device)
-    if _started_with is not None and wanted != _started_with:
+    if _started_with is None:
+        return wanted
+    names = [_DEVICE_COUNT, *([_DETERMINISTIC] if _gpus() else [])]
+    if any(_value(wanted, name) != _value(_started_with, name) for name in names):
         raise UserError(
             f"device.cpu_devices={device.cpu_devices} device.deterministic="
             f"{str(device.deterministic).lower()} need XLA_FLAGS={wanted!r}, but JAX started "
             f"in this process with {_started_with!r} and cannot change: give each setting a "
             f"process of its own (hydra/launcher=submitit_local, or one command each)"
         )
-    return wanted
+    return _started_with
+
+
+def _value(flags: str, name: str) -> str | None:
+    """The value `flags` give flag `name`, the last one winning, as XLA reads them."""
+    values = [flag.partition("=")[2] for flag in flags.split() if flag.split("=")[0] == name]
+    return values[-1] if values else None
 
 
 def _given(flags: list[str], name: str) -> bool:
