@@ -1,8 +1,10 @@
-"""Training steps per second of the runner, of bare Keras `fit`, and of the tutorial's own loop.
+"""Training steps per second of the runner, of bare Keras `fit`, and of the tutorial's own loop,
+on TensorFlow and on JAX.
 
-    uv run python benchmarks/throughput.py                      # all models, 5 repeats
+    uv run python benchmarks/throughput.py               # all models, both backends, 5 repeats
     uv run python benchmarks/throughput.py cnn_raw --repeats 7 --set device.jit_compile=true
     uv run python benchmarks/throughput.py softmax --repeats 15 --only runner "bare fit"
+    uv run python benchmarks/throughput.py --backends tensorflow  # TensorFlow alone, in-process
 
 Everything runs in this one process, on the same MNIST training images, at the tutorials' batch
 sizes. Each repeat measures the contenders one after the other, in an order that rotates from
@@ -33,12 +35,19 @@ metric writes), median over repeats.
 - tutorial: "Deep MNIST for Experts" as its text writes it, in TF1 style through
   `tf.compat.v1` (graph, placeholders, `feed_dict`, `Session.run`, `next_batch` on a shuffled
   numpy array); the CNN loop evaluates training accuracy every 100 steps, as the text does.
+
+Keras runs one backend a process. With both backends (the default), each repeat of a model runs
+one process a backend, the TensorFlow one and the JAX one side by side, in an order that rotates
+from one repeat to the next; on JAX the contenders are the runner and bare fit (Keras fit and the
+TF1 tutorial are TensorFlow's). The JAX/TF columns are the medians of each repeat's ratio.
 """
 
 import argparse
+import json
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from reproduce_seeds import device  # noqa: E402
 
-from runner import data, devices, modeling  # noqa: E402
+from runner import backends, data, devices, modeling  # noqa: E402
 from runner.train import compose, train  # noqa: E402
 
 NUM_CLASSES = 10  # MNIST's digits
@@ -65,6 +74,8 @@ MODELS = {
 TUTORIAL_MODELS = ("softmax", "cnn_raw")
 CONTENDERS = ("runner", "bare fit", "Keras fit", "tutorial")
 SPLIT = ("runner", "bare fit")  # timed in and between executions too
+# What each backend can run: Keras fit and the tutorial are written for TensorFlow.
+ON = {"tensorflow": CONTENDERS, "jax": SPLIT}
 
 
 def runner_config(name: str, work: str, extra: list[str]) -> object:
@@ -84,9 +95,16 @@ def runner_config(name: str, work: str, extra: list[str]) -> object:
             "trainer.log_model=false",
             f"tracking.uri=sqlite:///{work}/mlflow.db",
             f"tracking.experiment_name=throughput-{name}",
+            f"backend={keras_backend()}",
             *extra,
         ]
     )
+
+
+def keras_backend() -> str:
+    import keras
+
+    return keras.backend.backend()
 
 
 def runner_rate(name: str, extra: list[str]) -> float:
@@ -110,12 +128,12 @@ def bare_fit_rate(name: str, extra: list[str], train_split: data.Split) -> float
     keras.backend.clear_session()
     keras.utils.set_random_seed(cfg.seed)
     t = cfg.trainer
-    plan = devices.plan(
-        cfg.device, devices.detect(), [t.log_every, t.eval_every, t.checkpoint_every]
-    )
+    backend = backends.current()
+    every = [t.log_every, t.eval_every, t.checkpoint_every]
+    plan = devices.plan(cfg.device, backend.detect(), every, keras_backend())
     model = modeling.build(cfg.model, train_split.x.shape[1:], NUM_CLASSES)
     modeling.compiled(model, cfg, plan)
-    dataset = data.training_dataset(train_split, cfg.data.batch_size, cfg.seed)
+    dataset = backend.training_dataset(train_split, cfg.data.batch_size, cfg.seed)
     return _timed_fit(model, dataset, MODELS[name][2])
 
 
@@ -302,7 +320,8 @@ def measure(
     }
     if name in TUTORIAL_MODELS:
         contenders["tutorial"] = lambda: tutorial_rate(name, train_split)
-    order = [contender for contender in contenders if contender in only]
+    on = ON[keras_backend()]
+    order = [contender for contender in contenders if contender in only and contender in on]
     figures = {}
     for contender in order[repeat % len(order) :] + order[: repeat % len(order)]:
         executions.reset()
@@ -324,30 +343,79 @@ def main() -> None:
     parser.add_argument(
         "--only", nargs="+", choices=CONTENDERS, default=list(CONTENDERS), metavar="CONTENDER"
     )
+    parser.add_argument(
+        "--backends", nargs="+", choices=backends.NAMES, default=list(backends.NAMES)
+    )
+    parser.add_argument("--repeat-index", type=int, help=argparse.SUPPRESS)  # a child's repeat
     args = parser.parse_args()
-    train_split = data.load(compose([]).data).train
-    executions = Executions()
-    medians, singles, split = [], [], []
-    for name in args.models or MODELS:
-        repeats = []
+    models = args.models or list(MODELS)
+    if args.repeat_index is not None:  # a child process: one repeat of one model, as JSON
+        backends.select(args.backends[0])
+        figures = measure_here(models[0], args, args.repeat_index)
+        print("FIGURES", json.dumps(figures), flush=True)
+        return
+    by_backend = {b: {name: [] for name in models} for b in args.backends}
+    if args.backends == ["tensorflow"]:
+        backends.select("tensorflow")
+    for name in models:
         for repeat in range(args.repeats):
-            repeats.append(measure(name, args.set, train_split, executions, repeat, args.only))
-            print(name, {k: round(v, 2) for k, v in repeats[-1].items()}, flush=True)
-        medians.append(median_row(name, repeats))
-        singles.append(singles_row(name, repeats))
-        split.append(split_row(name, repeats))
+            rotation = args.backends[repeat % len(args.backends) :]
+            for backend in rotation + args.backends[: repeat % len(args.backends)]:
+                if args.backends == ["tensorflow"]:
+                    figures = measure_here(name, args, repeat)
+                else:
+                    figures = measure_in_child(name, backend, args, repeat)
+                by_backend[backend][name].append(figures)
+                print(name, backend, {k: round(v, 2) for k, v in figures.items()}, flush=True)
+    report(by_backend, args)
+
+
+def measure_here(name: str, args: argparse.Namespace, repeat: int) -> dict[str, float]:
+    train_split = data.load(compose([]).data).train
+    return measure(name, args.set, train_split, Executions(), repeat, args.only)
+
+
+def measure_in_child(
+    name: str, backend: str, args: argparse.Namespace, repeat: int
+) -> dict[str, float]:
+    """One repeat of `name` on `backend`, in a process of its own."""
+    command = [sys.executable, __file__, name, "--backends", backend, "--repeat-index", str(repeat)]
+    command += ["--only", *args.only] + [f"--set={override}" for override in args.set]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("FIGURES ")]
+    if done.returncode or not lines:
+        sys.exit(f"{shlex.join(command)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("FIGURES "))
+
+
+def report(by_backend: dict[str, dict[str, list[dict[str, float]]]], args) -> None:
     print(f"\nsteps/s, median of {args.repeats} repeats; {device()}\n")
     ratios = ("runner/bare", "runner/tutorial", "Keras fit/tutorial")
-    print(markdown_header(["model", "batch", *CONTENDERS, *ratios]))
-    print("\n".join(medians))
+    print(markdown_header(["model", "backend", "batch", *CONTENDERS, *ratios]))
+    for backend, models in by_backend.items():
+        print("\n".join(median_row(name, backend, repeats) for name, repeats in models.items()))
+    if set(by_backend) == set(backends.NAMES):
+        print("\nJAX against TensorFlow, median of each repeat's ratio:\n")
+        print(markdown_header(["model", "runner JAX/TF", "bare fit JAX/TF"]))
+        for name, jax_repeats in by_backend["jax"].items():
+            pairs = list(zip(jax_repeats, by_backend["tensorflow"][name], strict=True))
+            cells = [
+                f"{statistics.median(j[c] / t[c] for j, t in pairs):.2f}"
+                if all(c in j and c in t for j, t in pairs)
+                else "n/a"
+                for c in SPLIT
+            ]
+            print(f"| {name} | " + " | ".join(cells) + " |")
     print("\nEach repeat's figures (" + ", ".join(CONTENDERS) + "):\n")
-    print(markdown_header(["model", *CONTENDERS]))
-    print("\n".join(singles))
+    print(markdown_header(["model", "backend", *CONTENDERS]))
+    for backend, models in by_backend.items():
+        print("\n".join(singles_row(name, backend, repeats) for name, repeats in models.items()))
     print(f"\nms per {WINDOW}-step window in executions and between them, median of repeats:\n")
     columns = [f"{c} {part}" for c in SPLIT for part in ("in", "between")]
     extra = "runner's extra between, % of its window"
-    print(markdown_header(["model", *columns, "runner/bare in", extra]))
-    print("\n".join(split))
+    print(markdown_header(["model", "backend", *columns, "runner/bare in", extra]))
+    for backend, models in by_backend.items():
+        print("\n".join(split_row(name, backend, repeats) for name, repeats in models.items()))
     print(f"\nmade by: uv run python benchmarks/throughput.py {shlex.join(sys.argv[1:])}")
 
 
@@ -355,7 +423,7 @@ def markdown_header(columns: list[str]) -> str:
     return "| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|"
 
 
-def median_row(name: str, repeats: list[dict[str, float]]) -> str:
+def median_row(name: str, backend: str, repeats: list[dict[str, float]]) -> str:
     """Median figures, and the median of each repeat's own ratio (figures taken side by side)."""
 
     def median(values: list[float]) -> str:
@@ -366,14 +434,14 @@ def median_row(name: str, repeats: list[dict[str, float]]) -> str:
         median([r[a] / r[b] for r in repeats if a in r and b in r])
         for a, b in (("runner", "bare fit"), ("runner", "tutorial"), ("Keras fit", "tutorial"))
     ]
-    return f"| {name} | {MODELS[name][0]} | " + " | ".join(rates + ratios) + " |"
+    return f"| {name} | {backend} | {MODELS[name][0]} | " + " | ".join(rates + ratios) + " |"
 
 
-def split_row(name: str, repeats: list[dict[str, float]]) -> str:
+def split_row(name: str, backend: str, repeats: list[dict[str, float]]) -> str:
     """Runner and bare fit, in executions and between them; runner/bare in executions (the same
     step function, so machine noise only) and the runner's extra time between executions."""
     if any(f"{contender} in" not in repeats[0] for contender in SPLIT):
-        return f"| {name} |" + " n/a |" * 6
+        return f"| {name} | {backend} |" + " n/a |" * 6
     columns = [[r[f"{c} {part}"] for r in repeats] for c in SPLIT for part in ("in", "between")]
     columns.append([r["runner in"] / r["bare fit in"] for r in repeats])
     columns.append(
@@ -383,12 +451,12 @@ def split_row(name: str, repeats: list[dict[str, float]]) -> str:
         ]
     )
     medians = (statistics.median(values) for values in columns)
-    return f"| {name} | " + " | ".join(f"{m:.2f}" for m in medians) + " |"
+    return f"| {name} | {backend} | " + " | ".join(f"{m:.2f}" for m in medians) + " |"
 
 
-def singles_row(name: str, repeats: list[dict[str, float]]) -> str:
+def singles_row(name: str, backend: str, repeats: list[dict[str, float]]) -> str:
     cells = [", ".join(f"{r[c]:.1f}" for r in repeats if c in r) or "n/a" for c in CONTENDERS]
-    return f"| {name} | " + " | ".join(cells) + " |"
+    return f"| {name} | {backend} | " + " | ".join(cells) + " |"
 
 
 if __name__ == "__main__":
