@@ -3,6 +3,7 @@ determinism and TensorFlow's own GPU memory statistics."""
 
 import contextlib
 import logging
+import sys
 from collections.abc import Iterator
 from importlib.metadata import version
 from typing import Any
@@ -19,10 +20,18 @@ PACKAGES = ("tensorflow",)
 
 
 def load(device: Any = None) -> None:
-    """Import TensorFlow without its start-up noise (`runner.tensorflow_logs`)."""
+    """Import TensorFlow without its start-up noise (`runner.tensorflow_logs`), and without
+    JAX: TensorFlow imports it where installed (`from jax import jit`, for TFLite's converter
+    of JAX functions, which the runner never calls), 2 s of every command's start."""
     from runner.tensorflow_logs import load_tensorflow
 
-    load_tensorflow()  # before anything else imports it
+    unblock = "jax" not in sys.modules
+    sys.modules.setdefault("jax", None)  # an import of it fails, as if it were not installed
+    try:
+        load_tensorflow()  # before anything else imports it
+    finally:
+        if unblock:
+            del sys.modules["jax"]
     logging.getLogger("tensorflow").setLevel(logging.WARNING)  # tf.distribute's INFO chatter
     logging.getLogger("tensorflow").addFilter(_not_retracing)
 
