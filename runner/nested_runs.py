@@ -14,7 +14,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from runner import compare, plots, registry, slurm, tracking
+from runner import compare, registry, slurm, tracking
 from runner.errors import UserError, reported
 from runner.masking import mask
 from runner.sweep import SWEEP_DIR_TAG, SWEEP_FILE
@@ -150,6 +150,8 @@ def sweeper_has_work(config: DictConfig) -> bool:
 def summarize(client: Any, parent_run_id: str, optimized_metric: str) -> None:
     """Log the children's comparison table and validation curves to the parent run, and the
     best finished child's `optimized_metric` as the parent's `best/...` metric."""
+    from runner import plots  # matplotlib: half a second that a single run need not spend
+
     parent = client.get_run(parent_run_id)
     runs = compare.children(parent.info.experiment_id, parent_run_id)
     if runs.empty:

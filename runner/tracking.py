@@ -26,7 +26,7 @@ from mlflow.entities import Experiment, Metric
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from runner import access, environment, plots, serving
+from runner import access, environment, serving
 from runner.data import Split, Splits
 from runner.errors import Interrupted, ServerLost, UserError
 from runner.masking import mask
@@ -139,6 +139,8 @@ class Recorder:
 
     def log_plots(self, test: Split, outputs: np.ndarray) -> None:
         """The test set's confusion matrix and the training curves, as PNG artifacts."""
+        from runner import plots  # matplotlib: half a second, for runs that draw no plots too
+
         confusion = plots.confusion_matrix(test.y, outputs.argmax(axis=1), outputs.shape[1])
         mlflow.log_figure(confusion, "plots/confusion_matrix.png")
         mlflow.log_figure(plots.training_curves(self.history), "plots/training_curves.png")
