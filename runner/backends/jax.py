@@ -55,9 +55,9 @@ def xla_flags(given: str, device: Any) -> str:
     """XLA_FLAGS `given`, plus the CPU split into `device.cpu_devices` devices and, with
     `device.deterministic`, XLA's deterministic GPU kernels; a flag already given wins."""
     flags = given.split()
-    if device.cpu_devices > 1 and not _given(flags, _DEVICE_COUNT):
+    if device.cpu_devices > 1 and _value(given, _DEVICE_COUNT) is None:
         flags.append(f"{_DEVICE_COUNT}={device.cpu_devices}")
-    if device.deterministic and not _given(flags, _DETERMINISTIC):
+    if device.deterministic and _value(given, _DETERMINISTIC) is None:
         flags.append(f"{_DETERMINISTIC}=true")
     return " ".join(flags)
 
@@ -85,10 +85,6 @@ def _value(flags: str, name: str) -> str | None:
     """The value `flags` give flag `name`, the last one winning, as XLA reads them."""
     values = [flag.partition("=")[2] for flag in flags.split() if flag.split("=")[0] == name]
     return values[-1] if values else None
-
-
-def _given(flags: list[str], name: str) -> bool:
-    return any(flag.split("=")[0] == name for flag in flags)
 
 
 def requirements() -> list[str]:
