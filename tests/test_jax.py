@@ -1,13 +1,12 @@
 """Keras on JAX (`backend=jax`): the tutorial models and a user's model train; a run stopped by
 kill -9, then by Ctrl-C, resumes to the uninterrupted run's end bitwise; a CPU split in two
-trains data-parallel; a NaN fails the run; models move between backends. Every JAX command is
-checked never to have imported TensorFlow."""
+trains data-parallel; models move between backends. Every JAX command is checked never to
+have imported TensorFlow."""
 
 import ast
 import importlib.util
 import json
 import os
-import re
 import shlex
 import signal
 from importlib.metadata import version
@@ -201,16 +200,6 @@ def test_a_cpu_split_in_two_trains_data_parallel(tmp_path, mnist_dir):
     assert loss[-1].value < loss[0].value
     metrics = run.data.metrics
     assert metrics["perf/examples_per_sec"] / metrics["perf/steps_per_sec"] == pytest.approx(200)
-
-
-def test_a_nan_loss_fails_the_jax_run_at_its_step(tmp_path, mnist_dir):
-    result = run_jax(tmp_path, mnist_dir, "experiment=deep_mnist_r", "optimizer.lr=1e6", code=1)
-    assert re.search(
-        r"runner: error: the training loss became (nan|inf) at step \d+", result.stderr
-    )
-    assert "Traceback" not in result.stderr
-    run = only_run(tmp_path)
-    assert run.info.status == "FAILED"
 
 
 def evaluated(folder: Path, mnist_dir: Path, *args: str) -> float:

@@ -5,7 +5,6 @@ import hashlib
 import json
 
 import mlflow
-import pytest
 from mlflow import MlflowClient
 
 from runner.data import TEST_LABELS, read_idx
@@ -25,12 +24,12 @@ def histories_of(store_uri: str, experiment: str) -> list[dict]:
     return [histories(client, run) for run in runs]
 
 
-@pytest.mark.parametrize("model", ["cnn_raw", "softmax"])
-def test_same_config_gives_identical_metric_histories(model, in_tmp_store):
+def test_same_config_gives_identical_metric_histories(in_tmp_store):
+    """In one process, as in a reused sweep worker. The raw-ops CNN, whose dropout draws random
+    numbers, is checked so in test_launchers' joblib sweep (seeds 7, 8, 7 on two workers)."""
+    model = "softmax"
     store = f"sqlite:///{in_tmp_store / 'mlflow.db'}"
     base = [f"model={model}", f"tracking.uri={store}", f"tracking.experiment_name={model}", *QUICK]
-    if model == "cnn_raw":
-        base += ["optimizer=adam", "data.batch_size=50"]
     train(compose_config(base))
     # A run with another seed in between must leave nothing behind for the third.
     train(compose_config([*base, "seed=7", "device.deterministic=false"]))
