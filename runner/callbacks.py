@@ -18,7 +18,7 @@ import numpy as np
 from runner import backends
 from runner.data import Split
 from runner.errors import UserError
-from runner.preemption import STOP_SIGNALS
+from runner.preemption import STOP_SIGNALS, closing
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,8 @@ class StopOnSignal(keras.callbacks.Callback):
     def on_train_end(self, logs: dict | None = None) -> None:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
+        if self.received:
+            closing()  # the run closes now, with its checkpoint
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ job) and requeues it. The requeued job runs the same command again; seeing
 `trainer.resume=true` would.
 """
 
+import logging
 import os
 import signal
 import threading
@@ -24,6 +25,7 @@ from runner.errors import Interrupted
 NOTICE = signal.SIGUSR2
 # Ctrl-C; a stop by `kill`, or by SLURM for a cancelled or requeued job; SLURM's notice.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, NOTICE)
+log = logging.getLogger(__name__)
 
 
 def requeued() -> bool:
@@ -48,14 +50,33 @@ def terminate_as_interrupt() -> Iterator[None]:
         return
 
     def interrupt(number: int, frame: Any) -> None:
+        closing()
         raise KeyboardInterrupt(signal.Signals(number).name)
 
-    previous = {number: signal.signal(number, interrupt) for number in STOP_SIGNALS[1:]}
+    previous = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+    for number in STOP_SIGNALS[1:]:
+        signal.signal(number, interrupt)
     try:
         yield
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def closing() -> None:
+    """Once a stop signal is being acted on, later ones (SLURM signals a cancelled job's step
+    and its batch script, which passes it on; a second Ctrl-C) are logged and wait for the run
+    to close: raised in the middle of the close, they would leave the MLflow run RUNNING, and
+    could leave its SQLite store locked. `terminate_as_interrupt` puts the handlers back."""
+    if threading.current_thread() is threading.main_thread():
+        for number in STOP_SIGNALS:
+            signal.signal(number, _already_stopping)
+
+
+def _already_stopping(number: int, frame: Any) -> None:
+    log.warning(
+        "%s received: already stopping, once the run is closed", signal.Signals(number).name
+    )
 
 
 @contextmanager

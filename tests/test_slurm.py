@@ -124,7 +124,7 @@ def test_a_cancelled_job_fails_the_sweep_in_one_line(slurm_cluster, tmp_path, mn
     [parent], children = parents_and_children(tmp_path)
     assert parent.info.status == "FAILED"
     status = {c.data.params["trainer.steps"]: c.info.status for c in children}
-    assert status == {"30": "FINISHED", "30000": "KILLED"}
+    assert status == {"30": "FINISHED", "30000": "KILLED"}, job_logs(folder.parent)
     assert running in {c.info.run_id for c in children}
 
 
@@ -147,3 +147,10 @@ def wait_for_run(folder: Path, steps: str, sweep: Future) -> str:
         time.sleep(0.5)
     result = sweep.result() if sweep.done() else None
     pytest.fail(f"no run with trainer.steps={steps} started: {result and result.stderr[-3000:]}")
+
+
+def job_logs(submitit: Path) -> str:
+    """The end of each job's log in a sweep's `.submitit` folder, to tell why a job failed."""
+    return "\n".join(
+        f"{log}:\n{log.read_text()[-2000:]}" for log in sorted(submitit.glob("*/*_log.*"))
+    )

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from runner import fitting
+from runner import checkpoints, fitting
+from runner.errors import Interrupted
 from runner.train import objective, train
 
 from .conftest import QUICK, cli, compose_config, only_run, store_client
@@ -204,17 +205,44 @@ def test_unreachable_tracking_server_is_a_clear_error(tmp_path, mnist_dir, args)
         assert not list(tmp_path.glob("multirun/*/*")), "no empty sweep folder left behind"
 
 
-def test_sigterm_after_training_ends_the_run_killed(in_tmp_store, monkeypatch):
+@pytest.mark.parametrize("stopped", ["training", "testing"])
+def test_sigterm_ends_the_run_killed_even_sent_again_while_it_closes(
+    stopped, in_tmp_store, monkeypatch
+):
+    """SLURM signals a cancelled job's step and its batch script, which passes the signal on:
+    the second SIGTERM, arriving while the run closes, must not stop the close half way."""
     import signal
+
+    from runner import tracking
 
     def terminated(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(fitting, "evaluate_outputs", terminated)
+    def signalled_again(error):
+        terminated()  # as the run is being ended with the first one's error
+        return error_tag(error)
+
+    error_tag = tracking._error_tag
+    monkeypatch.setattr(tracking, "_error_tag", signalled_again)
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
-        short_run(["trainer.steps=20", "trainer.eval_every=20"], in_tmp_store)
-    assert only_run(in_tmp_store).info.status == "KILLED"
+    if stopped == "training":
+        monkeypatch.setenv("RUNNER_TEST_SIGNAL", "TERM@20")
+        callback = "+callbacks.signal._target_=tests.jax_probe.SignalAt"
+        folder = f"trainer.checkpoint_dir={in_tmp_store / 'checkpoints'}"
+        # Caught as well: the second signal's KeyboardInterrupt, were it raised, would stop pytest.
+        with pytest.raises((Interrupted, KeyboardInterrupt)) as stop:
+            short_run([callback, folder], in_tmp_store)
+    else:
+        monkeypatch.setattr(fitting, "evaluate_outputs", terminated)
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM") as stop:
+            short_run(["trainer.steps=20", "trainer.eval_every=20"], in_tmp_store)
+    run = only_run(in_tmp_store)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["error"] == f"{type(stop.value).__name__}: {stop.value}"
+    if stopped == "training":
+        step = checkpoints.latest(in_tmp_store / "checkpoints").step
+        assert isinstance(stop.value, Interrupted)
+        assert 20 <= step < 80 and f"stopped by SIGTERM at step {step}," in str(stop.value)
     assert signal.getsignal(signal.SIGTERM) == before, "the handler is put back"
 
 
