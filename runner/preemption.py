@@ -44,7 +44,8 @@ def terminate_as_interrupt() -> Iterator[None]:
     """Outside the training steps (starting, loading, testing, logging the model), SIGTERM and
     SIGUSR2 raise KeyboardInterrupt as Ctrl-C does, its argument naming the signal: the MLflow
     run ends KILLED instead of staying RUNNING, and a SLURM job stopped while it starts ends at
-    once, rather than when SLURM kills it (submitit only logs SIGTERM)."""
+    once, rather than when SLURM kills it (submitit only logs SIGTERM). Any of them, Ctrl-C
+    included, then waits for the close (`closing`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -53,9 +54,7 @@ def terminate_as_interrupt() -> Iterator[None]:
         closing()
         raise KeyboardInterrupt(signal.Signals(number).name)
 
-    previous = {number: signal.getsignal(number) for number in STOP_SIGNALS}
-    for number in STOP_SIGNALS[1:]:
-        signal.signal(number, interrupt)
+    previous = {number: signal.signal(number, interrupt) for number in STOP_SIGNALS}
     try:
         yield
     finally:
