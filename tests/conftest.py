@@ -108,7 +108,7 @@ def cli(
     own) names a tracking server. A `runner` about to make that store finds a copy of a new one
     instead (the same tables, a second of CPU less), unless `new_store` is False: for tests
     that check that no store is made. With `report_tensorflow`, the command's last line of
-    output says whether TensorFlow and JAX were imported (`imported`)."""
+    output says which of TensorFlow, JAX and scikit-learn were imported (`imported`)."""
     outer = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
     env = {**outer, **(env or {}), "MNIST_DIR": str(mnist_dir)}
     default_store = cwd / "mlflow.db"
@@ -142,8 +142,8 @@ ENTRIES = {
 }
 _REPORT_TENSORFLOW = (
     "import atexit, sys\n"
-    "backends = {{'tensorflow', 'jax'}}\n"
-    "atexit.register(lambda: print('imported:', *sorted(backends & set(sys.modules))))\n"
+    "watched = {{'tensorflow', 'jax', 'sklearn'}}\n"
+    "atexit.register(lambda: print('imported:', *sorted(watched & set(sys.modules))))\n"
     "sys.argv[0] = {name!r}\n"
     "from {main} import main\n"
     "main()\n"
@@ -151,15 +151,12 @@ _REPORT_TENSORFLOW = (
 
 
 def imported(result: subprocess.CompletedProcess) -> set[str]:
-    """Which of TensorFlow and JAX a command run with `cli(..., report_tensorflow=True)`
+    """Which of TensorFlow, JAX and scikit-learn (which the backends skip, as Keras wants it
+    only for its estimator wrappers) a command run with `cli(..., report_tensorflow=True)`
     imported, as it said on its last line."""
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("imported:"), result.stdout[-2000:]
     return set(last.split()[1:])
-
-
-def tensorflow_imported(result: subprocess.CompletedProcess) -> bool:
-    return "tensorflow" in imported(result)
 
 
 def readme_commands(section: str) -> list[str]:

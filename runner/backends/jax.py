@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from runner.backends.skipped_imports import UNUSED, skipping
 from runner.data import Split, check_batch_fits
 from runner.devices import Devices, Gpu, Plan, gpu_memory_mib
 from runner.environment import cpu_cores
@@ -35,13 +36,15 @@ def load(device: Any = None) -> None:
     """Set what JAX reads once, when it starts, from `device`: the CPU split into
     `cpu_devices` devices, and on GPUs deterministic XLA kernels and memory taken as needed
     (so that sweep jobs can share a GPU), as TensorFlow's memory growth does. Then import
-    Keras, without letting it import TensorFlow."""
+    Keras, without what it would import for features a run never uses (`UNUSED`), and without
+    letting it import TensorFlow."""
     if device is not None:
         os.environ["XLA_FLAGS"] = flags_for(device)
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     # "Unable to initialize backend 'tpu'" at INFO, on every machine without one.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-    from keras.src.utils import module_utils
+    with skipping(UNUSED["keras"]):
+        from keras.src.utils import module_utils
 
     if "tensorflow" not in sys.modules:
         # Keras asks whether TensorFlow is installed (`tf.available`) by importing it, to seed

@@ -3,13 +3,13 @@ determinism and TensorFlow's own GPU memory statistics."""
 
 import contextlib
 import logging
-import sys
 from collections.abc import Iterator
 from importlib.metadata import version
 from typing import Any
 
 import numpy as np
 
+from runner.backends.skipped_imports import UNUSED, skipping
 from runner.data import Split, check_batch_fits
 from runner.devices import Devices, Gpu, Plan, gpu_memory_mib
 from runner.environment import cpu_cores
@@ -21,17 +21,11 @@ PACKAGES = ("tensorflow",)
 
 def load(device: Any = None) -> None:
     """Import TensorFlow without its start-up noise (`runner.tensorflow_logs`), and without
-    JAX: TensorFlow imports it where installed (`from jax import jit`, for TFLite's converter
-    of JAX functions, which the runner never calls), 2 s of every command's start."""
+    the packages it and Keras would import for features a run never uses (`UNUSED`)."""
     from runner.tensorflow_logs import load_tensorflow
 
-    unblock = "jax" not in sys.modules
-    sys.modules.setdefault("jax", None)  # an import of it fails, as if it were not installed
-    try:
+    with skipping(UNUSED["tensorflow"]):
         load_tensorflow()  # before anything else imports it
-    finally:
-        if unblock:
-            del sys.modules["jax"]
     logging.getLogger("tensorflow").setLevel(logging.WARNING)  # tf.distribute's INFO chatter
     logging.getLogger("tensorflow").addFilter(_not_retracing)
 
