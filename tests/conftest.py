@@ -88,6 +88,10 @@ def in_tmp_store(
     return tmp_path
 
 
+# tests.probes, which some runs name by _target_, is importable from the repository.
+PROBE = {"PYTHONPATH": str(REPO)}
+
+
 # A run of seconds (conf/debug/quick.yaml): few steps on the first examples of each split,
 # nothing printed or saved beyond the metrics. Keys given after it still apply.
 QUICK = ["debug=quick"]

@@ -1,12 +1,8 @@
 """Checkpoints: written whole or not at all, pruned, and a killed run resumed to the same end."""
 
 import json
-import os
 import shlex
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,26 +12,52 @@ from runner import checkpoints, repro
 from runner.errors import Interrupted, UserError
 from runner.train import train
 
-from .conftest import compose_config, only_run, parents_and_children, store_client
+from .conftest import (
+    PROBE,
+    QUICK,
+    cli,
+    compose_config,
+    only_run,
+    parents_and_children,
+    store_client,
+)
 
 # One worker runs this file: its tests share a module-scoped run.
 pytestmark = pytest.mark.xdist_group("test_checkpoints")
 
 STEPS = 120
-CNN = [
-    "model=cnn_raw",
+# The R edition's softmax behind a user's Dropout (tests.probes), whose random state a resume
+# must carry on, with Adam (the runner's fused kernel on TensorFlow), whose moments it must:
+# 120 steps, a checkpoint every 40, 5 steps an execution, and a callback that signals its own
+# process at a chosen step (idle unless asked).
+RESUMABLE = [
+    *QUICK,
+    "experiment=deep_mnist_r",
+    "model._target_=tests.probes.dropout_softmax",
     "optimizer=adam",
-    "data.batch_size=50",
-    "data.limit=2000",
+    "optimizer.lr=0.001",
     f"trainer.steps={STEPS}",
-    "trainer.log_every=20",
-    "trainer.eval_every=100",  # and at step 120, off the multiples
     "trainer.checkpoint_every=40",
-    # Executions shorter than a window, so that a signal may stop the run mid-window.
-    "device.steps_per_execution=10",
-    "trainer.progress_bar=false",
-    "trainer.log_model=false",
+    "device.steps_per_execution=5",
+    "+callbacks.signal._target_=tests.probes.SignalAt",
 ]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, mnist_dir) -> Path:
+    """The RESUMABLE run left alone, in-process: its folder, which holds its store and run/."""
+    folder = tmp_path_factory.mktemp("reference")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.setenv("MNIST_DIR", str(mnist_dir))
+        patch.delenv("RUNNER_TEST_SIGNAL", raising=False)
+        config = [
+            *RESUMABLE,
+            f"tracking.uri=sqlite:///{folder}/mlflow.db",
+            f"trainer.checkpoint_dir={folder}/run/checkpoints",
+        ]
+        train(compose_config(config))
+    return folder
 
 
 def test_checkpoints_are_written_atomically_and_pruned(in_tmp_store):
@@ -81,124 +103,62 @@ def final_weights(run_dir: Path) -> list[np.ndarray]:
     return final.load_model().get_weights()
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, mnist_dir) -> Path:
-    """The CNN run left alone, in-process."""
-    folder = tmp_path_factory.mktemp("reference")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        patch.setenv("MNIST_DIR", str(mnist_dir))
-        train(compose_config([*CNN, f"tracking.uri=sqlite:///{folder}/mlflow.db"]))
-    return folder
-
-
-def interrupt(
-    tmp_path: Path,
-    mnist_dir: Path,
-    how: signal.Signals,
-    sweep: bool = False,
-    extra: tuple[str, ...] = (),
-    after: int = 40,
-) -> tuple[list[str], dict, int, str]:
-    """Start the CNN run as a user would (as a sweep's one job with `sweep`; with `extra`
-    overrides), and send it `how` once its checkpoint of step `after` exists."""
-    env = {**os.environ, "MNIST_DIR": str(mnist_dir)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    where = f"hydra.sweep.dir={tmp_path / 'run'}" if sweep else f"hydra.run.dir={tmp_path / 'run'}"
-    command = [sys.executable, "-m", "runner", *(["-m"] if sweep else []), *CNN, where]
-    process = subprocess.Popen(
-        [*command, *extra],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    job = tmp_path / "run" / ("0" if sweep else "")
-    first = job / "checkpoints" / f"step-{after:07d}" / "state.json"
-    deadline = time.monotonic() + 240
-    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(how)
-    _, stderr = process.communicate(timeout=120)
-    return command, env, process.returncode, stderr
-
-
 def history(folder: Path, run_id: str) -> dict:
     """The run's metric histories, less the machine's measurements (as runner-repro compares)."""
     client = store_client(folder)
     return repro.histories(client, client.get_run(run_id))
 
 
-def assert_same_end(tmp_path: Path, reference: Path) -> None:
-    for got, want in zip(final_weights(tmp_path / "run"), final_weights(reference), strict=True):
+def runner(folder: Path, mnist_dir: Path, *args: str, signal_at: str = "", code: int = 0) -> str:
+    """`runner ARGS` in `folder`, signalling itself as `signal_at` says (`INT@50`: Ctrl-C once
+    step 50 has trained), ending with `code`; returns what it printed on stderr."""
+    env = {**PROBE, "RUNNER_TEST_SIGNAL": signal_at}
+    result = cli("runner", *args, cwd=folder, mnist_dir=mnist_dir, env=env)
+    assert result.returncode == code, result.stderr[-3000:]
+    return result.stderr
+
+
+def test_a_sweep_job_stopped_then_killed_carries_on_alone_to_the_uninterrupted_end(
+    tmp_path, mnist_dir, reference
+):
+    """Ctrl-C after step 50 stops the sweep's one job at the end of its execution, step 55,
+    mid-window: a checkpoint, the run KILLED, and the command that carries the job on alone
+    (repeating the sweep's would start a new sweep). That command, killed -9 after step 100
+    (checkpoint at 80), then run again, ends the job's run as the run left alone ended: its
+    weights, metrics and history, each step logged once. Four processes, one MLflow run."""
+    job = tmp_path / "run" / "0"
+    sweep = ["-m", *RESUMABLE, f"hydra.sweep.dir={tmp_path / 'run'}"]
+    stderr = runner(tmp_path, mnist_dir, *sweep, signal_at="INT@50", code=130)
+    assert "runner: error: stopped by SIGINT at step 55, checkpoint written" in stderr
+    assert "Traceback" not in stderr
+    assert checkpoints.latest(job / "checkpoints").step == 55
+    [parent], [child] = parents_and_children(tmp_path)
+    assert (parent.info.status, child.info.status) == ("FAILED", "KILLED")
+    [hint] = [line for line in stderr.splitlines() if "carry on with this job alone: " in line]
+    name, *alone = shlex.split(hint.split("carry on with this job alone: ", 1)[1])
+    assert name == "runner" and "-m" not in alone
+    assert alone[-2:] == ["trainer.resume=true", f"hydra.run.dir={job}"]
+
+    runner(tmp_path, mnist_dir, *alone, signal_at="KILL@100", code=-signal.SIGKILL)
+    assert checkpoints.latest(job / "checkpoints").step == 80
+    runner(tmp_path, mnist_dir, *alone)
+
+    for got, want in zip(final_weights(job), final_weights(reference / "run"), strict=True):
         np.testing.assert_array_equal(got, want)
-    client, run = store_client(tmp_path), only_run(tmp_path)
-    ref_run = only_run(reference)
-    assert run.info.status == "FINISHED"
-    assert "error" not in run.data.tags
+    client, ref_run = store_client(tmp_path), only_run(reference)
+    run = client.get_run(child.info.run_id)
+    assert run.info.status == "FINISHED" and "error" not in run.data.tags
     for key in ("test/accuracy", "test/loss", "val/accuracy", "val/loss"):
         assert run.data.metrics[key] == ref_run.data.metrics[key], key
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    assert len(steps) == len(set(steps)), "no step logged twice"
+    assert steps == list(range(10, STEPS + 1, 10)), "each step logged once"
     assert history(tmp_path, run.info.run_id) == history(reference, ref_run.info.run_id)
-
-
-def resume(command: list[str], env: dict, cwd: Path) -> None:
-    """Run `command`, which resumes a run, to its end."""
-    resumed = subprocess.run(
-        command,
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-
-
-def test_run_killed_then_interrupted_resumes_to_the_uninterrupted_end(
-    tmp_path, mnist_dir, reference
-):
-    """kill -9 after the first checkpoint; the resumed run stopped by Ctrl-C after the second,
-    which writes a checkpoint and ends the MLflow run KILLED; resumed again, the run ends as
-    the one left alone did."""
-    command, env, code, _ = interrupt(tmp_path, mnist_dir, signal.SIGKILL)
-    assert code == -signal.SIGKILL, "the run finished before it could be killed"
-    assert checkpoints.latest(tmp_path / "run" / "checkpoints").step < STEPS
-    resume_once = ("trainer.resume=true",)
-    _, _, code, stderr = interrupt(tmp_path, mnist_dir, signal.SIGINT, extra=resume_once, after=80)
-    assert code == 130, stderr[-3000:]
-    assert "runner: error: stopped by SIGINT at step" in stderr
-    assert "Traceback" not in stderr
-    stopped = checkpoints.latest(tmp_path / "run" / "checkpoints")
-    assert 80 < stopped.step < STEPS
-    assert f"at step {stopped.step}," in stderr
-    assert f"trainer.resume=true hydra.run.dir={tmp_path / 'run'}\n" in stderr
-    assert only_run(tmp_path).info.status == "KILLED"
-    resume([*command, "trainer.resume=true"], env, tmp_path)
-    assert_same_end(tmp_path, reference)
-    # Hydra's record of the first command stays; each resume's is kept beside it.
-    hydra = tmp_path / "run" / ".hydra"
+    # Hydra's record of the sweep's job stays; each resume's is kept beside it.
+    hydra = job / ".hydra"
     assert "trainer.resume" not in (hydra / "overrides.yaml").read_text()
     resumes = sorted(hydra.glob("resumed-*"))
     assert len(resumes) == 2
     assert all("trainer.resume=true" in (r / "overrides.yaml").read_text() for r in resumes)
-
-
-def test_a_sweep_job_stopped_says_how_to_carry_it_on_alone(tmp_path, mnist_dir, reference):
-    """Repeating the sweep's command would start a new sweep; the job is carried on alone."""
-    _, env, code, stderr = interrupt(tmp_path, mnist_dir, signal.SIGINT, sweep=True)
-    assert code == 130, stderr[-3000:]
-    [hint] = [line for line in stderr.splitlines() if "carry on with this job alone: " in line]
-    alone = shlex.split(hint.split("carry on with this job alone: ", 1)[1])
-    assert alone[0] == "runner" and "-m" not in alone
-    assert f"hydra.run.dir={tmp_path / 'run' / '0'}" in alone
-    resume([sys.executable, "-m", "runner", *alone[1:]], env, tmp_path)
-    _, [child] = parents_and_children(tmp_path)
-    ref_run = only_run(reference)
-    assert store_client(tmp_path).get_run(child.info.run_id).info.status == "FINISHED"
-    assert history(tmp_path, child.info.run_id) == history(reference, ref_run.info.run_id)
 
 
 # A short softmax run whose stop lands inside a window (steps_per_execution 5, windows of 20),
@@ -282,6 +242,7 @@ def test_resume_with_other_settings_is_refused_naming_them(tmp_path, mnist_dir, 
         "trainer.resume=true",
         "model=cnn_raw",
         "optimizer=adam",
+        "optimizer.lr=0.001",
         "data.batch_size=50",
         "trainer.steps=120",
     ]

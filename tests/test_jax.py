@@ -21,8 +21,8 @@ from runner.errors import UserError
 from runner.train import train
 
 from .conftest import (
+    PROBE,
     QUICK,
-    REPO,
     cli,
     compose_config,
     imported,
@@ -33,9 +33,6 @@ from .conftest import (
 
 # One worker runs this file: its tests share a module-scoped run.
 pytestmark = pytest.mark.xdist_group("test_jax")
-
-# tests.jax_probe, which some runs name by _target_, is importable from the repository.
-PROBE = {"PYTHONPATH": str(REPO)}
 
 
 def readme(line: int) -> list[str]:
@@ -71,12 +68,12 @@ def run_jax(folder: Path, mnist_dir: Path, *overrides: str, env=None, code: int 
 # signalling callback (idle unless asked).
 RESUMABLE = [
     "experiment=deep_mnist_r",
-    "model._target_=tests.jax_probe.dropout_softmax",
+    "model._target_=tests.probes.dropout_softmax",
     "trainer.steps=120",
     "trainer.checkpoint_every=40",
     "trainer.log_model=true",
     "device.steps_per_execution=5",
-    "+callbacks.signal._target_=tests.jax_probe.SignalAt",
+    "+callbacks.signal._target_=tests.probes.SignalAt",
 ]
 
 
@@ -154,6 +151,8 @@ def test_killed_then_interrupted_run_resumes_bitwise(jax_softmax, tmp_path, mnis
     resume = [*here, "trainer.resume=true"]
     result = run_jax(tmp_path, mnist_dir, *resume, env={"RUNNER_TEST_SIGNAL": "INT@80"}, code=130)
     assert "runner: error: stopped by SIGINT at step 85, checkpoint written" in result.stderr
+    hint = f"carry on with the same command plus trainer.resume=true hydra.run.dir={tmp_path}/run\n"
+    assert hint in result.stderr
     assert "Traceback" not in result.stderr
     assert checkpoints.latest(tmp_path / "run" / "checkpoints").step == 85
     assert only_run(tmp_path).info.status == "KILLED"
@@ -174,7 +173,7 @@ def test_killed_then_interrupted_run_resumes_bitwise(jax_softmax, tmp_path, mnis
 
 
 def test_a_cpu_split_in_two_trains_data_parallel(tmp_path, mnist_dir):
-    """The README's command, with a user's model (tests.jax_probe) that records how XLA laid
+    """The README's command, with a user's model (tests.probes) that records how XLA laid
     each batch out: the 2 x 100 examples of a step split 100 a device."""
     layout = tmp_path / "layout.jsonl"
     name, *args = readme(1)
@@ -183,7 +182,7 @@ def test_a_cpu_split_in_two_trains_data_parallel(tmp_path, mnist_dir):
         tmp_path,
         mnist_dir,
         *args,
-        "model._target_=tests.jax_probe.sharded_softmax",
+        "model._target_=tests.probes.sharded_softmax",
         env={"RUNNER_TEST_SHARDING": str(layout)},
     )
     run = only_run(tmp_path)

@@ -227,7 +227,7 @@ def test_sigterm_ends_the_run_killed_even_sent_again_while_it_closes(
     before = signal.getsignal(signal.SIGTERM)
     if stopped == "training":
         monkeypatch.setenv("RUNNER_TEST_SIGNAL", "TERM@20")
-        callback = "+callbacks.signal._target_=tests.jax_probe.SignalAt"
+        callback = "+callbacks.signal._target_=tests.probes.SignalAt"
         folder = f"trainer.checkpoint_dir={in_tmp_store / 'checkpoints'}"
         # Caught as well: the second signal's KeyboardInterrupt, were it raised, would stop pytest.
         with pytest.raises((Interrupted, KeyboardInterrupt)) as stop:

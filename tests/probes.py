@@ -1,6 +1,6 @@
-"""A user's callback and models for the JAX tests, named by `_target_` (with the repository on
+"""A user's callback and models for the tests, named by `_target_` (with the repository on
 PYTHONPATH): a callback that signals its own process at a chosen step, a model with dropout,
-and a model that records how each training batch is laid out over the devices."""
+and a model that records how each training batch is laid out over JAX's devices."""
 
 import json
 import os
