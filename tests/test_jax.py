@@ -1,12 +1,13 @@
 """Keras on JAX (`backend=jax`): the tutorial models and a user's model train; a run stopped by
 kill -9, then by Ctrl-C, resumes to the uninterrupted run's end bitwise; a CPU split in two
-trains data-parallel; models move between backends. Every JAX command is checked never to
-have imported TensorFlow."""
+trains data-parallel; a NaN fails the run; models move between backends; predict and repro
+use the run's backend. Every JAX command is checked never to have imported TensorFlow."""
 
 import ast
 import importlib.util
 import json
 import os
+import re
 import shlex
 import signal
 from importlib.metadata import version
@@ -15,8 +16,10 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+from PIL import Image
 
 from runner import backends, checkpoints, logged_model, repro
+from runner.data import TEST_IMAGES, TEST_LABELS, read_idx
 from runner.errors import UserError
 from runner.train import train
 
@@ -200,6 +203,15 @@ def test_a_cpu_split_in_two_trains_data_parallel(tmp_path, mnist_dir):
     assert metrics["perf/examples_per_sec"] / metrics["perf/steps_per_sec"] == pytest.approx(200)
 
 
+def test_a_nan_loss_fails_the_jax_run_at_its_step(tmp_path, mnist_dir):
+    result = run_jax(tmp_path, mnist_dir, "experiment=deep_mnist_r", "optimizer.lr=1e6", code=1)
+    assert re.search(
+        r"runner: error: the training loss became (nan|inf) at step \d+", result.stderr
+    ), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert only_run(tmp_path).info.status == "FAILED"
+
+
 def evaluated(folder: Path, mnist_dir: Path, *args: str) -> float:
     """runner-eval's test accuracy, checking that it loaded only the backend it was told to:
     TensorFlow imports JAX where installed, and Keras scikit-learn, unless the runner stops
@@ -228,6 +240,39 @@ def test_models_move_between_backends(jax_softmax, tmp_path, mnist_dir, monkeypa
     on_tf = only_run(tmp_path)
     back = evaluated(tmp_path, mnist_dir, f"run_id={on_tf.info.run_id}", "backend=jax")
     assert back == pytest.approx(on_tf.data.metrics["test/accuracy"], abs=1e-4)
+
+
+def test_predict_and_repro_take_the_runs_backend(jax_softmax, tmp_path, mnist_dir):
+    """Unless told otherwise, runner-predict loads the run's model on JAX, and runner-repro
+    trains again on JAX (the logged config's backend), in another process, to the same
+    history."""
+    run_id = only_run(jax_softmax).info.run_id
+    images = read_idx(mnist_dir / f"{TEST_IMAGES}.gz")[:3]
+    labels = read_idx(mnist_dir / f"{TEST_LABELS}.gz")[:3]
+    for number, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"digit{number}.png")
+    predicted = cli(
+        *("runner-predict", f"run_id={run_id}", f"images={tmp_path}"),
+        cwd=jax_softmax,
+        mnist_dir=mnist_dir,
+        env=PROBE,
+        report_tensorflow=True,
+    )
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert imported(predicted) == {"jax"}
+    classes = dict(re.findall(r"/digit(\d)\.png: class (\d)", predicted.stdout))
+    assert classes == {str(n): str(label) for n, label in enumerate(labels)}, predicted.stdout
+
+    again = cli(
+        "runner-repro",
+        run_id,
+        cwd=jax_softmax,
+        mnist_dir=mnist_dir,
+        env=PROBE,
+        report_tensorflow=True,
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert imported(again) == {"jax"}
 
 
 @pytest.mark.skipif(
