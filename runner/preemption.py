@@ -74,7 +74,7 @@ def closing() -> None:
 
 def _already_stopping(number: int, frame: Any) -> None:
     log.warning(
-        "%s received: already stopping, once the run is closed", signal.Signals(number).name
+        "%s received: already stopping; closing the run first", signal.Signals(number).name
     )
 
 
