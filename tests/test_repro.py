@@ -49,13 +49,19 @@ def test_repro_of_an_unchanged_run_agrees_exactly(logged_run, mnist_dir):
     assert (fresh / "checkpoints" / "step-0000030").is_dir()
 
 
-def test_repro_that_differs_exits_1_with_the_first_differing_steps(logged_run, mnist_dir):
+def test_repro_that_differs_exits_1_with_the_first_differing_steps(
+    logged_run, mnist_dir, monkeypatch, capsys
+):
+    """In-process (the command's main), as the rerun trains in the calling process anyway."""
     work, run_id = logged_run
-    result = cli("runner-repro", run_id, "--set", "optimizer.lr=0.4", cwd=work, mnist_dir=mnist_dir)
-    assert result.returncode == 1
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MNIST_DIR", str(mnist_dir))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work}/mlflow.db")
+    with pytest.raises(SystemExit, match="^1$"):
+        repro.main([run_id, "--set", "optimizer.lr=0.4"])
     rows = {
         line.split()[0]: line.split()[1]
-        for line in result.stdout.splitlines()
+        for line in capsys.readouterr().out.splitlines()
         if line.startswith(("train/", "val/", "test/"))
     }
     assert rows["train/loss"] == "10"

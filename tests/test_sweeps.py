@@ -179,20 +179,19 @@ def test_compare_shows_a_parameter_of_one_model_only(grid, monkeypatch, capsys):
         assert rates == {"softmax": "", "cnn_layers": "0.4"}
 
 
-def test_compare_refuses_a_metric_no_run_has(grid, mnist_dir):
-    result = cli("runner-compare", "--all", "--sort", "val/acc", cwd=grid, mnist_dir=mnist_dir)
-    assert result.returncode == 1 and result.stdout == ""
-    [line] = result.stderr.splitlines()
+def test_compare_refuses_a_metric_no_run_has(grid, monkeypatch, capsys):
+    monkeypatch.chdir(grid)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(SystemExit, match="^1$"):
+        compare.main(["--all", "--sort", "val/acc"])
+    out, err = capsys.readouterr()
+    assert out == ""
+    [line] = err.splitlines()
     assert line.startswith("runner-compare: error: no run compared has the metric 'val/acc'")
     assert "val/accuracy" in line and "train/loss" in line
-    result = cli(
-        "runner-compare",
-        *("--metrics", "test/accuracy", "test/acc", "val/los"),
-        cwd=grid,
-        mnist_dir=mnist_dir,
-    )
-    assert result.returncode == 1
-    assert "the metric 'test/acc', 'val/los':" in result.stderr
+    with pytest.raises(SystemExit, match="^1$"):
+        compare.main(["--metrics", "test/accuracy", "test/acc", "val/los"])
+    assert "the metric 'test/acc', 'val/los':" in capsys.readouterr().err
 
 
 def test_a_sweep_over_data_keeps_its_runs_in_one_experiment_and_compares_with_another(
