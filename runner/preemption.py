@@ -39,43 +39,69 @@ def resume_as(configured: str, has_checkpoint: bool) -> str:
     return "true" if configured == "false" and requeued() and has_checkpoint else configured
 
 
+# Whether a stop is being acted on, until the outermost `terminate_as_interrupt` ends; and the
+# stop signals `held` keeps while MLflow opens a run (None when it is not holding them).
+_closing = False
+_depth = 0
+_held: list[int] | None = None
+
+
 @contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
     """Outside the training steps (starting, loading, testing, logging the model), SIGTERM and
     SIGUSR2 raise KeyboardInterrupt as Ctrl-C does, its argument naming the signal: the MLflow
     run ends KILLED instead of staying RUNNING, and a SLURM job stopped while it starts ends at
-    once, rather than when SLURM kills it (submitit only logs SIGTERM). Any of them, Ctrl-C
-    included, then waits for the close (`closing`)."""
+    once, rather than when SLURM kills it (submitit only logs SIGTERM). Once a stop is acted on,
+    repeated SIGTERM and SIGUSR2 are only logged (`closing`)."""
+    global _closing, _depth
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def interrupt(number: int, frame: Any) -> None:
-        closing()
-        raise KeyboardInterrupt(signal.Signals(number).name)
+        if _held is not None:
+            _held.append(number)
+        elif _closing and number != signal.SIGINT:
+            log.warning("%s received: already stopping", signal.Signals(number).name)
+        else:
+            closing()
+            raise KeyboardInterrupt(signal.Signals(number).name)
 
     previous = {number: signal.signal(number, interrupt) for number in STOP_SIGNALS}
+    _depth += 1
     try:
         yield
     finally:
+        _depth -= 1
+        if _depth == 0:
+            _closing = False
         for number, handler in previous.items():
             signal.signal(number, handler)
 
 
 def closing() -> None:
-    """Once a stop signal is being acted on, later ones (SLURM signals a cancelled job's step
-    and its batch script, which passes it on; a second Ctrl-C) are logged and wait for the run
-    to close: raised in the middle of the close, they would leave the MLflow run RUNNING, and
-    could leave its SQLite store locked. `terminate_as_interrupt` puts the handlers back."""
-    if threading.current_thread() is threading.main_thread():
-        for number in STOP_SIGNALS:
-            signal.signal(number, _already_stopping)
+    """A stop is being acted on: from now until the run is closed, a repeated SIGTERM or SIGUSR2
+    (SLURM signals a cancelled job's step and its batch script, which passes it on) is logged
+    and otherwise ignored. Raised in the middle of the close, it would leave the MLflow run
+    RUNNING. A second Ctrl-C is the user's, and still interrupts."""
+    global _closing
+    _closing = True
 
 
-def _already_stopping(number: int, frame: Any) -> None:
-    log.warning(
-        "%s received: already stopping; closing the run first", signal.Signals(number).name
-    )
+@contextmanager
+def held() -> Iterator[None]:
+    """Stop signals that arrive within the block raise their KeyboardInterrupt as it ends, not
+    inside it: MLflow creates a run, then starts its system metrics, then makes it the active
+    run, and a run stopped in between could not be ended."""
+    global _held
+    _held = []
+    try:
+        yield
+    finally:
+        pending, _held = _held, None
+        if pending:
+            closing()
+            raise KeyboardInterrupt(signal.Signals(pending[0]).name)
 
 
 @contextmanager

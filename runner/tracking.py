@@ -26,7 +26,7 @@ from mlflow.entities import Experiment, Metric
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from runner import access, environment, serving
+from runner import access, environment, preemption, serving
 from runner.data import Split, Splits
 from runner.errors import Interrupted, ServerLost, UserError
 from runner.masking import mask
@@ -196,13 +196,19 @@ def mlflow_run(
     reopen = resume_run_id if not extends else None
     # System metrics (psutil; nvidia-ml-py for GPUs) are sampled on a thread while the run is on.
     mlflow.set_system_metrics_sampling_interval(cfg.tracking.system_metrics_every_s)
-    started = mlflow.start_run(
-        run_id=reopen,
-        run_name=None if reopen else _run_name(cfg, sweep_job),
-        nested=sweep_job is not None,
-        parent_run_id=sweep_job.parent_run_id if sweep_job and not reopen else None,
-        log_system_metrics=cfg.tracking.system_metrics,
-    )
+    try:
+        with preemption.held():
+            started = mlflow.start_run(
+                run_id=reopen,
+                run_name=None if reopen else _run_name(cfg, sweep_job),
+                nested=sweep_job is not None,
+                parent_run_id=sweep_job.parent_run_id if sweep_job and not reopen else None,
+                log_system_metrics=cfg.tracking.system_metrics,
+            )
+    except KeyboardInterrupt as error:  # a stop that came while the run opened
+        if mlflow.active_run() is not None:
+            _fail(error, None)
+        raise
     with started as run:
         recorder = None
         try:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from runner import checkpoints, fitting
+from runner import checkpoints, fitting, preemption
 from runner.errors import Interrupted
 from runner.train import objective, train
 
@@ -205,13 +205,17 @@ def test_unreachable_tracking_server_is_a_clear_error(tmp_path, mnist_dir, args)
         assert not list(tmp_path.glob("multirun/*/*")), "no empty sweep folder left behind"
 
 
-@pytest.mark.parametrize("stopped", ["training", "testing"])
+@pytest.mark.parametrize("stopped", ["opening", "training", "testing"])
 def test_sigterm_ends_the_run_killed_even_sent_again_while_it_closes(
     stopped, in_tmp_store, monkeypatch
 ):
-    """SLURM signals a cancelled job's step and its batch script, which passes the signal on:
-    the second SIGTERM, arriving while the run closes, must not stop the close half way."""
+    """SIGTERM while MLflow opens the run (between creating it and making it the active run),
+    while it trains, or while it tests. SLURM signals a cancelled job's step and its batch
+    script, which passes the signal on: the second SIGTERM, arriving while the run closes,
+    must not stop the close half way."""
     import signal
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     from runner import tracking
 
@@ -224,8 +228,18 @@ def test_sigterm_ends_the_run_killed_even_sent_again_while_it_closes(
 
     error_tag = tracking._error_tag
     monkeypatch.setattr(tracking, "_error_tag", signalled_again)
-    before = signal.getsignal(signal.SIGTERM)
-    if stopped == "training":
+    before = {number: signal.getsignal(number) for number in preemption.STOP_SIGNALS}
+    if stopped == "opening":
+        start = SystemMetricsMonitor.start
+
+        def started(self):
+            terminated()
+            start(self)
+
+        monkeypatch.setattr(SystemMetricsMonitor, "start", started)
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM") as stop:
+            short_run(["tracking.system_metrics=true"], in_tmp_store)
+    elif stopped == "training":
         monkeypatch.setenv("RUNNER_TEST_SIGNAL", "TERM@20")
         callback = "+callbacks.signal._target_=tests.probes.SignalAt"
         folder = f"trainer.checkpoint_dir={in_tmp_store / 'checkpoints'}"
@@ -243,7 +257,8 @@ def test_sigterm_ends_the_run_killed_even_sent_again_while_it_closes(
         step = checkpoints.latest(in_tmp_store / "checkpoints").step
         assert isinstance(stop.value, Interrupted)
         assert 20 <= step < 80 and f"stopped by SIGTERM at step {step}," in str(stop.value)
-    assert signal.getsignal(signal.SIGTERM) == before, "the handler is put back"
+    after = {number: signal.getsignal(number) for number in preemption.STOP_SIGNALS}
+    assert after == before, "the handlers are put back"
 
 
 def test_sigterm_while_starting_stops_at_once_in_one_line(tmp_path, mnist_dir):
