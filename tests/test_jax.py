@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 from importlib.metadata import version
 from pathlib import Path
@@ -245,15 +246,18 @@ def test_models_move_between_backends(jax_softmax, tmp_path, mnist_dir, monkeypa
 def test_predict_and_repro_take_the_runs_backend(jax_softmax, tmp_path, mnist_dir):
     """Unless told otherwise, runner-predict loads the run's model on JAX, and runner-repro
     trains again on JAX (the logged config's backend), in another process, to the same
-    history."""
+    history. In a copy of the store, as the rerun is recorded beside the run."""
     run_id = only_run(jax_softmax).info.run_id
+    store = tmp_path / "store"
+    store.mkdir()
+    shutil.copyfile(jax_softmax / "mlflow.db", store / "mlflow.db")
     images = read_idx(mnist_dir / f"{TEST_IMAGES}.gz")[:3]
     labels = read_idx(mnist_dir / f"{TEST_LABELS}.gz")[:3]
     for number, image in enumerate(images):
         Image.fromarray(image).save(tmp_path / f"digit{number}.png")
     predicted = cli(
         *("runner-predict", f"run_id={run_id}", f"images={tmp_path}"),
-        cwd=jax_softmax,
+        cwd=store,
         mnist_dir=mnist_dir,
         env=PROBE,
         report_tensorflow=True,
@@ -266,7 +270,7 @@ def test_predict_and_repro_take_the_runs_backend(jax_softmax, tmp_path, mnist_di
     again = cli(
         "runner-repro",
         run_id,
-        cwd=jax_softmax,
+        cwd=store,
         mnist_dir=mnist_dir,
         env=PROBE,
         report_tensorflow=True,

@@ -3,9 +3,11 @@
 ("Several processes on JAX"): what works, and what Keras refuses (tests/jax_process.py)."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -20,36 +22,44 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def said(process: subprocess.Popen) -> dict:
-    stdout, stderr = process.communicate(timeout=240)
-    assert process.returncode == 0, stderr[-3000:]
-    return json.loads(stdout.strip().splitlines()[-1])
+def said(process: subprocess.Popen, log: Path) -> dict:
+    process.wait(timeout=240)
+    assert process.returncode == 0, log.read_text()[-3000:]
+    return json.loads(process.stdout.read().strip().splitlines()[-1])
 
 
-def test_two_processes_train_as_one_on_the_global_batches():
+def test_two_processes_train_as_one_on_the_global_batches(tmp_path):
     """Each process feeds its half of every global batch (auto-sharding off): both report the
     loss of one process trained on the whole batches. Left on, auto-sharding refuses numpy
     input, as the docs quote."""
     port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    runs = [["0", str(port)], ["1", str(port)], ["alone"]]
+    logs = [tmp_path / f"{args[0]}.log" for args in runs]
     started = [
         subprocess.Popen(
             [sys.executable, str(SCRIPT), *args],
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=log.open("w"),
             text=True,
+            env=env,
         )
-        for args in (["0", str(port)], ["1", str(port)], ["alone"])
+        for args, log in zip(runs, logs, strict=True)
     ]
     try:
-        first, second, alone = (said(process) for process in started)
+        first, second, alone = (
+            said(process, log) for process, log in zip(started, logs, strict=True)
+        )
     finally:  # a process left waiting for its peer
         for process in started:
             process.kill()
-    assert first["devices"] == 2 and first["local_devices"] == 1
-    assert first["auto_sharded_numpy"].startswith(
-        "When using a multi-worker distribution with auto-sharding enabled, the data must be "
-        "provided as a `tf.data.Dataset` instance. Received: type(x)=<class 'numpy.ndarray'>."
-    )
+    for each in (first, second):
+        assert each["devices"] == 2 and each["local_devices"] == 1
+        assert each["auto_sharded_numpy"].startswith(
+            "When using a multi-worker distribution with auto-sharding enabled, the data must "
+            "be provided as a `tf.data.Dataset` instance. Received: "
+            "type(x)=<class 'numpy.ndarray'>."
+        )
     assert second["losses"] == first["losses"]
     assert first["losses"] == pytest.approx(alone["losses"], rel=1e-5)
     assert first["losses"][-1] < first["losses"][0] / 2

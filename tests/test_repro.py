@@ -57,6 +57,8 @@ def test_repro_that_differs_exits_1_with_the_first_differing_steps(
     monkeypatch.chdir(work)
     monkeypatch.setenv("MNIST_DIR", str(mnist_dir))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the rerun imports from its folder
     with pytest.raises(SystemExit, match="^1$"):
         repro.main([run_id, "--set", "optimizer.lr=0.4"])
     rows = {

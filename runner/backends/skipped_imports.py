@@ -15,7 +15,8 @@ UNUSED = {"keras": ("sklearn",), "tensorflow": ("sklearn", "jax")}
 @contextmanager
 def skipping(names: tuple[str, ...]) -> Iterator[None]:
     """Within the block, importing one of `names` fails (ImportError), unless it is loaded
-    already; afterwards it imports as usual, for user code that wants it."""
+    already. Afterwards the package imports as usual, for user code that wants it; what the
+    framework loaded without it stays so in this process (Keras's scikit-learn wrappers)."""
     blocked = [name for name in names if name not in sys.modules]
     for name in blocked:
         sys.modules[name] = None  # type: ignore[assignment]
