@@ -81,9 +81,9 @@ def terminate_as_interrupt() -> Iterator[None]:
 
 def closing() -> None:
     """A stop is being acted on: from now until the run is closed, a repeated SIGTERM or SIGUSR2
-    (SLURM signals a cancelled job's step and its batch script, which passes it on) is logged
-    and otherwise ignored. Raised in the middle of the close, it would leave the MLflow run
-    RUNNING. A second Ctrl-C is the user's, and still interrupts."""
+    (SLURM may signal both a cancelled job and its step) is logged and otherwise ignored.
+    Raised in the middle of the close, it would leave the MLflow run RUNNING. A second Ctrl-C
+    is the user's, and still interrupts."""
     global _closing
     _closing = True
 
