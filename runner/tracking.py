@@ -7,7 +7,6 @@ raises ends FAILED with the error in a tag.
 """
 
 import fcntl
-import hashlib
 import logging
 import os
 import time
@@ -472,11 +471,11 @@ def _log_config(cfg: DictConfig, hydra_dir: Path | None) -> None:
 
 
 def _log_dataset(splits: Splits, data: DictConfig) -> None:
-    """The data's record in MLflow's Datasets: its name, a digest of its arrays and, per split,
-    its size, so that the UI shows which data trained the run."""
+    """The data's record in MLflow's Datasets, one per split: its name, size and digest, so that
+    the UI shows which data trained the run. MLflow keeps one record per name and digest, which
+    each split's own digest (its content: `Split.digest`) keeps from another run's subset."""
     from mlflow.data import from_numpy
 
-    digest = hashlib.sha256("".join(sorted(splits.digests.values())).encode()).hexdigest()[:16]
     source = mask(str(data.get("path") or data.get("dir") or data.get("_target_")))
     for context, split in (
         ("training", splits.train),
@@ -490,7 +489,7 @@ def _log_dataset(splits: Splits, data: DictConfig) -> None:
                 targets=split.y,
                 source=source,
                 name=f"{label(data)}-{context}",
-                digest=digest,
+                digest=split.digest,
             )
         try:
             mlflow.log_input(dataset, context=context)
