@@ -71,13 +71,53 @@ def load(cfg: Any) -> Splits:
             f"the training examples found"
         )
     n = cfg.limit
-    return Splits(
+    splits = Splits(
         train=_rows(x_train, y_train, range(n_val, len(y_train))[:n], "train", digests, where),
         validation=_rows(x_train, y_train, range(n_val)[:n], "train", digests, where),
         test=_rows(x_test, y_test, range(len(y_test))[:n], "test", digests, where),
         num_classes=int(max(y_train.max(), y_test.max())) + 1,
         digests=digests,
     )
+    _warn_of_doubts(splits, int(y_train.min()), where)
+    return splits
+
+
+def _warn_of_doubts(splits: Splits, first_label: int, where: str) -> None:
+    """One warning line for each sign of data that trains, but likely not as meant: labels
+    that do not start at 0, a class the training split lacks, float images beyond 1. The run
+    goes on, as such data may be meant."""
+    if first_label > 0:
+        log.warning(
+            "%s: y_train's labels start at %d, not 0, so the model gets outputs for classes "
+            "with no example: number the classes from 0 (subtract %d from the labels)",
+            where,
+            first_label,
+            first_label,
+        )
+    present = set(np.unique(splits.train.y).tolist())
+    missing = [k for k in range(first_label, splits.num_classes) if k not in present]
+    if missing:
+        named = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        log.warning(
+            "%s: the training split has no example of class %s, which the model cannot learn: "
+            "check the labels (or raise data.limit)",
+            where,
+            named,
+        )
+    parts = {"training": splits.train, "validation": splits.validation, "test": splits.test}
+    highest = {name: float(split.x.max()) for name, split in parts.items()}
+    beyond = [name for name, value in highest.items() if value > 1]
+    if beyond:
+        named = beyond[-1] if len(beyond) == 1 else f"{', '.join(beyond[:-1])} and {beyond[-1]}"
+        log.warning(
+            "%s: the images of the %s split%s reach %g, beyond 1: probably unscaled 0-255 "
+            "pixels; divide the float images by 255, or store them as uint8, which the runner "
+            "scales to [0, 1]",
+            where,
+            named,
+            "s" if len(beyond) > 1 else "",
+            max(highest.values()),
+        )
 
 
 def _rows(
