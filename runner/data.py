@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import http.client
 import logging
+import os
 import urllib.request
 import zlib
 from dataclasses import dataclass, replace
@@ -242,6 +243,49 @@ def npz_file(path: str) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray
     except (OSError, ValueError) as error:
         raise UserError(f"data.path={path}: not a readable .npz file ({error})") from None
     return (arrays[0], arrays[1]), (arrays[2], arrays[3])
+
+
+def absolute_paths(node: Any) -> None:
+    """Make the data option's `path` and `dir` absolute, relative ones against the working
+    folder: the run's params, config.yaml and checkpoints then name its files wherever they are
+    read (runner-eval, runner-repro from another folder). A user's loader may take a `path` that
+    is no file (a data set's name): that is kept unless such a file exists here."""
+    own = str(node.get("_target_", "")).startswith(f"{__name__}.")
+    for key in ("path", "dir"):
+        given = node.get(key)
+        if not isinstance(given, str) or "://" in given:
+            continue
+        path = Path(given).expanduser()
+        if (own or path.exists()) and os.path.abspath(path) != given:
+            node[key] = os.path.abspath(path)
+
+
+def file_record(node: Any) -> dict[str, str] | None:
+    """The file the data option's `path` names, absolute, with its SHA-256; None unless it names
+    one. A run keeps it (environment.json's `data_file`), so a file changed since is told."""
+    given = node.get("path")
+    if not isinstance(given, str) or not Path(given).expanduser().is_file():
+        return None
+    path = Path(given).expanduser()
+    with path.open("rb") as file:
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
+    return {"path": os.path.abspath(path), "sha256": digest}
+
+
+def warn_if_changed(node: Any, recorded: dict[str, str] | None) -> None:
+    """One warning line if the file `node.path` names, the one a run `recorded` (`file_record`),
+    has changed since: results on it may differ from the run's."""
+    now = file_record(node)
+    if not recorded or not now or now["path"] != recorded.get("path"):
+        return
+    if now["sha256"] != recorded.get("sha256"):
+        log.warning(
+            "data.path=%s has changed since the run trained on it (SHA-256 %s then, %s now): "
+            "results on it may differ from the run's",
+            now["path"],
+            recorded.get("sha256"),
+            now["sha256"],
+        )
 
 
 def folder(directory: str) -> Path:

@@ -26,7 +26,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from runner import access, environment, preemption, serving
-from runner.data import Split, Splits
+from runner.data import Split, Splits, file_record
 from runner.errors import Interrupted, ServerLost, UserError
 from runner.masking import mask
 from runner.sweep import SweepJob
@@ -221,7 +221,7 @@ def mlflow_run(
             if not reopen:
                 _log_config(cfg, hydra_dir)
                 _log_dataset(splits, cfg.data)
-            _log_environment(splits.digests)
+            _log_environment(splits.digests, cfg.data)
             mlflow.set_tags(tags or {})
             recorder = Recorder(
                 run_id,
@@ -507,10 +507,13 @@ def _duplicate(error: MlflowException) -> bool:
     return any(hint in text for hint in ("UniqueViolation", "UNIQUE constraint", "duplicate key"))
 
 
-def _log_environment(data_digests: dict[str, str]) -> None:
+def _log_environment(data_digests: dict[str, str], data: DictConfig) -> None:
     from runner import backends
 
     described = environment.describe(data_digests, backends.current())
+    record = file_record(data)
+    if record:  # the file data.path names, whose change runner-repro and runner-eval tell
+        described["data_file"] = record
     mlflow.set_tags(environment.tags(described))
     mlflow.log_dict(described, "environment.json")
 
