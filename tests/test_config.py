@@ -99,8 +99,8 @@ def test_check_config_names_the_bad_key(overrides, message):
     "overrides, message",
     [
         (
-            ["model=cnn_raw", "model.keep_prob=0"],
-            "model: runner.models.cnn_raw.build_cnn_raw raised ValueError: keep_prob=0 must be "
+            ["model=cnn_raw", "model.keep_prob=0"],  # the integer reaches it as a float
+            "model: runner.models.cnn_raw.build_cnn_raw raised ValueError: keep_prob=0.0 must be "
             "in (0, 1]",
         ),
         (["model=cnn_layers", "model.dropout_rate=1.0"], "dropout_rate=1.0 must be in [0, 1)"),
