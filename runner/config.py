@@ -267,6 +267,10 @@ def check_config(cfg: Any) -> None:
             f"optimized_metric={cfg.optimized_metric} is not a metric every run records; "
             f"choose one of {', '.join(RESULT_METRICS)}"
         )
+    if not 0 <= cfg.seed < 2**32:
+        raise UserError(
+            f"seed={cfg.seed} must be between 0 and {2**32 - 1}: NumPy takes no other seed"
+        )
     _check_data(d, cfg.data)
 
 

@@ -6,9 +6,10 @@ import gzip
 import hashlib
 import http.client
 import logging
+import os
 import urllib.request
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ class Split:
 
     x: np.ndarray
     y: np.ndarray
+    # Identifies the split's content (see `_rows`), for its MLflow dataset record; "" if unknown.
+    digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,13 +72,64 @@ def load(cfg: Any) -> Splits:
             f"the training examples found"
         )
     n = cfg.limit
-    return Splits(
-        train=_split(x_train[n_val:][:n], y_train[n_val:][:n], f"{where}: x_train"),
-        validation=_split(x_train[:n_val][:n], y_train[:n_val][:n], f"{where}: x_train"),
-        test=_split(x_test[:n], y_test[:n], f"{where}: x_test"),
+    splits = Splits(
+        train=_rows(x_train, y_train, range(n_val, len(y_train))[:n], "train", digests, where),
+        validation=_rows(x_train, y_train, range(n_val)[:n], "train", digests, where),
+        test=_rows(x_test, y_test, range(len(y_test))[:n], "test", digests, where),
         num_classes=int(max(y_train.max(), y_test.max())) + 1,
         digests=digests,
     )
+    _warn_of_doubts(splits, int(y_train.min()), where)
+    return splits
+
+
+def _warn_of_doubts(splits: Splits, first_label: int, where: str) -> None:
+    """One warning line for each sign of data that trains, but likely not as meant: labels
+    that do not start at 0, a class the training split lacks, float images beyond 1. The run
+    goes on, as such data may be meant."""
+    if first_label > 0:
+        log.warning(
+            "%s: y_train's labels start at %d, not 0, so the model gets outputs for classes "
+            "with no example: number the classes from 0 (subtract %d from the labels)",
+            where,
+            first_label,
+            first_label,
+        )
+    present = set(np.unique(splits.train.y).tolist())
+    missing = [k for k in range(first_label, splits.num_classes) if k not in present]
+    if missing:
+        named = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        log.warning(
+            "%s: the training split has no example of class %s, which the model cannot learn: "
+            "check the labels (or raise data.limit)",
+            where,
+            named,
+        )
+    parts = {"training": splits.train, "validation": splits.validation, "test": splits.test}
+    highest = {name: float(split.x.max()) for name, split in parts.items()}
+    beyond = [name for name, value in highest.items() if value > 1]
+    if beyond:
+        named = beyond[-1] if len(beyond) == 1 else f"{', '.join(beyond[:-1])} and {beyond[-1]}"
+        log.warning(
+            "%s: the images of the %s split%s reach %g, beyond 1: probably unscaled 0-255 "
+            "pixels; divide the float images by 255, or store them as uint8, which the runner "
+            "scales to [0, 1]",
+            where,
+            named,
+            "s" if len(beyond) > 1 else "",
+            max(highest.values()),
+        )
+
+
+def _rows(
+    x: np.ndarray, y: np.ndarray, rows: range, part: str, digests: dict[str, str], where: str
+) -> Split:
+    """The `rows` of the loader's `part` (train or test) as a split, with a digest of its
+    content: the digests of the loader's two arrays and the rows kept identify it exactly, at no
+    cost, where hashing the split's scaled images would add seconds to a run's start."""
+    split = _split(x[rows.start : rows.stop], y[rows.start : rows.stop], f"{where}: x_{part}")
+    named = f"{digests[f'x_{part}']} {digests[f'y_{part}']} rows {rows.start}:{rows.stop}"
+    return replace(split, digest=hashlib.sha256(named.encode()).hexdigest()[:16])
 
 
 def load_test(cfg: Any) -> Split:
@@ -189,6 +243,49 @@ def npz_file(path: str) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray
     except (OSError, ValueError) as error:
         raise UserError(f"data.path={path}: not a readable .npz file ({error})") from None
     return (arrays[0], arrays[1]), (arrays[2], arrays[3])
+
+
+def absolute_paths(node: Any) -> None:
+    """Make the data option's `path` and `dir` absolute, relative ones against the working
+    folder: the run's params, config.yaml and checkpoints then name its files wherever they are
+    read (runner-eval, runner-repro from another folder). A user's loader may take a `path` that
+    is no file (a data set's name): that is kept unless such a file exists here."""
+    own = str(node.get("_target_", "")).startswith(f"{__name__}.")
+    for key in ("path", "dir"):
+        given = node.get(key)
+        if not isinstance(given, str) or "://" in given:
+            continue
+        path = Path(given).expanduser()
+        if (own or path.exists()) and os.path.abspath(path) != given:
+            node[key] = os.path.abspath(path)
+
+
+def file_record(node: Any) -> dict[str, str] | None:
+    """The file the data option's `path` names, absolute, with its SHA-256; None unless it names
+    one. A run keeps it (environment.json's `data_file`), so a file changed since is told."""
+    given = node.get("path")
+    if not isinstance(given, str) or not Path(given).expanduser().is_file():
+        return None
+    path = Path(given).expanduser()
+    with path.open("rb") as file:
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
+    return {"path": os.path.abspath(path), "sha256": digest}
+
+
+def warn_if_changed(node: Any, recorded: dict[str, str] | None) -> None:
+    """One warning line if the file `node.path` names, the one a run `recorded` (`file_record`),
+    has changed since: results on it may differ from the run's."""
+    now = file_record(node)
+    if not recorded or not now or now["path"] != recorded.get("path"):
+        return
+    if now["sha256"] != recorded.get("sha256"):
+        log.warning(
+            "data.path=%s has changed since the run trained on it (SHA-256 %s then, %s now): "
+            "results on it may differ from the run's",
+            now["path"],
+            recorded.get("sha256"),
+            now["sha256"],
+        )
 
 
 def folder(directory: str) -> Path:

@@ -30,9 +30,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float | int | None]:
     backends.select(str(cfg.backend or logged_model.backend_of(uri)))  # before Keras loads
     from runner import data
     from runner.fitting import evaluate_outputs
+    from runner.repro import logged_environment
 
     found = logged_model.load(uri)
     data_cfg = test_data(cfg.data, found)
+    if found.run is not None and data_cfg.get("path"):  # a file whose change the run can tell
+        data.warn_if_changed(data_cfg, logged_environment(found.run).get("data_file"))
     test = fitted(data.load_test(data_cfg), found.model)
     outputs, loss = evaluate_outputs(found.model, test, data_cfg.eval_batch_size)
     return {

@@ -14,7 +14,7 @@ def build(cfg: Any, total_steps: int) -> Any:
     """A `keras.optimizers.Optimizer` from `cfg`: its class's own keys as they are, its learning
     rate following `schedule` over a run of `total_steps` steps."""
     rate = learning_rate(
-        cfg.lr, str(cfg.get("schedule", "constant")), cfg.get("warmup_steps", 0), total_steps
+        float(cfg.lr), str(cfg.get("schedule", "constant")), cfg.get("warmup_steps", 0), total_steps
     )
     return targets.build(cfg, "optimizer", RUNNER_KEYS, learning_rate=rate)
 

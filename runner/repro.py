@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     changed = environment_differences(logged, environment)
     if not differences:
         print(f"every metric history agrees (rtol={rtol}, atol={args.atol})")
-        if args.golden and changed:
+        if changed and (args.golden or any(key.startswith("data") for key, _, _ in changed)):
             print(environment_report(changed))
         return
     print(report(differences, changed))

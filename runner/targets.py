@@ -95,6 +95,7 @@ def build(
     accepted = _parameters(function)
     offered = {**given, **{k: v for k, v in (passed or {}).items() if _takes(accepted, k)}}
     check_arguments(function, kwargs, path, offered)
+    kwargs = {key: _as_float(function, accepted, key, value) for key, value in kwargs.items()}
     try:
         # Partial, then called: what the runner gives (a shape tuple, arrays) reaches the target
         # as it is, not converted to a config node.
@@ -154,6 +155,27 @@ def check_arguments(
         supplied = key in kwargs or key in (given or {})
         if parameter.default is parameter.empty and not supplied:
             raise UserError(f"{path}.{key} is missing: {name} needs it; add +{path}.{key}=VALUE")
+
+
+def _as_float(
+    function: Callable, parameters: dict[str, inspect.Parameter] | None, key: str, value: Any
+) -> Any:
+    """`value`, as a float where it is an integer given for a float parameter (annotated so, or
+    with a float default): Keras refuses `learning_rate=1` or `momentum=1` ("should be float"),
+    which YAML and the command line read as integers."""
+    if not isinstance(value, int) or isinstance(value, bool) or not parameters:
+        return value
+    parameter = parameters.get(key)
+    if parameter is None:
+        return value
+    expected = _annotation(function, key)
+    if expected is None:
+        wanted = isinstance(parameter.default, float)
+    else:
+        union = typing.get_origin(expected) in (typing.Union, types.UnionType)
+        options = typing.get_args(expected) if union else (expected,)
+        wanted = float in options and int not in options
+    return float(value) if wanted else value
 
 
 def _parameters(function: Callable) -> dict[str, inspect.Parameter] | None:

@@ -7,7 +7,6 @@ raises ends FAILED with the error in a tag.
 """
 
 import fcntl
-import hashlib
 import logging
 import os
 import time
@@ -27,7 +26,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from runner import access, environment, preemption, serving
-from runner.data import Split, Splits
+from runner.data import Split, Splits, file_record
 from runner.errors import Interrupted, ServerLost, UserError
 from runner.masking import mask
 from runner.sweep import SweepJob
@@ -222,7 +221,7 @@ def mlflow_run(
             if not reopen:
                 _log_config(cfg, hydra_dir)
                 _log_dataset(splits, cfg.data)
-            _log_environment(splits.digests)
+            _log_environment(splits.digests, cfg.data)
             mlflow.set_tags(tags or {})
             recorder = Recorder(
                 run_id,
@@ -472,11 +471,11 @@ def _log_config(cfg: DictConfig, hydra_dir: Path | None) -> None:
 
 
 def _log_dataset(splits: Splits, data: DictConfig) -> None:
-    """The data's record in MLflow's Datasets: its name, a digest of its arrays and, per split,
-    its size, so that the UI shows which data trained the run."""
+    """The data's record in MLflow's Datasets, one per split: its name, size and digest, so that
+    the UI shows which data trained the run. MLflow keeps one record per name and digest, which
+    each split's own digest (its content: `Split.digest`) keeps from another run's subset."""
     from mlflow.data import from_numpy
 
-    digest = hashlib.sha256("".join(sorted(splits.digests.values())).encode()).hexdigest()[:16]
     source = mask(str(data.get("path") or data.get("dir") or data.get("_target_")))
     for context, split in (
         ("training", splits.train),
@@ -490,7 +489,7 @@ def _log_dataset(splits: Splits, data: DictConfig) -> None:
                 targets=split.y,
                 source=source,
                 name=f"{label(data)}-{context}",
-                digest=digest,
+                digest=split.digest,
             )
         try:
             mlflow.log_input(dataset, context=context)
@@ -508,10 +507,13 @@ def _duplicate(error: MlflowException) -> bool:
     return any(hint in text for hint in ("UniqueViolation", "UNIQUE constraint", "duplicate key"))
 
 
-def _log_environment(data_digests: dict[str, str]) -> None:
+def _log_environment(data_digests: dict[str, str], data: DictConfig) -> None:
     from runner import backends
 
     described = environment.describe(data_digests, backends.current())
+    record = file_record(data)
+    if record:  # the file data.path names, whose change runner-repro and runner-eval tell
+        described["data_file"] = record
     mlflow.set_tags(environment.tags(described))
     mlflow.log_dict(described, "environment.json")
 

@@ -44,6 +44,9 @@ def train(
     hears each validation, and a trial its pruner calls off ends its run KILLED, untested."""
     check_config(cfg)
     from runner import tracking
+    from runner.data import absolute_paths
+
+    absolute_paths(cfg.data)  # recorded so, for runner-eval and runner-repro from elsewhere
 
     job = sweep.current_job()  # a sweep's job records into its parent's experiment
     # Before minutes of training: a store that cannot record is told at once.

@@ -85,6 +85,8 @@ def test_tracking_uri_follows_the_environment(monkeypatch):
         (["optimizer=adam", "optimizer.beta_2=-0.1"], "optimizer.beta_2=-0.1 must be in [0, 1)"),
         (["optimizer=adam", "optimizer.epsilon=0"], "optimizer.epsilon=0.0 must be positive"),
         (["tracking.metrics_flush_every_s=-1"], "tracking.metrics_flush_every_s=-1.0 must be 0"),
+        (["seed=-1"], "seed=-1 must be between 0 and 4294967295: NumPy takes no other seed"),
+        (["seed=4294967296"], "seed=4294967296 must be between 0 and 4294967295"),
     ],
 )
 def test_check_config_names_the_bad_key(overrides, message):
@@ -97,8 +99,8 @@ def test_check_config_names_the_bad_key(overrides, message):
     "overrides, message",
     [
         (
-            ["model=cnn_raw", "model.keep_prob=0"],
-            "model: runner.models.cnn_raw.build_cnn_raw raised ValueError: keep_prob=0 must be "
+            ["model=cnn_raw", "model.keep_prob=0"],  # the integer reaches it as a float
+            "model: runner.models.cnn_raw.build_cnn_raw raised ValueError: keep_prob=0.0 must be "
             "in (0, 1]",
         ),
         (["model=cnn_layers", "model.dropout_rate=1.0"], "dropout_rate=1.0 must be in [0, 1)"),
@@ -123,6 +125,8 @@ def test_a_model_that_cannot_build_is_one_line_naming_the_key(overrides, message
         ["optimizer.momentum=1", "optimizer.nesterov=true"],
         ["optimizer=adam", "optimizer.beta_1=0", "optimizer.beta_2=0", "optimizer.epsilon=1e-12"],
         ["data.limit=100"],
+        ["seed=0"],
+        ["seed=4294967295"],
     ],
 )
 def test_check_config_accepts_the_edges_of_each_range(overrides):

@@ -12,6 +12,7 @@ import hashlib
 import http.client
 import http.server
 import importlib
+import logging
 import re
 import socket
 import threading
@@ -37,9 +38,9 @@ from runner.data import (
     read_idx,
 )
 from runner.errors import UserError
-from runner.train import compose
+from runner.train import compose, train
 
-from .conftest import QUICK, cli, store_client
+from .conftest import QUICK, cli, only_run, store_client
 
 # One worker runs this file: its tests share a module-scoped run.
 pytestmark = pytest.mark.xdist_group("test_data")
@@ -872,6 +873,37 @@ def test_npz_of_cifar_layout_loads_with_labels_of_shape_n_by_1(tmp_path):
     assert (splits.input_shape, splits.num_classes) == ((6, 5, 3), 3)
     assert splits.train.y.tolist() == [2, 0, 1, 2, 0, 1]
     assert splits.test.x.max() < 1.0 and splits.test.x.dtype == np.float32
+
+
+def test_doubtful_data_is_warned_of_in_a_line_each_and_trains(in_tmp_store, caplog):
+    """Labels 1 to 4, class 4 in the test set alone, float pixels of 0 to 255: data that trains,
+    but likely not as its maker meant."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (400, 8, 8)).astype(np.float32)
+    images[0, 0, 0] = 255
+    labels = 1 + np.arange(400) % 4
+    labels[:300] = np.minimum(labels[:300], 3)
+    path = write_npz(
+        in_tmp_store / "doubtful.npz",
+        x_train=images[:300],
+        y_train=labels[:300],
+        x_test=images[300:],
+        y_test=labels[300:],
+    )
+    sizes = ["data.batch_size=50", "data.eval_batch_size=50"]
+    with caplog.at_level(logging.WARNING, logger="runner.data"):
+        train(compose(["data=npz", f"data.path={path}", *QUICK, *sizes]))
+    where = "data (runner.data.npz_file)"
+    assert [r.getMessage() for r in caplog.records if r.name == "runner.data"] == [
+        f"{where}: y_train's labels start at 1, not 0, so the model gets outputs for classes "
+        f"with no example: number the classes from 0 (subtract 1 from the labels)",
+        f"{where}: the training split has no example of class 4, which the model cannot learn: "
+        f"check the labels (or raise data.limit)",
+        f"{where}: the images of the training, validation and test splits reach 255, beyond 1: "
+        f"probably unscaled 0-255 pixels; divide the float images by 255, or store them as "
+        f"uint8, which the runner scales to [0, 1]",
+    ]
+    assert only_run(in_tmp_store, "npz").info.status == "FINISHED"
 
 
 @pytest.mark.parametrize(

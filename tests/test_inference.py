@@ -1,6 +1,7 @@
 """`runner-eval` and `runner-predict` on a model that a test trained and logged."""
 
 import gzip
+import hashlib
 import os
 import re
 import socket
@@ -13,7 +14,7 @@ import mlflow
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from runner.data import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, read_idx
@@ -22,7 +23,7 @@ from runner.evaluate import evaluate
 from runner.predict import predict
 from runner.train import CONF_DIR, train
 
-from .conftest import cli, compose_config
+from .conftest import QUICK, cli, compose_config, only_run
 
 # One worker runs this file: its tests share a module-scoped run.
 pytestmark = pytest.mark.xdist_group("test_inference")
@@ -277,6 +278,62 @@ def test_eval_on_data_of_another_shape_is_one_line(trained, tmp_path):
     )
     with pytest.raises(UserError, match=r"takes inputs of shape \(28, 28, 1\) but the test images"):
         evaluate(cfg)
+
+
+def write_digits(path: Path, test_rows: int) -> Path:
+    """A small .npz of 8x8 images of 4 classes; its test set's rows past 1,000, which a run
+    with `data.limit=1000` leaves out, as `test_rows` long."""
+    rng = np.random.default_rng(5)
+    arrays = {
+        "x_train": rng.integers(0, 256, (400, 8, 8), dtype=np.uint8),
+        "y_train": np.arange(400) % 4,
+        "x_test": rng.integers(0, 256, (1000 + test_rows, 8, 8), dtype=np.uint8),
+        "y_test": np.arange(1000 + test_rows) % 4,
+    }
+    np.savez(path, **arrays)
+    return path
+
+
+def test_a_relative_data_path_is_recorded_absolute_with_its_digest(
+    in_tmp_store, monkeypatch, caplog, capsys
+):
+    """A run on `data.path=sets/digits.npz` is evaluated and rerun from another folder; once the
+    file changes, both say so (here in rows the run left out, so the results still agree)."""
+    from runner.repro import logged_environment
+    from runner.repro import main as repro
+
+    (in_tmp_store / "sets").mkdir()
+    path = write_digits(in_tmp_store / "sets" / "digits.npz", test_rows=100)
+    store = f"sqlite:///{in_tmp_store}/mlflow.db"
+    relative = ["data=npz", "data.path=sets/digits.npz", "trainer.log_model=true"]
+    train(compose_config([*relative, *QUICK, f"tracking.uri={store}"]))
+    run = only_run(in_tmp_store, "npz")
+    assert run.data.params["data.path"] == str(path)
+    logged = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")
+    assert OmegaConf.create(logged).data.path == str(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert logged_environment(run)["data_file"] == {"path": str(path), "sha256": digest}
+
+    elsewhere = in_tmp_store / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = app_config("evaluate", [f"run_id={run.info.run_id}", f"tracking.uri={store}"])
+    assert evaluate(cfg)["accuracy"] == run.data.metrics["test/accuracy"]
+
+    write_digits(path, test_rows=200)
+    changed = hashlib.sha256(path.read_bytes()).hexdigest()
+    with caplog.at_level("WARNING", logger="runner.data"):
+        assert evaluate(cfg)["accuracy"] == run.data.metrics["test/accuracy"]
+    assert [r.getMessage() for r in caplog.records if r.name == "runner.data"] == [
+        f"data.path={path} has changed since the run trained on it (SHA-256 {digest} then, "
+        f"{changed} now): results on it may differ from the run's"
+    ]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the rerun imports from its folder
+    capsys.readouterr()
+    repro([run.info.run_id])  # returns: every metric agrees
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()}
+    assert rows["data_file.sha256"] == [digest, changed]
 
 
 def test_sixteen_bit_grey_pngs_keep_their_levels(tmp_path):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from runner import modeling, optim
+from runner.config import check_config
 from runner.models.cnn_raw import ConvReluPool, KeepProbDropout, RawDense
 
 from .conftest import compose_config
@@ -77,6 +78,24 @@ def test_optimizers_carry_the_configured_knobs():
     sgd = optim.build(compose_config(["optimizer.momentum=0.9"]).optimizer, 100)
     assert isinstance(sgd, keras.optimizers.SGD)
     assert (float(sgd.learning_rate), sgd.momentum) == (0.5, 0.9)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["optimizer.lr=1"],
+        ["optimizer.lr=1", "optimizer.momentum=1", "optimizer.schedule=cosine"],
+        ["optimizer=adam", "optimizer.lr=1", "optimizer.epsilon=1"],
+    ],
+)
+def test_integers_for_float_keys_build_optimizers_that_step(overrides):
+    """YAML and the command line read `1` as an integer, which Keras refuses for a rate."""
+    cfg = compose_config(overrides)
+    check_config(cfg)
+    optimizer = optim.build(cfg.optimizer, 100)
+    variable = keras.Variable(np.ones(3, np.float32))
+    optimizer.apply([np.full(3, 0.5, np.float32)], [variable])
+    assert not np.allclose(variable.numpy(), 1.0)
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])

@@ -40,6 +40,24 @@ def test_same_config_gives_identical_metric_histories(in_tmp_store):
     assert len(first["train/loss"]) == 3
 
 
+def dataset_inputs(client: MlflowClient, run_id: str) -> dict:
+    """The run's MLflow dataset records, by context (training, validation, test)."""
+    inputs = client.get_run(run_id).inputs.dataset_inputs
+    found = {i.tags[0].value: i.dataset for i in inputs}
+    assert set(found) == {"training", "validation", "test"}
+    return found
+
+
+def dataset_sizes(inputs: dict) -> dict[str, int]:
+    """Each dataset record's number of examples, and of images, which must agree."""
+    sizes = {}
+    for context, dataset in inputs.items():
+        profile = json.loads(dataset.profile)
+        assert profile["features_shape"][0] == profile["targets_shape"][0]
+        sizes[context] = profile["targets_shape"][0]
+    return sizes
+
+
 def test_run_records_its_environment(in_tmp_store, mnist_dir):
     store = f"sqlite:///{in_tmp_store / 'mlflow.db'}"
     train(compose_config([f"tracking.uri={store}", *QUICK]))
@@ -51,17 +69,15 @@ def test_run_records_its_environment(in_tmp_store, mnist_dir):
     labels = read_idx(mnist_dir / f"{TEST_LABELS}.gz")
     assert env["data_sha256"]["y_test"] == hashlib.sha256(labels.tobytes()).hexdigest()
     assert set(env["data_sha256"]) == {"x_train", "y_train", "x_test", "y_test"}
-    # The data's record in MLflow's Datasets: a name, one digest, and each split's size.
-    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
-    assert set(inputs) == {"training", "validation", "test"}
+    # The data's record in MLflow's Datasets: per split a name, its size and its own digest.
+    inputs = dataset_inputs(client, run.info.run_id)
     assert {d.name for d in inputs.values()} == {
         "mnist-training",
         "mnist-validation",
         "mnist-test",
     }
-    assert len({d.digest for d in inputs.values()}) == 1
-    sizes = {context: json.loads(d.profile)["targets_shape"] for context, d in inputs.items()}
-    assert sizes == {"training": [1000], "validation": [1000], "test": [1000]}
+    assert len({d.digest for d in inputs.values()}) == 3
+    assert dataset_sizes(inputs) == {"training": 1000, "validation": 1000, "test": 1000}
     tags = run.data.tags
     assert tags["keras_version"] == env["packages"]["keras"]
     assert tags["tensorflow_version"] == env["packages"]["tensorflow"]
@@ -69,3 +85,19 @@ def test_run_records_its_environment(in_tmp_store, mnist_dir):
     if env["git"]["commit"]:
         assert tags["git_commit"] == env["git"]["commit"]
         assert tags["git_dirty"] in {"True", "False"}
+    # A second run on other subsets of the same data gets records of its own: MLflow would
+    # link it to the first run's if a digest were the same.
+    other = [
+        "data.limit=2000",
+        "data.validation_size=500",
+        "trainer.steps=10",
+        "trainer.eval_every=10",
+    ]
+    train(compose_config([f"tracking.uri={store}", *QUICK, *other]))
+    [second] = [
+        r for r in client.search_runs([run.info.experiment_id]) if r.info.run_id != run.info.run_id
+    ]
+    again = dataset_inputs(client, second.info.run_id)
+    assert dataset_sizes(again) == {"training": 2000, "validation": 500, "test": 2000}
+    digests = {d.digest for d in [*inputs.values(), *again.values()]}
+    assert len(digests) == 6

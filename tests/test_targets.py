@@ -40,6 +40,19 @@ def test_keys_reach_the_target_with_what_the_runner_gives_as_it_is():
     assert isinstance(built["input_shape"], tuple)
 
 
+def scaled(input_shape, num_classes, width: int = 8, rate: float | None = None, scale=1.0):
+    return width, rate, scale
+
+
+def test_an_integer_for_a_float_parameter_arrives_as_a_float():
+    """By annotation or by a float default, as Keras's classes declare theirs: Keras refuses
+    `learning_rate=1`; an int parameter keeps its int."""
+    keys = {"width": 3, "rate": 1, "scale": 2}
+    width, rate, scale = build(node("tests.test_targets.scaled", **keys), "model", **GIVEN)
+    assert (type(width), type(rate), type(scale)) == (int, float, float)
+    assert (width, rate, scale) == (3, 1.0, 2.0)
+
+
 def test_passed_keys_reach_only_targets_that_take_them():
     built = build(
         node("tests.test_targets.builder"), "model", passed={"rate": 0.1, "output": "x"}, **GIVEN
