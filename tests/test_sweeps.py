@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from runner import compare, nested_runs, sweep
+from runner import compare, nested_runs, plots, sweep
 
 from .conftest import QUICK, cli, mlflow_server, parents_and_children, store_client
 
@@ -194,37 +194,113 @@ def test_compare_refuses_a_metric_no_run_has(grid, monkeypatch, capsys):
     assert "the metric 'test/acc', 'val/los':" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def two_sweeps(tmp_path_factory, mnist_dir) -> Path:
+    """Two short sweeps in one store: over the data's name, and over seeds x learning rates."""
+    work = tmp_path_factory.mktemp("two_sweeps")
+    short = [*QUICK, "trainer.steps=10", "trainer.log_every=5", "trainer.eval_every=5"]
+    for swept in (["data.name=mnist,digits"], ["seed=1,2", "optimizer.lr=0.1,0.9"]):
+        result = cli("runner", "-m", *swept, *short, cwd=work, mnist_dir=mnist_dir)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return work
+
+
+def in_order(folder: Path) -> tuple:
+    """The two sweeps' parent runs, first first, and their children."""
+    parents, children = parents_and_children(folder)
+    return sorted(parents, key=lambda run: run.info.start_time), children
+
+
 def test_a_sweep_over_data_keeps_its_runs_in_one_experiment_and_compares_with_another(
-    tmp_path, mnist_dir, monkeypatch, capsys
+    two_sweeps, monkeypatch, capsys
 ):
     """Runs are recorded in the experiment named after their data unless in a sweep, whose jobs
     join their parent's experiment, whatever data each trains on: else the parent's summary
     would miss them. Then a second sweep in the same store, and `runner-compare --parent A
-    --parent B --plot FILE`: the four runs in one table, each row naming its own sweep, and
+    --parent B --plot FILE`: the six runs in one table, each row naming its own sweep, and
     their validation curves in one PNG."""
-    short = [*QUICK, "trainer.steps=10", "trainer.log_every=5", "trainer.eval_every=5"]
-    for swept in ("data.name=mnist,digits", "optimizer.lr=0.1,0.9"):
-        result = cli("runner", "-m", swept, *short, cwd=tmp_path, mnist_dir=mnist_dir)
-        assert result.returncode == 0, result.stderr[-3000:]
-    client = store_client(tmp_path)
+    client = store_client(two_sweeps)
     assert client.get_experiment_by_name("digits") is None
-    parents, children = parents_and_children(tmp_path)
-    first, second = sorted(parents, key=lambda run: run.info.start_time)
+    (first, second), children = in_order(two_sweeps)
+    parents = [first, second]
     of_first = [c for c in children if c.data.tags["mlflow.parentRunId"] == first.info.run_id]
     assert sorted(c.data.params["data.name"] for c in of_first) == ["digits", "mnist"]
     assert "best/val/accuracy" in first.data.metrics
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    plot = tmp_path / "curves.png"
+    monkeypatch.chdir(two_sweeps)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{two_sweeps}/mlflow.db")
+    plot = two_sweeps / "curves.png"
     args = ["--parent", first.info.run_id, "--parent", second.info.run_id, "--plot", str(plot)]
     compare.main([*args, "--format", "csv"])
     rows = pd.read_csv(io.StringIO(capsys.readouterr().out))
-    assert list(rows.columns[:2]) == ["sweep", "run"] and len(rows) == 4
+    assert list(rows.columns[:2]) == ["sweep", "run"] and len(rows) == 6
     assert {"data.name", "optimizer.lr"} <= set(rows.columns)  # each differs across the sweeps
     label = {p.info.run_id: f"{p.info.run_name} ({p.info.run_id[:8]})" for p in parents}
     sweep_of = {c.info.run_id: label[c.data.tags["mlflow.parentRunId"]] for c in children}
     assert dict(zip(rows["run_id"], rows["sweep"], strict=True)) == sweep_of
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     drawn = compare.curves(rows.assign(**{"tags.mlflow.runName": rows["run"]}), compare.CURVE)
-    assert len(drawn) == 4 and all(len(points) == 2 for points in drawn.values())
+    assert len(drawn) == 6 and all(len(points) == 2 for points in drawn.values())
+
+
+def test_compare_over_seed_gives_each_group_of_seeds_one_row_and_curve(
+    two_sweeps, monkeypatch, capsys
+):
+    """`--over seed`: the runs that differ only in seed (each has its own checkpoint folder)
+    make one row, with each metric's mean, standard deviation and count, and one curve, its mean
+    in a band of one standard deviation; a key the runs lack is refused in one line."""
+    (first, second), children = in_order(two_sweeps)
+    monkeypatch.chdir(two_sweeps)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{two_sweeps}/mlflow.db")
+    of_second = [c for c in children if c.data.tags["mlflow.parentRunId"] == second.info.run_id]
+    final = pd.DataFrame(
+        [{"lr": float(c.data.params["optimizer.lr"]), **c.data.metrics} for c in of_second]
+    ).groupby("lr")
+    plot = two_sweeps / "seeds.png"
+    args = ["--parent", second.info.run_id, "--over", "seed"]
+    compare.main([*args, "--format", "csv", "--plot", str(plot)])
+    rows = pd.read_csv(io.StringIO(capsys.readouterr().out), dtype={"seed": str})
+    assert list(rows.columns[:3]) == ["optimizer.lr", "seed", "runs"]
+    assert "trainer.checkpoint_dir" not in rows.columns
+    assert list(rows["seed"]) == ["1 2", "1 2"] and list(rows["runs"]) == [2, 2]
+    for metric in compare.DEFAULT_METRICS:
+        mean = rows.set_index("optimizer.lr")[f"{metric} mean"]
+        assert mean.to_dict() == pytest.approx(final[metric].mean().to_dict())
+        std = rows.set_index("optimizer.lr")[f"{metric} std"]
+        assert std.to_dict() == pytest.approx(final[metric].std().to_dict())
+        assert list(rows[f"{metric} n"]) == [2, 2]
+    means = list(rows["val/accuracy mean"])
+    assert means == sorted(means, reverse=True)
+
+    compare.main(args)  # the table
+    header, *lines = capsys.readouterr().out.splitlines()
+    assert header.split()[:4] == ["optimizer.lr", "seed", "runs", "test/accuracy"]
+    assert len(lines) == 2
+
+    # Both sweeps: the first's two runs differ in data.name, each a group of one (no std).
+    both = ["--parent", first.info.run_id, *args, "--format", "csv"]
+    compare.main(both)
+    rows = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert sorted(rows["runs"]) == [1, 1, 2, 2] and rows.columns[0] == "sweep"
+    assert rows["val/accuracy std"].isna().tolist() == [n == 1 for n in rows["runs"]]
+
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = compare.children(second.info.experiment_id, second.info.run_id)
+    means, spread = compare.group_curves(runs, "seed", compare.CURVE)
+    assert set(means) == {"optimizer.lr=0.1 (2 runs)", "optimizer.lr=0.9 (2 runs)"}
+    for name, points in means.items():
+        lr = float(name.split("=")[1].split()[0])
+        assert [step for step, _ in points] == [5, 10]
+        assert points[-1][1] == pytest.approx(final["val/accuracy"].mean()[lr])
+        assert spread[name][-1][1] == pytest.approx(final["val/accuracy"].std()[lr])
+    figure = plots.sweep_curves(means, compare.CURVE, spread)
+    assert len(figure.axes[0].lines) == len(figure.axes[0].collections) == 2  # a band a group
+
+    with pytest.raises(SystemExit, match="^1$"):
+        compare.main([*args[:2], "--over", "sed"])
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        "runner-compare: error: --over 'sed' is not a parameter of the runs compared: did you "
+        "mean seed? those that differ between them are optimizer.lr, seed\n"
+    )
