@@ -4,6 +4,7 @@ the parent, `runner-compare` on the store, and the sweep seen in the MLflow UI i
 import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -27,7 +28,20 @@ def grid(tmp_path_factory, mnist_dir) -> Path:
     work = tmp_path_factory.mktemp("grid")
     result = cli("runner", "-m", *GRID, *QUICK, cwd=work, mnist_dir=mnist_dir, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    (work / CONSOLE).write_text(result.stdout)
     return work
+
+
+# The grid's console output, kept beside its store.
+CONSOLE = "console.txt"
+
+
+def ui_link(run) -> str:
+    """The page of `run` in the MLflow UI's model-training view, as `mlflow ui` serves it."""
+    return (
+        f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+        "?workflowType=machine_learning"
+    )
 
 
 def sweep_runs(work: Path) -> tuple:
@@ -49,9 +63,17 @@ def test_sweep_is_one_parent_run_with_a_child_run_a_job(grid):
     assert parent.data.tags["sweep.launcher"] == "BasicLauncher"
     grid_points = {(r.data.params["model.name"], r.data.params["optimizer.lr"]) for r in children}
     assert grid_points == {(m, lr) for m in ("softmax", "cnn_layers") for lr in ("0.1", "0.01")}
+    # Each run's link in the MLflow UI: the parent's in the sweep's output, a job's in its log.
+    console = (grid / CONSOLE).read_text()
+    assert f"MLflow parent run {parent.info.run_id} for the sweep in {sweep_dir}: " in console
+    assert f": {ui_link(parent)}\n" in console
+    logs = "".join(log.read_text() for log in sweep_dir.glob("*/runner.log"))
+    experiment = store_client(grid).get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     for child in children:
         assert child.info.status == "FINISHED"
         assert {"test/accuracy", "val/accuracy", "train/loss"} <= child.data.metrics.keys()
+        assert f"MLflow run {child.info.run_id} in experiment 'mnist': {ui_link(child)}\n" in logs
         # Named by what sets the job apart, not by the overrides every job shares.
         name = child.data.tags["mlflow.runName"]
         assert name.startswith("#") and "model=" in name and "data.limit" not in name
@@ -135,18 +157,28 @@ def test_mlflow_ui_shows_the_sweep_in_chromium(grid, mlflow_ui, tmp_path):
     from playwright.sync_api import sync_playwright
 
     parent, children = sweep_runs(grid)
-    experiment = parent.info.experiment_id
+    # The sweep's own link to its parent run, on this test's server rather than `mlflow ui`'s.
+    [link] = re.findall(r"for the sweep in \S+: (\S+)", (grid / CONSOLE).read_text())
+    link = link.replace("http://127.0.0.1:5000/", f"{mlflow_ui}/")
     screenshot = tmp_path / "mlflow_ui_sweep.png"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM,
             args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
         )
+        # A new browser, whose storage does not choose the UI's view: the link does.
         page = browser.new_page(viewport={"width": 1920, "height": 800})
         try:
-            page.goto(f"{mlflow_ui}/#/experiments/{experiment}/runs")
+            page.goto(link)
+            page.get_by_text(parent.info.run_id, exact=True).wait_for(timeout=60_000)
+            # The model-training view's side bar, whose Runs is the training runs table.
+            page.locator('a[href$="/runs?workflowType=machine_learning"]', has_text="Runs").click()
             names = page.locator('[role="gridcell"][col-id="attributes.`Run Name`"]')
             names.filter(has_text=parent.data.tags["mlflow.runName"]).wait_for(timeout=60_000)
+            genai = [
+                page.get_by_text(text, exact=True) for text in ("Observability", "Training runs")
+            ]
+            in_genai_view = [locator.count() for locator in genai]
             page.get_by_role("button", name="Close").click()  # the assistant's side panel
             names.first.locator("button").click()  # expands the parent into its children
             for child in children:
@@ -160,6 +192,7 @@ def test_mlflow_ui_shows_the_sweep_in_chromium(grid, mlflow_ui, tmp_path):
         finally:
             page.screenshot(path=screenshot, full_page=True)
             browser.close()
+    assert in_genai_view == [0, 0]  # the GenAI view's side bar and title of its runs table
     assert shown == {round(c.data.metrics["val/accuracy"], 4) for c in children}
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
