@@ -4,7 +4,9 @@ side.
 One row a run: its sweep (when several are compared), its name and status, the parameters that
 differ between the runs, and the final value of the chosen metrics, sorted by one of them. The
 same table is logged to a sweep's parent run when the sweep ends (`runner.nested_runs`);
-`--plot FILE` draws the runs' validation curves in one PNG.
+`--plot FILE` draws the runs' validation curves in one PNG. With `--over KEY` (`--over seed`),
+one row a group of runs that differ only in the parameter KEY: the mean, standard deviation and
+count of each metric over the group, and one curve a group, its mean in a band of ±1 deviation.
 """
 
 import argparse
@@ -25,6 +27,13 @@ DEFAULT_SORT = "val/accuracy"
 # The metric --plot draws, each run's curve.
 CURVE = "val/accuracy"
 FORMATS = ("table", "markdown", "csv")
+# Parameters that say where a run writes or records, not what it trains: each job of a sweep has
+# its own checkpoint folder. Runs are grouped (--over) by their other parameters.
+NOT_SETTINGS = ("trainer.checkpoint_dir", "tracking.")
+# The columns of a group's row (--over) besides its parameters and metrics: how many runs it has.
+RUNS = "runs"
+# Each metric's columns in a group's row: over its finished runs.
+STATISTICS = ("mean", "std", "n")
 
 
 def table(runs: pd.DataFrame, metrics: Sequence[str], sort_by: str | None = None) -> pd.DataFrame:
@@ -53,6 +62,97 @@ def table(runs: pd.DataFrame, metrics: Sequence[str], sort_by: str | None = None
             out[sort_by] = runs.get(f"metrics.{sort_by}", float("nan"))
         out = out.sort_values(sort_by, ascending="loss" in sort_by, na_position="last")
     return out.reset_index(drop=True)
+
+
+def groups(runs: pd.DataFrame, over: str) -> tuple[list[pd.DataFrame], list[str]]:
+    """`runs` in groups that differ only in the parameter `over` (and in NOT_SETTINGS), in the
+    order of their first runs, and the parameters (columns `params.*`) that tell groups apart."""
+    settings = [
+        column
+        for column in runs.columns
+        if column.startswith("params.")
+        and column != f"params.{over}"
+        and not column.removeprefix("params.").startswith(NOT_SETTINGS)
+    ]
+    if not settings:
+        return [runs], []
+    # A parameter a run lacks is a value of its own, as in `table`.
+    members = [rows for _, rows in runs.groupby(settings, dropna=False, sort=False)]
+    differing = sorted(column for column in settings if runs[column].nunique(dropna=False) > 1)
+    return members, differing
+
+
+def summary(
+    runs: pd.DataFrame, over: str, metrics: Sequence[str], sort_by: str | None = None
+) -> pd.DataFrame:
+    """One row a group of `runs` that differ only in `over` (`groups`): the parameters that tell
+    the groups apart, the group's values of `over`, its number of runs, and the mean, standard
+    deviation and count of each metric's final value over its finished runs (a failed or pruned
+    run's last values are not its result). Best first by `sort_by`'s mean."""
+    members, differing = groups(runs, over)
+    rows = []
+    for group in members:
+        row = {SWEEP: "; ".join(dict.fromkeys(group[SWEEP]))} if SWEEP in group.columns else {}
+        row.update({column.removeprefix("params."): group[column].iloc[0] for column in differing})
+        row[over] = " ".join(_cell(value) for value in group[f"params.{over}"])
+        row[RUNS] = len(group)
+        finished = group[group["status"] == "FINISHED"]
+        for metric in dict.fromkeys([*metrics, *([sort_by] if sort_by else [])]):
+            values = finished.get(f"metrics.{metric}", pd.Series(dtype=float)).dropna()
+            mean, std, n = (f"{metric} {statistic}" for statistic in STATISTICS)
+            row.update({mean: values.mean(), std: values.std(), n: len(values)})
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    if sort_by:
+        out = out.sort_values(f"{sort_by} mean", ascending="loss" in sort_by, na_position="last")
+    return out.reset_index(drop=True)
+
+
+def check_over(runs: pd.DataFrame, over: str) -> None:
+    """Refuse an `--over` that is not a parameter of the runs, naming those that differ."""
+    from difflib import get_close_matches
+
+    params = [
+        column.removeprefix("params.") for column in runs.columns if column.startswith("params.")
+    ]
+    if over in params:
+        return
+    close = get_close_matches(over, params, n=1)
+    differing = [
+        key
+        for key in sorted(params)
+        if not key.startswith(NOT_SETTINGS) and runs[f"params.{key}"].nunique(dropna=False) > 1
+    ]
+    raise UserError(
+        f"--over {over!r} is not a parameter of the runs compared: "
+        + (f"did you mean {close[0]}? " if close else "")
+        + f"those that differ between them are {', '.join(differing) or 'none'}"
+    )
+
+
+def group_curves(
+    runs: pd.DataFrame, over: str, metric: str
+) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list[tuple[int, float]]]]:
+    """The mean history of `metric` over each group's finished runs (`groups`, as `summary`
+    counts them), and its standard deviation at each step, by the group's name: the parameters
+    that set it apart, and its number of finished runs."""
+    members, differing = groups(runs, over)
+    means, deviations = {}, {}
+    for group in members:
+        finished = group[group["status"] == "FINISHED"]
+        settings = " ".join(
+            f"{column.removeprefix('params.')}={_cell(group[column].iloc[0])}"
+            for column in differing
+        )
+        name = f"{settings or 'all runs'} ({len(finished)} runs)"
+        points = pd.DataFrame(
+            [point for history in curves(finished, metric).values() for point in history],
+            columns=["step", "value"],
+        )
+        steps = points.groupby("step")["value"]
+        means[name] = list(steps.mean().items())
+        deviations[name] = list(steps.std().fillna(0.0).items())
+    return means, deviations
 
 
 def recorded_metrics(runs: pd.DataFrame) -> list[str]:
@@ -213,7 +313,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--format", choices=FORMATS, default="table")
     parser.add_argument(
-        "--plot", type=Path, metavar="FILE", help=f"draw the runs' {CURVE} curves in this PNG"
+        "--over",
+        metavar="KEY",
+        help="one row a group of runs that differ only in this parameter (seed, say): each "
+        "metric's mean, standard deviation and count over the group",
+    )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        metavar="FILE",
+        help=f"draw the runs' {CURVE} curves in this PNG (with --over, each group's mean and "
+        f"standard deviation)",
     )
     parser.add_argument(
         "--tracking-uri",
@@ -235,18 +345,31 @@ def main(argv: Sequence[str] | None = None) -> None:
         try:
             runs = select_runs(args.experiment, args.parent, args.all)
             metrics, sort_by = chosen_metrics(runs, args.metrics, args.sort)
+            if args.over:
+                check_over(runs, args.over)
+                rows = summary(runs, args.over, metrics, sort_by)
+            else:
+                rows = table(runs, metrics, sort_by)
             if args.plot:
-                _draw(curves(runs, CURVE), args.plot)
+                if args.over:
+                    _draw(*group_curves(runs, args.over, CURVE), path=args.plot)
+                else:
+                    _draw(curves(runs, CURVE), path=args.plot)
         except MlflowException as error:
             raise refusal(error, uri) or error from None
-    sys.stdout.write(render(table(runs, metrics, sort_by), args.format))
+    sys.stdout.write(render(rows, args.format))
 
 
-def _draw(runs_curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
+def _draw(
+    runs_curves: dict[str, list[tuple[int, float]]],
+    spread: dict[str, list[tuple[int, float]]] | None = None,
+    *,
+    path: Path,
+) -> None:
     from runner import plots
 
     try:
-        plots.sweep_curves(runs_curves, CURVE).savefig(path, format="png")
+        plots.sweep_curves(runs_curves, CURVE, spread).savefig(path, format="png")
     except OSError as error:
         raise UserError(f"cannot write --plot {path}: {error.strerror}") from None
 

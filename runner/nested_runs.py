@@ -77,7 +77,12 @@ class NestedRuns(Callback):
                 }
             )
         )
-        log.info("MLflow parent run %s for the sweep in %s", self.parent_run_id, sweep_dir)
+        log.info(
+            "MLflow parent run %s for the sweep in %s: %s",
+            self.parent_run_id,
+            sweep_dir,
+            tracking.ui_link(run.info.experiment_id, self.parent_run_id),
+        )
         # Hydra skips on_multirun_end when a job fails or the sweep is interrupted.
         atexit.register(self._finish, "FAILED")
 

@@ -47,15 +47,28 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: int = 1
     return fig
 
 
-def sweep_curves(curves: dict[str, list[tuple[int, float]]], metric: str) -> Figure:
-    """One line a run (of a sweep, or of several): `metric` against optimizer step."""
+def sweep_curves(
+    curves: dict[str, list[tuple[int, float]]],
+    metric: str,
+    spread: dict[str, list[tuple[int, float]]] | None = None,
+) -> Figure:
+    """One line a run (of a sweep, or of several): `metric` against optimizer step. With
+    `spread`, each line is a group of runs' mean, in a band of ±1 standard deviation (`spread`
+    of the same name, at the same steps)."""
     fig = Figure(figsize=(9, 5), layout="constrained")
     ax = fig.subplots()
     for name, points in curves.items():
         if points:
             steps, values = zip(*sorted(points), strict=True)
-            ax.plot(steps, values, marker="." if len(points) < 30 else None, label=name)
-    ax.set(title=f"{metric} of each run", xlabel="step", ylabel=metric)
+            [line] = ax.plot(steps, values, marker="." if len(points) < 30 else None, label=name)
+            if spread is not None:
+                mean = np.array(values)
+                deviation = np.array([value for _, value in sorted(spread[name])])
+                ax.fill_between(
+                    steps, mean - deviation, mean + deviation, color=line.get_color(), alpha=0.2
+                )
+    each = "run" if spread is None else "group of runs: mean ± 1 std"
+    ax.set(title=f"{metric} of each {each}", xlabel="step", ylabel=metric)
     ax.grid(alpha=0.3)
     if curves:
         ax.legend(fontsize=7, loc="best")

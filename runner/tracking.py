@@ -212,7 +212,12 @@ def mlflow_run(
         recorder = None
         try:
             run_id = run.info.run_id
-            log.info("MLflow run %s in experiment %r", run_id, cfg.tracking.experiment_name)
+            log.info(
+                "MLflow run %s in experiment %r: %s",
+                run_id,
+                cfg.tracking.experiment_name,
+                ui_link(run.info.experiment_id, run_id),
+            )
             history = None
             if reopen:
                 history = _reopen(reopen)
@@ -412,15 +417,41 @@ def _store_lock(uri: str, database: Path) -> Iterator[None]:
         os.close(lock)  # which releases the lock
 
 
+# MLflow's UI opens an experiment in its GenAI view unless told otherwise: by the `workflowType`
+# of its link (`ui_link`), else the browser's last choice. This tag makes the experiment one of
+# model training, which the UI then does not ask about.
+TRAINING_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# Where `mlflow ui`, started in the folder of a local store, serves it.
+LOCAL_UI = "http://127.0.0.1:5000"
+
+
+def ui_link(experiment_id: str, run_id: str) -> str:
+    """The page of a run in the MLflow UI's model-training view: on the tracking server MLflow
+    records into, without the user and password of its URI, or for another store as `mlflow ui`
+    serves it."""
+    uri = mlflow.get_tracking_uri()
+    base = _server_address(uri) if uri.startswith(("http://", "https://")) else LOCAL_UI
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def _server_address(uri: str) -> str:
+    """A tracking server's URI without its user, password or query."""
+    parts = urlsplit(uri)
+    netloc = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=netloc, query="", fragment="").geturl().rstrip("/")
+
+
 def _set_experiment(name: str, artifacts: Path | None) -> Experiment:
     """Make `name` the active experiment, and return it. A new one keeps its artifacts in
     `artifacts` (else where the store puts them): MLflow's default for a SQLite store is ./mlruns
     of whichever folder the run started in, not the store's. An existing experiment stays as it
-    is."""
+    is. A new one is tagged as the UI's model-training kind (TRAINING_KIND)."""
     client = mlflow.MlflowClient()
     if client.get_experiment_by_name(name) is None:
         try:
-            client.create_experiment(name, str(artifacts) if artifacts else None)
+            client.create_experiment(
+                name, str(artifacts) if artifacts else None, tags=TRAINING_KIND
+            )
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":  # another run created it first
                 raise
@@ -438,8 +469,7 @@ def connect(uri: str) -> None:
     """Point MLflow at `uri`, probing a server first: MLflow itself retries an unreachable
     server for minutes before it gives up."""
     if uri.startswith(("http://", "https://")):
-        parts = urlsplit(uri)  # urllib takes no user in the address; /health asks for none
-        health = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl().rstrip("/")
+        health = _server_address(uri)  # urllib takes no user in the address; /health asks none
         try:
             urllib.request.urlopen(f"{health}/health", timeout=10).close()
         except (OSError, ValueError) as error:
@@ -451,8 +481,9 @@ def connect(uri: str) -> None:
                 )
             ) from None
         access.check_credentials(uri)
-    if mask(uri) != uri:  # MLflow prints the run's address, with the URI's password in it
-        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    # MLflow would print a server's run address too: in the UI's GenAI view, and with the URI's
+    # password in it. The runner logs its own (`ui_link`).
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     mlflow.set_tracking_uri(uri)
 
 

@@ -221,6 +221,9 @@ def mlflow_server(store: Path) -> Iterator[str]:
             "1",
         ],
         cwd=store.parent,
+        # As the README starts it: without the job workers of MLflow's GenAI features, which
+        # would outlive it.
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,  # its workers share the process group, stopped with it

@@ -80,3 +80,31 @@ def test_compare_of_an_experiment_without_runs_says_so(in_tmp_store, capsys):
         "runner-compare: error: experiment 'empty' has no runs yet: train one with "
         "`uv run runner`, or pick another experiment with --experiment\n"
     )
+
+
+def test_a_group_over_seed_counts_only_its_finished_runs_results():
+    """Runs that differ only in seed and in their checkpoint folder are one group; a failed
+    run's last values, cut short, count among its runs but not in its statistics."""
+    runs = pd.DataFrame(
+        {
+            "run_id": ["a" * 32, "b" * 32, "c" * 32, "d" * 32],
+            "status": ["FINISHED", "FINISHED", "FAILED", "FINISHED"],
+            "metrics.val/accuracy": [0.8, 0.9, 0.1, 0.7],
+            "params.seed": ["1", "2", "3", "1"],
+            "params.model.dropout_rate": [None, None, None, "0.4"],
+            "params.trainer.checkpoint_dir": [f"/out/{n}/checkpoints" for n in range(4)],
+        }
+    )
+    rows = compare.summary(runs, "seed", ["val/accuracy"], sort_by="val/accuracy")
+    assert list(rows.columns) == [
+        "model.dropout_rate",
+        "seed",
+        "runs",
+        "val/accuracy mean",
+        "val/accuracy std",
+        "val/accuracy n",
+    ]
+    assert rows["seed"].tolist() == ["1 2 3", "1"] and rows["runs"].tolist() == [3, 1]
+    assert rows["val/accuracy mean"].tolist() == pytest.approx([0.85, 0.7])
+    assert rows["val/accuracy std"][0] == pytest.approx(0.0707107) and pd.isna(rows.iloc[1, 4])
+    assert rows["val/accuracy n"].tolist() == [2, 1]

@@ -4,13 +4,14 @@ the parent, `runner-compare` on the store, and the sweep seen in the MLflow UI i
 import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from runner import compare, nested_runs, sweep
+from runner import compare, nested_runs, plots, sweep
 
 from .conftest import QUICK, cli, mlflow_server, parents_and_children, store_client
 
@@ -27,7 +28,20 @@ def grid(tmp_path_factory, mnist_dir) -> Path:
     work = tmp_path_factory.mktemp("grid")
     result = cli("runner", "-m", *GRID, *QUICK, cwd=work, mnist_dir=mnist_dir, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    (work / CONSOLE).write_text(result.stdout)
     return work
+
+
+# The grid's console output, kept beside its store.
+CONSOLE = "console.txt"
+
+
+def ui_link(run) -> str:
+    """The page of `run` in the MLflow UI's model-training view, as `mlflow ui` serves it."""
+    return (
+        f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+        "?workflowType=machine_learning"
+    )
 
 
 def sweep_runs(work: Path) -> tuple:
@@ -49,9 +63,17 @@ def test_sweep_is_one_parent_run_with_a_child_run_a_job(grid):
     assert parent.data.tags["sweep.launcher"] == "BasicLauncher"
     grid_points = {(r.data.params["model.name"], r.data.params["optimizer.lr"]) for r in children}
     assert grid_points == {(m, lr) for m in ("softmax", "cnn_layers") for lr in ("0.1", "0.01")}
+    # Each run's link in the MLflow UI: the parent's in the sweep's output, a job's in its log.
+    console = (grid / CONSOLE).read_text()
+    assert f"MLflow parent run {parent.info.run_id} for the sweep in {sweep_dir}: " in console
+    assert f": {ui_link(parent)}\n" in console
+    logs = "".join(log.read_text() for log in sweep_dir.glob("*/runner.log"))
+    experiment = store_client(grid).get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     for child in children:
         assert child.info.status == "FINISHED"
         assert {"test/accuracy", "val/accuracy", "train/loss"} <= child.data.metrics.keys()
+        assert f"MLflow run {child.info.run_id} in experiment 'mnist': {ui_link(child)}\n" in logs
         # Named by what sets the job apart, not by the overrides every job shares.
         name = child.data.tags["mlflow.runName"]
         assert name.startswith("#") and "model=" in name and "data.limit" not in name
@@ -135,18 +157,28 @@ def test_mlflow_ui_shows_the_sweep_in_chromium(grid, mlflow_ui, tmp_path):
     from playwright.sync_api import sync_playwright
 
     parent, children = sweep_runs(grid)
-    experiment = parent.info.experiment_id
+    # The sweep's own link to its parent run, on this test's server rather than `mlflow ui`'s.
+    [link] = re.findall(r"for the sweep in \S+: (\S+)", (grid / CONSOLE).read_text())
+    link = link.replace("http://127.0.0.1:5000/", f"{mlflow_ui}/")
     screenshot = tmp_path / "mlflow_ui_sweep.png"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM,
             args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
         )
+        # A new browser, whose storage does not choose the UI's view: the link does.
         page = browser.new_page(viewport={"width": 1920, "height": 800})
         try:
-            page.goto(f"{mlflow_ui}/#/experiments/{experiment}/runs")
+            page.goto(link)
+            page.get_by_text(parent.info.run_id, exact=True).wait_for(timeout=60_000)
+            # The model-training view's side bar, whose Runs is the training runs table.
+            page.locator('a[href$="/runs?workflowType=machine_learning"]', has_text="Runs").click()
             names = page.locator('[role="gridcell"][col-id="attributes.`Run Name`"]')
             names.filter(has_text=parent.data.tags["mlflow.runName"]).wait_for(timeout=60_000)
+            genai = [
+                page.get_by_text(text, exact=True) for text in ("Observability", "Training runs")
+            ]
+            in_genai_view = [locator.count() for locator in genai]
             page.get_by_role("button", name="Close").click()  # the assistant's side panel
             names.first.locator("button").click()  # expands the parent into its children
             for child in children:
@@ -160,6 +192,7 @@ def test_mlflow_ui_shows_the_sweep_in_chromium(grid, mlflow_ui, tmp_path):
         finally:
             page.screenshot(path=screenshot, full_page=True)
             browser.close()
+    assert in_genai_view == [0, 0]  # the GenAI view's side bar and title of its runs table
     assert shown == {round(c.data.metrics["val/accuracy"], 4) for c in children}
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -194,37 +227,113 @@ def test_compare_refuses_a_metric_no_run_has(grid, monkeypatch, capsys):
     assert "the metric 'test/acc', 'val/los':" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def two_sweeps(tmp_path_factory, mnist_dir) -> Path:
+    """Two short sweeps in one store: over the data's name, and over seeds x learning rates."""
+    work = tmp_path_factory.mktemp("two_sweeps")
+    short = [*QUICK, "trainer.steps=10", "trainer.log_every=5", "trainer.eval_every=5"]
+    for swept in (["data.name=mnist,digits"], ["seed=1,2", "optimizer.lr=0.1,0.9"]):
+        result = cli("runner", "-m", *swept, *short, cwd=work, mnist_dir=mnist_dir)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return work
+
+
+def in_order(folder: Path) -> tuple:
+    """The two sweeps' parent runs, first first, and their children."""
+    parents, children = parents_and_children(folder)
+    return sorted(parents, key=lambda run: run.info.start_time), children
+
+
 def test_a_sweep_over_data_keeps_its_runs_in_one_experiment_and_compares_with_another(
-    tmp_path, mnist_dir, monkeypatch, capsys
+    two_sweeps, monkeypatch, capsys
 ):
     """Runs are recorded in the experiment named after their data unless in a sweep, whose jobs
     join their parent's experiment, whatever data each trains on: else the parent's summary
     would miss them. Then a second sweep in the same store, and `runner-compare --parent A
-    --parent B --plot FILE`: the four runs in one table, each row naming its own sweep, and
+    --parent B --plot FILE`: the six runs in one table, each row naming its own sweep, and
     their validation curves in one PNG."""
-    short = [*QUICK, "trainer.steps=10", "trainer.log_every=5", "trainer.eval_every=5"]
-    for swept in ("data.name=mnist,digits", "optimizer.lr=0.1,0.9"):
-        result = cli("runner", "-m", swept, *short, cwd=tmp_path, mnist_dir=mnist_dir)
-        assert result.returncode == 0, result.stderr[-3000:]
-    client = store_client(tmp_path)
+    client = store_client(two_sweeps)
     assert client.get_experiment_by_name("digits") is None
-    parents, children = parents_and_children(tmp_path)
-    first, second = sorted(parents, key=lambda run: run.info.start_time)
+    (first, second), children = in_order(two_sweeps)
+    parents = [first, second]
     of_first = [c for c in children if c.data.tags["mlflow.parentRunId"] == first.info.run_id]
     assert sorted(c.data.params["data.name"] for c in of_first) == ["digits", "mnist"]
     assert "best/val/accuracy" in first.data.metrics
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    plot = tmp_path / "curves.png"
+    monkeypatch.chdir(two_sweeps)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{two_sweeps}/mlflow.db")
+    plot = two_sweeps / "curves.png"
     args = ["--parent", first.info.run_id, "--parent", second.info.run_id, "--plot", str(plot)]
     compare.main([*args, "--format", "csv"])
     rows = pd.read_csv(io.StringIO(capsys.readouterr().out))
-    assert list(rows.columns[:2]) == ["sweep", "run"] and len(rows) == 4
+    assert list(rows.columns[:2]) == ["sweep", "run"] and len(rows) == 6
     assert {"data.name", "optimizer.lr"} <= set(rows.columns)  # each differs across the sweeps
     label = {p.info.run_id: f"{p.info.run_name} ({p.info.run_id[:8]})" for p in parents}
     sweep_of = {c.info.run_id: label[c.data.tags["mlflow.parentRunId"]] for c in children}
     assert dict(zip(rows["run_id"], rows["sweep"], strict=True)) == sweep_of
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     drawn = compare.curves(rows.assign(**{"tags.mlflow.runName": rows["run"]}), compare.CURVE)
-    assert len(drawn) == 4 and all(len(points) == 2 for points in drawn.values())
+    assert len(drawn) == 6 and all(len(points) == 2 for points in drawn.values())
+
+
+def test_compare_over_seed_gives_each_group_of_seeds_one_row_and_curve(
+    two_sweeps, monkeypatch, capsys
+):
+    """`--over seed`: the runs that differ only in seed (each has its own checkpoint folder)
+    make one row, with each metric's mean, standard deviation and count, and one curve, its mean
+    in a band of one standard deviation; a key the runs lack is refused in one line."""
+    (first, second), children = in_order(two_sweeps)
+    monkeypatch.chdir(two_sweeps)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{two_sweeps}/mlflow.db")
+    of_second = [c for c in children if c.data.tags["mlflow.parentRunId"] == second.info.run_id]
+    final = pd.DataFrame(
+        [{"lr": float(c.data.params["optimizer.lr"]), **c.data.metrics} for c in of_second]
+    ).groupby("lr")
+    plot = two_sweeps / "seeds.png"
+    args = ["--parent", second.info.run_id, "--over", "seed"]
+    compare.main([*args, "--format", "csv", "--plot", str(plot)])
+    rows = pd.read_csv(io.StringIO(capsys.readouterr().out), dtype={"seed": str})
+    assert list(rows.columns[:3]) == ["optimizer.lr", "seed", "runs"]
+    assert "trainer.checkpoint_dir" not in rows.columns
+    assert list(rows["seed"]) == ["1 2", "1 2"] and list(rows["runs"]) == [2, 2]
+    for metric in compare.DEFAULT_METRICS:
+        mean = rows.set_index("optimizer.lr")[f"{metric} mean"]
+        assert mean.to_dict() == pytest.approx(final[metric].mean().to_dict())
+        std = rows.set_index("optimizer.lr")[f"{metric} std"]
+        assert std.to_dict() == pytest.approx(final[metric].std().to_dict())
+        assert list(rows[f"{metric} n"]) == [2, 2]
+    means = list(rows["val/accuracy mean"])
+    assert means == sorted(means, reverse=True)
+
+    compare.main(args)  # the table
+    header, *lines = capsys.readouterr().out.splitlines()
+    assert header.split()[:4] == ["optimizer.lr", "seed", "runs", "test/accuracy"]
+    assert len(lines) == 2
+
+    # Both sweeps: the first's two runs differ in data.name, each a group of one (no std).
+    both = ["--parent", first.info.run_id, *args, "--format", "csv"]
+    compare.main(both)
+    rows = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert sorted(rows["runs"]) == [1, 1, 2, 2] and rows.columns[0] == "sweep"
+    assert rows["val/accuracy std"].isna().tolist() == [n == 1 for n in rows["runs"]]
+
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = compare.children(second.info.experiment_id, second.info.run_id)
+    means, spread = compare.group_curves(runs, "seed", compare.CURVE)
+    assert set(means) == {"optimizer.lr=0.1 (2 runs)", "optimizer.lr=0.9 (2 runs)"}
+    for name, points in means.items():
+        lr = float(name.split("=")[1].split()[0])
+        assert [step for step, _ in points] == [5, 10]
+        assert points[-1][1] == pytest.approx(final["val/accuracy"].mean()[lr])
+        assert spread[name][-1][1] == pytest.approx(final["val/accuracy"].std()[lr])
+    figure = plots.sweep_curves(means, compare.CURVE, spread)
+    assert len(figure.axes[0].lines) == len(figure.axes[0].collections) == 2  # a band a group
+
+    with pytest.raises(SystemExit, match="^1$"):
+        compare.main([*args[:2], "--over", "sed"])
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        "runner-compare: error: --over 'sed' is not a parameter of the runs compared: did you "
+        "mean seed? those that differ between them are optimizer.lr, seed\n"
+    )

@@ -12,7 +12,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from runner.tracking import Recorder, open_store
+from runner.tracking import Recorder, open_store, ui_link
 
 from .conftest import QUICK, compose_config
 
@@ -110,6 +110,20 @@ def test_a_new_experiment_keeps_its_artifacts_beside_its_sqlite_store(tmp_path, 
         mlflow.log_text("logged", "note.txt")
     assert (store / "mlruns" / run.info.run_id / "artifacts" / "note.txt").read_text() == "logged"
     assert list(elsewhere.iterdir()) == []
+    # A model-training experiment to the MLflow UI, which would otherwise ask which kind it is.
+    tags = MlflowClient().get_experiment(run.info.experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_a_run_s_link_opens_the_ui_s_training_view_and_holds_no_password(monkeypatch):
+    """`mlflow ui` serves a local store on port 5000; a server's address keeps no credentials.
+    The UI's GenAI view is its default, unless the link's workflowType says otherwise."""
+    page = "#/experiments/3/runs/abc?workflowType=machine_learning"
+    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "sqlite:///mlflow.db")
+    assert ui_link("3", "abc") == f"http://127.0.0.1:5000/{page}"
+    server = "https://alice:s3cret@mlflow.example.org:8443/team/?token=t0ken"
+    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: server)
+    assert ui_link("3", "abc") == f"https://mlflow.example.org:8443/team/{page}"
 
 
 def test_an_existing_experiment_keeps_its_artifact_location(tmp_path):
