@@ -109,6 +109,8 @@ def resume_point(cfg: Any, mode: str, digests: dict[str, str], finish: bool = Fa
             f"left to train; to train it further, use trainer.resume=extend with a larger "
             f"trainer.steps"
         )
+    ending = ", whose training is complete: testing it and ending the run" if trained else ""
+    log.info("resuming from step %d of run %s%s", found.step, found.run_id, ending)
     return found
 
 

@@ -1,6 +1,7 @@
 """Checkpoints: written whole or not at all, pruned, and a killed run resumed to the same end."""
 
 import json
+import logging
 import shlex
 import signal
 from pathlib import Path
@@ -238,7 +239,7 @@ def stop_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
 
 
 def test_run_stopped_mid_window_resumes_to_the_same_history_bitwise(
-    tmp_path, mnist_dir, monkeypatch
+    tmp_path, mnist_dir, monkeypatch, caplog
 ):
     monkeypatch.setenv("MNIST_DIR", str(mnist_dir))
     monkeypatch.chdir(tmp_path)
@@ -255,8 +256,11 @@ def test_run_stopped_mid_window_resumes_to_the_same_history_bitwise(
     assert checkpoints.latest(stopped / "checkpoints").step == 30
     run_id = only_run(stopped).info.run_id
     assert max(m.step for m in store_client(stopped).get_metric_history(run_id, "val/loss")) == 20
+    caplog.set_level(logging.INFO, logger="runner.checkpoints")
     softmax_run(stopped, "trainer.resume=true")
 
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming")]
+    assert said == [f"resuming from step 30 of run {run_id}"], "said once, at INFO"
     assert only_run(stopped).info.status == "FINISHED"
     assert history(stopped, run_id) == reference
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{stopped}/mlflow.db")
