@@ -207,7 +207,7 @@ def test_unreachable_tracking_server_is_a_clear_error(tmp_path, mnist_dir, args)
 
 @pytest.mark.parametrize("stopped", ["opening", "training", "testing"])
 def test_sigterm_ends_the_run_killed_even_sent_again_while_it_closes(
-    stopped, in_tmp_store, monkeypatch
+    stopped, in_tmp_store, monkeypatch, caplog
 ):
     """SIGTERM while MLflow opens the run (between creating it and making it the active run),
     while it trains, or while it tests. SLURM signals a cancelled job's step and its batch
@@ -264,6 +264,8 @@ def test_sigterm_ends_the_run_killed_even_sent_again_while_it_closes(
         step = checkpoints.latest(in_tmp_store / "checkpoints").step
         assert isinstance(stop.value, Interrupted)
         assert 20 <= step < 80 and f"stopped by SIGTERM at step {step}," in str(stop.value)
+        # The stop comes at the end of the execution under way: 20 steps (auto) here.
+        assert "SIGTERM received: stopping after the 20 step(s) under way" in caplog.text
     after = {number: signal.getsignal(number) for number in preemption.STOP_SIGNALS}
     assert after == before, "the handlers are put back"
     if stopped == "testing":  # its resume tests it and ends the same run FINISHED
