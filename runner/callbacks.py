@@ -148,10 +148,11 @@ SERVER_LOST = "server lost"
 
 
 class StopOnSignal(keras.callbacks.Callback):
-    """Ctrl-C (SIGINT), SIGTERM and SIGUSR2 stop training at the end of the step under way,
-    instead of killing it mid-step, so that a checkpoint can be written; `received` names the
-    signal. So does a `recorder` whose tracking server has stopped answering, at the end of the
-    window whose metrics it could not write (`received` is then SERVER_LOST)."""
+    """Ctrl-C (SIGINT), SIGTERM and SIGUSR2 stop training at the end of the execution under way
+    (the device.steps_per_execution steps the backend runs in one call, after which Keras calls
+    back), instead of killing it mid-step, so that a checkpoint can be written; `received`
+    names the signal. So does a `recorder` whose tracking server has stopped answering, at the
+    end of the window whose metrics it could not write (`received` is then SERVER_LOST)."""
 
     def __init__(self, recorder: Any = None) -> None:
         super().__init__()
@@ -167,7 +168,8 @@ class StopOnSignal(keras.callbacks.Callback):
 
     def _request_stop(self, number: int, frame: Any) -> None:
         self.received = signal.Signals(number).name
-        log.warning("%s received: stopping after this step", self.received)
+        steps = self.model.steps_per_execution
+        log.warning("%s received: stopping after the %d step(s) under way", self.received, steps)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if self.received:

@@ -83,8 +83,12 @@ def resume_point(cfg: Any, mode: str, digests: dict[str, str], finish: bool = Fa
     """The checkpoint `trainer.resume=<mode>` carries on from, or a clear error if there is none
     or if `cfg` differs from its run's settings: `true` must match them all, `extend` may raise
     trainer.steps. `digests` are the data's (`Splits.digests`), which must be the run's too.
-    With `finish`, a checkpoint at the last step is taken too, for a run stopped after training
-    but before its test and model were recorded."""
+    A checkpoint where training ended (at the last step, or stopped early) is taken while its
+    MLflow run has not recorded its ending (`tracking.run_ended`): the run was stopped after
+    training, before its test and model were recorded, and the resume finishes it. With `finish`
+    (a requeued SLURM job) it is taken in any case."""
+    from runner.tracking import run_ended
+
     directory = Path(cfg.trainer.checkpoint_dir)
     found = latest(directory)
     if found is None:
@@ -93,17 +97,20 @@ def resume_point(cfg: Any, mode: str, digests: dict[str, str], finish: bool = Fa
             f"the interrupted run's folder, hydra.run.dir=outputs/<date>/<time>"
         )
     _check_settings(found, settings(cfg, digests), mode)
-    if found.stopped_early:
-        raise UserError(
-            f"the checkpoint in {directory} is where a callback stopped the run early, at step "
-            f"{found.step}: the run is over; start a new run to train again"
-        )
-    if found.step >= cfg.trainer.steps and not finish:
+    trained = found.stopped_early or found.step >= cfg.trainer.steps
+    if trained and (mode == "extend" or (not finish and run_ended(found.run_id))):
+        if found.stopped_early:
+            raise UserError(
+                f"the checkpoint in {directory} is where a callback stopped the run early, at "
+                f"step {found.step}: the run is over; start a new run to train again"
+            )
         raise UserError(
             f"the checkpoint in {directory} is at step {found.step}, the run's last: nothing is "
             f"left to train; to train it further, use trainer.resume=extend with a larger "
             f"trainer.steps"
         )
+    ending = ", whose training is complete: testing it and ending the run" if trained else ""
+    log.info("resuming from step %d of run %s%s", found.step, found.run_id, ending)
     return found
 
 

@@ -46,9 +46,15 @@ def reported(command: str) -> Iterator[None]:
         print(f"{command}: error: {mask(str(error))}", file=sys.stderr)
         raise SystemExit(error.exit_code) from None
     except KeyboardInterrupt as error:  # before or after training, which says more itself
-        stopped_by = str(error) if str(error) in signal.Signals.__members__ else "SIGINT"
+        stopped_by = stop_signal(error)
         print(f"{command}: stopped by {stopped_by}", file=sys.stderr)
         raise SystemExit(128 + signal.Signals[stopped_by]) from None
+
+
+def stop_signal(error: KeyboardInterrupt) -> str:
+    """The signal a KeyboardInterrupt stands for: the one `runner.preemption` raised it for, as
+    its argument, else Ctrl-C's."""
+    return str(error) if str(error) in signal.Signals.__members__ else "SIGINT"
 
 
 def run_hydra_app(

@@ -2,6 +2,8 @@
 
 import shlex
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from runner.callbacks import (
 from runner.checkpoints import Checkpoint, Checkpointer, RestoreMetrics
 from runner.data import Split, Splits
 from runner.devices import Plan
-from runner.errors import Interrupted, ServerLost, UserError
+from runner.errors import Interrupted, ServerLost, UserError, stop_signal
 from runner.preemption import NOTICE, will_requeue
 
 
@@ -36,7 +38,8 @@ def fit(
     resumed: Checkpoint | None = None,
     extra: dict[str, Any] | None = None,
 ) -> int:
-    """Train from the `resumed` checkpoint's step (else 0) to `trainer.steps`, with the
+    """Train from the `resumed` checkpoint's step (else 0) to `trainer.steps`, unless training
+    ended at that checkpoint (it was stopped after training, while it tested), with the
     configured `extra` callbacks (by name) among the runner's own; validate every `eval_every`
     steps and after the last one; checkpoint every `checkpoint_every` steps, after the last one
     and on SIGINT, SIGTERM or SIGUSR2, which then raise `Interrupted`. Each step trains on
@@ -88,14 +91,17 @@ def fit(
         callbacks.append(RestoreMetrics(resumed.metric_state, splits.num_classes))
     if trainer.progress_bar:
         callbacks.append(StepProgbar(trainer.steps, counter))
-    aligned = min(-(-start_step // trainer.log_every) * trainer.log_every, trainer.steps)
+    # Training ends at trainer.steps, or where a callback stopped it early: a run resumed from
+    # either (stopped while it tested) trains no more.
+    last = start_step if resumed and resumed.stopped_early else trainer.steps
+    aligned = min(-(-start_step // trainer.log_every) * trainer.log_every, last)
     if start_step < aligned:  # a run stopped mid-window first finishes that window on its own
         at_eval = aligned % trainer.eval_every == 0
         _fit_windows(
             model, splits, cfg, batch, callbacks, start_step, 1, aligned - start_step, at_eval
         )
-    if not stop.received and not model.stop_training and aligned < trainer.steps:
-        windows = (trainer.steps - aligned) // trainer.log_every
+    if not stop.received and not model.stop_training and aligned < last:
+        windows = (last - aligned) // trainer.log_every
         _fit_windows(
             model, splits, cfg, batch, callbacks, aligned, windows, trainer.log_every, True
         )
@@ -155,25 +161,52 @@ def intervals(trainer: Any, callbacks: dict[str, Any]) -> list[int]:
     return own + [c.interval for c in callbacks.values() if getattr(c, "interval", None)]
 
 
-def _how_to_resume(checkpoints: Path) -> str:
-    """The command that carries this run on: the same one, pointed at this run's folder when
-    its checkpoints are there (the default trainer.checkpoint_dir). A sweep's job is carried on
-    alone, with its own overrides; an Optuna trial is not, as its study carries on the search
-    instead."""
+@contextmanager
+def finishable(trainer: Any, run_id: str) -> Iterator[None]:
+    """Around training and the run's ending (final validation, test, plots, model): a stop
+    (a KeyboardInterrupt, as `preemption.terminate_as_interrupt` raises) that comes once
+    training is complete, its last checkpoint written by the run `run_id`, raises `Interrupted`
+    saying so and how to finish the run, as a stop during training says how to carry it on."""
+    try:
+        yield
+    except KeyboardInterrupt as error:
+        folder = Path(trainer.checkpoint_dir)
+        last = checkpoints.latest(folder)
+        trained = last is not None and (last.stopped_early or last.step >= trainer.steps)
+        if not trained or last.run_id != run_id:
+            raise
+        name = stop_signal(error)
+        finish = (
+            "the requeued job finishes it"
+            if name == NOTICE.name and will_requeue()
+            else _how_to_resume(folder, "finish it")
+        )
+        raise Interrupted(
+            f"stopped by {name} after the last training step, {last.step}: training is "
+            f"complete, checkpoint in {folder}; to test it and end its MLflow run, {finish}",
+            exit_code=128 + signal.Signals[name],
+        ) from None
+
+
+def _how_to_resume(checkpoints: Path, verb: str = "carry on") -> str:
+    """The command that carries this run on (or, as `verb` says, finishes it): the same one,
+    pointed at this run's folder when its checkpoints are there (the default
+    trainer.checkpoint_dir). A sweep's job is carried on alone, with its own overrides; an
+    Optuna trial is not, as its study carries on the search instead."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
-        return "carry on with trainer.resume=true"
+        return f"{verb} with trainer.resume=true"
     hydra = HydraConfig.get()
     output_dir = Path(hydra.runtime.output_dir)
     in_run = checkpoints.resolve().is_relative_to(output_dir.resolve())
     folder = f" hydra.run.dir={shlex.quote(str(output_dir))}" if in_run else ""
     if not sweep.in_multirun():
-        return f"carry on with the same command plus trainer.resume=true{folder}"
+        return f"{verb} with the same command plus trainer.resume=true{folder}"
     if "Optuna" in str(hydra.sweeper.get("_target_", "")):
         return "run the search's command again: its study carries on, this trial starts over"
     overrides = " ".join(shlex.quote(o) for o in hydra.overrides.task)
-    return f"carry on with this job alone: runner {overrides} trainer.resume=true{folder}"
+    return f"{verb} with this job alone: runner {overrides} trainer.resume=true{folder}"
 
 
 def check_resumable(start_step: int, plan: Plan) -> None:

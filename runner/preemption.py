@@ -3,12 +3,13 @@
 SLURM warns a job with SIGUSR2 (submitit's `--signal=USR2@signal_delay_s`) before its time
 limit, and before a preemption where the cluster says so (`PreemptParameters=send_user_signal`);
 it stops a job it requeues (`scontrol requeue`, or a preemption without that setting) or cancels
-with SIGTERM. On either, the runner stops training at the end of the step under way, writes a
-checkpoint and ends the MLflow run KILLED (runner.callbacks.StopOnSignal). SIGUSR2 is then
-handed to submitit's own handler, which calls the launcher's `checkpoint` (resubmit the same
-job) and requeues it. The requeued job runs the same command again; seeing
-`SLURM_RESTART_COUNT`, it carries on from the checkpoint in the same MLflow run, as
-`trainer.resume=true` would.
+with SIGTERM. On either, the runner stops training at the end of the execution under way (its
+device.steps_per_execution steps), writes a checkpoint and ends the MLflow run KILLED
+(runner.callbacks.StopOnSignal). SIGUSR2 is then handed to submitit's own handler, which calls
+the launcher's `checkpoint` (resubmit the same job) and requeues it. The requeued job runs the
+same command again; seeing `SLURM_RESTART_COUNT`, it carries on from the checkpoint in the same
+MLflow run, as `trainer.resume=true` would: a job stopped after its last step is only tested
+and its run ended.
 """
 
 import logging

@@ -35,6 +35,8 @@ from runner.targets import label
 log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT = "model"
+# The tag of a run whose Optuna trial was pruned: its step. The run ends KILLED, yet is over.
+PRUNED_TAG = "pruned_at_step"
 
 
 class Recorder:
@@ -127,7 +129,7 @@ class Recorder:
 
     def prune(self, step: int) -> None:
         """End the run KILLED, tagged with the step its Optuna trial was pruned at."""
-        self.set_tag("pruned_at_step", str(step))
+        self.set_tag(PRUNED_TAG, str(step))
         self.end_status = "KILLED"
 
     def log_test(self, test: Split, outputs: np.ndarray, loss: float, step: int) -> None:
@@ -305,6 +307,22 @@ def _reopen(run_id: str) -> dict[str, list[tuple[int, float]]]:
         key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
         for key in run.data.metrics
     }
+
+
+def run_ended(run_id: str) -> bool:
+    """Whether the run recorded its ending: it ended FINISHED, or KILLED by its Optuna pruner.
+    One stopped (or failed, or cut off from its server) after its last training step has not,
+    and its resume finishes it."""
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise UserError(
+            f"the checkpoint's MLflow run {run_id} is not in the tracking store "
+            f"{mask(mlflow.get_tracking_uri())}: resume with the tracking.uri it recorded into"
+        ) from None
+    return run.info.status == "FINISHED" or PRUNED_TAG in run.data.tags
 
 
 def _carry_on(

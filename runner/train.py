@@ -41,7 +41,9 @@ def train(
     """Train one model as `cfg` says and record it in MLflow, with `tags` added to the run;
     returns the final metrics. Everything is built from the config's `_target_`s before the
     MLflow run starts, so a config that cannot train leaves no run behind. An Optuna `trial`
-    hears each validation, and a trial its pruner calls off ends its run KILLED, untested."""
+    hears each validation, and a trial its pruner calls off ends its run KILLED, untested. A
+    run resumed once its training is complete (it was stopped while it tested) trains nothing:
+    it is tested, its model logged, and its run ended."""
     check_config(cfg)
     from runner import tracking
     from runner.data import absolute_paths
@@ -64,6 +66,7 @@ def train(
         check_resumable,
         configured_callbacks,
         evaluate_outputs,
+        finishable,
         fit,
         intervals,
     )
@@ -108,6 +111,7 @@ def train(
             extends,
             resumed.unrecorded if resumed else None,
         ) as recorder,
+        finishable(cfg.trainer, recorder.run_id),
     ):
         reached = fit(model, splits, cfg, recorder, plan, resumed, callbacks)
         if trial is not None and trial.pruned_at is not None:

@@ -10,14 +10,28 @@ import keras
 
 
 class SignalAt(keras.callbacks.Callback):
-    """Sends the signal RUNNER_TEST_SIGNAL (`KILL@50`: SIGKILL once step 50 has trained) to
-    this process; does nothing where it is unset. Set by environment, not by config, so the run
-    it stops and its resume have the same settings."""
+    """Sends the signal RUNNER_TEST_SIGNAL (`KILL@50`: SIGKILL once step 50 has trained;
+    `INT@end`: SIGINT as Keras's `fit` ends, in a run started afresh once its last checkpoint
+    is written) to this process;
+    does nothing where it is unset. Set by environment, not by config, so the run it stops and
+    its resume have the same settings."""
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        name, _, step = os.environ.get("RUNNER_TEST_SIGNAL", "").partition("@")
-        if name and int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)) == int(step):
+        name, step = self._wanted()
+        if name and step != "end" and self._step() == int(step):
             os.kill(os.getpid(), signal.Signals[f"SIG{name}"])
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        name, step = self._wanted()
+        if name and step == "end":
+            os.kill(os.getpid(), signal.Signals[f"SIG{name}"])
+
+    def _wanted(self) -> tuple[str, str]:
+        name, _, step = os.environ.get("RUNNER_TEST_SIGNAL", "").partition("@")
+        return name, step
+
+    def _step(self) -> int:
+        return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
 
 
 @keras.saving.register_keras_serializable(package="tests")

@@ -52,10 +52,16 @@ def test_progress_bar_heads_each_window_with_the_steps_it_covers(capsys):
     assert headings == ["Steps 5-8 of 12", "Steps 9-12 of 12"]
 
 
-def test_early_stopping_ends_the_run_at_the_step_it_stopped(in_tmp_store):
+def test_early_stopping_ends_the_run_at_the_step_it_stopped(in_tmp_store, monkeypatch):
     """A rate too small to move the zero-initialised softmax keeps val/accuracy flat: with a
     patience of 20 steps, validated every 10, the best stays at step 10 and training stops at
-    step 30 of 100, FINISHED, its test metrics and checkpoint at that step."""
+    step 30 of 100, FINISHED, its test metrics and checkpoint at that step. Ctrl-C while it
+    tests leaves it KILLED; its resume trains no more, and finishes it so."""
+    import os
+    import signal
+
+    from runner import fitting
+    from runner.errors import Interrupted
     from runner.train import train
 
     from .conftest import QUICK, compose_config, only_run, store_client
@@ -70,7 +76,15 @@ def test_early_stopping_ends_the_run_at_the_step_it_stopped(in_tmp_store):
         "optimizer.lr=1e-12",
         f"trainer.checkpoint_dir={in_tmp_store / 'checkpoints'}",
     ]
-    train(compose_config(overrides))
+    evaluate_outputs = fitting.evaluate_outputs
+    monkeypatch.setattr(fitting, "evaluate_outputs", lambda *a: os.kill(os.getpid(), signal.SIGINT))
+    with pytest.raises((Interrupted, KeyboardInterrupt)) as stop:  # not pytest's own stop
+        train(compose_config(overrides))
+    assert isinstance(stop.value, Interrupted)
+    assert "after the last training step, 30: training is complete" in str(stop.value)
+    assert only_run(in_tmp_store).info.status == "KILLED"
+    monkeypatch.setattr(fitting, "evaluate_outputs", evaluate_outputs)
+    train(compose_config([*overrides, "trainer.resume=true"]))
     run = only_run(in_tmp_store)
     client = store_client(in_tmp_store)
     assert run.info.status == "FINISHED"

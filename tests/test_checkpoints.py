@@ -1,6 +1,7 @@
 """Checkpoints: written whole or not at all, pruned, and a killed run resumed to the same end."""
 
 import json
+import logging
 import shlex
 import signal
 from pathlib import Path
@@ -161,6 +162,38 @@ def test_a_sweep_job_stopped_then_killed_carries_on_alone_to_the_uninterrupted_e
     assert all("trainer.resume=true" in (r / "overrides.yaml").read_text() for r in resumes)
 
 
+def test_a_run_stopped_after_its_last_step_is_finished_by_its_resume(
+    tmp_path, mnist_dir, monkeypatch, reference
+):
+    """Ctrl-C once training has ended, its last checkpoint written, leaves the run KILLED and
+    untested, saying in one line that training is complete and how to finish the run. That
+    resume (here in-process) trains nothing: it tests and ends the same MLflow run FINISHED,
+    as the run left alone ended, each step logged once."""
+    run_dir = tmp_path / "run"
+    command = [*RESUMABLE, f"hydra.run.dir={run_dir}"]
+    stderr = runner(tmp_path, mnist_dir, *command, signal_at="INT@end", code=130)
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"runner: error: stopped by SIGINT after the last training step, {STEPS}: training is "
+        f"complete, checkpoint in {run_dir / 'checkpoints'}; to test it and end its MLflow run, "
+        f"finish it with the same command plus trainer.resume=true hydra.run.dir={run_dir}"
+    )
+    stopped = only_run(tmp_path)
+    assert stopped.info.status == "KILLED"
+    assert not [key for key in stopped.data.metrics if key.startswith("test/")]
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MNIST_DIR", str(mnist_dir))
+    monkeypatch.delenv("RUNNER_TEST_SIGNAL", raising=False)
+    resume = ["trainer.resume=true", f"trainer.checkpoint_dir={run_dir / 'checkpoints'}"]
+    train(compose_config([*RESUMABLE, *resume, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]))
+    run, ref_run = only_run(tmp_path), only_run(reference)
+    assert run.info.run_id == stopped.info.run_id
+    assert run.info.status == "FINISHED" and "error" not in run.data.tags
+    assert run.data.metrics["test/accuracy"] == ref_run.data.metrics["test/accuracy"]
+    assert history(tmp_path, run.info.run_id) == history(reference, ref_run.info.run_id)
+
+
 # A short softmax run whose stop lands inside a window (steps_per_execution 5, windows of 20),
 # between checkpoints, and in a window that validates.
 SOFTMAX = [
@@ -206,7 +239,7 @@ def stop_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
 
 
 def test_run_stopped_mid_window_resumes_to_the_same_history_bitwise(
-    tmp_path, mnist_dir, monkeypatch
+    tmp_path, mnist_dir, monkeypatch, caplog
 ):
     monkeypatch.setenv("MNIST_DIR", str(mnist_dir))
     monkeypatch.chdir(tmp_path)
@@ -223,8 +256,11 @@ def test_run_stopped_mid_window_resumes_to_the_same_history_bitwise(
     assert checkpoints.latest(stopped / "checkpoints").step == 30
     run_id = only_run(stopped).info.run_id
     assert max(m.step for m in store_client(stopped).get_metric_history(run_id, "val/loss")) == 20
+    caplog.set_level(logging.INFO, logger="runner.checkpoints")
     softmax_run(stopped, "trainer.resume=true")
 
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming")]
+    assert said == [f"resuming from step 30 of run {run_id}"], "said once, at INFO"
     assert only_run(stopped).info.status == "FINISHED"
     assert history(stopped, run_id) == reference
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{stopped}/mlflow.db")

@@ -128,7 +128,9 @@ def test_requeued_and_timed_out_jobs_carry_on_in_their_runs_to_the_same_result(
         assert int(shown.split("Restarts=")[1].split()[0]) >= 1, shown
         logs = (tmp_path / "multirun").glob(f"*/*/.submitit/{array}_{job}/*_log.*")
         said = "".join(path.read_text() for path in logs)
-        assert f"{'SIGTERM' if job == 0 else 'SIGUSR2'} received: stopping after this step" in said
+        signalled = "SIGTERM" if job == 0 else "SIGUSR2"
+        assert f"{signalled} received: stopping after the 10 step(s) under way" in said
+        assert "resuming from step 150 of run " in said, "the requeued job says so"
     # The same weights as the run never stopped.
     sweep_dir = Path(parent.data.tags["sweep.dir"])
     checkpoints = next((alone_dir / "outputs").glob("*/*/checkpoints"))

@@ -207,12 +207,13 @@ def test_unreachable_tracking_server_is_a_clear_error(tmp_path, mnist_dir, args)
 
 @pytest.mark.parametrize("stopped", ["opening", "training", "testing"])
 def test_sigterm_ends_the_run_killed_even_sent_again_while_it_closes(
-    stopped, in_tmp_store, monkeypatch
+    stopped, in_tmp_store, monkeypatch, caplog
 ):
     """SIGTERM while MLflow opens the run (between creating it and making it the active run),
     while it trains, or while it tests. SLURM signals a cancelled job's step and its batch
     script, which passes the signal on: the second SIGTERM, arriving while the run closes,
-    must not stop the close half way."""
+    must not stop the close half way. Stopped while it tests, after its last step, the run is
+    finished by its resume."""
     import signal
 
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -247,9 +248,15 @@ def test_sigterm_ends_the_run_killed_even_sent_again_while_it_closes(
         with pytest.raises((Interrupted, KeyboardInterrupt)) as stop:
             short_run([callback, folder], in_tmp_store)
     else:
+        evaluate_outputs = fitting.evaluate_outputs
         monkeypatch.setattr(fitting, "evaluate_outputs", terminated)
-        with pytest.raises(KeyboardInterrupt, match="SIGTERM") as stop:
+        # Training is complete: the stop says so, and how to finish the run.
+        complete = "after the last training step, 20: training is complete, checkpoint in"
+        with pytest.raises((Interrupted, KeyboardInterrupt)) as stop:  # not pytest's own stop
             short_run(["trainer.steps=20", "trainer.eval_every=20"], in_tmp_store)
+        assert isinstance(stop.value, Interrupted)
+        assert f"stopped by SIGTERM {complete}" in str(stop.value)
+        assert stop.value.exit_code == 128 + signal.SIGTERM
     run = only_run(in_tmp_store)
     assert run.info.status == "KILLED"
     assert run.data.tags["error"] == f"{type(stop.value).__name__}: {stop.value}"
@@ -257,8 +264,19 @@ def test_sigterm_ends_the_run_killed_even_sent_again_while_it_closes(
         step = checkpoints.latest(in_tmp_store / "checkpoints").step
         assert isinstance(stop.value, Interrupted)
         assert 20 <= step < 80 and f"stopped by SIGTERM at step {step}," in str(stop.value)
+        # The stop comes at the end of the execution under way: 20 steps (auto) here.
+        assert "SIGTERM received: stopping after the 20 step(s) under way" in caplog.text
     after = {number: signal.getsignal(number) for number in preemption.STOP_SIGNALS}
     assert after == before, "the handlers are put back"
+    if stopped == "testing":  # its resume tests it and ends the same run FINISHED
+        monkeypatch.setattr(fitting, "evaluate_outputs", evaluate_outputs)
+        monkeypatch.setattr(tracking, "_error_tag", error_tag)
+        resume = ["trainer.steps=20", "trainer.eval_every=20", "trainer.resume=true"]
+        short_run(resume, in_tmp_store)
+        finished = only_run(in_tmp_store)
+        assert (finished.info.run_id, finished.info.status) == (run.info.run_id, "FINISHED")
+        history = store_client(in_tmp_store).get_metric_history(run.info.run_id, "test/loss")
+        assert [m.step for m in history] == [20] and "error" not in finished.data.tags
 
 
 def test_sigterm_while_starting_stops_at_once_in_one_line(tmp_path, mnist_dir):
