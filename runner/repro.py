@@ -94,7 +94,17 @@ def environment_report(environment: list[tuple[str, Any, Any]]) -> str:
     if not environment:
         return "The environments are the same (versions, platform, devices, commit, data)."
     lines = [f"{'environment':<40} {'original':<30} rerun"]
-    return "\n".join(lines + [f"{key:<40} {str(a):<30} {b}" for key, a, b in environment])
+    return "\n".join(lines + [f"{_whose(key):<40} {str(a):<30} {b}" for key, a, b in environment])
+
+
+def _whose(key: str) -> str:
+    """An environment key, saying whose code its git commit or state is: the runner's `git`, or
+    `user_code.git`, that of the user's own modules (whose files' SHA-256 rows name them)."""
+    if key.startswith("git."):
+        return f"{key} (the runner's)"
+    if key.startswith("user_code.git."):
+        return f"{key} (your code's)"
+    return key
 
 
 def _number(value: float | None) -> str:
@@ -491,7 +501,7 @@ def main(argv: list[str] | None = None) -> None:
     changed = environment_differences(logged, environment)
     if not differences:
         print(f"every metric history agrees (rtol={rtol}, atol={args.atol})")
-        if args.golden and changed:
+        if changed:
             print(environment_report(changed))
         return
     print(report(differences, changed))
