@@ -91,9 +91,10 @@ class TrainerConf:
     checkpoint_every: int = MISSING
     keep_checkpoints: int = MISSING
     checkpoint_dir: str = MISSING
-    # "false", "true" (carry on with the checkpoint's settings) or "extend" (raise
-    # trainer.steps); typed str because a field cannot be both a bool and "extend".
-    resume: str = "false"
+    # false, true (carry on with the checkpoint's settings) or "extend" (raise trainer.steps):
+    # untyped, as a field cannot be both a bool and "extend" (OmegaConf's Union breaks Hydra's
+    # merge), so that `--cfg job` shows `resume: false`; `_check_resume` names the choices.
+    resume: Any = False
     progress_bar: bool = True
     log_model: bool = True
     register_as: str | None = None
@@ -169,11 +170,22 @@ class PredictConf:
 
 
 def register_configs() -> None:
-    """Store the schemas in Hydra's ConfigStore; called before Hydra composes."""
+    """Store the schemas in Hydra's ConfigStore, and make `${group_options:GROUP}` available to
+    the help texts; called before Hydra composes."""
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(name="evaluate_schema", node=EvaluateConf)
     cs.store(name="predict_schema", node=PredictConf)
+    OmegaConf.register_new_resolver("group_options", group_options, replace=True)
+
+
+def group_options(group: str) -> str:
+    """The options of config group `group` (a --config-dir's too), as `runner --help` lists
+    them: `runner-eval --help` and `runner-predict --help` name only the groups they use,
+    which Hydra's own list of every group cannot."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    return ", ".join(sorted(GlobalHydra.instance().config_loader().get_group_options(group)))
 
 
 def runner_keys(node: Any, schema: type, path: str) -> Any:
@@ -357,7 +369,8 @@ RESUME_MODES = ("false", "true", "extend")
 
 
 def resume_mode(trainer: Any) -> str:
-    """`trainer.resume` as one of RESUME_MODES; the YAML's booleans arrive as "True"/"False"."""
+    """`trainer.resume` as one of RESUME_MODES: a bool (the YAML's, `trainer.resume=true`) or
+    "extend"; a config logged before it was untyped holds "True"/"False"."""
     return str(trainer.resume).lower()
 
 

@@ -3,9 +3,11 @@ history step by step. Exits 0 when they agree (exactly, or within --rtol/--atol)
 printing the first differing step of each metric and the environment differences that may
 explain them.
 
-`runner-repro RUN_ID --save FILE` writes what such a rerun needs (config, environment, metric
-histories) to a small JSON file a repository can commit; `runner-repro --golden FILE` reruns it
-anywhere, into a scratch store, with no tracking server."""
+`runner-repro RUN_ID --save FILE` writes what such a rerun needs (the command line's overrides,
+config, environment, metric histories) to a small JSON file a repository can commit;
+`runner-repro --golden FILE` composes today's conf/ with those overrides, refuses if the config
+differs from the recorded one, and reruns it anywhere, into a scratch store, with no tracking
+server; `--update` rewrites the file after an intended change."""
 
 import argparse
 import json
@@ -42,7 +44,8 @@ def compare(expected: History, found: History, rtol: float = 0.0, atol: float = 
 
 
 def environment_differences(expected: dict, found: dict) -> list[tuple[str, Any, Any]]:
-    """(key, expected, found) for each dotted environment.json key whose values differ."""
+    """(key, expected, found) for each dotted key of two nested mappings (environment.json, or
+    a config) whose values differ."""
     from runner.tracking import flatten
 
     want, got = dict(flatten(expected)), dict(flatten(found))
@@ -91,7 +94,17 @@ def environment_report(environment: list[tuple[str, Any, Any]]) -> str:
     if not environment:
         return "The environments are the same (versions, platform, devices, commit, data)."
     lines = [f"{'environment':<40} {'original':<30} rerun"]
-    return "\n".join(lines + [f"{key:<40} {str(a):<30} {b}" for key, a, b in environment])
+    return "\n".join(lines + [f"{_whose(key):<40} {str(a):<30} {b}" for key, a, b in environment])
+
+
+def _whose(key: str) -> str:
+    """An environment key, saying whose code its git commit or state is: the runner's `git`, or
+    `user_code.git`, that of the user's own modules (whose files' SHA-256 rows name them)."""
+    if key.startswith("git."):
+        return f"{key} (the runner's)"
+    if key.startswith("user_code.git."):
+        return f"{key} (your code's)"
+    return key
 
 
 def _number(value: float | None) -> str:
@@ -173,25 +186,51 @@ SAME_IF_EQUAL = ("packages", "python", "machine", "cpu")
 
 
 def save(run_id: str, tracking_uri: str, path: Path) -> dict:
-    """Write `run_id`'s golden file: its config, environment and metric histories."""
+    """Write `run_id`'s golden file: its command line's overrides, config, environment and
+    metric histories."""
     import mlflow
     from omegaconf import OmegaConf
-
-    from runner.errors import UserError
 
     original, logged_cfg = logged_run(run_id, tracking_uri)
     golden = {
         "run_id": run_id,
+        "overrides": logged_overrides(original),
         "config": OmegaConf.to_container(logged_cfg),
         "environment": logged_environment(original),
         "metrics": histories(mlflow.MlflowClient(tracking_uri), original),
     }
+    _write(path, golden)
+    return golden
+
+
+def logged_overrides(run: Any) -> list[str]:
+    """The overrides of the command that started `run` (a sweep's job: its own), from the
+    `hydra/overrides.yaml` Hydra wrote and the run logged."""
+    import mlflow
+    import yaml
+    from mlflow.exceptions import MlflowException
+
+    from runner.errors import UserError
+
+    try:
+        text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/hydra/overrides.yaml")
+    except MlflowException:
+        raise UserError(
+            f"run {run.info.run_id} logged no hydra/overrides.yaml, so its command line is "
+            f"unknown and a golden file could not tell a change in conf/: save a run that the "
+            f"runner command started"
+        ) from None
+    return [str(override) for override in yaml.safe_load(text) or []]
+
+
+def _write(path: Path, golden: dict) -> None:
+    from runner.errors import UserError
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(golden, indent=1) + "\n")
     except OSError as error:
         raise UserError(f"cannot write {path}: {error.strerror}") from None
-    return golden
 
 
 def load_golden(path: Path) -> dict:
@@ -216,6 +255,11 @@ def load_golden(path: Path) -> dict:
             f"{path} is not a golden file: it lacks {', '.join(missing)} (a mapping each); "
             f"write one with runner-repro RUN_ID --save {path}"
         )
+    if not isinstance(golden.get("overrides"), list):
+        raise UserError(
+            f"{path} records no overrides (an older runner-repro wrote it), so today's conf/ "
+            f"cannot be checked against it: write it anew with runner-repro RUN_ID --save {path}"
+        )
     golden["metrics"] = {
         key: [(int(step), float(value)) for step, value in points]
         for key, points in golden["metrics"].items()
@@ -223,23 +267,89 @@ def load_golden(path: Path) -> dict:
     return golden
 
 
-def check_golden(path: Path, overrides: list[str]) -> tuple[dict, Any, dict]:
-    """Rerun golden file `path`'s config (changed by `overrides`) in a scratch store, deleted
-    afterwards; returns (golden, its rerun's histories, the rerun's environment)."""
+def check_golden(path: Path, overrides: list[str], update: bool = False) -> tuple[dict, Any, dict]:
+    """Compose today's conf/ with golden file `path`'s overrides and rerun it (changed by
+    `overrides`, KEY=VALUE) in a scratch store, deleted afterwards; returns (golden, its rerun's
+    histories, the rerun's environment). A config that differs from the one the file recorded
+    is refused before anything trains, unless `update`: then the file is rewritten with today's
+    config and the rerun's environment and histories."""
     import tempfile
 
     import mlflow
     from omegaconf import OmegaConf
 
+    from runner.errors import UserError
+
     check_overrides(overrides)
     golden = load_golden(path)
-    cfg = overridden(OmegaConf.create(golden["config"]), overrides, str(path))
+    cfg = composed(golden["overrides"], path)
+    drift = config_drift(golden["config"], cfg)
+    if drift and not update:
+        raise UserError(
+            f"{path}: today's config differs from the one it recorded, "
+            f"{'; '.join(f'{key}: {was!r} -> {now!r}' for key, was, now in drift)}; not rerun. "
+            f"After an intended change, rewrite it with runner-repro --golden {path} --update"
+        )
+    cfg = overridden(with_machine_keys(cfg, golden["config"]), overrides, str(path))
+    today = OmegaConf.to_container(cfg, resolve=True)
     with tempfile.TemporaryDirectory(prefix="runner-repro-") as scratch:
         uri = f"sqlite:///{scratch}/mlflow.db"
         repeat = train_again(cfg, uri, Path(scratch), str(golden.get("run_id", path)))
         found = histories(mlflow.MlflowClient(uri), repeat)
         environment = logged_environment(repeat)
+    if update:
+        _write(path, {**golden, "config": today, "environment": environment, "metrics": found})
     return golden, found, environment
+
+
+# Config keys that name the machine a run ran on, not what it trained: never drift. `hydra`
+# covers everything under it.
+MACHINE_KEYS = ("tracking.uri", "trainer.checkpoint_dir", "data.dir", "data.path", "hydra")
+
+
+def machine_key(key: str) -> bool:
+    """Whether dotted config `key` is, or lies under, one of the MACHINE_KEYS."""
+    return any(key == name or key.startswith(f"{name}.") for name in MACHINE_KEYS)
+
+
+def with_machine_keys(cfg: Any, recorded: dict) -> Any:
+    """`cfg` with the recorded values of its MACHINE_KEYS: the rerun reads the data where the
+    file says (`--set data.dir=DIR` elsewhere), as a rerun of the recorded config did."""
+    from omegaconf import OmegaConf
+
+    from runner.tracking import flatten
+
+    for key, value in flatten(recorded):
+        if machine_key(key) and OmegaConf.select(cfg, key, default=None) is not None:
+            OmegaConf.update(cfg, key, value)
+    return cfg
+
+
+def composed(overrides: list[str], path: Path) -> Any:
+    """The config `runner OVERRIDES` composes from today's conf/."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from runner.errors import UserError, misspelt_key, one_line
+    from runner.train import compose
+
+    try:
+        return compose(overrides)
+    except (HydraException, OmegaConfBaseException) as error:
+        raise UserError(
+            f"{path}: today's conf/ cannot compose its overrides {' '.join(overrides)} "
+            f"({misspelt_key(error) or one_line(error)}); after an intended change, write it "
+            f"anew from a run of today's config with runner-repro RUN_ID --save {path}"
+        ) from None
+
+
+def config_drift(recorded: dict, cfg: Any) -> list[tuple[str, Any, Any]]:
+    """(key, recorded, now) for each dotted key of `cfg`, resolved, that differs from the
+    recorded config, but for the MACHINE_KEYS."""
+    from omegaconf import OmegaConf
+
+    now = OmegaConf.to_container(cfg, resolve=True)
+    return [row for row in environment_differences(recorded, now) if not machine_key(row[0])]
 
 
 def overridden(logged: Any, overrides: list[str], whose: str) -> Any:
@@ -292,8 +402,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="runner-repro",
         description=__doc__,
-        usage="%(prog)s RUN_ID [--save FILE] | %(prog)s --golden FILE  [--set KEY=VALUE ...] "
-        "[--rtol R] [--atol A]",
+        usage="%(prog)s RUN_ID [--save FILE] | %(prog)s --golden FILE [--update] "
+        "[--set KEY=VALUE ...] [--rtol R] [--atol A]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -319,6 +429,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--atol", type=float, default=0.0, help="absolute tolerance (default 0)")
     parser.add_argument(
+        "--update",
+        action="store_true",
+        help="with --golden: after an intended change to conf/, rerun today's config and rewrite "
+        "the file's config, environment and histories (keys that name the machine, "
+        f"{', '.join(MACHINE_KEYS)}, never count as a change)",
+    )
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -331,6 +448,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("give either a RUN_ID or --golden FILE")
     if args.save and (args.golden or args.overrides):
         parser.error("--save writes RUN_ID's golden file as it was logged: drop --golden and --set")
+    if args.update and not args.golden:
+        parser.error("--update rewrites a golden file: give --golden FILE")
+    if args.update and any(not machine_key(o.partition("=")[0].strip()) for o in args.overrides):
+        parser.error(
+            "--update records today's config as conf/ composes it: --set may only say where "
+            f"things are ({', '.join(MACHINE_KEYS[:-1])}); change conf/ instead"
+        )
     # MLflow draws a download bar on stderr for each of the run's small files it reads.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -350,7 +474,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.golden:
         with reported("runner-repro"):
-            golden, found, environment = check_golden(args.golden, args.overrides)
+            golden, found, environment = check_golden(args.golden, args.overrides, args.update)
+        if args.update:
+            points = sum(len(points) for points in found.values())
+            print(
+                f"updated {args.golden}: today's config, this environment and {points} metric "
+                f"points of its rerun; check it with: runner-repro --golden {args.golden}"
+            )
+            return
         expected, logged = golden["metrics"], golden["environment"]
         same = all(logged.get(key) == environment.get(key) for key in SAME_IF_EQUAL)
         rtol = args.rtol if args.rtol is not None else 0.0 if same else 1e-3
@@ -370,7 +501,7 @@ def main(argv: list[str] | None = None) -> None:
     changed = environment_differences(logged, environment)
     if not differences:
         print(f"every metric history agrees (rtol={rtol}, atol={args.atol})")
-        if changed and (args.golden or any(key.startswith("data") for key, _, _ in changed)):
+        if changed:
             print(environment_report(changed))
         return
     print(report(differences, changed))

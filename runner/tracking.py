@@ -228,7 +228,7 @@ def mlflow_run(
             if not reopen:
                 _log_config(cfg, hydra_dir)
                 _log_dataset(splits, cfg.data)
-            _log_environment(splits.digests, cfg.data)
+            _log_environment(splits.digests, cfg)
             mlflow.set_tags(tags or {})
             recorder = Recorder(
                 run_id,
@@ -556,13 +556,19 @@ def _duplicate(error: MlflowException) -> bool:
     return any(hint in text for hint in ("UniqueViolation", "UNIQUE constraint", "duplicate key"))
 
 
-def _log_environment(data_digests: dict[str, str], data: DictConfig) -> None:
+def _log_environment(data_digests: dict[str, str], cfg: DictConfig) -> None:
     from runner import backends
 
     described = environment.describe(data_digests, backends.current())
-    record = file_record(data)
+    record = file_record(cfg.data)
     if record:  # the file data.path names, whose change runner-repro and runner-eval tell
         described["data_file"] = record
+    # The user's own model, data, optimizer, loss or callbacks: their commit, and their sources.
+    modules = environment.user_modules(cfg)
+    if modules:
+        described["user_code"] = environment.user_code(modules)
+        for name, file in modules.items():
+            mlflow.log_artifact(str(file), environment.source_folder(name, file))
     mlflow.set_tags(environment.tags(described))
     mlflow.log_dict(described, "environment.json")
 

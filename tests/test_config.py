@@ -145,8 +145,10 @@ def test_a_data_dir_that_is_a_file_is_refused_before_training(tmp_path):
 
 
 def test_help_lists_only_the_groups_users_pick_from(tmp_path):
-    result = run_runner("--help", cwd=tmp_path)
+    result = run_runner("--help", "--resolve", cwd=tmp_path)
     assert result.returncode == 0
+    # Resolved before any run has a folder: not None/checkpoints, nor resume: 'False'.
+    assert "  checkpoint_dir: <the run's folder>/checkpoints\n  resume: false\n" in result.stdout
     groups = result.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
     listed = [line.split(":")[0] for line in groups.splitlines() if ": " in line]
     assert listed == [
@@ -273,3 +275,56 @@ def test_a_yaml_of_ones_own_that_does_not_parse_is_one_line(tmp_path):
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("runner: error: mapping values are not allowed here")
     assert "broken.yaml" in line
+
+
+def printed_config(argv: list[str], capsys, monkeypatch) -> str:
+    """What `runner --cfg ...` prints, run in-process: it loads no backend and configures no
+    logging (which `--help` does, and so runs in a process of its own)."""
+    from runner.train import run_hydra
+
+    monkeypatch.setattr(sys, "argv", ["runner", *argv])
+    run_hydra()
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("command", "usage", "keys", "groups"),
+    [
+        (
+            "runner-eval",
+            "uv run runner-eval run_id=RUN_ID [KEY=VALUE ...]",
+            ["run_id", "model_uri", "backend", "+data.KEY=VALUE", "tracking.uri"],
+            ["data: fashion_mnist, loader, mnist, npz", "tracking: mlflow"],
+        ),
+        (
+            "runner-predict",
+            "uv run runner-predict run_id=RUN_ID images=IMAGES [KEY=VALUE ...]",
+            ["run_id", "model_uri", "images", "invert", "backend", "tracking.uri"],
+            ["tracking: mlflow"],
+        ),
+    ],
+)
+def test_eval_and_predict_help_give_their_usage_keys_and_groups(
+    command, usage, keys, groups, tmp_path, mnist_dir
+):
+    result = cli(command, "--help", cwd=tmp_path, mnist_dir=mnist_dir)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert usage in text
+    listed = text.split("== Keys ==")[1].split("== Configuration groups ==")[0]
+    assert [line.split()[0] for line in listed.splitlines() if line[:1].strip()] == keys
+    found = text.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    assert [line.split("    ")[0] for line in found.splitlines() if line] == groups
+
+
+@pytest.mark.parametrize("resolve", [[], ["--resolve"]])
+def test_printed_config_shows_resume_as_a_flag_and_a_checkpoint_folder(
+    resolve, capsys, monkeypatch
+):
+    trainer = OmegaConf.create(
+        printed_config(["--cfg", "job", *resolve], capsys, monkeypatch)
+    ).trainer
+    assert trainer.resume is False
+    assert OmegaConf.to_container(trainer)["checkpoint_dir"] == (
+        "<the run's folder>/checkpoints" if resolve else "${hydra:runtime.output_dir}/checkpoints"
+    )

@@ -1,13 +1,18 @@
 """A user's own model and data, through the command line alone: a builder in a package of their
-own outside the repository, a config folder naming it and an .npz of their images, trained, then
-evaluated, used and rerun; the tutorial models on that data; the one-line errors a user's code or
-file can cause; and the README's commands for it, as written."""
+own outside the repository, a config folder naming it and an .npz of their images, trained (its
+code's commit and source recorded), then evaluated, used and rerun; the tutorial models on that
+data; the one-line errors a user's code or file can cause; and the README's commands for it, as
+written."""
 
+import hashlib
+import json
 import re
 import shlex
 import shutil
+import subprocess
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 from PIL import Image
@@ -60,14 +65,24 @@ def squares(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return images, labels.astype(np.uint8)
 
 
+def git(folder: Path, *args: str) -> str:
+    identity = ["-c", "user.name=User", "-c", "user.email=user@example.com"]
+    command = ["git", *identity, *args]
+    return subprocess.run(command, cwd=folder, check=True, capture_output=True, text=True).stdout
+
+
 @pytest.fixture(scope="module")
 def user(tmp_path_factory) -> Path:
-    """The user's folder: mynets/ (their builders), my_conf/model/mlp.yaml, shapes.npz."""
+    """The user's folder, a git checkout of its own: mynets/ (their builders) and
+    my_conf/model/mlp.yaml, committed, and shapes.npz."""
     folder = tmp_path_factory.mktemp("user")
     (folder / "mynets").mkdir()
     (folder / "mynets" / "__init__.py").write_text(BUILDERS)
     (folder / "my_conf" / "model").mkdir(parents=True)
     (folder / "my_conf" / "model" / "mlp.yaml").write_text(MODEL_CONFIG)
+    git(folder, "init", "--quiet")
+    git(folder, "add", "mynets", "my_conf")
+    git(folder, "commit", "--quiet", "-m", "My networks")
     rng = np.random.default_rng(0)
     x_train, y_train = squares(600, rng)
     x_test, y_test = squares(200, rng)
@@ -136,10 +151,43 @@ def test_predict_classifies_the_users_images(trained, mnist_dir, tmp_path):
         assert len(probabilities.split()) == CLASSES
 
 
-def test_repro_of_the_users_run_agrees(trained, mnist_dir):
+def test_the_users_code_is_recorded_with_its_own_commit(trained):
+    """The runner's commit says nothing of a builder in the user's folder: the run records that
+    folder's commit and state too, and the module's source."""
     work, run_id = trained
-    result = cli("runner-repro", run_id, cwd=work, mnist_dir=mnist_dir)
+    run = store_client(work).get_run(run_id)
+    commit = git(work, "rev-parse", "HEAD").strip()
+    assert run.data.tags["user_git_commit"] == commit != run.data.tags.get("git_commit")
+    assert run.data.tags["user_git_dirty"] == "False"
+    artifacts = f"{run.info.artifact_uri}"
+    env = json.loads(mlflow.artifacts.load_text(f"{artifacts}/environment.json"))
+    source = (work / "mynets" / "__init__.py").read_bytes()
+    assert env["user_code"] == {
+        "modules": {
+            "mynets": {"path": "mynets/__init__.py", "sha256": hashlib.sha256(source).hexdigest()}
+        },
+        "git": {"commit": commit, "dirty": False},
+    }
+    assert mlflow.artifacts.load_text(f"{artifacts}/code/mynets/__init__.py") == BUILDERS
+
+
+def test_repro_of_the_users_run_agrees_and_names_their_changed_code(trained, mnist_dir):
+    """Its builder edited since (a comment, which trains the same): the rerun agrees, and the
+    environment table names the change as the user's code's, not the runner's."""
+    work, run_id = trained
+    builders = work / "mynets" / "__init__.py"
+    builders.write_text(BUILDERS + "# tuned later\n")
+    try:
+        result = cli("runner-repro", run_id, cwd=work, mnist_dir=mnist_dir)
+    finally:
+        builders.write_text(BUILDERS)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines()]
+    assert ["user_code.git.dirty", "(your", "code's)", "False", "True"] in rows
+    assert [row[0] for row in rows if row[0].startswith("user_code.modules.")] == [
+        "user_code.modules.mynets.sha256"
+    ]
+    assert not any(row[0].startswith("git.") for row in rows if row)
 
 
 def without_y_test(user: Path, folder: Path) -> Path:

@@ -136,6 +136,7 @@ def test_a_saved_golden_file_holds_the_runs_config_environment_and_histories(log
     client = store_client(work)
     run = client.get_run(run_id)
     assert saved["run_id"] == run_id
+    assert saved["overrides"] == ["debug=quick"]  # the command line, from hydra/overrides.yaml
     assert saved["config"]["seed"] == int(run.data.params["seed"])
     assert saved["environment"]["python"] == run.data.tags["python_version"]
     history = client.get_metric_history(run_id, "train/loss")
@@ -163,17 +164,11 @@ def test_the_example_ci_job_passes_on_its_golden_file_without_a_store(golden, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "golden"]
 
 
-def test_a_golden_file_whose_config_changed_fails_naming_the_steps(
-    golden, tmp_path, monkeypatch, capsys
-):
-    changed = json.loads(golden.read_text())
-    changed["config"]["optimizer"]["lr"] = 0.4
-    path = tmp_path / "changed.json"
-    path.write_text(json.dumps(changed))
+def test_a_golden_rerun_that_differs_fails_naming_the_steps(golden, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with pytest.raises(SystemExit, match="^1$"):
-        repro.main(["--golden", str(path)])
+        repro.main(["--golden", str(golden), "--set", "optimizer.lr=0.4"])
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split()[1] for line in out.splitlines() if "/" in line[:6]}
     assert rows["train/loss"] == "10" and rows["test/accuracy"] == "30"
@@ -199,6 +194,66 @@ def test_a_golden_file_from_another_environment_is_checked_within_rtol_naming_it
     assert line.split() == ["packages.keras", "3.0.0", recorded]
 
 
+def test_config_drift_is_refused_naming_each_key_until_update_rewrites_the_file(
+    golden, tmp_path, monkeypatch, capsys
+):
+    """The CI gate tests conf/ as it stands: a copy of conf/ whose SGD learning rate changed
+    composes the file's overrides into another config, refused before anything trains, but for
+    the keys that name the machine; --update reruns it and rewrites the file, which then
+    passes."""
+    import runner.train
+
+    conf = tmp_path / "conf"
+    shutil.copytree(runner.train.CONF_DIR, conf)
+    sgd = conf / "optimizer" / "sgd.yaml"
+    assert "lr: 0.5\n" in sgd.read_text()
+    sgd.write_text(sgd.read_text().replace("lr: 0.5\n", "lr: 0.45\n"))
+    monkeypatch.setattr(runner.train, "CONF_DIR", conf)
+    recorded = json.loads(golden.read_text())
+    recorded["config"]["tracking"]["uri"] = "sqlite:////elsewhere/mlflow.db"
+    recorded["config"]["trainer"]["checkpoint_dir"] = "/elsewhere/checkpoints"
+    path = tmp_path / "golden.json"
+    path.write_text(json.dumps(recorded))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with pytest.raises(SystemExit, match="^1$"):
+        repro.main(["--golden", str(path)])
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"runner-repro: error: {path}: today's config differs from the one it recorded, "
+        f"optimizer.lr: 0.5 -> 0.45; not rerun. After an intended change, rewrite it with "
+        f"runner-repro --golden {path} --update\n"
+    )
+    repro.main(["--golden", str(path), "--update"])
+    assert capsys.readouterr().out.startswith(f"updated {path}: today's config")
+    updated = json.loads(path.read_text())
+    assert updated["config"]["optimizer"]["lr"] == 0.45
+    assert updated["overrides"] == recorded["overrides"]
+    assert updated["metrics"]["train/loss"] != recorded["metrics"]["train/loss"]
+    repro.main(["--golden", str(path)])
+    assert "every metric history agrees (rtol=0.0, atol=0.0)" in capsys.readouterr().out
+
+
+def test_a_run_without_its_command_line_is_not_saved(tmp_path, new_store):
+    """A run trained from Python logged no hydra/overrides.yaml: a golden file of it could not
+    compose today's config, so --save refuses it in one line."""
+    from mlflow import MlflowClient
+
+    shutil.copyfile(new_store, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("python", artifact_location=str(tmp_path / "mlruns"))
+    run_id = client.create_run(experiment).info.run_id
+    client.log_text(run_id, "model:\n  _target_: a.build\n", "config.yaml")
+    with pytest.raises(UserError) as error:
+        repro.save(run_id, uri, tmp_path / "golden.json")
+    assert str(error.value).startswith(
+        f"run {run_id} logged no hydra/overrides.yaml, so its command line is unknown"
+    )
+    assert not (tmp_path / "golden.json").exists()
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -206,8 +261,13 @@ def test_a_golden_file_from_another_environment_is_checked_within_rtol_naming_it
         ("{", "{path} is not a golden file: Expecting property name"),
         ('{"config": {}}', "{path} is not a golden file: it lacks environment, metrics"),
         ('{"config": [], "environment": {}, "metrics": {}}', "{path} is not a golden file"),
+        (
+            '{"config": {}, "environment": {}, "metrics": {}}',
+            "{path} records no overrides (an older runner-repro wrote it), so today's conf/ "
+            "cannot be checked against it: write it anew with runner-repro RUN_ID --save {path}",
+        ),
     ],
-    ids=["missing", "not-json", "incomplete", "config-not-a-mapping"],
+    ids=["missing", "not-json", "incomplete", "config-not-a-mapping", "older-format"],
 )
 def test_a_bad_golden_file_is_one_line(tmp_path, capsys, content, message):
     path = tmp_path / "golden.json"

@@ -85,6 +85,8 @@ def test_run_records_its_environment(in_tmp_store, mnist_dir):
     if env["git"]["commit"]:
         assert tags["git_commit"] == env["git"]["commit"]
         assert tags["git_dirty"] in {"True", "False"}
+    # The runner's model and loader, Keras's optimizer and loss: no user's code to record.
+    assert "user_code" not in env and "user_git_commit" not in tags
     # A second run on other subsets of the same data gets records of its own: MLflow would
     # link it to the first run's if a digest were the same.
     other = [
