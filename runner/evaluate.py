@@ -1,6 +1,7 @@
 """`runner-eval`: a logged model's loss and accuracy on its data's test set, like the TF Layers
 guide's `evaluate()`. Usage: `uv run runner-eval run_id=<run id>` or `model_uri=models:/<id>`."""
 
+import os
 from typing import Any
 
 import hydra
@@ -81,6 +82,8 @@ def test_data(given: DictConfig, found: Any) -> DictConfig:
 
 def main() -> None:
     """The `runner-eval` command."""
+    # MLflow draws a download bar on stderr for each of the run's small files it reads.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     importable_from_cwd()
     run_hydra_app("runner-eval", run_hydra)
 
