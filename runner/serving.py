@@ -122,7 +122,9 @@ class Classifier:
             x = np.asarray(data)
         except ValueError as error:  # ragged lists
             raise _refused(f"the images are not one array: {error}") from None
-        if x.ndim == 0 or len(x) == 0:
+        if x.ndim == 0:
+            raise _refused(f"send a list of images, not one value ({x.item()!r:.60})")
+        if len(x) == 0:
             raise _refused("the batch is empty: send at least one image")
         if x.ndim == 1:
             raise _refused("send a list of images, even of one: [[...]], not [...]")
@@ -137,6 +139,9 @@ class Classifier:
             if x.min() < 0 or x.max() > 255:
                 raise _refused("integer pixels must lie in 0-255 (floats are taken as they are)")
             x = x / 255.0
+        elif not np.isfinite(x).all():
+            first = tuple(np.argwhere(~np.isfinite(x))[0])
+            raise _refused(f"pixels must be finite numbers, but image {first[0]} holds {x[first]}")
         return x.astype(np.float32).reshape((len(x), *self.shape))
 
 
