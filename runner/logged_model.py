@@ -12,6 +12,10 @@ from runner.errors import UserError
 from runner.models import register_custom_objects
 from runner.targets import import_code
 
+# Keys of a logged model's MLmodel metadata: the module that its `_target_` names, which loading
+# imports first, and the folder it was imported from when the model was logged.
+MODULE_KEY, FOLDER_KEY = "module", "module_folder"
+
 
 @dataclass(frozen=True)
 class LoggedModel:
@@ -55,8 +59,6 @@ def load(uri: str) -> LoggedModel:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from runner.serving import FOLDER_KEY
-
     register_custom_objects()
     try:
         if Path(uri).is_dir():  # a model saved or downloaded here: its store may be elsewhere
@@ -78,8 +80,6 @@ def _module_to_import(run: Any, metadata: dict[str, Any]) -> str | None:
     """What to import before the model loads: the run's `model._target_`, which models logged
     before their module was recorded have too, else the module the model's metadata records."""
     from omegaconf import OmegaConf
-
-    from runner.serving import MODULE_KEY
 
     if run is not None:
         with suppress(UserError):  # a run logged by hand, without the runner's config.yaml

@@ -20,15 +20,12 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import Array
 
-from runner.logged_model import input_shape
+from runner.logged_model import FOLDER_KEY, MODULE_KEY, input_shape
 from runner.models import register_custom_objects
 from runner.targets import code_of, import_code, importable_from_cwd
 
 # What the model emits, in the MLmodel file's metadata: "logits" or "probabilities".
 OUTPUT_KEY = "output"
-# The module that the model's `_target_` names, which loading imports first, and the folder it was
-# imported from when the model was logged: metadata too.
-MODULE_KEY, FOLDER_KEY = "module", "module_folder"
 SIGNATURE = ModelSignature(
     outputs=Schema(
         [
