@@ -21,6 +21,7 @@ import numpy as np
 from runner.callbacks import RunnerCallback, StepCounter, StopOnSignal
 from runner.errors import UserError
 from runner.models import register_custom_objects
+from runner.targets import import_code
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,13 @@ class Checkpoint:
     # timestamp, step]: the resumed run writes those it lacks.
     unrecorded: list[list[Any]] = field(default_factory=list)
 
-    def load_model(self) -> keras.Model:
-        """The model as it was at `step`, compiled, with its optimizer and dropout state."""
+    def load_model(self, target: str | None = None) -> keras.Model:
+        """The model as it was at `step`, compiled, with its optimizer and dropout state; the
+        module of its `_target_` `target`, if given, is imported first, for the classes it
+        defines."""
         register_custom_objects()
+        if target:
+            import_code(target, near=str(self.path))
         model = keras.saving.load_model(self.path / "model.keras")
         seeds = json.loads((self.path / "state.json").read_text())["seed_states"]
         for variable, value in zip(_seed_states(model), seeds, strict=True):

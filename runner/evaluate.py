@@ -1,6 +1,7 @@
 """`runner-eval`: a logged model's loss and accuracy on its data's test set, like the TF Layers
 guide's `evaluate()`. Usage: `uv run runner-eval run_id=<run id>` or `model_uri=models:/<id>`."""
 
+import os
 from typing import Any
 
 import hydra
@@ -46,23 +47,39 @@ def evaluate(cfg: DictConfig) -> dict[str, float | int | None]:
 
 
 def fitted(test: Any, model: Any) -> Any:
-    """`test` with its images laid out as `model` takes them: a model logged before the runner
-    kept images as (height, width, channels) takes them as flat rows."""
+    """`test` with its images laid out as `model` takes them (a model logged before the runner
+    kept images as (height, width, channels) takes them as flat rows), refused where its images
+    or its labels are not of the shape and the classes the model takes."""
     from runner.data import Split
+    from runner.logged_model import input_shape
 
-    try:
-        shape = tuple(model.inputs[0].shape[1:])
-    except (AttributeError, IndexError, TypeError):  # a subclassed model declares no input
-        return test
+    shape = input_shape(model)
     found = test.x.shape[1:]
     if len(found) == len(shape) and all(s in (None, f) for s, f in zip(shape, found, strict=True)):
-        return test
-    if None not in shape and int(np.prod(shape)) == int(np.prod(found)):
-        return Split(test.x.reshape(len(test.x), *shape), test.y)
-    raise UserError(
-        f"the model takes inputs of shape {shape} but the test images are {found}: evaluate "
-        f"it on the data it trained on (leave data= out), or on data of its shape"
-    )
+        laid_out = test
+    elif None not in shape and int(np.prod(shape)) == int(np.prod(found)):
+        laid_out = Split(test.x.reshape(len(test.x), *shape), test.y)
+    else:
+        raise UserError(
+            f"the model takes inputs of shape {shape} but the test images are {found}: evaluate "
+            f"it on the data it trained on (leave data= out), or on data of its shape"
+        )
+    classes = _classes(model, laid_out.x)
+    if len(laid_out.y) and int(laid_out.y.max()) >= classes:
+        raise UserError(
+            f"the model scores {classes} classes but the test labels reach "
+            f"{int(laid_out.y.max())}: evaluate it on the data it trained on (leave data= out), "
+            f"or on data of {classes} classes"
+        )
+    return laid_out
+
+
+def _classes(model: Any, x: np.ndarray) -> int:
+    """How many classes the model scores: its output's width."""
+    try:
+        return int(model.outputs[0].shape[-1])
+    except (AttributeError, IndexError, TypeError):  # a subclassed model declares no output
+        return int(model(x[:1], training=False).shape[-1])
 
 
 def test_data(given: DictConfig, found: Any) -> DictConfig:
@@ -84,6 +101,8 @@ def test_data(given: DictConfig, found: Any) -> DictConfig:
 
 def main() -> None:
     """The `runner-eval` command."""
+    # MLflow draws a download bar on stderr for each of the run's small files it reads.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     importable_from_cwd()
     run_hydra_app("runner-eval", run_hydra)
 

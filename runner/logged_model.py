@@ -3,12 +3,18 @@
 MLflow is imported where it is used, so that `check_choice` answers a wrong command line at
 once rather than after MLflow's and TensorFlow's seconds of loading."""
 
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from runner.errors import UserError
 from runner.models import register_custom_objects
+from runner.targets import import_code
+
+# Keys of a logged model's MLmodel metadata: the module that its `_target_` names, which loading
+# imports first, and the folder it was imported from when the model was logged.
+MODULE_KEY, FOLDER_KEY = "module", "module_folder"
 
 
 @dataclass(frozen=True)
@@ -56,13 +62,31 @@ def load(uri: str) -> LoggedModel:
     register_custom_objects()
     try:
         if Path(uri).is_dir():  # a model saved or downloaded here: its store may be elsewhere
-            source_run = mlflow.models.Model.load(uri).run_id
+            info = mlflow.models.Model.load(uri)
         else:
-            source_run = mlflow.models.get_model_info(uri).run_id
+            info = mlflow.models.get_model_info(uri)
+        run = _run_if_known(info.run_id)
+        metadata = info.metadata or {}
+        name = _module_to_import(run, metadata)
+        if name:
+            import_code(name, metadata.get(FOLDER_KEY))
         model = mlflow.keras.load_model(uri)
     except MlflowException as error:
         raise UserError(f"cannot load the model: {error.message}") from None
-    return LoggedModel(model, uri, _run_if_known(source_run))
+    return LoggedModel(model, uri, run)
+
+
+def _module_to_import(run: Any, metadata: dict[str, Any]) -> str | None:
+    """What to import before the model loads: the run's `model._target_`, which models logged
+    before their module was recorded have too, else the module the model's metadata records."""
+    from omegaconf import OmegaConf
+
+    if run is not None:
+        with suppress(UserError):  # a run logged by hand, without the runner's config.yaml
+            name = OmegaConf.select(logged_config(run), "model._target_")
+            if name:
+                return str(name)
+    return metadata.get(MODULE_KEY)
 
 
 def _run_if_known(run_id: str | None) -> Any:
@@ -120,6 +144,21 @@ def logged_config(run: Any) -> Any:
         raise UserError(
             f"cannot read run {run.info.run_id}'s config.yaml: {error.message}"
         ) from None
+
+
+def input_shape(model: Any) -> tuple[int | None, ...]:
+    """The shape of one of the model's inputs: a functional or Sequential model declares it, a
+    subclassed one keeps that of the call that built it."""
+    try:
+        return tuple(model.inputs[0].shape[1:])
+    except (AttributeError, IndexError, TypeError):  # a subclassed model declares no input
+        built = (model.get_build_config() or {}).get("input_shape")
+    if not isinstance(built, list | tuple) or not built:
+        raise UserError(
+            f"the model, a {type(model).__name__}, records no input shape: it was saved before "
+            f"it was called on any input"
+        )
+    return tuple(built[1:])
 
 
 def reached_step(found: LoggedModel) -> int | None:

@@ -39,7 +39,8 @@ def build(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Any:
             f"model.output=logits: set model.output=probabilities and "
             f"loss=cross_entropy_of_probabilities, or end it in logits"
         )
-    shape = _output_shape(model, cfg._target_, input_shape)
+    _check_input(model, cfg._target_, input_shape)
+    shape = _output_shape(model, cfg._target_, input_shape, num_classes)
     if len(shape) != 2 or shape[-1] != num_classes:
         raise UserError(
             f"model: {cfg._target_} built a model whose output has shape {shape}, not "
@@ -61,23 +62,64 @@ def _ends_in_softmax(model: Any) -> bool:
     )
 
 
-def _output_shape(model: Any, target: str, input_shape: tuple[int, ...]) -> tuple:
-    """The shape of the model's output: a functional model knows it; a subclassed one, or a
-    Sequential without an Input, tells it by running one example of zeros."""
+def _check_input(model: Any, target: str, input_shape: tuple[int, ...]) -> None:
+    """Refuse a model that declares other inputs than one of the data's images: built for a
+    fixed image size, say, rather than for the `input_shape` the runner passed. A subclassed
+    model, or a Sequential without an Input, declares none."""
+    try:
+        declared = [tuple(tensor.shape) for tensor in model.inputs]
+    except (AttributeError, TypeError):
+        return
+    fits = len(declared) == 1 and len(declared[0]) == len(input_shape) + 1
+    if fits and all(d in (None, i) for d, i in zip(declared[0][1:], input_shape, strict=True)):
+        return
+    shapes = " and ".join(str(shape) for shape in declared)
+    raise UserError(
+        f"model: {target} built a model whose input has shape {shapes}, not (batch, "
+        f"{', '.join(map(str, input_shape))}), the data's images: build it for the "
+        f"input_shape the runner passes"
+    )
+
+
+def _output_shape(model: Any, target: str, input_shape: tuple[int, ...], num_classes: int) -> tuple:
+    """The shape of the model's output; a model of several outputs is refused, naming them."""
+    outputs = _outputs(model, target, input_shape)
+    if len(outputs) == 1:
+        return next(iter(outputs.values()))
+    named = ", ".join(f"{name}: {shape}" for name, shape in outputs.items())
+    raise UserError(
+        f"model: {target} built a model of {len(outputs)} outputs ({named}): the runner trains "
+        f"a classifier of one output, of shape (batch, {num_classes})"
+    )
+
+
+def _outputs(model: Any, target: str, input_shape: tuple[int, ...]) -> dict[str, tuple]:
+    """The shapes of the model's outputs, by name: a functional model declares them; a
+    subclassed one, or a Sequential without an Input, tells them by running one example of
+    zeros."""
     import numpy as np
 
     try:
-        return tuple(model.outputs[0].shape)
-    except (AttributeError, IndexError, TypeError):
+        declared = list(model.outputs)
+    except (AttributeError, TypeError):
         pass
+    else:
+        names = getattr(model, "output_names", None)  # a Sequential has none
+        names = names or [f"output {i}" for i in range(len(declared))]
+        return {name: tuple(t.shape) for name, t in zip(names, declared, strict=True)}
     try:
-        return tuple(model(np.zeros((1, *input_shape), "float32"), training=False).shape)
+        ran = model(np.zeros((1, *input_shape), "float32"), training=False)
     except Exception as error:
         text = str(error).strip()
         raise UserError(
             f"model: the model {target} built fails on one input of shape "
             f"{(1, *input_shape)}: {type(error).__name__}: {text.splitlines()[0] if text else ''}"
         ) from None
+    if isinstance(ran, dict):
+        return {str(name): tuple(t.shape) for name, t in ran.items()}
+    if isinstance(ran, list | tuple):
+        return {f"output {i}": tuple(t.shape) for i, t in enumerate(ran)}
+    return {"output": tuple(ran.shape)}
 
 
 def compiled(model: Any, cfg: Any, plan: Any, resumed: bool = False) -> Any:

@@ -3,6 +3,7 @@ mode. Usage: `uv run runner-predict run_id=<run id> images=digit.png` (or a list
 
 import glob
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,7 @@ def predict(cfg: DictConfig) -> list[tuple[Path, int, np.ndarray]]:
     import keras
 
     found = logged_model.load(uri)
-    shape = tuple(found.model.inputs[0].shape[1:])
+    shape = logged_model.input_shape(found.model)
     inputs = [pixels(i, p, shape, cfg.invert) for i, p in zip(images, paths, strict=True)]
     if len({x.shape for x in inputs}) == 1:
         outputs = found.model.predict(np.stack(inputs), verbose=0)
@@ -140,6 +141,8 @@ def predict(cfg: DictConfig) -> list[tuple[Path, int, np.ndarray]]:
 
 def main() -> None:
     """The `runner-predict` command."""
+    # MLflow draws a download bar on stderr for each of the run's small files it reads.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     importable_from_cwd()
     run_hydra_app("runner-predict", run_hydra)
 

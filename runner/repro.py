@@ -114,12 +114,16 @@ def _number(value: float | None) -> str:
 def rerun(run_id: str, tracking_uri: str, overrides: list[str]) -> tuple[Any, Any]:
     """Train again from `run_id`'s logged config changed by `overrides` (KEY=VALUE); returns
     (original run, new run). The overrides and the store are checked before anything trains."""
+    from runner.targets import import_code
+
     check_overrides(overrides)
     original, logged_cfg = logged_run(run_id, tracking_uri)
     # A fresh folder, so the rerun neither resumes from nor overwrites the original's checkpoints.
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     folder = Path("outputs") / "repro" / f"{run_id}_{stamp}"
     cfg = overridden(logged_cfg, overrides, f"run {run_id}")
+    # Near the run's own checkpoints is the folder it ran from, where its model's module is.
+    import_code(cfg.model._target_, near=cfg.trainer.checkpoint_dir)
     return original, train_again(cfg, tracking_uri, folder, run_id)
 
 

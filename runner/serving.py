@@ -20,7 +20,9 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import Array
 
+from runner.logged_model import FOLDER_KEY, MODULE_KEY, input_shape
 from runner.models import register_custom_objects
+from runner.targets import code_of, import_code, importable_from_cwd
 
 # What the model emits, in the MLmodel file's metadata: "logits" or "probabilities".
 OUTPUT_KEY = "output"
@@ -35,8 +37,9 @@ SIGNATURE = ModelSignature(
 )
 
 
-def log_model(model: Any, name: str, output: str, pip_requirements: list[str]) -> None:
-    """Log `model` (which emits `output`) to the active run as MLflow model `name`."""
+def log_model(model: Any, name: str, output: str, pip_requirements: list[str], target: str) -> None:
+    """Log `model` (which emits `output`, built by `_target_` `target`) to the active run as
+    MLflow model `name`."""
     Model.log(
         artifact_path=None,
         name=name,
@@ -44,19 +47,25 @@ def log_model(model: Any, name: str, output: str, pip_requirements: list[str]) -
         flavor_name="keras",
         model=model,
         output=output,
+        target=target,
         pip_requirements=pip_requirements,
     )
 
 
 def save_model(
-    model: Any, path: str, output: str, mlflow_model: Model | None = None, **kwargs: Any
+    model: Any,
+    path: str,
+    output: str,
+    target: str,
+    mlflow_model: Model | None = None,
+    **kwargs: Any,
 ) -> None:
     """`mlflow.keras.save_model`, with this module as the pyfunc loader and its signature: what
     `Model.log` calls."""
     mlflow_model = mlflow_model or Model()
-    mlflow.keras.save_model(
-        model, path, mlflow_model=mlflow_model, metadata={OUTPUT_KEY: output}, **kwargs
-    )
+    module, folder = code_of(target)
+    metadata = {OUTPUT_KEY: output, MODULE_KEY: module, FOLDER_KEY: folder}
+    mlflow.keras.save_model(model, path, mlflow_model=mlflow_model, metadata=metadata, **kwargs)
     mlflow_model.flavors["python_function"]["loader_module"] = __name__
     mlflow_model.signature = SIGNATURE
     mlflow_model.save(os.path.join(path, "MLmodel"))
@@ -66,6 +75,9 @@ def _load_pyfunc(path: str) -> "Classifier":
     """What `mlflow.pyfunc.load_model` calls with the model's folder."""
     register_custom_objects()
     meta = Model.load(os.path.join(path, "MLmodel"))
+    if meta.metadata.get(MODULE_KEY):  # not in models logged before it was recorded
+        importable_from_cwd()
+        import_code(meta.metadata[MODULE_KEY], meta.metadata.get(FOLDER_KEY))
     return Classifier(mlflow.keras.load_model(path), meta.metadata[OUTPUT_KEY])
 
 
@@ -74,7 +86,7 @@ class Classifier:
 
     def __init__(self, model: Any, output: str):
         self.model, self.output = model, output
-        self.shape = tuple(model.input_shape[1:])
+        self.shape = input_shape(model)
 
     def predict(self, data: Any, params: dict | None = None) -> Any:
         import pandas as pd
@@ -107,7 +119,9 @@ class Classifier:
             x = np.asarray(data)
         except ValueError as error:  # ragged lists
             raise _refused(f"the images are not one array: {error}") from None
-        if x.ndim == 0 or len(x) == 0:
+        if x.ndim == 0:
+            raise _refused(f"send a list of images, not one value ({x.item()!r:.60})")
+        if len(x) == 0:
             raise _refused("the batch is empty: send at least one image")
         if x.ndim == 1:
             raise _refused("send a list of images, even of one: [[...]], not [...]")
@@ -122,6 +136,9 @@ class Classifier:
             if x.min() < 0 or x.max() > 255:
                 raise _refused("integer pixels must lie in 0-255 (floats are taken as they are)")
             x = x / 255.0
+        elif not np.isfinite(x).all():
+            first = tuple(np.argwhere(~np.isfinite(x))[0])
+            raise _refused(f"pixels must be finite numbers, but image {first[0]} holds {x[first]}")
         return x.astype(np.float32).reshape((len(x), *self.shape))
 
 

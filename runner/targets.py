@@ -8,12 +8,14 @@ misspelt key or a broken builder is told before training, not as a traceback fro
 """
 
 import importlib
+import importlib.util
 import inspect
 import os
 import sys
 import types
 import typing
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -27,6 +29,47 @@ def importable_from_cwd() -> None:
         sys.path.insert(0, os.getcwd())
 
 
+def code_of(name: str) -> tuple[str, str | None]:
+    """The module that the model's `_target_` `name` names, and the folder it was imported from
+    (None for one without a file): what a saved model records for `import_code`."""
+    module = _import_longest(name, "model")[0].__name__
+    file = getattr(sys.modules[module.partition(".")[0]], "__file__", None)
+    if file is None:
+        return module, None
+    path = Path(file)
+    return module, str(path.parent.parent if path.stem == "__init__" else path.parent)
+
+
+def import_code(name: str, folder: str | None = None, near: str | None = None) -> None:
+    """Import what `name` (the model's `_target_`, or the module a logged model records) names,
+    before loading a saved model: Keras knows a subclassed model's class, or a custom layer,
+    only once its module has run. A module that the working folder does not hold is told in one
+    line naming the folder to run from: `folder`, where training imported it, else the nearest
+    one above `near` (a checkpoint folder) that holds it."""
+    top = name.partition(".")[0]
+    if importlib.util.find_spec(top) is None:
+        folder = folder or _holder(top, near)
+        where = (
+            f"run from {folder}, where the model was trained"
+            if folder and Path(folder) != Path.cwd()
+            else f"run from the folder that holds {top}.py or {top}/, as training did"
+        )
+        raise UserError(
+            f"the model needs its module {top}, which cannot be imported from {Path.cwd()}: {where}"
+        )
+    _import_longest(name, "model")
+
+
+def _holder(module: str, near: str | None) -> str | None:
+    """The nearest folder above `near` that holds `module` as a file or a package."""
+    if not near:
+        return None
+    for folder in Path(near).resolve().parents:
+        if (folder / f"{module}.py").is_file() or (folder / module / "__init__.py").is_file():
+            return str(folder)
+    return None
+
+
 def target(node: DictConfig, path: str) -> Callable:
     """The callable `node._target_` names, imported: the longest prefix of the dotted name that
     is a module, then attributes. Hydra's own lookup logs its failures before raising them and
@@ -34,7 +77,24 @@ def target(node: DictConfig, path: str) -> Callable:
     name = node.get("_target_")
     if not name:
         raise UserError(f"{path} names no _target_: set {path}._target_=<module>.<callable>")
-    parts = str(name).split(".")
+    module, attributes = _import_longest(str(name), path)
+    found: Any = module
+    for attribute in attributes:
+        if not hasattr(found, attribute):
+            raise UserError(
+                f"{path}._target_={name}: {found.__name__} holds no {attribute!r}, neither a "
+                f"module nor an attribute"
+            )
+        found = getattr(found, attribute)
+    if not callable(found):
+        raise UserError(f"{path}._target_={name} is a {type(found).__name__}, not a callable")
+    return found
+
+
+def _import_longest(name: str, path: str) -> tuple[types.ModuleType, list[str]]:
+    """The longest prefix of the dotted `name` that is a module, imported, and the names after
+    it. `path` is the config key that gives `name`, for messages."""
+    parts = name.split(".")
     module, end = None, 0
     for end in range(1, len(parts) + 1):  # each package, then what it holds
         prefix = ".".join(parts[:end])
@@ -53,17 +113,7 @@ def target(node: DictConfig, path: str) -> Callable:
                 f"{path}._target_={name}: importing {prefix} raised "
                 f"{type(broken).__name__}: {_first_line(broken)}"
             ) from None
-    found: Any = module
-    for attribute in parts[end:]:
-        if not hasattr(found, attribute):
-            raise UserError(
-                f"{path}._target_={name}: {found.__name__} holds no {attribute!r}, neither a "
-                f"module nor an attribute"
-            )
-        found = getattr(found, attribute)
-    if not callable(found):
-        raise UserError(f"{path}._target_={name} is a {type(found).__name__}, not a callable")
-    return found
+    return module, parts[end:]
 
 
 def label(node: DictConfig) -> str:

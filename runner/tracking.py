@@ -146,9 +146,10 @@ class Recorder:
         mlflow.log_figure(confusion, "plots/confusion_matrix.png")
         mlflow.log_figure(plots.training_curves(self.history), "plots/training_curves.png")
 
-    def log_model(self, model: Any, output: str) -> None:
-        """The trained model, which emits `output` (logits or probabilities), served as
-        `runner.serving` says; pinned requirements skip MLflow's slow inference of them."""
+    def log_model(self, model: Any, output: str, target: str) -> None:
+        """The trained model, which emits `output` (logits or probabilities) and was built by
+        `_target_` `target`, served as `runner.serving` says; pinned requirements skip MLflow's
+        slow inference of them."""
         import keras
 
         from runner import backends
@@ -164,6 +165,7 @@ class Recorder:
                 *backends.current().requirements(),
                 f"mlflow=={mlflow.__version__}",
             ],
+            target=target,
         )
 
     def final_metrics(self) -> dict[str, float]:

@@ -93,7 +93,7 @@ def train(
     extends = resumed is not None and resumed.settings.get("trainer.steps") != cfg.trainer.steps
     with backend.build_scope(plan):
         model = (
-            resumed.load_model()
+            resumed.load_model(cfg.model._target_)
             if resumed
             else modeling.build(cfg.model, splits.input_shape, splits.num_classes)
         )
@@ -124,7 +124,7 @@ def train(
         if cfg.tracking.plots:
             recorder.log_plots(splits.test, outputs)
         if cfg.trainer.log_model:
-            recorder.log_model(model, cfg.model.get("output", "logits"))
+            recorder.log_model(model, cfg.model.get("output", "logits"), cfg.model._target_)
         final = recorder.final_metrics()
     registration = registry.settings(cfg)
     if registration and job is None:  # a sweep registers its best job's model, at its end

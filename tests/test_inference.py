@@ -336,6 +336,34 @@ def test_a_relative_data_path_is_recorded_absolute_with_its_digest(
     assert rows["data_file.sha256"] == [digest, changed]
 
 
+@pytest.mark.parametrize("kind", ["functional", "subclassed"])
+def test_eval_of_a_model_of_fewer_classes_than_the_labels_is_one_line(kind):
+    """A 3-class model given MNIST's test labels, up to 9: refused before evaluating, whether
+    the model declares its output or only tells it by running."""
+    import keras
+
+    from runner.data import Split
+    from runner.evaluate import fitted
+
+    from .test_models import Subclassed
+
+    if kind == "functional":
+        inputs = keras.Input((28, 28, 1))
+        model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(inputs)))
+    else:
+        model = Subclassed(3)
+        model(np.zeros((1, 28, 28, 1), np.float32))  # built, as a trained model is
+    test = Split(np.zeros((4, 28, 28, 1), np.float32), np.array([0, 1, 2, 9]))
+    with pytest.raises(UserError) as error:
+        fitted(test, model)
+    assert str(error.value) == (
+        "the model scores 3 classes but the test labels reach 9: evaluate it on the data it "
+        "trained on (leave data= out), or on data of 3 classes"
+    )
+    three = Split(test.x, np.array([0, 1, 2, 2]))
+    assert fitted(three, model) is three
+
+
 def test_sixteen_bit_grey_pngs_keep_their_levels(tmp_path):
     from runner.predict import open_image, pixels
 

@@ -309,6 +309,61 @@ def test_a_model_the_runner_cannot_train_is_refused(builder, message):
     assert message in str(error.value)
 
 
+def two_outputs(input_shape, num_classes):
+    inputs = keras.Input(input_shape)
+    features = keras.layers.Flatten()(inputs)
+    logits = keras.layers.Dense(num_classes, name="logits")(features)
+    return keras.Model(inputs, [logits, keras.layers.Dense(1, name="aux")(features)])
+
+
+class TwoHeads(Subclassed):
+    def call(self, x):
+        return self.dense(self.flatten(x)), self.flatten(x)
+
+
+def subclassed_two_outputs(input_shape, num_classes):
+    return TwoHeads(num_classes)
+
+
+def built_for_cifar(input_shape, num_classes):
+    inputs = keras.Input((32, 32, 3))
+    return keras.Model(inputs, keras.layers.Dense(num_classes)(keras.layers.Flatten()(inputs)))
+
+
+@pytest.mark.parametrize(
+    ("builder", "message"),
+    [
+        (
+            "two_outputs",
+            "built a model of 2 outputs (logits: (None, 10), aux: (None, 1)): the runner trains "
+            "a classifier of one output, of shape (batch, 10)",
+        ),
+        (
+            "subclassed_two_outputs",
+            "built a model of 2 outputs (output 0: (1, 10), output 1: (1, 784)): the runner "
+            "trains a classifier of one output, of shape (batch, 10)",
+        ),
+        (
+            "built_for_cifar",
+            "built a model whose input has shape (None, 32, 32, 3), not (batch, 28, 28, 1), the "
+            "data's images: build it for the input_shape the runner passes",
+        ),
+    ],
+    ids=["two-outputs", "subclassed-two-outputs", "fixed-input-shape"],
+)
+def test_a_model_of_other_outputs_or_inputs_than_the_data_needs_is_named(builder, message):
+    """Refused as it is built, naming its outputs or its input shape, rather than failing
+    later as the loss meets them."""
+    from omegaconf import OmegaConf
+
+    from runner.errors import UserError
+
+    target = f"tests.test_models.{builder}"
+    with pytest.raises(UserError) as error:
+        modeling.build(OmegaConf.create({"_target_": target}), (28, 28, 1), 10)
+    assert str(error.value) == f"model: {target} {message}"
+
+
 def test_a_loss_that_cannot_take_integer_labels_is_refused_before_the_run():
     cfg = compose_config(["loss._target_=keras.losses.CategoricalFocalCrossentropy"])
     model = modeling.build(cfg.model, (28, 28, 1), 10)

@@ -10,17 +10,24 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
+import keras
 import mlflow
 import numpy as np
 import pytest
 from PIL import Image
 
+from runner import repro
+from runner.data import TEST_IMAGES, TEST_LABELS, read_idx
 from runner.errors import UserError
+from runner.evaluate import evaluate
+from runner.predict import predict
 from runner.train import train
 
 from .conftest import QUICK, REPO, cli, compose_config, only_run, readme_commands, store_client
+from .test_inference import app_config
 
 # One worker runs this file: its tests share a module-scoped run.
 pytestmark = pytest.mark.xdist_group("own_model")
@@ -264,3 +271,161 @@ def test_readme_own_model_and_data_commands_work_as_written(mnist_dir, tmp_path)
     assert ("cnn_layers", "shapes") in {
         (r.data.params["model.name"], r.data.params["data.name"]) for r in runs
     }
+
+
+# A subclassed model, which Keras knows by its registered name only once its module has run.
+SUBCLASSED = '''"""My subclassed network."""
+
+import keras
+
+
+@keras.saving.register_keras_serializable(package="subnet")
+class SubNet(keras.Model):
+    def __init__(self, num_classes=10, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.flatten = keras.layers.Flatten()
+        self.dense = keras.layers.Dense(num_classes)
+
+    def call(self, x):
+        return self.dense(self.flatten(x))
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes}
+
+
+def build(input_shape, num_classes):
+    return SubNet(num_classes)
+'''
+SUBNET = ["model._target_=subnet.build", "model.name=subnet", *QUICK]
+
+
+@pytest.fixture(scope="module")
+def subclassed(tmp_path_factory, mnist_dir) -> tuple[Path, str]:
+    """A subclassed model trained with its model logged, by `runner` in the folder of its
+    module (a process, so that this one has not imported the module); the folder and the run."""
+    folder = tmp_path_factory.mktemp("subclassed")
+    (folder / "subnet.py").write_text(SUBCLASSED)
+    result = cli("runner", *SUBNET, "trainer.log_model=true", cwd=folder, mnist_dir=mnist_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder, only_run(folder).info.run_id
+
+
+@pytest.fixture
+def run_from(monkeypatch):
+    """Work in a folder as a command started there would: the folder importable, and the
+    subclassed model's module not imported, nor its class known to Keras."""
+
+    def forget() -> None:
+        sys.modules.pop("subnet", None)
+        keras.saving.get_custom_objects().pop("subnet>SubNet", None)
+
+    def move(folder: Path) -> None:
+        monkeypatch.chdir(folder)
+        monkeypatch.setattr(sys, "path", [str(folder), *sys.path])
+        forget()
+
+    yield move
+    forget()
+
+
+def first_test_digits(mnist_dir: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
+    images = read_idx(mnist_dir / f"{TEST_IMAGES}.gz")[:n]
+    return images, read_idx(mnist_dir / f"{TEST_LABELS}.gz")[:n]
+
+
+def test_a_subclassed_model_loads_back_from_its_folder(subclassed, run_from, mnist_dir, tmp_path):
+    """runner-eval, runner-predict and MLflow's pyfunc import the model's module before they
+    load it, and its MLmodel records that module and its folder."""
+    folder, run_id = subclassed
+    run_from(folder)
+    store = f"tracking.uri=sqlite:///{folder}/mlflow.db"
+    found = evaluate(app_config("evaluate", [f"run_id={run_id}", store]))
+    assert found["global_step"] == 30
+    run = store_client(folder).get_run(run_id)
+    assert found["accuracy"] == pytest.approx(run.data.metrics["test/accuracy"], abs=1e-6)
+    digits, _ = first_test_digits(mnist_dir, 1000)  # the run's test split (data.limit)
+    Image.fromarray(digits[0]).save(tmp_path / "digit.png")
+    [(_, digit, probabilities)] = predict(
+        app_config("predict", [f"run_id={run_id}", f"images={tmp_path}/digit.png", store])
+    )
+    mlflow.set_tracking_uri(f"sqlite:///{folder}/mlflow.db")
+    [model] = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], output_format="list"
+    )
+    assert model.source_run_id == run_id
+    assert mlflow.models.get_model_info(model.model_uri).metadata == {
+        "output": "logits",
+        "module": "subnet",
+        "module_folder": str(folder),
+    }
+    answers = mlflow.pyfunc.load_model(model.model_uri).predict(digits)
+    assert answers["class"][0] == digit
+    assert np.allclose(answers["probabilities"][0], probabilities, atol=1e-6)
+    _, labels = first_test_digits(mnist_dir, 1000)
+    assert (answers["class"] == labels).mean() == pytest.approx(found["accuracy"], abs=1e-6)
+
+
+def test_a_subclassed_run_extends_from_its_folder(subclassed, run_from, tmp_path):
+    folder, run_id = subclassed
+    run_from(folder)
+    [checkpoints] = folder.glob("outputs/*/*/checkpoints")
+    shutil.copytree(checkpoints, tmp_path / "checkpoints")  # the shared run's stay as they are
+    extend = [
+        "trainer.resume=extend",
+        "trainer.steps=40",
+        f"trainer.checkpoint_dir={tmp_path / 'checkpoints'}",
+        f"tracking.uri=sqlite:///{folder}/mlflow.db",
+    ]
+    train(compose_config([*SUBNET, *extend]))
+    client = store_client(folder)
+    [extended] = client.search_runs(
+        [client.get_experiment_by_name("mnist").experiment_id], f"tags.extends = '{run_id}'"
+    )
+    assert extended.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(extended.info.run_id, "test/accuracy")] == [
+        40
+    ]
+
+
+def test_a_subclassed_model_elsewhere_names_its_module_and_folder(subclassed, run_from, tmp_path):
+    """From a folder without its module, each way of loading the model says in one line which
+    module it needs and where to run from, and leaves no run RUNNING."""
+    folder, run_id = subclassed
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run_from(elsewhere)
+    message = (
+        f"the model needs its module subnet, which cannot be imported from {elsewhere}: run "
+        f"from {folder}, where the model was trained"
+    )
+    store = f"sqlite:///{folder}/mlflow.db"
+    mlflow.set_tracking_uri(store)
+    experiment = store_client(folder).get_run(run_id).info.experiment_id
+    [model] = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(elsewhere / "digit.png")
+    [checkpoints] = folder.glob("outputs/*/*/checkpoints")
+    extend = [
+        "trainer.resume=extend",
+        "trainer.steps=40",
+        f"trainer.checkpoint_dir={checkpoints}",
+        f"tracking.uri={store}",
+    ]
+    loads = {
+        "runner-eval": lambda: evaluate(
+            app_config("evaluate", [f"run_id={run_id}", f"tracking.uri={store}"])
+        ),
+        "runner-predict": lambda: predict(
+            app_config("predict", [f"run_id={run_id}", "images=digit.png", f"tracking.uri={store}"])
+        ),
+        "pyfunc": lambda: mlflow.pyfunc.load_model(model.model_uri),
+        "runner trainer.resume=extend": lambda: train(compose_config([*SUBNET, *extend])),
+        "runner-repro": lambda: repro.rerun(run_id, store, []),
+    }
+    for name, load in loads.items():
+        with pytest.raises(UserError) as error:
+            load()
+        assert str(error.value) == message, name
+    client = store_client(folder)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert "RUNNING" not in {r.info.status for r in runs}

@@ -187,6 +187,12 @@ def test_the_served_champion_classifies_the_first_test_digits(registered, mnist_
             ({"inputs": []}, "the batch is empty"),
             ({"inputs": [0.0] * 784}, "send a list of images, even of one"),
             ({"inputs": [[300] * 784]}, "integer pixels must lie in 0-255"),
+            ({"inputs": "hello"}, "send a list of images, not one value ('hello')"),
+            ({"inputs": 5}, "send a list of images, not one value (5)"),
+            (
+                {"inputs": [[0.0] * 784, [0.5] * 783 + [float("nan")]]},
+                "pixels must be finite numbers, but image 1 holds nan",
+            ),
         ]:
             status, error = post(port, body)
             assert status == 400 and message in error["message"], (status, error)
