@@ -114,7 +114,7 @@ def _number(value: float | None) -> str:
 def rerun(run_id: str, tracking_uri: str, overrides: list[str]) -> tuple[Any, Any]:
     """Train again from `run_id`'s logged config changed by `overrides` (KEY=VALUE); returns
     (original run, new run). The overrides and the store are checked before anything trains."""
-    from runner.targets import import_code
+    from runner.targets import check_importable
 
     check_overrides(overrides)
     original, logged_cfg = logged_run(run_id, tracking_uri)
@@ -123,7 +123,8 @@ def rerun(run_id: str, tracking_uri: str, overrides: list[str]) -> tuple[Any, An
     folder = Path("outputs") / "repro" / f"{run_id}_{stamp}"
     cfg = overridden(logged_cfg, overrides, f"run {run_id}")
     # Near the run's own checkpoints is the folder it ran from, where its model's module is.
-    import_code(cfg.model._target_, near=cfg.trainer.checkpoint_dir)
+    # Checked only: importing it could load Keras before the rerun chooses the run's backend.
+    check_importable(cfg.model._target_, near=cfg.trainer.checkpoint_dir)
     return original, train_again(cfg, tracking_uri, folder, run_id)
 
 

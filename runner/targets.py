@@ -43,9 +43,16 @@ def code_of(name: str) -> tuple[str, str | None]:
 def import_code(name: str, folder: str | None = None, near: str | None = None) -> None:
     """Import what `name` (the model's `_target_`, or the module a logged model records) names,
     before loading a saved model: Keras knows a subclassed model's class, or a custom layer,
-    only once its module has run. A module that the working folder does not hold is told in one
-    line naming the folder to run from: `folder`, where training imported it, else the nearest
-    one above `near` (a checkpoint folder) that holds it."""
+    only once its module has run."""
+    check_importable(name, folder, near)
+    _import_longest(name, "model")
+
+
+def check_importable(name: str, folder: str | None = None, near: str | None = None) -> None:
+    """Refuse, without importing it (which may load Keras before the backend is chosen), a
+    module that the working folder does not hold, in one line naming the folder to run from:
+    `folder`, where training imported it, else the nearest one above `near` (a checkpoint
+    folder) that holds it."""
     top = name.partition(".")[0]
     if importlib.util.find_spec(top) is None:
         folder = folder or _holder(top, near)
@@ -57,7 +64,6 @@ def import_code(name: str, folder: str | None = None, near: str | None = None) -
         raise UserError(
             f"the model needs its module {top}, which cannot be imported from {Path.cwd()}: {where}"
         )
-    _import_longest(name, "model")
 
 
 def _holder(module: str, near: str | None) -> str | None:

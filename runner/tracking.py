@@ -487,7 +487,14 @@ def default_uri() -> str:
 
 def connect(uri: str) -> None:
     """Point MLflow at `uri`, probing a server first: MLflow itself retries an unreachable
-    server for minutes before it gives up."""
+    server for minutes before it gives up. A SQLite file is named by its absolute path: MLflow
+    keeps a store per URI for the process, so a relative one would go on naming the folder a
+    first run in the process started in."""
+    database = _sqlite_file(uri)
+    if database is not None:
+        from sqlalchemy.engine import make_url
+
+        uri = make_url(uri).set(database=str(database)).render_as_string(hide_password=False)
     if uri.startswith(("http://", "https://")):
         health = _server_address(uri)  # urllib takes no user in the address; /health asks none
         try:

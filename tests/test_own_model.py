@@ -312,9 +312,10 @@ def subclassed(tmp_path_factory, mnist_dir) -> tuple[Path, str]:
 
 
 @pytest.fixture
-def run_from(monkeypatch):
-    """Work in a folder as a command started there would: the folder importable, and the
-    subclassed model's module not imported, nor its class known to Keras."""
+def run_from(monkeypatch, mnist_dir):
+    """Work in a folder as a command started there would: the folder importable, MNIST where
+    it is (MNIST_DIR may be relative), and the subclassed model's module not imported, nor its
+    class known to Keras."""
 
     def forget() -> None:
         sys.modules.pop("subnet", None)
@@ -322,6 +323,7 @@ def run_from(monkeypatch):
 
     def move(folder: Path) -> None:
         monkeypatch.chdir(folder)
+        monkeypatch.setenv("MNIST_DIR", str(mnist_dir))
         monkeypatch.setattr(sys, "path", [str(folder), *sys.path])
         forget()
 

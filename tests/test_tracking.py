@@ -2,6 +2,7 @@
 run's artifacts beside it, and one that cannot be written is a one-line error."""
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -113,6 +114,22 @@ def test_a_new_experiment_keeps_its_artifacts_beside_its_sqlite_store(tmp_path, 
     # A model-training experiment to the MLflow UI, which would otherwise ask which kind it is.
     tags = MlflowClient().get_experiment(run.info.experiment_id).tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_the_default_store_is_the_working_folders_in_each_of_a_processs_runs(
+    tmp_path, monkeypatch, new_store
+):
+    """MLflow keeps a store per URI for the process: the relative default, sqlite:///mlflow.db,
+    went on naming the folder the process's first run started in."""
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        shutil.copyfile(new_store, tmp_path / name / "mlflow.db")
+        monkeypatch.chdir(tmp_path / name)
+        open_store("sqlite:///mlflow.db", name)
+        with mlflow.start_run() as run:
+            pass
+        found = MlflowClient(f"sqlite:///{tmp_path / name}/mlflow.db").get_run(run.info.run_id)
+        assert found.info.experiment_id == run.info.experiment_id
 
 
 def test_a_run_s_link_opens_the_ui_s_training_view_and_holds_no_password(monkeypatch):
