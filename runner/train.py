@@ -6,7 +6,6 @@ loading TensorFlow or MLflow.
 
 import logging
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,12 +24,6 @@ register_configs()
 register_resolvers()
 install_masking()  # here, as each sweep job's process imports this module too
 log = logging.getLogger(__name__)
-# hydra-optuna-sweeper 1.3 speaks Optuna 2's API, which Optuna 4 and 5 still take, with a
-# FutureWarning for every deprecated sampler argument and distribution it passes: noise to users.
-# Set here, not in the plugin: Hydra imports plugins inside warnings.catch_warnings(), which
-# undoes any filter they set.
-warnings.filterwarnings("ignore", message=r".*has been deprecated in v\d", category=FutureWarning)
-
 # conf/ sits beside the package in the checkout, which uv installs in editable mode.
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
