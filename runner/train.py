@@ -14,7 +14,7 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from runner import preemption, pruning, registry, sweep
-from runner.config import check_config, register_configs, resume_mode
+from runner.config import CONF_DIR, check_config, register_configs, resume_mode
 from runner.errors import Interrupted, UserError, reported, run_hydra_app
 from runner.masking import install_masking, mask_hydra_record
 from runner.outputs import check_given_dirs, register_resolvers
@@ -24,8 +24,6 @@ register_configs()
 register_resolvers()
 install_masking()  # here, as each sweep job's process imports this module too
 log = logging.getLogger(__name__)
-# conf/ sits beside the package in the checkout, which uv installs in editable mode.
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def train(
