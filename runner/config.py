@@ -11,6 +11,7 @@ must see only those they pick from.
 
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -18,6 +19,12 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from runner.errors import UserError
+
+# The YAML files: the package's conf/ in an installed wheel (pyproject.toml's wheel sources put it
+# there), else conf/ at the top of the checkout, which uv installs in editable mode.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+if not CONF_DIR.is_dir():
+    CONF_DIR = CONF_DIR.parents[1] / "conf"
 
 
 class Output(StrEnum):

@@ -1,7 +1,7 @@
 """Pruned Optuna searches, the job's side: a trial reports `optimized_metric` at each validation
 and stops when the study's pruner says it is hopeless.
 
-Hydra's Optuna sweeper keeps the trial to itself and hands the job only its parameters. The
+A Hydra sweeper hands each job only its overrides, not the Optuna trial they came from. The
 runner's sweeper (`hydra_plugins.runner_optuna`) marks each trial it asks with the job it
 launches it as; the job finds that trial in the study's storage, which every launcher's jobs
 reach, and reports to it there. A pruned job returns `Pruned`, and the sweeper tells the study.

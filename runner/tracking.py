@@ -26,6 +26,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from runner import access, environment, preemption, serving
+from runner.config import CONF_DIR
 from runner.data import Split, Splits, file_record
 from runner.errors import Interrupted, ServerLost, UserError
 from runner.masking import mask
@@ -481,8 +482,7 @@ def _set_experiment(name: str, artifacts: Path | None) -> Experiment:
 def default_uri() -> str:
     """`tracking.uri` as conf/tracking/mlflow.yaml sets it (MLFLOW_TRACKING_URI, else
     ./mlflow.db), for the commands that compose no Hydra config: one place says it."""
-    conf = Path(__file__).resolve().parent.parent / "conf" / "tracking" / "mlflow.yaml"
-    return str(OmegaConf.load(conf).uri)
+    return str(OmegaConf.load(CONF_DIR / "tracking" / "mlflow.yaml").uri)
 
 
 def connect(uri: str) -> None:

@@ -6,7 +6,6 @@ loading TensorFlow or MLflow.
 
 import logging
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from runner import preemption, pruning, registry, sweep
-from runner.config import check_config, register_configs, resume_mode
+from runner.config import CONF_DIR, check_config, register_configs, resume_mode
 from runner.errors import Interrupted, UserError, reported, run_hydra_app
 from runner.masking import install_masking, mask_hydra_record
 from runner.outputs import check_given_dirs, register_resolvers
@@ -25,14 +24,6 @@ register_configs()
 register_resolvers()
 install_masking()  # here, as each sweep job's process imports this module too
 log = logging.getLogger(__name__)
-# hydra-optuna-sweeper 1.3 speaks Optuna 2's API, which Optuna 4 and 5 still take, with a
-# FutureWarning for every deprecated sampler argument and distribution it passes: noise to users.
-# Set here, not in the plugin: Hydra imports plugins inside warnings.catch_warnings(), which
-# undoes any filter they set.
-warnings.filterwarnings("ignore", message=r".*has been deprecated in v\d", category=FutureWarning)
-
-# conf/ sits beside the package in the checkout, which uv installs in editable mode.
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def train(

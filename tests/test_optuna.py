@@ -1,11 +1,15 @@
 """hparams_search=cnn_optuna: Optuna's trials as MLflow children, and a study that resumes."""
 
+import functools
 import re
 from pathlib import Path
 
 import mlflow
 import optuna
 import pytest
+from hydra.core.utils import JobReturn, JobStatus
+from omegaconf import OmegaConf
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
 from hydra_plugins.runner_optuna import resumable_sweeper
@@ -98,6 +102,139 @@ def test_a_grid_search_that_runs_out_of_points_is_told_its_last_trial():
     study, trial = last_point()
     resumable_sweeper._tell(study, trial, True, values=[1.0], state=TrialState.COMPLETE)
     assert study.trials[0].state == TrialState.COMPLETE
+
+
+def test_the_search_space_speaks_hydras_sweep_syntax():
+    """hydra.sweeper.params, then the command line's sweeps; a key set to one value is fixed."""
+    params = {
+        "a": "choice(50, 100)",
+        "b": "range(1, 10, 3)",
+        "c": "interval(0.3, 0.9)",
+        "d": "tag(log, interval(1e-4, 1e-2))",
+        "e": "interval(1, 8)",
+        "f": "range(0.0, 1.0, 0.25)",
+    }
+    arguments = ["a=choice(1,2)", "model=cnn_raw", "c=0.5", "+g=x y"]
+    space, fixed = resumable_sweeper.search_space(OmegaConf.create(params), arguments)
+    assert list(space.items()) == [
+        ("a", CategoricalDistribution([1, 2])),
+        ("b", IntDistribution(1, 10, step=3)),
+        ("d", FloatDistribution(1e-4, 1e-2, log=True)),
+        ("e", FloatDistribution(1, 8)),
+        ("f", FloatDistribution(0.0, 1.0, step=0.25)),
+    ]
+    assert {key: o.input_line for key, o in fixed.items()} == {
+        "model": "model=cnn_raw",
+        "c": "c=0.5",
+        "+g": "+g=x y",
+    }
+
+
+def test_a_grid_search_takes_its_grid_from_the_space_and_refuses_intervals():
+    space, _ = resumable_sweeper.search_space(None, ["a=choice(x,y)", "b=range(1,10,3)"])
+    partial = functools.partial(optuna.samplers.GridSampler, seed=0)
+    sampler, points = resumable_sweeper._with_grid(partial, space)
+    assert isinstance(sampler, optuna.samplers.GridSampler) and points == 6  # b: 1, 4, 7
+    space, _ = resumable_sweeper.search_space(None, ["a=choice(x,y)", "c=interval(0,1)"])
+    with pytest.raises(UserError, match=re.escape("give c as choice(...) or range(...)")):
+        resumable_sweeper._with_grid(partial, space)
+    assert resumable_sweeper._with_grid("tpe", space) == ("tpe", None)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # Optuna's note on the old class
+def test_a_study_begun_by_hydras_optuna_sweeper_is_refused_in_one_line(tmp_path):
+    """That plugin stored Optuna 2's distribution classes, which Optuna's storages refuse to mix
+    with today's for one parameter: a search could not add a trial."""
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(study_name="old", storage=storage)
+    trial = study.ask()  # as that plugin suggested it:
+    trial._suggest("optimizer.lr", optuna.distributions.LogUniformDistribution(1e-4, 1e-2))
+    study.tell(trial, 0.9)
+    with pytest.raises(ValueError, match="different distribution kind"):
+        study.ask().suggest_float("optimizer.lr", 1e-4, 1e-2, log=True)
+    with pytest.raises(UserError, match=r"stored optimizer.lr in a form Optuna no longer adds"):
+        resumable_sweeper._checked_study("old", storage, {})
+
+
+def test_a_direction_that_is_not_minimize_or_maximize_is_refused():
+    assert resumable_sweeper._directions("maximize") == ["maximize"]
+    both = OmegaConf.create(["minimize", "maximize"])
+    assert resumable_sweeper._directions(both) == ["minimize", "maximize"]
+    with pytest.raises(UserError, match=r"direction=maximise is not minimize or maximize"):
+        resumable_sweeper._directions(["minimize", "maximise"])
+
+
+def suggest_w(config, trial) -> None:
+    """A hydra.sweeper.custom_search_space: one more parameter."""
+    trial.suggest_int("w", 0, 3)
+
+
+class Launcher:
+    """Runs each batch of jobs at once, each returning its x, or failing with `error`."""
+
+    def __init__(self, error: Exception | None = None):
+        self.batches: list[tuple[list[list[str]], int]] = []
+        self.error = error
+
+    def launch(self, overrides, initial_job_idx: int) -> list[JobReturn]:
+        self.batches.append(([list(job) for job in overrides], initial_job_idx))
+        if self.error:
+            return [JobReturn(status=JobStatus.FAILED, _return_value=self.error) for _ in overrides]
+        return [
+            JobReturn(status=JobStatus.COMPLETED, _return_value=float(job[1].split("=")[1]))
+            for job in overrides
+        ]
+
+
+def sweeper(tmp_path, storage, n_trials: int, launcher: Launcher):
+    """The runner's sweeper of n_jobs=2 on `storage`, its search on z and x, launching there."""
+    arguments = ["x=range(0,10)", "seed=3"]
+    hydra = {"overrides": {"task": arguments}, "sweeper": {"params": {"z": "choice(1,2)"}}}
+    hydra |= {"sweep": {"dir": str(tmp_path)}, "runtime": {"cwd": str(tmp_path)}}
+    search = resumable_sweeper.ResumableOptunaSweeper(
+        sampler=optuna.samplers.RandomSampler(seed=0),
+        direction="maximize",
+        storage=storage,
+        study_name="s",
+        n_trials=n_trials,
+        n_jobs=2,
+        max_failure_rate=0.0,
+        params=OmegaConf.create(hydra["sweeper"]["params"]),
+        custom_search_space="tests.test_optuna.suggest_w",
+    )
+    search.config = OmegaConf.create({"optimized_metric": "val/accuracy", "hydra": hydra})
+    search.launcher = launcher
+    return search, arguments
+
+
+def test_the_sweeper_launches_n_jobs_trials_at_a_time_and_resumes(tmp_path):
+    storage = optuna.storages.InMemoryStorage()
+    launcher = Launcher()
+    search, arguments = sweeper(tmp_path, storage, 5, launcher)
+    search.sweep(arguments)
+    assert [(len(jobs), first) for jobs, first in launcher.batches] == [(2, 0), (2, 2), (1, 4)]
+    for jobs, _ in launcher.batches:
+        for job in jobs:
+            assert [o.split("=")[0] for o in job] == ["z", "x", "w", "seed"] and job[-1] == "seed=3"
+    study = optuna.load_study(study_name="s", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 5
+    assert [t.user_attrs["runner.job"] for t in study.trials] == [
+        f"{tmp_path}#{n}" for n in range(5)
+    ]
+    assert all(t.value == t.params["x"] for t in study.trials)
+    results = OmegaConf.load(tmp_path / "optimization_results.yaml")
+    assert results.best_value == max(t.value for t in study.trials)
+
+    launcher = Launcher()
+    search, arguments = sweeper(tmp_path, storage, 7, launcher)
+    search.sweep(arguments)
+    assert [(len(jobs), first) for jobs, first in launcher.batches] == [(2, 0)]
+    assert len(study.trials) == 7
+
+    search, arguments = sweeper(tmp_path, storage, 8, Launcher(RuntimeError("job lost")))
+    with pytest.raises(RuntimeError, match="job lost"):
+        search.sweep(arguments)
+    assert [t.state for t in study.trials][7:] == [TrialState.FAIL]
 
 
 def test_a_pruned_child_is_never_the_sweeps_best(in_tmp_store):

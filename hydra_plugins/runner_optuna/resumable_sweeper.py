@@ -1,32 +1,35 @@
-"""Hydra's Optuna sweeper, made resumable, kept to one set of settings and able to prune:
+"""The runner's Optuna sweeper, `hydra/sweeper=runner_optuna`: resumable, kept to one set of
+settings and able to prune, on Optuna's public ask-and-tell API and Hydra's sweeper API.
+
 `n_trials` counts the finished (completed or pruned) trials of the whole study, so rerunning an
-interrupted search runs only the trials it still lacks; a study refuses to go on under other
-settings than it was started with; and `pruner` (none, median, hyperband) calls off trials that
-report hopeless validations (`runner.pruning`).
+interrupted search runs only the trials it still lacks, with fresh randomness, lest a seeded
+sampler propose the first trials' parameters again. A study refuses to go on under other
+settings than it was started with: a study started with `trainer.steps=200` and continued with
+`trainer.steps=1000` would mix trials that cannot be compared and report the best of either.
+And `pruner` (none, median, hyperband) calls off trials that report hopeless validations
+(`runner.pruning`): each trial is marked with the job it runs as, which finds it in the study's
+storage to report to.
 
-The stock sweeper (hydra-optuna-sweeper) reloads a stored study but then runs `n_trials` more,
-and its seeded sampler would propose the first trials' parameters again; nor does it notice that
-a study started with `trainer.steps=200` is continued with `trainer.steps=1000`, which would mix
-trials that cannot be compared and report the best of either. The stock sweeper also never hears
-from a trial before it ends, so it cannot prune. Hydra only instantiates sweepers from the
-`hydra_plugins` package, hence this module's home; it imports Optuna lazily because Hydra
-imports every plugin module at each start.
-
-`hydra/sweeper=runner_optuna` selects it, with the stock sweeper's settings and `pruner`.
+Its settings (`config.py`) are those of Hydra's Optuna sweeper (hydra-optuna-sweeper), which it
+replaced: that plugin's 1.3 release declares optuna<3 and speaks Optuna 2's deprecated API.
+Hydra only instantiates sweepers from the `hydra_plugins` package, hence this module's home; it
+imports Optuna lazily because Hydra imports every plugin module at each start.
 """
 
 import logging
 import math
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.utils import instantiate
-from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
-from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from hydra.core.override_parser.types import Override, Transformer
+from hydra.core.plugins import Plugins
+from hydra.core.utils import JobReturn
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from hydra.utils import get_method, instantiate
+from omegaconf import DictConfig, OmegaConf
 
 from runner import pruning
 from runner.errors import UserError, reported
@@ -35,28 +38,48 @@ log = logging.getLogger(__name__)
 
 # The study's user attribute that records the settings it was started with.
 SETTINGS_ATTR = "runner.settings"
+DIRECTIONS = ("minimize", "maximize")
 
 
 class SettingsChanged(UserError):
     """A stored study continued with other settings than it was started with."""
 
 
-@dataclass
-class RunnerOptunaSweeperConf(OptunaSweeperConf):
-    _target_: str = "hydra_plugins.runner_optuna.resumable_sweeper.ResumableOptunaSweeper"
-    # none, median or hyperband (Optuna's defaults), or a pruner's {_target_: ..., ...}.
-    pruner: Any = "none"
-
-
-ConfigStore.instance().store(
-    group="hydra/sweeper", name="runner_optuna", node=RunnerOptunaSweeperConf, provider="runner"
-)
-
-
-class ResumableOptunaSweeper(OptunaSweeper):
-    def __init__(self, *args: Any, pruner: Any = "none", **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+class ResumableOptunaSweeper(Sweeper):
+    def __init__(
+        self,
+        sampler: Any,
+        direction: Any,
+        storage: Any,
+        study_name: str | None,
+        n_trials: int,
+        n_jobs: int,
+        max_failure_rate: float,
+        params: DictConfig | None,
+        custom_search_space: str | None,
+        pruner: Any = "none",
+    ) -> None:
+        self.sampler = sampler
+        self.direction = direction
+        self.storage = storage
+        self.study_name = study_name
+        self.n_trials = n_trials
+        self.n_jobs = n_jobs
+        self.max_failure_rate = max_failure_rate
+        self.params = params
+        self.custom_search_space = custom_search_space
         self.pruner = pruner
+        self.job_idx = 0
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+        self.job_idx = 0
 
     @classmethod
     def check_before_sweep(cls, config: DictConfig) -> bool:
@@ -67,129 +90,229 @@ class ResumableOptunaSweeper(OptunaSweeper):
         storage = sweeper.storage
         if isinstance(storage, DictConfig):
             storage = instantiate(storage)
-        directions = sweeper.direction
-        directions = list(directions) if isinstance(directions, ListConfig) else [directions]
+        directions = _directions(sweeper.direction)
         _checked_pruner(
             sweeper.get("pruner"), config.optimized_metric, storage, sweeper.study_name, directions
         )
         _, done = _checked_study(sweeper.study_name, storage, settings(config))
         return done < sweeper.n_trials
 
-    def sweep(self, arguments: list[str]) -> Any:
+    def sweep(self, arguments: list[str]) -> None:
         import optuna
         from optuna.trial import TrialState
 
-        search = self.sweeper
-        now = settings(search.config)
+        now = settings(self.config)
         # Refused here only with NestedRuns, which checks first, switched off.
         with reported("runner"):
+            directions = _directions(self.direction)
             pruner = _checked_pruner(
                 self.pruner,
-                search.config.optimized_metric,
-                search.storage,
-                search.study_name,
-                search._get_directions(),
+                self.config.optimized_metric,
+                self.storage,
+                self.study_name,
+                directions,
             )
-            study, done = _checked_study(search.study_name, search.storage, now)
-        if study is None:
-            study = optuna.create_study(
-                study_name=search.study_name,
-                storage=search.storage,
-                directions=search._get_directions(),
-            )
+            _, done = _checked_study(self.study_name, self.storage, now)
+            space, fixed = search_space(self.params, arguments)
+            sampler, points = _with_grid(self.sampler, space)
+        study = optuna.create_study(
+            study_name=self.study_name,
+            storage=self.storage,
+            sampler=sampler,
+            pruner=pruner or optuna.pruners.NopPruner(),
+            directions=directions,
+            load_if_exists=True,
+        )
         if SETTINGS_ATTR not in study.user_attrs:
             if study.trials:
                 log.warning(
                     "study %r has no record of the settings its trials ran with (it predates "
                     "the record): recording this command's",
-                    search.study_name,
+                    self.study_name,
                 )
             study.set_user_attr(SETTINGS_ATTR, now)
-        wanted = search.n_trials
+        wanted = self.n_trials if points is None else min(self.n_trials, points)
         if done >= wanted:
             log.info(
                 "study %r already has its %s; raise hydra.sweeper.n_trials to run more",
-                search.study_name,
+                self.study_name,
                 _count(done, "finished trial"),
             )
-            return None
+            return
         if study.trials:
             interrupted = [t.number for t in study.trials if t.state == TrialState.RUNNING]
             for number in interrupted:  # their process died: they will never report
                 study.tell(number, state=TrialState.FAIL)
-            search.n_trials = wanted - done
-            # Fresh randomness, so the resumed search does not repeat the first proposals.
-            if hasattr(search.sampler, "reseed_rng"):
-                search.sampler.reseed_rng()
+            sampler.reseed_rng()  # so that the resumed search does not repeat the first proposals
             log.info(
                 "Resuming study %r: %d of %d trials finished, %d interrupted (marked failed); "
                 "running %d more",
-                search.study_name,
+                self.study_name,
                 done,
                 wanted,
                 len(interrupted),
-                search.n_trials,
+                wanted - done,
             )
-        return self._sweep(arguments, study, pruner)
+        extend = get_method(self.custom_search_space) if self.custom_search_space else None
+        trials = Trials(study, space, fixed, self.config, extend, points)
+        self._launch(trials, wanted - done)
+        _save_results(study, len(directions), Path(self.config.hydra.sweep.dir))
 
-    def _sweep(self, arguments: list[str], study: Any, pruner: Any) -> None:
-        """The stock sweeper's loop (`OptunaSweeperImpl.sweep`), on `study`: ask a batch of
-        `n_jobs` trials, launch them, tell the study how each ended: completed with its values,
-        pruned (`runner.pruning.Pruned`) or failed. Each trial is marked with its job, which
-        finds it there to report to."""
-        import optuna
-        from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
-        from optuna.trial import TrialState
-
-        search = self.sweeper
-        search._process_searchspace_config()
-        space, fixed = create_params_from_overrides(
-            search._parse_sweeper_params_config() + list(arguments)
-        )
-        space = {**(search.search_space_distributions or {}), **space}
-        space = {name: d for name, d in space.items() if name not in fixed}
-        sampler = search.sampler
-        is_grid = getattr(sampler, "func", None) is optuna.samplers.GridSampler  # a partial
-        if is_grid:
-            grid = {name: search._to_grid_sampler_choices(d) for name, d in space.items()}
-            sampler = sampler(grid)
-            search.n_trials = min(search.n_trials, math.prod(len(v) for v in grid.values()))
-        study.sampler, study.pruner = sampler, pruner
-        objectives = len(search._get_directions())
-        left = search.n_trials
-        while left > 0:
-            trials = [study.ask() for _ in range(min(left, search.n_jobs))]
-            for offset, trial in enumerate(trials):
-                key = pruning.job_key(search.config.hydra, search.job_idx + offset)
-                trial.set_user_attr(pruning.JOB_ATTR, key)
-            overrides = search._configure_trials(trials, space, fixed)
-            returns = search.launcher.launch(overrides, initial_job_idx=search.job_idx)
-            search.job_idx += len(returns)
-            failures = []
-            for trial, ret in zip(trials, returns, strict=True):
-                try:
-                    value = ret.return_value
-                    if isinstance(value, pruning.Pruned):
-                        log.info("trial %d pruned at step %d", trial.number, value.step)
-                        _tell(study, trial, is_grid, state=TrialState.PRUNED)
-                        continue
-                    values = [float(v) for v in value] if objectives > 1 else [float(value)]
-                    _tell(study, trial, is_grid, values=values, state=TrialState.COMPLETE)
-                except Exception as error:
-                    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-                    log.warning("Failed experiment: %s", error)
-                    failures.append(error)
-            if len(failures) / len(returns) > search.max_failure_rate:
+    def _launch(self, trials: "Trials", count: int) -> None:
+        """Run `count` trials in batches of `n_jobs`, each batch launched at once; stop, with
+        the first failed job's error, after a batch whose share of failed trials is above
+        `max_failure_rate`."""
+        while count > 0:
+            batch = [trials.ask(self.job_idx + i) for i in range(min(count, self.n_jobs))]
+            returns = self.launcher.launch(
+                [overrides for _, overrides in batch], initial_job_idx=self.job_idx
+            )
+            self.job_idx += len(returns)
+            failures = sum(
+                trials.tell(trial, ret) for (trial, _), ret in zip(batch, returns, strict=True)
+            )
+            if failures / len(returns) > self.max_failure_rate:
                 log.error(
-                    "Failed %s times out of %d with max_failure_rate=%s",
+                    "%d of %d trials failed, more than max_failure_rate=%s allows",
                     failures,
                     len(returns),
-                    search.max_failure_rate,
+                    self.max_failure_rate,
                 )
                 for ret in returns:
                     ret.return_value  # noqa: B018 - raises the job's error, with its traceback
-            left -= len(trials)
-        _save_results(study, objectives, Path(search.config.hydra.sweep.dir))
+            count -= len(batch)
+
+
+class Trials:
+    """A sweep's side of its study: `ask` gives a new trial with the overrides its job runs
+    with, `tell` records how the job ended. They hold no state between the calls, so the sweeper
+    may ask for a batch and tell it whole, or ask for each trial as a job slot frees."""
+
+    def __init__(
+        self,
+        study: Any,
+        space: dict[str, Any],
+        fixed: dict[str, Override],
+        config: DictConfig,
+        extend: Any,
+        points: int | None,
+    ) -> None:
+        self.study = study
+        self.space = space  # the searched keys' distributions
+        self.fixed = fixed  # the other overrides, by key
+        self.config = config
+        self.extend = extend  # hydra.sweeper.custom_search_space
+        self.is_grid = points is not None
+        self.objectives = len(study.directions)
+
+    def ask(self, job_num: int) -> tuple[Any, list[str]]:
+        """A new trial, marked as job `job_num`'s, and its job's overrides: its parameters,
+        then the other overrides as given."""
+        from optuna.trial import TrialState
+
+        trial = self.study.ask(fixed_distributions=self.space)
+        trial.set_user_attr(pruning.JOB_ATTR, pruning.job_key(self.config.hydra, job_num))
+        for key, override in self.fixed.items():
+            trial.set_user_attr(key, override.get_value_element_as_str())
+        if self.extend is not None:
+            self.extend(self.config, trial)
+            clash = sorted(trial.params.keys() & self.fixed.keys())
+            if clash:
+                self.study.tell(trial, state=TrialState.FAIL)
+                raise UserError(
+                    f"hydra.sweeper.custom_search_space suggests {', '.join(clash)}, which the "
+                    f"command line sets: leave it to one of them"
+                )
+        searched = [f"{name}={value}" for name, value in trial.params.items()]
+        return trial, searched + [override.input_line for override in self.fixed.values()]
+
+    def tell(self, trial: Any, ret: JobReturn) -> bool:
+        """Tell the study how `trial`'s job ended, completed with its values, pruned
+        (`runner.pruning.Pruned`) or failed; whether it failed."""
+        from optuna.trial import TrialState
+
+        try:
+            value = ret.return_value
+            if isinstance(value, pruning.Pruned):
+                log.info("trial %d pruned at step %d", trial.number, value.step)
+                _tell(self.study, trial, self.is_grid, state=TrialState.PRUNED)
+                return False
+            values = [float(v) for v in value] if self.objectives > 1 else [float(value)]
+            _tell(self.study, trial, self.is_grid, values=values, state=TrialState.COMPLETE)
+        except Exception as error:
+            self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            log.warning("Failed experiment: %s", error)
+            return True
+        return False
+
+
+def search_space(
+    params: DictConfig | None, arguments: list[str]
+) -> tuple[dict[str, Any], dict[str, Override]]:
+    """The searched keys' Optuna distributions, and the other overrides by key, from
+    `hydra.sweeper.params` and then the command line's overrides: a later sweep of a key
+    replaces an earlier one, and a key also set to one value is not searched."""
+    texts = [f"{key}={value}" for key, value in (params or {}).items()] + list(arguments)
+    space, fixed = {}, {}
+    for override in OverridesParser.create().parse_overrides(texts):
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            space[key] = _distribution(override)
+        else:
+            fixed[key] = override
+    return {key: d for key, d in space.items() if key not in fixed}, fixed
+
+
+def _distribution(override: Override) -> Any:
+    """A sweep's Optuna distribution: a choice of `choice(...)` or `shuffle(range(...))`,
+    `range(...)`'s steps (its stop included; of integers where all three are), `interval(...)`
+    uniform and `tag(log, interval(...))` log-uniform (Hydra's intervals are of floats)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    value = override.value()
+    if override.is_choice_sweep() or (override.is_range_sweep() and value.shuffle):
+        choices = override.sweep_iterator(transformer=Transformer.encode)
+        return CategoricalDistribution(list(choices))
+    if override.is_range_sweep():
+        if any(isinstance(x, float) for x in (value.start, value.stop, value.step)):
+            return FloatDistribution(value.start, value.stop, step=value.step)
+        return IntDistribution(int(value.start), int(value.stop), step=int(value.step))
+    return FloatDistribution(value.start, value.end, log="log" in value.tags)
+
+
+def _with_grid(sampler: Any, space: dict[str, Any]) -> tuple[Any, int | None]:
+    """The sampler to search `space` with, and the number of points of a grid:
+    hydra/sweeper/sampler=grid comes as a GridSampler waiting for its grid, each key's
+    choices or range steps (its stop left out, as Hydra's range does)."""
+    import optuna
+
+    if getattr(sampler, "func", None) is not optuna.samplers.GridSampler:  # not a partial
+        return sampler, None
+    grid = {}
+    for name, distribution in space.items():
+        if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+            grid[name] = list(distribution.choices)
+            continue
+        if distribution.step is None or distribution.log:
+            raise UserError(
+                f"hydra/sweeper/sampler=grid searches points, not intervals: give {name} as "
+                f"choice(...) or range(...)"
+            )
+        steps = int((distribution.high - distribution.low) // distribution.step)
+        grid[name] = [distribution.low + i * distribution.step for i in range(steps)]
+    return sampler(grid), math.prod(len(points) for points in grid.values())
+
+
+def _directions(direction: Any) -> list[str]:
+    """hydra.sweeper.direction as Optuna's list, one per objective."""
+    directions = [direction] if isinstance(direction, str) else [str(d) for d in direction]
+    wrong = [d for d in directions if d not in DIRECTIONS]
+    if wrong or not directions:
+        raise UserError(
+            f"hydra.sweeper.direction={','.join(wrong)} is not minimize or maximize: give one, "
+            f"or a list of them, one per value the jobs return"
+        )
+    return directions
 
 
 def _tell(study: Any, trial: Any, is_grid: bool, **how: Any) -> None:
@@ -204,7 +327,7 @@ def _tell(study: Any, trial: Any, is_grid: bool, **how: Any) -> None:
 
 def _save_results(study: Any, objectives: int, sweep_dir: Path) -> None:
     """The best trial (the Pareto front of several objectives), logged and written to
-    optimization_results.yaml as the stock sweeper writes it."""
+    optimization_results.yaml as Hydra's Optuna sweeper wrote it."""
     if not study.best_trials:
         log.warning("no trial of study %r completed: none is best", study.study_name)
         return
@@ -263,7 +386,10 @@ def _checked_pruner(
 
 def _checked_study(name: str | None, storage: Any, now: dict[str, Any]) -> tuple[Any, int]:
     """The stored study (None if there is none yet) and its count of finished trials; raises
-    `SettingsChanged` if it was started with other settings than `now`."""
+    `SettingsChanged` if it was started with other settings than `now`, and refuses a study whose
+    trials hold Optuna 2's distribution classes (LogUniformDistribution, ...), as
+    hydra-optuna-sweeper stored them: Optuna's storages refuse to mix them with today's."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
     from optuna.trial import TrialState
 
     study = _stored_study(name, storage)
@@ -283,7 +409,18 @@ def _checked_study(name: str | None, storage: Any, now: dict[str, Any]) -> tuple
             f"{'; '.join(differences)}; run it with its own settings to continue it, or start "
             f"a new study with hydra.sweeper.study_name=<new name>"
         )
-    done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+    with warnings.catch_warnings():  # Optuna's note on each old class, which the error says
+        warnings.simplefilter("ignore", FutureWarning)
+        trials = study.trials
+    current = (CategoricalDistribution, FloatDistribution, IntDistribution)
+    old = {key for t in trials for key, d in t.distributions.items() if type(d) not in current}
+    if old:
+        raise UserError(
+            f"study {name!r} in {storage} was started by a sweeper on hydra-optuna-sweeper, which "
+            f"stored {', '.join(sorted(old))} in a form Optuna no longer adds trials to: start a "
+            f"new study with hydra.sweeper.study_name=<new name>"
+        )
+    done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     return study, done
 
 
