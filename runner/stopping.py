@@ -26,7 +26,7 @@ class StopReason(Enum):
     """Why training stopped before `trainer.steps`."""
 
     SIGNAL = "signal"  # checkpointed; the run ends KILLED, and a resume carries it on
-    SERVER_LOST = "server lost"  # tracking.server_patience_s without an answer: as SIGNAL
+    SERVER_LOST = "server lost"  # tracking.server_patience_s unanswered: checkpointed, exits 1
     EARLY_STOP = "early stop"  # a callback: the run is tested, ends FINISHED, tagged
     PRUNED = "pruned"  # the Optuna trial's pruner: the run ends KILLED, untested
     NON_FINITE_LOSS = "non-finite loss"  # the run ends FAILED, naming the step
@@ -45,10 +45,10 @@ class Stops:
     `installed` puts the handler in place and the previous ones back however the block ends.
     While Keras runs the training steps (`runner.callbacks.StopOnSignal` says when, and acts on
     the stop) a signal asks for a stop at the end of the execution under way; elsewhere it
-    raises `Stopped`. Once the command
-    is ending on a stop (`closing`), a repeated SIGTERM or SIGUSR2 (SLURM may signal both a
-    cancelled job and its step) is only logged: raised in the middle of the close, it would
-    leave the MLflow run RUNNING. A second Ctrl-C is the user's, and still interrupts."""
+    raises `Stopped`. Once the command is ending on a stop (`closing`), a repeated SIGTERM or
+    SIGUSR2 (SLURM may signal both a cancelled job and its step) is only logged: raised in the
+    middle of the close, it would leave the MLflow run RUNNING. A second Ctrl-C is the user's,
+    and still interrupts."""
 
     def __init__(self) -> None:
         self.reason: StopReason | None = None

@@ -2,17 +2,20 @@
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import keras
 import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from runner import checkpoints, fitting, preemption
-from runner.errors import Interrupted
+from runner import backends, checkpoints, data, devices, fitting, modeling, preemption
+from runner.errors import Interrupted, Stopped
+from runner.stopping import StopReason, Stops
 from runner.train import objective, train
 
 from .conftest import QUICK, cli, compose_config, only_run, store_client
@@ -283,11 +286,6 @@ def test_fit_that_raises_puts_the_signal_handlers_back(in_tmp_store):
     """Keras skips its callbacks' `on_train_end` when `fit` raises: the stop signals' handlers
     are put back all the same, so that a stop while the failed run closes is not taken for a
     stop of training steps that have ended."""
-    import signal
-
-    import keras
-
-    from runner import backends, data, devices, modeling
 
     class Crash(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
@@ -312,11 +310,6 @@ def test_each_stop_controller_keeps_its_own_stops(caplog):
     """No stop is kept in a module: one command's controller, closing its run on SIGTERM, only
     logs another SIGTERM (a second Ctrl-C still interrupts), while another controller in the
     same process is stopped by it."""
-    import signal
-
-    from runner.errors import Stopped
-    from runner.stopping import StopReason, Stops
-
     before = {number: signal.getsignal(number) for number in preemption.STOP_SIGNALS}
     closing, fresh = Stops(), Stops()
     with pytest.raises(Stopped) as stopped, closing.installed():
