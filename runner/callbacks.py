@@ -7,7 +7,6 @@ exactly the tutorial's periodic training report. The step is the optimizer's ite
 
 import logging
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,7 @@ import numpy as np
 from runner import backends
 from runner.data import Split
 from runner.errors import UserError
-from runner.preemption import STOP_SIGNALS, closing
+from runner.stopping import StopReason, Stops
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +114,19 @@ class TrainingDiverged(UserError):
 
 
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
-    """Stops training at the step whose loss is NaN or infinite, naming that step; unlike Keras's
-    TerminateOnNaN it raises, so the run ends FAILED rather than looking finished."""
+    """Stops training at the step whose loss is NaN or infinite, naming that step, and tells
+    `stops` why. Keras's TerminateOnNaN either only stops, so that the run looks finished, or
+    raises a RuntimeError naming the batch in the Keras epoch (a logging window here) with no
+    fix: a traceback, where this ends the run FAILED with one line."""
+
+    def __init__(self, stops: Stops):
+        super().__init__()
+        self.stops = stops
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         loss = float((logs or {}).get("loss", 0.0))
         if not np.isfinite(loss):
+            self.stops.request(StopReason.NON_FINITE_LOSS)
             raise TrainingDiverged(
                 f"the training loss became {loss} at step {optimizer_step(self.model)}; "
                 f"lower optimizer.lr or check the data"
@@ -143,48 +149,41 @@ class StepProgbar(keras.callbacks.ProgbarLogger):
             print(f"Steps {first}-{last} of {self.total_steps}", flush=True)
 
 
-# StopOnSignal.received when the tracking server stopped answering (Recorder.lost).
-SERVER_LOST = "server lost"
-
-
 class StopOnSignal(keras.callbacks.Callback):
-    """Ctrl-C (SIGINT), SIGTERM and SIGUSR2 stop training at the end of the execution under way
-    (the device.steps_per_execution steps the backend runs in one call, after which Keras calls
-    back), instead of killing it mid-step, so that a checkpoint can be written; `received`
-    names the signal. So does a `recorder` whose tracking server has stopped answering, at the
-    end of the window whose metrics it could not write (`received` is then SERVER_LOST)."""
+    """Stops training at the end of the execution under way (the device.steps_per_execution
+    steps the backend runs in one call, after which Keras calls back) once `stops` has a
+    reason: Ctrl-C (SIGINT), SIGTERM or SIGUSR2, which `stops` takes for a stop request from
+    `on_train_begin` to `on_train_end`, or another callback's. So does a `recorder` whose
+    tracking server has stopped answering, at the end of the window whose metrics it could not
+    write."""
 
-    def __init__(self, recorder: Any = None) -> None:
+    def __init__(self, stops: Stops, recorder: Any) -> None:
         super().__init__()
-        self.received: str | None = None
-        self.recorder = recorder
-        self._previous: dict = {}
+        self.stops, self.recorder = stops, recorder
+
+    @property
+    def received(self) -> str | None:
+        """The name of the stop signal received, if any; set, as if it were received now."""
+        return self.stops.signal.name if self.stops.signal else None
+
+    @received.setter
+    def received(self, name: str) -> None:
+        self.stops.signalled(signal.Signals[name])
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # only the main thread may handle signals
-        for number in STOP_SIGNALS:
-            self._previous[number] = signal.signal(number, self._request_stop)
-
-    def _request_stop(self, number: int, frame: Any) -> None:
-        self.received = signal.Signals(number).name
-        steps = self.model.steps_per_execution
-        log.warning("%s received: stopping after the %d step(s) under way", self.received, steps)
+        self.stops.steps_begin(self.model.steps_per_execution)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        if self.received:
+        if self.stops.reason is not None:
             self.model.stop_training = True
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if not self.received and getattr(self.recorder, "lost", False):
-            self.received = SERVER_LOST
+        if self.recorder.lost:
+            self.stops.request(StopReason.SERVER_LOST)
             self.model.stop_training = True
 
     def on_train_end(self, logs: dict | None = None) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-        if self.received:
-            closing()  # the run closes now, with its checkpoint
+        self.stops.steps_end()
 
 
 @dataclass(frozen=True)
@@ -259,15 +258,18 @@ class ProbabilityLogger(RunnerCallback):
 
 class ReportToTrial(keras.callbacks.Callback):
     """Reports the validation metric `metric` to an Optuna trial (`runner.pruning.Trial`) at
-    each validation, and stops training when its study's pruner calls the trial off."""
+    each validation, and stops training when its study's pruner calls the trial off, telling
+    `stops` so."""
 
-    def __init__(self, trial: Any, metric: str):
+    def __init__(self, trial: Any, metric: str, stops: Stops):
         super().__init__()
         self.trial, self.key = trial, f"val_{metric.removeprefix('val/')}"
+        self.stops = stops
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         value = (logs or {}).get(self.key)
         if value is not None and self.trial.report(float(value), optimizer_step(self.model)):
+            self.stops.request(StopReason.PRUNED)
             self.model.stop_training = True
 
 

@@ -18,9 +18,10 @@ from typing import Any
 import keras
 import numpy as np
 
-from runner.callbacks import RunnerCallback, StepCounter, StopOnSignal
+from runner.callbacks import RunnerCallback, StepCounter
 from runner.errors import UserError
 from runner.models import register_custom_objects
+from runner.stopping import StopReason, Stops
 from runner.targets import import_code
 
 log = logging.getLogger(__name__)
@@ -254,8 +255,8 @@ class Checkpointer(keras.callbacks.Callback):
     resumed run neither loses nor repeats a logged step. A stop inside a logging window of
     `window` steps also saves the training metrics' running sums, taken before Keras's
     validation resets them; each of `callbacks` (the configured ones of the runner's, by name)
-    saves its state; a stop that neither a signal nor a lost server (`stop`) asked for is
-    recorded as an early stop, which ends the run."""
+    saves its state; a stop for no reason given to `stops` (by a signal, a lost server or a
+    pruner) is an early stop, which ends the run."""
 
     def __init__(
         self,
@@ -268,13 +269,13 @@ class Checkpointer(keras.callbacks.Callback):
         window: int,
         run_settings: dict[str, Any],
         callbacks: dict[str, RunnerCallback],
-        stop: StopOnSignal,
+        stops: Stops,
     ):
         super().__init__()
         self.directory, self.every, self.last = directory, every, last
         self.recorder, self.keep, self.counter = recorder, keep, counter
         self.window, self.run_settings = window, run_settings
-        self.callbacks, self.stop = callbacks, stop
+        self.callbacks, self.stops = callbacks, stops
         self.metric_state: list[Any] | None = None
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
@@ -285,6 +286,8 @@ class Checkpointer(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         step = self.counter.step
+        if self.model.stop_training:
+            self.stops.request(StopReason.EARLY_STOP)
         if step % self.every == 0 or step == self.last or self.model.stop_training:
             self.recorder.flush()  # keeps what a server that does not answer has not taken
             save(
@@ -296,7 +299,7 @@ class Checkpointer(keras.callbacks.Callback):
                 self.run_settings,
                 self.metric_state,
                 {name: callback.state() for name, callback in self.callbacks.items()},
-                stopped_early=self.model.stop_training and not self.stop.received,
+                stopped_early=self.stops.reason is not None and self.stops.reason.ends_training,
                 unrecorded=self.recorder.unrecorded(),
             )
 

@@ -26,9 +26,20 @@ class Interrupted(UserError):
     """Training stopped on a signal (SIGINT, SIGTERM, SIGUSR2), after writing a checkpoint; the
     run ends KILLED. Exits 128 + the signal's number, as a process killed by it would."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, stopped_by: signal.Signals):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.signal = stopped_by
+        self.exit_code = 128 + stopped_by
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal outside the training steps (SIGTERM, SIGUSR2, or Ctrl-C), raised as Python
+    raises KeyboardInterrupt for Ctrl-C, so that whatever is under way stops at once; its
+    message names the signal."""
+
+    def __init__(self, stopped_by: signal.Signals):
+        super().__init__(stopped_by.name)
+        self.signal = stopped_by
 
 
 class ServerLost(UserError):
@@ -47,14 +58,14 @@ def reported(command: str) -> Iterator[None]:
         raise SystemExit(error.exit_code) from None
     except KeyboardInterrupt as error:  # before or after training, which says more itself
         stopped_by = stop_signal(error)
-        print(f"{command}: stopped by {stopped_by}", file=sys.stderr)
-        raise SystemExit(128 + signal.Signals[stopped_by]) from None
+        print(f"{command}: stopped by {stopped_by.name}", file=sys.stderr)
+        raise SystemExit(128 + stopped_by) from None
 
 
-def stop_signal(error: KeyboardInterrupt) -> str:
-    """The signal a KeyboardInterrupt stands for: the one `runner.preemption` raised it for, as
-    its argument, else Ctrl-C's."""
-    return str(error) if str(error) in signal.Signals.__members__ else "SIGINT"
+def stop_signal(error: KeyboardInterrupt | Interrupted) -> signal.Signals:
+    """The signal a stop stands for: the one a `Stopped` or `Interrupted` carries, Ctrl-C's for
+    Python's own KeyboardInterrupt."""
+    return error.signal if isinstance(error, Stopped | Interrupted) else signal.SIGINT
 
 
 def run_hydra_app(

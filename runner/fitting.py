@@ -1,7 +1,6 @@
 """Keras `fit` driven in optimizer steps: one Keras epoch is one logging window."""
 
 import shlex
-import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,7 +10,6 @@ import numpy as np
 
 from runner import backends, checkpoints, sweep
 from runner.callbacks import (
-    SERVER_LOST,
     MlflowMetrics,
     RunnerCallback,
     StepCounter,
@@ -27,6 +25,7 @@ from runner.data import Split, Splits
 from runner.devices import Plan
 from runner.errors import Interrupted, ServerLost, UserError, stop_signal
 from runner.preemption import NOTICE, will_requeue
+from runner.stopping import StopReason, Stops
 
 
 def fit(
@@ -37,12 +36,15 @@ def fit(
     plan: Plan,
     resumed: Checkpoint | None = None,
     extra: dict[str, Any] | None = None,
+    *,
+    stops: Stops | None = None,
 ) -> int:
     """Train from the `resumed` checkpoint's step (else 0) to `trainer.steps`, unless training
     ended at that checkpoint (it was stopped after training, while it tested), with the
     configured `extra` callbacks (by name) among the runner's own; validate every `eval_every`
     steps and after the last one; checkpoint every `checkpoint_every` steps, after the last one
-    and on SIGINT, SIGTERM or SIGUSR2, which then raise `Interrupted`. Each step trains on
+    and on SIGINT, SIGTERM or SIGUSR2, which then raise `Interrupted`. `stops` (the command's,
+    else one of its own) hears them and keeps why training stopped. Each step trains on
     `data.batch_size` examples per replica. Metrics are logged only for whole windows, so a run
     stopped and resumed logs the same history as one left alone. Returns the step training
     ended at, which a callback that stops training (early stopping) puts before
@@ -50,79 +52,33 @@ def fit(
     trainer = cfg.trainer
     start_step = resumed.step if resumed else 0
     batch = cfg.data.batch_size * plan.replicas
-    stop = StopOnSignal(recorder)
-    folder = Path(trainer.checkpoint_dir)
-    counter = StepCounter()
-    training = Training(
-        splits.train,
-        batch,
-        cfg.seed,
-        start_step,
-        plan.steps_per_execution,
-        logits=cfg.model.get("output", "logits") == "logits",
+    stops = Stops() if stops is None else stops
+    callbacks = _callbacks(
+        splits=splits,
+        cfg=cfg,
+        recorder=recorder,
+        stops=stops,
+        batch=batch,
+        steps_per_execution=plan.steps_per_execution,
+        resumed=resumed,
+        extra=extra or {},
     )
-    extra = extra or {}
-    own = {name: c for name, c in extra.items() if isinstance(c, RunnerCallback)}
-    for name, callback in own.items():
-        callback.attach(training)
-        if resumed and resumed.callbacks.get(name) is not None:
-            callback.restore(resumed.callbacks[name])
-    callbacks = [
-        counter,  # first: the others read the step it counts
-        Throughput(batch, plan.steps_per_execution),  # adds to the logs the others see
-        MlflowMetrics(recorder, counter, trainer.log_every),
-        StopOnNonFiniteLoss(),
-        stop,
-        *extra.values(),  # before the checkpointer, which saves where one stops training
-        Checkpointer(
-            folder,
-            trainer.checkpoint_every,
-            trainer.steps,
-            recorder,
-            trainer.keep_checkpoints,
-            counter,
-            trainer.log_every,
-            checkpoints.settings(cfg, splits.digests),
-            own,
-            stop,
-        ),
-    ]
-    if resumed and resumed.metric_state is not None:
-        callbacks.append(RestoreMetrics(resumed.metric_state, splits.num_classes))
-    if trainer.progress_bar:
-        callbacks.append(StepProgbar(trainer.steps, counter))
     # Training ends at trainer.steps, or where a callback stopped it early: a run resumed from
     # either (stopped while it tested) trains no more.
     last = start_step if resumed and resumed.stopped_early else trainer.steps
     aligned = min(-(-start_step // trainer.log_every) * trainer.log_every, last)
-    if start_step < aligned:  # a run stopped mid-window first finishes that window on its own
-        at_eval = aligned % trainer.eval_every == 0
-        _fit_windows(
-            model, splits, cfg, batch, callbacks, start_step, 1, aligned - start_step, at_eval
-        )
-    if not stop.received and not model.stop_training and aligned < last:
-        windows = (last - aligned) // trainer.log_every
-        _fit_windows(
-            model, splits, cfg, batch, callbacks, aligned, windows, trainer.log_every, True
-        )
-    if stop.received == SERVER_LOST:
-        raise ServerLost(
-            f"the MLflow tracking server has not answered for {recorder.patience_s:g} s "
-            f"(tracking.server_patience_s): training stopped at step {optimizer_step(model)}, "
-            f"checkpoint written to {folder} with the metrics the server has not taken; once "
-            f"the server is back, {_how_to_resume(folder)}"
-        )
-    if stop.received:
-        resume = (
-            "the requeued job carries on from it"
-            if stop.received == NOTICE.name and will_requeue()
-            else _how_to_resume(folder)
-        )
-        raise Interrupted(
-            f"stopped by {stop.received} at step {optimizer_step(model)}, checkpoint written "
-            f"to {folder}; {resume}",
-            exit_code=128 + signal.Signals[stop.received],
-        )
+    with stops.installed():
+        with stops.training():
+            # A run stopped mid-window first finishes that window on its own.
+            if start_step < aligned:
+                at_eval = aligned % trainer.eval_every == 0
+                first = aligned - start_step
+                _fit_windows(model, splits, cfg, batch, callbacks, start_step, 1, first, at_eval)
+            if stops.reason is None and aligned < last:
+                windows = (last - aligned) // trainer.log_every
+                window = trainer.log_every
+                _fit_windows(model, splits, cfg, batch, callbacks, aligned, windows, window, True)
+        _raise_if_stopped(stops, model, recorder, Path(trainer.checkpoint_dir))
     reached = optimizer_step(model)
     if reached % trainer.eval_every:
         final = model.evaluate(
@@ -132,6 +88,85 @@ def fit(
         )
         recorder.log_metrics({f"val/{k}": v for k, v in final.items()}, step=reached)
     return reached
+
+
+def _callbacks(
+    *,
+    splits: Splits,
+    cfg: Any,
+    recorder: Any,
+    stops: Stops,
+    batch: int,
+    steps_per_execution: int,
+    resumed: Checkpoint | None,
+    extra: dict[str, Any],
+) -> list[Any]:
+    """The runner's callbacks for training on `batch` examples a step, with the configured
+    `extra` ones among them, in the order they must run."""
+    trainer = cfg.trainer
+    counter = StepCounter()
+    training = Training(
+        splits.train,
+        batch,
+        cfg.seed,
+        resumed.step if resumed else 0,
+        steps_per_execution,
+        logits=cfg.model.get("output", "logits") == "logits",
+    )
+    own = {name: c for name, c in extra.items() if isinstance(c, RunnerCallback)}
+    for name, callback in own.items():
+        callback.attach(training)
+        if resumed and resumed.callbacks.get(name) is not None:
+            callback.restore(resumed.callbacks[name])
+    callbacks = [
+        counter,  # first: the others read the step it counts
+        Throughput(batch, steps_per_execution),  # adds to the logs the others see
+        MlflowMetrics(recorder, counter, trainer.log_every),
+        StopOnNonFiniteLoss(stops),
+        StopOnSignal(stops, recorder),
+        *extra.values(),  # before the checkpointer, which saves where one stops training
+        Checkpointer(
+            Path(trainer.checkpoint_dir),
+            trainer.checkpoint_every,
+            trainer.steps,
+            recorder,
+            trainer.keep_checkpoints,
+            counter,
+            trainer.log_every,
+            checkpoints.settings(cfg, splits.digests),
+            own,
+            stops,
+        ),
+    ]
+    if resumed and resumed.metric_state is not None:
+        callbacks.append(RestoreMetrics(resumed.metric_state, splits.num_classes))
+    if trainer.progress_bar:
+        callbacks.append(StepProgbar(trainer.steps, counter))
+    return callbacks
+
+
+def _raise_if_stopped(stops: Stops, model: Any, recorder: Any, folder: Path) -> None:
+    """A lost tracking server or a stop signal ended training: raise `ServerLost` or
+    `Interrupted`, saying where the checkpoint is and how to carry on."""
+    step = optimizer_step(model)
+    if stops.reason is StopReason.SERVER_LOST:
+        raise ServerLost(
+            f"the MLflow tracking server has not answered for {recorder.patience_s:g} s "
+            f"(tracking.server_patience_s): training stopped at step {step}, checkpoint "
+            f"written to {folder} with the metrics the server has not taken; once the server "
+            f"is back, {_how_to_resume(folder)}"
+        )
+    if stops.signal is not None:
+        resume = (
+            "the requeued job carries on from it"
+            if stops.signal == NOTICE and will_requeue()
+            else _how_to_resume(folder)
+        )
+        raise Interrupted(
+            f"stopped by {stops.signal.name} at step {step}, checkpoint written to {folder}; "
+            f"{resume}",
+            stops.signal,
+        )
 
 
 def configured_callbacks(cfg: Any) -> dict[str, Any]:
@@ -164,7 +199,7 @@ def intervals(trainer: Any, callbacks: dict[str, Any]) -> list[int]:
 @contextmanager
 def finishable(trainer: Any, run_id: str) -> Iterator[None]:
     """Around training and the run's ending (final validation, test, plots, model): a stop
-    (a KeyboardInterrupt, as `preemption.terminate_as_interrupt` raises) that comes once
+    (a KeyboardInterrupt, as `stopping.Stops` raises) that comes once
     training is complete, its last checkpoint written by the run `run_id`, raises `Interrupted`
     saying so and how to finish the run, as a stop during training says how to carry it on."""
     try:
@@ -175,16 +210,16 @@ def finishable(trainer: Any, run_id: str) -> Iterator[None]:
         trained = last is not None and (last.stopped_early or last.step >= trainer.steps)
         if not trained or last.run_id != run_id:
             raise
-        name = stop_signal(error)
+        stopped_by = stop_signal(error)
         finish = (
             "the requeued job finishes it"
-            if name == NOTICE.name and will_requeue()
+            if stopped_by == NOTICE and will_requeue()
             else _how_to_resume(folder, "finish it")
         )
         raise Interrupted(
-            f"stopped by {name} after the last training step, {last.step}: training is "
-            f"complete, checkpoint in {folder}; to test it and end its MLflow run, {finish}",
-            exit_code=128 + signal.Signals[name],
+            f"stopped by {stopped_by.name} after the last training step, {last.step}: training "
+            f"is complete, checkpoint in {folder}; to test it and end its MLflow run, {finish}",
+            stopped_by,
         ) from None
 
 

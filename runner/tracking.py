@@ -25,11 +25,12 @@ from mlflow.entities import Experiment, Metric
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from runner import access, environment, preemption, serving
+from runner import access, environment, serving
 from runner.config import CONF_DIR
 from runner.data import Split, Splits, file_record
 from runner.errors import Interrupted, ServerLost, UserError
 from runner.masking import mask
+from runner.stopping import Stops
 from runner.sweep import SweepJob
 from runner.targets import label
 
@@ -182,6 +183,8 @@ def mlflow_run(
     sweep_job: SweepJob | None = None,
     extends: bool = False,
     unrecorded: list[list[Any]] | None = None,
+    *,
+    stops: Stops,
 ) -> Iterator[Recorder]:
     """One MLflow run around the training; ends FAILED (with an `error` tag) if anything raises.
 
@@ -191,7 +194,8 @@ def mlflow_run(
     starts a new run that carries that run's history on under the new config (tagged
     `extends`), since MLflow's params cannot change. A new run of a `sweep_job` is nested under
     the sweep's parent run; `unrecorded` are the metrics the resumed checkpoint holds that the
-    server had not taken. Call `open_store` first.
+    server had not taken; `stops` holds the stop signals while MLflow opens the run. Call
+    `open_store` first.
 
     A run whose server stopped answering (`ServerLost`) stays RUNNING there, if the server
     cannot be told, and is reopened by its resume.
@@ -201,7 +205,7 @@ def mlflow_run(
     # System metrics (psutil; nvidia-ml-py for GPUs) are sampled on a thread while the run is on.
     mlflow.set_system_metrics_sampling_interval(cfg.tracking.system_metrics_every_s)
     try:
-        with preemption.held():
+        with stops.held():
             started = mlflow.start_run(
                 run_id=reopen,
                 run_name=None if reopen else _run_name(cfg, sweep_job),

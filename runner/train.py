@@ -18,6 +18,7 @@ from runner.config import CONF_DIR, check_config, register_configs, resume_mode
 from runner.errors import Interrupted, UserError, reported, run_hydra_app
 from runner.masking import install_masking, mask_hydra_record
 from runner.outputs import check_given_dirs, register_resolvers
+from runner.stopping import StopReason, Stops
 from runner.targets import importable_from_cwd
 
 register_configs()
@@ -27,15 +28,20 @@ log = logging.getLogger(__name__)
 
 
 def train(
-    cfg: DictConfig, tags: dict[str, str] | None = None, trial: pruning.Trial | None = None
+    cfg: DictConfig,
+    tags: dict[str, str] | None = None,
+    trial: pruning.Trial | None = None,
+    stops: Stops | None = None,
 ) -> dict[str, float]:
     """Train one model as `cfg` says and record it in MLflow, with `tags` added to the run;
     returns the final metrics. Everything is built from the config's `_target_`s before the
     MLflow run starts, so a config that cannot train leaves no run behind. An Optuna `trial`
     hears each validation, and a trial its pruner calls off ends its run KILLED, untested. A
     run resumed once its training is complete (it was stopped while it tested) trains nothing:
-    it is tested, its model logged, and its run ended."""
+    it is tested, its model logged, and its run ended. `stops` is the command's stop
+    controller; called from Python, `train` has one of its own."""
     check_config(cfg)
+    stops = Stops() if stops is None else stops
     from runner import tracking
     from runner.data import absolute_paths
 
@@ -66,7 +72,7 @@ def train(
     callbacks = configured_callbacks(cfg)
     plan = devices.plan(cfg.device, found, intervals(cfg.trainer, callbacks), name)
     if trial is not None:
-        callbacks["optuna_trial"] = ReportToTrial(trial, cfg.optimized_metric)
+        callbacks["optuna_trial"] = ReportToTrial(trial, cfg.optimized_metric, stops)
     log.info("devices: %s; %s", found.describe(), plan.describe())
     backend.start_clean(cfg.seed, cfg.device.deterministic, plan)
     splits = data.load(cfg.data)
@@ -92,7 +98,7 @@ def train(
         modeling.check_loss(model, cfg, splits.train.x, splits.train.y)
     run_tags = {**found.tags(), **plan.tags(), **(tags or {})}
     with (
-        preemption.terminate_as_interrupt(),
+        stops.installed(),
         tracking.mlflow_run(
             cfg,
             splits,
@@ -101,12 +107,13 @@ def train(
             job,
             extends,
             resumed.unrecorded if resumed else None,
+            stops=stops,
         ) as recorder,
         finishable(cfg.trainer, recorder.run_id),
     ):
-        reached = fit(model, splits, cfg, recorder, plan, resumed, callbacks)
-        if trial is not None and trial.pruned_at is not None:
-            recorder.prune(trial.pruned_at)
+        reached = fit(model, splits, cfg, recorder, plan, resumed, callbacks, stops=stops)
+        if stops.reason is StopReason.PRUNED:
+            recorder.prune(reached)
             return recorder.final_metrics()
         if reached < cfg.trainer.steps:
             recorder.set_tag("stopped_early_at", str(reached))
@@ -142,12 +149,12 @@ def compose(overrides: Sequence[str] = (), with_hydra: bool = False) -> DictConf
 _HYDRA_OUTPUT_DIR = "${hydra:runtime.output_dir}"
 
 
-def objective(cfg: DictConfig) -> float | pruning.Pruned:
+def objective(cfg: DictConfig, stops: Stops | None = None) -> float | pruning.Pruned:
     """Train, then give `optimized_metric`'s final value: what a Hydra sweeper optimises. A
     trial of a pruned Optuna search gives `Pruned` if its pruner called it off."""
     trial = pruning.this_jobs_trial()
     tags = {"optuna.trial": str(trial.number)} if trial else None
-    value = train(cfg, tags, trial)[cfg.optimized_metric]
+    value = train(cfg, tags, trial, stops)[cfg.optimized_metric]
     return trial.result(value) if trial else value
 
 
@@ -176,9 +183,9 @@ def _lost_job(error: BaseException) -> str | None:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def run_hydra(cfg: DictConfig) -> float:
     mask_hydra_record()
-    with reported("runner"), preemption.handed_on(), preemption.terminate_as_interrupt():
+    with reported("runner"), Stops().installed() as stops:
         try:
-            return objective(cfg)
+            return objective(cfg, stops)
         except UserError as error:
             if sweep.in_multirun() and not isinstance(error, Interrupted):
                 log.error("runner: error: %s", error)

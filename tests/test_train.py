@@ -2,17 +2,20 @@
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import keras
 import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from runner import checkpoints, fitting, preemption
-from runner.errors import Interrupted
+from runner import backends, checkpoints, data, devices, fitting, modeling, preemption
+from runner.errors import Interrupted, Stopped
+from runner.stopping import StopReason, Stops
 from runner.train import objective, train
 
 from .conftest import QUICK, cli, compose_config, only_run, store_client
@@ -277,6 +280,48 @@ def test_sigterm_ends_the_run_killed_even_sent_again_while_it_closes(
         assert (finished.info.run_id, finished.info.status) == (run.info.run_id, "FINISHED")
         history = store_client(in_tmp_store).get_metric_history(run.info.run_id, "test/loss")
         assert [m.step for m in history] == [20] and "error" not in finished.data.tags
+
+
+def test_fit_that_raises_puts_the_signal_handlers_back(in_tmp_store):
+    """Keras skips its callbacks' `on_train_end` when `fit` raises: the stop signals' handlers
+    are put back all the same, so that a stop while the failed run closes is not taken for a
+    stop of training steps that have ended."""
+
+    class Crash(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            raise RuntimeError("disk on fire")
+
+    cfg = compose_config([*QUICK, "model=softmax", "data.limit=200"])
+    backend = backends.select("tensorflow", cfg.device)
+    found = backend.detect(cfg.device.cpu_devices)
+    plan = devices.plan(cfg.device, found, fitting.intervals(cfg.trainer, {}), "tensorflow")
+    splits = data.load(cfg.data)
+    with backend.build_scope(plan):
+        model = modeling.build(cfg.model, splits.input_shape, splits.num_classes)
+        modeling.compiled(model, cfg, plan, resumed=False)
+    before = {number: signal.getsignal(number) for number in preemption.STOP_SIGNALS}
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        fitting.fit(model, splits, cfg, None, plan, None, {"crash": Crash()})
+    after = {number: signal.getsignal(number) for number in preemption.STOP_SIGNALS}
+    assert after == before
+
+
+def test_each_stop_controller_keeps_its_own_stops(caplog):
+    """No stop is kept in a module: one command's controller, closing its run on SIGTERM, only
+    logs another SIGTERM (a second Ctrl-C still interrupts), while another controller in the
+    same process is stopped by it."""
+    before = {number: signal.getsignal(number) for number in preemption.STOP_SIGNALS}
+    closing, fresh = Stops(), Stops()
+    with pytest.raises(Stopped) as stopped, closing.installed():
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert stopped.value.signal == signal.SIGTERM and closing.reason is StopReason.SIGNAL
+    with closing.installed(), pytest.raises(Stopped, match="SIGINT"):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert "SIGTERM received: already stopping" in caplog.text
+        os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(Stopped, match="SIGTERM"), fresh.installed():
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert {number: signal.getsignal(number) for number in preemption.STOP_SIGNALS} == before
 
 
 def test_sigterm_while_starting_stops_at_once_in_one_line(tmp_path, mnist_dir):
