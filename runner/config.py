@@ -184,7 +184,7 @@ def _share_config_store() -> None:
     """Make a copy of Hydra's ConfigStore the store itself. Hydra 1.3 deep-copies it, every
     schema and option the runner and the plugins registered, each time it reads a config group:
     about 120 times for `runner --help`, most of its second. The copy is only read, and of a
-    singleton; Hydra's main branch no longer makes it (facebookresearch/hydra#2928)."""
+    singleton; Hydra's own fix (facebookresearch/hydra#2928) is not in hydra-core 1.3.8."""
     ConfigStore.__deepcopy__ = lambda self, memo: self
 
 
