@@ -9,16 +9,19 @@ one row a group of runs that differ only in the parameter KEY: the mean, standar
 count of each metric over the group, and one curve a group, its mean in a band of ±1 deviation.
 """
 
+from __future__ import annotations
+
 import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import pandas as pd
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from typing import TYPE_CHECKING
 
 from runner.errors import UserError, reported
 from runner.sweep import SWEEP_DIR_TAG
+
+if TYPE_CHECKING:  # pandas and MLflow load once the arguments are parsed: --help answers at once
+    import pandas as pd
 
 # The column naming each run's sweep, when the runs of several are compared.
 SWEEP = "sweep"
@@ -42,6 +45,9 @@ def table(runs: pd.DataFrame, metrics: Sequence[str], sort_by: str | None = None
     Parameters equal in every run are left out, and one that only some runs have differs; a
     parameter or metric a run lacks is blank. Sorting puts the best first: lowest for a loss,
     highest for anything else."""
+    import pandas as pd
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
     params = [column for column in runs.columns if column.startswith("params.")]
     # Missing counts as a value of its own: `astype(str)` keeps it NaN, which nunique skips.
     differing = sorted(column for column in params if runs[column].nunique(dropna=False) > 1)
@@ -89,6 +95,8 @@ def summary(
     the groups apart, the group's values of `over`, its number of runs, and the mean, standard
     deviation and count of each metric's final value over its finished runs (a failed or pruned
     run's last values are not its result). Best first by `sort_by`'s mean."""
+    import pandas as pd
+
     members, differing = groups(runs, over)
     rows = []
     for group in members:
@@ -136,6 +144,8 @@ def group_curves(
     """The mean history of `metric` over each group's finished runs (`groups`, as `summary`
     counts them), and its standard deviation at each step, by the group's name: the parameters
     that set it apart, and its number of finished runs."""
+    import pandas as pd
+
     members, differing = groups(runs, over)
     means, deviations = {}, {}
     for group in members:
@@ -196,6 +206,8 @@ def render(rows: pd.DataFrame, fmt: str) -> str:
 
 
 def _cell(value: object) -> str:
+    import pandas as pd
+
     if isinstance(value, float):
         return "" if pd.isna(value) else f"{value:.4f}"
     return "" if value is None else str(value)
@@ -217,6 +229,7 @@ def latest_sweep(experiment_id: str) -> str | None:
 def children(experiment_id: str, parent_run_id: str) -> pd.DataFrame:
     """The runs nested under `parent_run_id`, in the order they started."""
     import mlflow
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     return mlflow.search_runs(
         [experiment_id],
@@ -230,6 +243,7 @@ def select_runs(experiment_name: str, parents: Sequence[str], everything: bool) 
     each row naming its sweep when there are several; or with `everything` every run of the
     experiment but the sweep parents."""
     import mlflow
+    import pandas as pd
 
     experiment = mlflow.get_experiment_by_name(experiment_name)
     if experiment is None:
@@ -270,6 +284,7 @@ def select_runs(experiment_name: str, parents: Sequence[str], everything: bool) 
 def curves(runs: pd.DataFrame, metric: str) -> dict[str, list[tuple[int, float]]]:
     """Each run's history of `metric`, by its name (prefixed with its sweep's, if it has one)."""
     import mlflow
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
     client = mlflow.MlflowClient()
     names = runs.get(f"tags.{MLFLOW_RUN_NAME}", runs["run_id"])

@@ -1,17 +1,21 @@
 """`runner-eval`: a logged model's loss and accuracy on its data's test set, like the TF Layers
 guide's `evaluate()`. Usage: `uv run runner-eval run_id=<run id>` or `model_uri=models:/<id>`."""
 
+from __future__ import annotations
+
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import numpy as np
 from omegaconf import DictConfig
 
 from runner.config import register_configs
 from runner.errors import UserError, reported, run_hydra_app
 from runner.targets import importable_from_cwd
 from runner.train import CONF_DIR
+
+if TYPE_CHECKING:  # NumPy loads where it is needed: --help and argument errors answer at once
+    import numpy as np
 
 register_configs()
 
@@ -50,6 +54,8 @@ def fitted(test: Any, model: Any) -> Any:
     """`test` with its images laid out as `model` takes them (a model logged before the runner
     kept images as (height, width, channels) takes them as flat rows), refused where its images
     or its labels are not of the shape and the classes the model takes."""
+    import numpy as np
+
     from runner.data import Split
     from runner.logged_model import input_shape
 

@@ -1,20 +1,24 @@
 """`runner-predict`: classify PNG images with a logged model, like the TF Layers guide's INFER
 mode. Usage: `uv run runner-predict run_id=<run id> images=digit.png` (or a list, or a glob)."""
 
+from __future__ import annotations
+
 import glob
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from runner.config import register_configs
 from runner.errors import UserError, reported, run_hydra_app
 from runner.targets import importable_from_cwd
 from runner.train import CONF_DIR
+
+if TYPE_CHECKING:  # NumPy loads where it is needed: --help and argument errors answer at once
+    import numpy as np
 
 register_configs()
 log = logging.getLogger(__name__)
@@ -37,6 +41,7 @@ def image_paths(images: str | ListConfig) -> list[Path]:
 
 def open_image(path: Path) -> Any:
     """The decoded image, read before the backend loads so that a bad file is told at once."""
+    import numpy as np
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -60,6 +65,7 @@ def pixels(image: Any, path: Path, shape: tuple[int, ...], invert: bool) -> np.n
     transparent, say) is read by its alpha, opaque as light on dark like MNIST, whatever
     `invert` says: its grey levels alone would be blank. A blank image is classified with a
     warning, as its class means nothing."""
+    import numpy as np
     from PIL import Image
 
     if len(shape) == 1:  # flat rows of a square grey image, as models logged before H x W x C
@@ -126,6 +132,7 @@ def predict(cfg: DictConfig) -> list[tuple[Path, int, np.ndarray]]:
     uri = logged_model.locate(cfg.run_id, cfg.model_uri)
     backends.select(str(cfg.backend or logged_model.backend_of(uri)))  # before Keras loads
     import keras
+    import numpy as np
 
     found = logged_model.load(uri)
     shape = logged_model.input_shape(found.model)
@@ -151,6 +158,8 @@ def main() -> None:
 def run_hydra(cfg: DictConfig) -> None:
     with reported("runner-predict"):
         results = predict(cfg)
+    import numpy as np
+
     for path, label, probabilities in results:
         shown = np.array2string(probabilities, precision=3, max_line_width=10**6)
         print(f"{path}: class {label}, probabilities = {shown}")

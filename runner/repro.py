@@ -464,6 +464,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     from runner.errors import reported
+
+    with reported("runner-repro"):
+        check_overrides(args.overrides)  # told before MLflow loads, which takes a second
     from runner.targets import importable_from_cwd
     from runner.tracking import default_uri
 

@@ -143,6 +143,7 @@ ENTRIES = {
     "runner-eval": "runner.evaluate",
     "runner-predict": "runner.predict",
     "runner-repro": "runner.repro",
+    "runner-compare": "runner.compare",
 }
 _REPORT_TENSORFLOW = (
     "import atexit, sys\n"
