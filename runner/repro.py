@@ -360,11 +360,9 @@ def overridden(logged: Any, overrides: list[str], whose: str) -> Any:
     """The logged config (`whose`: "run <id>", or a golden file) with `overrides` applied. A key
     it lacks is refused: merged, a misspelt key would be added beside the real one and the
     original rerun unchanged."""
-    from difflib import get_close_matches
-
     from omegaconf import OmegaConf
 
-    from runner.errors import UserError
+    from runner.errors import UserError, did_you_mean
     from runner.tracking import flatten
 
     absent = object()
@@ -373,8 +371,7 @@ def overridden(logged: Any, overrides: list[str], whose: str) -> Any:
         was = OmegaConf.select(logged, key, default=absent)
         if was is absent:
             keys = [name for name, _ in flatten(OmegaConf.to_container(logged))]
-            close = get_close_matches(key, keys, n=1)
-            hint = f"did you mean {close[0]}?" if close else "see the run's config.yaml artifact"
+            hint = did_you_mean(key, keys) or "see the run's config.yaml artifact"
             raise UserError(f"--set {override}: {whose}'s config has no key {key!r} ({hint})")
         if OmegaConf.is_config(was):
             raise UserError(
