@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from runner import backends, checkpoints, sweep
+from runner import backends, checkpoints, classifier, sweep
 from runner.callbacks import (
     SERVER_LOST,
     MlflowMetrics,
@@ -59,7 +59,7 @@ def fit(
         cfg.seed,
         start_step,
         plan.steps_per_execution,
-        logits=cfg.model.get("output", "logits") == "logits",
+        logits=classifier.output(cfg.model) == classifier.LOGITS,
     )
     extra = extra or {}
     own = {name: c for name, c in extra.items() if isinstance(c, RunnerCallback)}
