@@ -187,21 +187,42 @@ def train_again(cfg: Any, tracking_uri: str, folder: Path, of: str) -> Any:
 # The environment keys that decide whether a rerun must be bitwise equal: other versions, Python
 # or processors round otherwise.
 SAME_IF_EQUAL = ("packages", "python", "machine", "cpu")
+# A golden file's tolerance where those differ.
+OTHER_ENVIRONMENT_RTOL = 1e-3
+
+
+def golden_rtol(recorded: dict, found: dict, rtol: float | None = None) -> float:
+    """The relative tolerance a golden file's rerun is checked with: `rtol` if given; else 0
+    where the rerun's environment `found` is the `recorded` one in each of SAME_IF_EQUAL, and
+    OTHER_ENVIRONMENT_RTOL otherwise."""
+    if rtol is not None:
+        return rtol
+    same = all(recorded.get(key) == found.get(key) for key in SAME_IF_EQUAL)
+    return 0.0 if same else OTHER_ENVIRONMENT_RTOL
 
 
 def save(run_id: str, tracking_uri: str, path: Path) -> dict:
     """Write `run_id`'s golden file: its command line's overrides, config, environment and
     metric histories."""
-    import mlflow
     from omegaconf import OmegaConf
 
     original, logged_cfg = logged_run(run_id, tracking_uri)
+    config = OmegaConf.to_container(logged_cfg)
+    return save_run(path, original, logged_overrides(original), config, tracking_uri)
+
+
+def save_run(path: Path, run: Any, overrides: list[str], config: dict, tracking_uri: str) -> dict:
+    """Write golden file `path` of `run` in `tracking_uri`, started by the command-line
+    `overrides` with the resolved `config`: those, and the run's environment and metric
+    histories."""
+    import mlflow
+
     golden = {
-        "run_id": run_id,
-        "overrides": logged_overrides(original),
-        "config": OmegaConf.to_container(logged_cfg),
-        "environment": logged_environment(original),
-        "metrics": histories(mlflow.MlflowClient(tracking_uri), original),
+        "run_id": run.info.run_id,
+        "overrides": overrides,
+        "config": config,
+        "environment": logged_environment(run),
+        "metrics": histories(mlflow.MlflowClient(tracking_uri), run),
     }
     _write(path, golden)
     return golden
@@ -484,8 +505,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             return
         expected, logged = golden["metrics"], golden["environment"]
-        same = all(logged.get(key) == environment.get(key) for key in SAME_IF_EQUAL)
-        rtol = args.rtol if args.rtol is not None else 0.0 if same else 1e-3
+        rtol = golden_rtol(logged, environment, args.rtol)
         print(f"golden file {args.golden}, rerun in a scratch store")
     else:
         with reported("runner-repro"):
