@@ -25,7 +25,7 @@ from mlflow.entities import Experiment, Metric
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from runner import access, classifier, environment, preemption, serving
+from runner import access, environment, preemption, serving
 from runner.data import Split, Splits, file_record
 from runner.errors import Interrupted, ServerLost, UserError
 from runner.masking import mask
@@ -134,6 +134,8 @@ class Recorder:
 
     def log_test(self, test: Split, outputs: np.ndarray, loss: float, step: int) -> None:
         """Test metrics at `step`, the last."""
+        from runner import classifier
+
         accuracy = classifier.accuracy(outputs, test.y)
         self.log_metrics({"test/loss": loss, "test/accuracy": accuracy}, step=step)
         log.info("test accuracy %.4f, test loss %.4f", accuracy, loss)
@@ -141,8 +143,9 @@ class Recorder:
     def log_plots(self, test: Split, outputs: np.ndarray) -> None:
         """The test set's confusion matrix and the training curves, as PNG artifacts."""
         from runner import plots  # matplotlib: half a second, for runs that draw no plots too
+        from runner.classifier import classes
 
-        confusion = plots.confusion_matrix(test.y, classifier.classes(outputs), outputs.shape[1])
+        confusion = plots.confusion_matrix(test.y, classes(outputs), outputs.shape[1])
         mlflow.log_figure(confusion, "plots/confusion_matrix.png")
         mlflow.log_figure(plots.training_curves(self.history), "plots/training_curves.png")
 
