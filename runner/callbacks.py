@@ -14,7 +14,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from runner import backends
+from runner import backends, classifier
 from runner.data import Split
 from runner.errors import UserError
 from runner.stopping import StopReason, Stops
@@ -249,11 +249,10 @@ class ProbabilityLogger(RunnerCallback):
         if self.step % self.every:
             return
         examples = next(self.batches)[: self.examples]
-        outputs = self.model(self.x[examples], training=False)
-        if self.logits:
-            outputs = keras.ops.softmax(outputs)
-        probabilities = np.array2string(keras.ops.convert_to_numpy(outputs), precision=3)
-        log.info("step %d: probabilities = %s", self.step, probabilities)
+        outputs = keras.ops.convert_to_numpy(self.model(self.x[examples], training=False))
+        emitted = classifier.LOGITS if self.logits else classifier.PROBABILITIES
+        shown = np.array2string(classifier.probabilities(outputs, emitted), precision=3)
+        log.info("step %d: probabilities = %s", self.step, shown)
 
 
 class ReportToTrial(keras.callbacks.Callback):

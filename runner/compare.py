@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runner.errors import UserError, reported
+from runner.errors import UserError, did_you_mean, reported
 from runner.sweep import SWEEP_DIR_TAG
 
 if TYPE_CHECKING:  # pandas and MLflow load once the arguments are parsed: --help answers at once
@@ -118,14 +118,12 @@ def summary(
 
 def check_over(runs: pd.DataFrame, over: str) -> None:
     """Refuse an `--over` that is not a parameter of the runs, naming those that differ."""
-    from difflib import get_close_matches
-
     params = [
         column.removeprefix("params.") for column in runs.columns if column.startswith("params.")
     ]
     if over in params:
         return
-    close = get_close_matches(over, params, n=1)
+    hint = did_you_mean(over, params)
     differing = [
         key
         for key in sorted(params)
@@ -133,7 +131,7 @@ def check_over(runs: pd.DataFrame, over: str) -> None:
     ]
     raise UserError(
         f"--over {over!r} is not a parameter of the runs compared: "
-        + (f"did you mean {close[0]}? " if close else "")
+        + (f"{hint} " if hint else "")
         + f"those that differ between them are {', '.join(differing) or 'none'}"
     )
 

@@ -18,7 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from runner.errors import UserError
+from runner.errors import UserError, did_you_mean
 
 # The YAML files: the package's conf/ in an installed wheel (pyproject.toml's wheel sources put it
 # there), else conf/ at the top of the checkout, which uv installs in editable mode.
@@ -305,8 +305,6 @@ def check_config(cfg: Any) -> None:
 def _check_known_keys(cfg: Any) -> None:
     """Refuse a key the runner's own schemas lack: Hydra adds one given with `+` (as its own
     error message for a misspelt key suggests), and training would silently ignore it."""
-    from difflib import get_close_matches
-
     for path, schema in (
         ("", Config),
         ("trainer", TrainerConf),
@@ -321,11 +319,9 @@ def _check_known_keys(cfg: Any) -> None:
             if key in known or (not path and key == "hydra"):
                 continue
             name = f"{path}.{key}" if path else key
-            close = get_close_matches(str(key), known, n=1)
             hint = (
-                f"did you mean {path + '.' if path else ''}{close[0]}?"
-                if close
-                else (f"the keys there are {', '.join(known)}")
+                did_you_mean(str(key), known, f"{path}." if path else "")
+                or f"the keys there are {', '.join(known)}"
             )
             raise UserError(f"{name} is not a setting of the runner: {hint}")
 

@@ -3,7 +3,7 @@
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -100,8 +100,6 @@ def run_hydra_app(
 def misspelt_key(error: BaseException) -> str | None:
     """For an override of a key the config lacks, the closest key there is, where Hydra would
     suggest adding the misspelt one with `+`; None for any other error."""
-    from difflib import get_close_matches
-
     cause = error.__cause__
     if not str(error).startswith("Could not override") or not isinstance(
         cause, ConfigAttributeError | ConfigKeyError
@@ -112,9 +110,9 @@ def misspelt_key(error: BaseException) -> str | None:
         return None
     keys = [str(k) for k in parent if k != "hydra"]
     prefix = full[: -len(str(key))]
-    close = get_close_matches(str(key), keys, n=1)
-    if close:
-        return f"{full} is not a key of the config: did you mean {prefix}{close[0]}?"
+    hint = did_you_mean(str(key), keys, prefix)
+    if hint:
+        return f"{full} is not a key of the config: {hint}"
     where = f"{prefix.rstrip('.')}'s keys" if prefix else "the top-level keys"
     # A builder's or loader's own key may be added to its node, which no schema closes.
     add = (
@@ -123,6 +121,15 @@ def misspelt_key(error: BaseException) -> str | None:
         else ""
     )
     return f"{full} is not a key of the config; {where} are {', '.join(keys)}{add}"
+
+
+def did_you_mean(word: str, choices: Iterable[str], prefix: str = "") -> str | None:
+    """ "did you mean PREFIX+CHOICE?" for the choice closest to a misspelt `word`; None when no
+    choice is close. Every command suggests a name alike, whatever the name is of."""
+    from difflib import get_close_matches
+
+    close = get_close_matches(word, list(choices), n=1)
+    return f"did you mean {prefix}{close[0]}?" if close else None
 
 
 # Lines of Hydra's and OmegaConf's reports that locate an error rather than say what it is.

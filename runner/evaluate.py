@@ -33,7 +33,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float | int | None]:
 
     uri = logged_model.locate(cfg.run_id, cfg.model_uri)
     backends.select(str(cfg.backend or logged_model.backend_of(uri)))  # before Keras loads
-    from runner import data
+    from runner import classifier, data
     from runner.fitting import evaluate_outputs
     from runner.repro import logged_environment
 
@@ -45,7 +45,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float | int | None]:
     outputs, loss = evaluate_outputs(found.model, test, data_cfg.eval_batch_size)
     return {
         "loss": loss,
-        "accuracy": float((outputs.argmax(axis=1) == test.y).mean()),
+        "accuracy": classifier.accuracy(outputs, test.y),
         "global_step": logged_model.reached_step(found),
     }
 

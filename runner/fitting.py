@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from runner import backends, checkpoints, sweep
+from runner import backends, checkpoints, classifier, sweep
 from runner.callbacks import (
     MlflowMetrics,
     RunnerCallback,
@@ -111,7 +111,7 @@ def _callbacks(
         cfg.seed,
         resumed.step if resumed else 0,
         steps_per_execution,
-        logits=cfg.model.get("output", "logits") == "logits",
+        logits=classifier.output(cfg.model) == classifier.LOGITS,
     )
     own = {name: c for name, c in extra.items() if isinstance(c, RunnerCallback)}
     for name, callback in own.items():

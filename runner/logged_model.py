@@ -174,11 +174,10 @@ def reached_step(found: LoggedModel) -> int | None:
     return int(steps) if steps else None
 
 
-def outputs_probabilities(found: LoggedModel) -> bool:
-    """Whether the model emits probabilities rather than logits: as its run's `model.output`
-    says, else (a model without a run) whether it ends in a softmax layer."""
-    import keras
-    from omegaconf import OmegaConf
+def emitted(found: LoggedModel) -> str:
+    """What the model emits, logits or probabilities (`runner.classifier`): as its run's
+    `model.output` says, else (a model without a run) probabilities if it ends in a softmax."""
+    from runner import classifier
 
     if found.run is not None:
         try:
@@ -186,5 +185,7 @@ def outputs_probabilities(found: LoggedModel) -> bool:
         except UserError:  # a run logged by hand, without the runner's config.yaml
             pass
         else:
-            return OmegaConf.select(config, "model.output", default="logits") == "probabilities"
-    return isinstance(found.model.layers[-1], keras.layers.Softmax)
+            return classifier.output(config.get("model") or {})
+    return (
+        classifier.PROBABILITIES if classifier.ends_in_softmax(found.model) else classifier.LOGITS
+    )

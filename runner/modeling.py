@@ -3,7 +3,7 @@ classes, then compiled with the `optimizer` and `loss` options."""
 
 from typing import Any
 
-from runner import optim, targets
+from runner import classifier, optim, targets
 from runner.errors import UserError
 
 # Keys of a `model` option that the runner reads; `output` also reaches a builder that takes it.
@@ -19,7 +19,7 @@ def build(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Any:
         cfg,
         "model",
         RUNNER_KEYS,
-        passed={"output": str(cfg.get("output", "logits"))},
+        passed={"output": classifier.output(cfg)},
         input_shape=tuple(input_shape),
         num_classes=num_classes,
     )
@@ -32,8 +32,7 @@ def build(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Any:
             f"model: {cfg._target_} returned a compiled model: return it uncompiled, and choose "
             f"its optimizer and loss with optimizer= and loss="
         )
-    output = str(cfg.get("output", "logits"))
-    if output == "logits" and _ends_in_softmax(model):
+    if classifier.output(cfg) == classifier.LOGITS and classifier.ends_in_softmax(model):
         raise UserError(
             f"model: {cfg._target_} ends in a softmax, so it emits probabilities, but "
             f"model.output=logits: set model.output=probabilities and "
@@ -47,19 +46,6 @@ def build(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Any:
             f"(batch, {num_classes}): one value for each of the data's {num_classes} classes"
         )
     return model
-
-
-def _ends_in_softmax(model: Any) -> bool:
-    """Whether the model's last layer is a softmax, or has one as its activation."""
-    import keras
-
-    layers = getattr(model, "layers", None)
-    if not layers:
-        return False
-    last = layers[-1]
-    return isinstance(last, keras.layers.Softmax) or (
-        getattr(last, "activation", None) is keras.activations.softmax
-    )
 
 
 def _check_input(model: Any, target: str, input_shape: tuple[int, ...]) -> None:

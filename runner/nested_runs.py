@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from runner import compare, registry, slurm, tracking
 from runner.errors import UserError, reported
 from runner.masking import mask
-from runner.sweep import SWEEP_DIR_TAG, SWEEP_FILE
+from runner.sweep import SWEEP_DIR_TAG, SWEEP_FILE, sweep_keys
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class NestedRuns(Callback):
                     # The jobs record here too, whatever their own data (and so default
                     # experiment name) is: a sweep's runs stay in one experiment.
                     "experiment_name": config.tracking.experiment_name,
-                    "fixed": _fixed_keys(list(config.hydra.overrides.task)),
+                    "fixed": sweep_keys(config.hydra.overrides.task, swept=False),
                 }
             )
         )
@@ -174,7 +174,7 @@ def summarize(client: Any, parent_run_id: str, optimized_metric: str) -> None:
 def _check_registration_not_swept(config: DictConfig) -> None:
     """A sweep registers its best job's model once, at its end, under one name: refuse a sweep
     (or search) over trainer.register_as, its alias or force, which would register nothing."""
-    swept = _keys(list(config.hydra.overrides.task), swept=True)
+    swept = sweep_keys(config.hydra.overrides.task, swept=True)
     searched = list(config.hydra.sweeper.get("params") or {})
     for key in swept + searched:
         if key.lstrip("+~").startswith("trainer.register_"):
@@ -182,20 +182,3 @@ def _check_registration_not_swept(config: DictConfig) -> None:
                 f"{key} cannot be swept: a sweep registers its best job's model once, under one "
                 f"name; give it one value, or run a sweep for each"
             )
-
-
-def _fixed_keys(overrides: list[str]) -> list[str]:
-    """The keys of the overrides that do not sweep (`a=1` but not `a=1,2`), as written."""
-    return _keys(overrides, swept=False)
-
-
-def _keys(overrides: list[str], swept: bool) -> list[str]:
-    """The keys, as written, of the overrides that sweep (`a=1,2`) or, not `swept`, do not."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    return [
-        text.split("=", 1)[0]
-        for text, override in zip(overrides, parsed, strict=True)
-        if override.is_sweep_override() == swept
-    ]

@@ -131,8 +131,9 @@ def predict(cfg: DictConfig) -> list[tuple[Path, int, np.ndarray]]:
 
     uri = logged_model.locate(cfg.run_id, cfg.model_uri)
     backends.select(str(cfg.backend or logged_model.backend_of(uri)))  # before Keras loads
-    import keras
     import numpy as np
+
+    from runner import classifier
 
     found = logged_model.load(uri)
     shape = logged_model.input_shape(found.model)
@@ -141,9 +142,9 @@ def predict(cfg: DictConfig) -> list[tuple[Path, int, np.ndarray]]:
         outputs = found.model.predict(np.stack(inputs), verbose=0)
     else:  # a model of any image size, given images of several sizes: one at a time
         outputs = np.concatenate([found.model.predict(x[np.newaxis], verbose=0) for x in inputs])
-    if not logged_model.outputs_probabilities(found):
-        outputs = keras.ops.convert_to_numpy(keras.ops.softmax(outputs))
-    return [(p, int(row.argmax()), row) for p, row in zip(paths, outputs, strict=True)]
+    probabilities = classifier.probabilities(outputs, logged_model.emitted(found))
+    picked = classifier.classes(probabilities)
+    return [(p, int(c), row) for p, c, row in zip(paths, picked, probabilities, strict=True)]
 
 
 def main() -> None:

@@ -188,21 +188,42 @@ def train_again(cfg: Any, tracking_uri: str, folder: Path, of: str) -> Any:
 # The environment keys that decide whether a rerun must be bitwise equal: other versions, Python
 # or processors round otherwise.
 SAME_IF_EQUAL = ("packages", "python", "machine", "cpu")
+# A golden file's tolerance where those differ.
+OTHER_ENVIRONMENT_RTOL = 1e-3
+
+
+def golden_rtol(recorded: dict, found: dict, rtol: float | None = None) -> float:
+    """The relative tolerance a golden file's rerun is checked with: `rtol` if given; else 0
+    where the rerun's environment `found` is the `recorded` one in each of SAME_IF_EQUAL, and
+    OTHER_ENVIRONMENT_RTOL otherwise."""
+    if rtol is not None:
+        return rtol
+    same = all(recorded.get(key) == found.get(key) for key in SAME_IF_EQUAL)
+    return 0.0 if same else OTHER_ENVIRONMENT_RTOL
 
 
 def save(run_id: str, tracking_uri: str, path: Path) -> dict:
     """Write `run_id`'s golden file: its command line's overrides, config, environment and
     metric histories."""
-    import mlflow
     from omegaconf import OmegaConf
 
     original, logged_cfg = logged_run(run_id, tracking_uri)
+    config = OmegaConf.to_container(logged_cfg)
+    return save_run(path, original, logged_overrides(original), config, tracking_uri)
+
+
+def save_run(path: Path, run: Any, overrides: list[str], config: dict, tracking_uri: str) -> dict:
+    """Write golden file `path` of `run` in `tracking_uri`, started by the command-line
+    `overrides` with the resolved `config`: those, and the run's environment and metric
+    histories."""
+    import mlflow
+
     golden = {
-        "run_id": run_id,
-        "overrides": logged_overrides(original),
-        "config": OmegaConf.to_container(logged_cfg),
-        "environment": logged_environment(original),
-        "metrics": histories(mlflow.MlflowClient(tracking_uri), original),
+        "run_id": run.info.run_id,
+        "overrides": overrides,
+        "config": config,
+        "environment": logged_environment(run),
+        "metrics": histories(mlflow.MlflowClient(tracking_uri), run),
     }
     _write(path, golden)
     return golden
@@ -361,11 +382,9 @@ def overridden(logged: Any, overrides: list[str], whose: str) -> Any:
     """The logged config (`whose`: "run <id>", or a golden file) with `overrides` applied. A key
     it lacks is refused: merged, a misspelt key would be added beside the real one and the
     original rerun unchanged."""
-    from difflib import get_close_matches
-
     from omegaconf import OmegaConf
 
-    from runner.errors import UserError
+    from runner.errors import UserError, did_you_mean
     from runner.tracking import flatten
 
     absent = object()
@@ -374,8 +393,7 @@ def overridden(logged: Any, overrides: list[str], whose: str) -> Any:
         was = OmegaConf.select(logged, key, default=absent)
         if was is absent:
             keys = [name for name, _ in flatten(OmegaConf.to_container(logged))]
-            close = get_close_matches(key, keys, n=1)
-            hint = f"did you mean {close[0]}?" if close else "see the run's config.yaml artifact"
+            hint = did_you_mean(key, keys) or "see the run's config.yaml artifact"
             raise UserError(f"--set {override}: {whose}'s config has no key {key!r} ({hint})")
         if OmegaConf.is_config(was):
             raise UserError(
@@ -491,8 +509,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             return
         expected, logged = golden["metrics"], golden["environment"]
-        same = all(logged.get(key) == environment.get(key) for key in SAME_IF_EQUAL)
-        rtol = args.rtol if args.rtol is not None else 0.0 if same else 1e-3
+        rtol = golden_rtol(logged, environment, args.rtol)
         print(f"golden file {args.golden}, rerun in a scratch store")
     else:
         with reported("runner-repro"):

@@ -20,11 +20,12 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import Array
 
+from runner import classifier
 from runner.logged_model import FOLDER_KEY, MODULE_KEY, input_shape
 from runner.models import register_custom_objects
 from runner.targets import code_of, import_code, importable_from_cwd
 
-# What the model emits, in the MLmodel file's metadata: "logits" or "probabilities".
+# What the model emits, in the MLmodel file's metadata: runner.classifier's LOGITS or PROBABILITIES.
 OUTPUT_KEY = "output"
 SIGNATURE = ModelSignature(
     outputs=Schema(
@@ -92,19 +93,12 @@ class Classifier:
         import pandas as pd
 
         outputs = self.model.predict(self.images(data), batch_size=1000, verbose=0)
-        outputs = outputs.astype(np.float32)
-        if self.output == "probabilities":
-            probabilities = outputs
-            logits = np.log(np.maximum(outputs, np.finfo(np.float32).tiny))
-        else:
-            logits = outputs
-            shifted = np.exp(outputs - outputs.max(axis=1, keepdims=True))
-            probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+        probabilities = classifier.probabilities(outputs, self.output)
         return pd.DataFrame(
             {
-                "class": probabilities.argmax(axis=1),
+                "class": classifier.classes(probabilities),
                 "probabilities": list(probabilities),
-                "logits": list(logits),
+                "logits": list(classifier.logits(outputs, self.output)),
             }
         )
 

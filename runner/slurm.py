@@ -20,7 +20,7 @@ from submitit.core.core import Job
 from submitit.core.utils import DelayedSubmission, FailedJobError, UncompletedJobError
 from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
 
-from runner.sweep import SWEEP_FILE
+from runner.sweep import SWEEP_FILE, job_name
 
 log = logging.getLogger(__name__)
 
@@ -178,5 +178,4 @@ def _job_name(job: Job) -> str:
         return "overrides unknown"
     sweep_file = job.paths.folder.parent.parent / SWEEP_FILE  # hydra.sweep.dir/.submitit/ID
     fixed = json.loads(sweep_file.read_text())["fixed"] if sweep_file.is_file() else []
-    own = [o for o in overrides if o.split("=", 1)[0] not in fixed]
-    return " ".join([f"#{number}", *own])
+    return job_name(number, overrides, fixed)

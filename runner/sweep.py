@@ -8,6 +8,7 @@ of the runner.
 """
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,9 +42,34 @@ def current_job() -> SweepJob | None:
     if not path.is_file():  # the NestedRuns callback was switched off
         return None
     sweep = json.loads(path.read_text())
-    own = [o for o in hydra.overrides.task if o.split("=", 1)[0] not in sweep["fixed"]]
-    name = mask(" ".join([f"#{hydra.job.num}", *own]))[:250]
+    name = mask(job_name(hydra.job.num, hydra.overrides.task, sweep["fixed"]))[:250]
     return SweepJob(sweep["parent_run_id"], name, sweep["experiment_name"])
+
+
+def job_name(number: int, overrides: Sequence[str], fixed: Sequence[str]) -> str:
+    """`#NUM` and the overrides that set a sweep's job apart from the rest of the sweep: all of
+    its `overrides` but those of the keys the sweep's command line gave one value (`fixed`, as
+    `sweep_keys` gives them)."""
+    own = [o for o in overrides if override_key(o) not in fixed]
+    return " ".join([f"#{number}", *own])
+
+
+def sweep_keys(overrides: Sequence[str], swept: bool) -> list[str]:
+    """The keys, as written, of a sweep's command-line `overrides` that sweep (`a=1,2`) or, not
+    `swept`, that give one value to every job (`a=1`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return [
+        override_key(text)
+        for text, override in zip(overrides, parsed, strict=True)
+        if override.is_sweep_override() == swept
+    ]
+
+
+def override_key(override: str) -> str:
+    """An override's key as written, its `+`, `++` or `~` kept: `+a.b` of `+a.b=1`."""
+    return override.split("=", 1)[0]
 
 
 def in_multirun() -> bool:

@@ -136,15 +136,18 @@ class Recorder:
 
     def log_test(self, test: Split, outputs: np.ndarray, loss: float, step: int) -> None:
         """Test metrics at `step`, the last."""
-        accuracy = float(np.mean(outputs.argmax(axis=1) == test.y))
+        from runner import classifier
+
+        accuracy = classifier.accuracy(outputs, test.y)
         self.log_metrics({"test/loss": loss, "test/accuracy": accuracy}, step=step)
         log.info("test accuracy %.4f, test loss %.4f", accuracy, loss)
 
     def log_plots(self, test: Split, outputs: np.ndarray) -> None:
         """The test set's confusion matrix and the training curves, as PNG artifacts."""
         from runner import plots  # matplotlib: half a second, for runs that draw no plots too
+        from runner.classifier import classes
 
-        confusion = plots.confusion_matrix(test.y, outputs.argmax(axis=1), outputs.shape[1])
+        confusion = plots.confusion_matrix(test.y, classes(outputs), outputs.shape[1])
         mlflow.log_figure(confusion, "plots/confusion_matrix.png")
         mlflow.log_figure(plots.training_curves(self.history), "plots/training_curves.png")
 

@@ -56,7 +56,7 @@ def train(
 
     name = str(cfg.get("backend", "tensorflow"))  # a run logged before backends: TensorFlow
     backend = backends.select(name, cfg.device)  # before anything imports Keras
-    from runner import checkpoints, data, devices, modeling
+    from runner import checkpoints, classifier, data, devices, modeling
     from runner.callbacks import ReportToTrial
     from runner.fitting import (
         check_even_batches,
@@ -122,7 +122,7 @@ def train(
         if cfg.tracking.plots:
             recorder.log_plots(splits.test, outputs)
         if cfg.trainer.log_model:
-            recorder.log_model(model, cfg.model.get("output", "logits"), cfg.model._target_)
+            recorder.log_model(model, classifier.output(cfg.model), cfg.model._target_)
         final = recorder.final_metrics()
     registration = registry.settings(cfg)
     if registration and job is None:  # a sweep registers its best job's model, at its end

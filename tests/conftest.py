@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -101,20 +101,23 @@ def cli(
     name: str,
     *args: str,
     cwd: Path,
-    mnist_dir: Path,
+    mnist_dir: Path | None = None,
     timeout: int = 300,
     env: dict[str, str] | None = None,
     new_store: bool = True,
     report_tensorflow: bool = False,
+    within: Sequence[str] = (),
 ) -> subprocess.CompletedProcess:
     """One of the project's commands (`runner`, `runner-eval`, ...) run as a user would, in
-    `cwd`, recording into the default store there, unless `env` (variables set over the test's
-    own) names a tracking server. A `runner` about to make that store finds a copy of a new one
-    instead (the same tables, a second of CPU less), unless `new_store` is False: for tests
-    that check that no store is made. With `report_tensorflow`, the command's last line of
-    output says which of TensorFlow, JAX and scikit-learn were imported (`imported`)."""
+    `cwd`, reading MNIST from `mnist_dir` (a command that reads no data needs none), recording
+    into the default store there, unless `env` (variables set over the test's own) names a
+    tracking server. A `runner` about to make that store finds a copy of a new one instead (the
+    same tables, a second of CPU less), unless `new_store` is False: for tests that check that
+    no store is made. With `report_tensorflow`, the command's last line of output says which of
+    TensorFlow, JAX and scikit-learn were imported (`imported`). `within` is a command that runs
+    it (`unshare ... sh -c ...`)."""
     outer = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
-    env = {**outer, **(env or {}), "MNIST_DIR": str(mnist_dir)}
+    env = {**outer, **(env or {}), **({"MNIST_DIR": str(mnist_dir)} if mnist_dir else {})}
     default_store = cwd / "mlflow.db"
     if (
         new_store
@@ -128,7 +131,7 @@ def cli(
     if report_tensorflow:
         command = [sys.executable, "-c", _REPORT_TENSORFLOW.format(name=name, main=ENTRIES[name])]
     return subprocess.run(
-        [*command, *args],
+        [*within, *command, *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -165,16 +168,28 @@ def imported(result: subprocess.CompletedProcess) -> set[str]:
 
 
 def readme_commands(section: str) -> list[str]:
-    """The lines of the bash blocks under the README heading `section`, comments dropped."""
+    """The commands of the bash blocks under the README heading `section`, in order: a line each
+    (lines ending in a backslash joined), comments and blank lines dropped, a heredoc whole with
+    its body."""
     text = (REPO / "README.md").read_text()
     body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
-    lines = []
+    commands = []
     for block in re.findall(r"```bash\n(.*?)```", body, re.S):
-        for line in block.splitlines():
-            command = line.split(" #", 1)[0].strip()
-            if command:
-                lines.append(command)
-    return lines
+        lines = iter(re.sub(r"\\\n\s*", "", block).splitlines())
+        for line in lines:
+            heredoc = re.search(r"<<'?(\w+)'?", line)
+            if heredoc:
+                body_lines = []
+                for inner in lines:
+                    body_lines.append(inner)
+                    if inner == heredoc.group(1):
+                        break
+                commands.append("\n".join([line, *body_lines]))
+                continue
+            command = re.sub(r"\s+#.*", "", line).strip()
+            if command and not command.startswith("#"):
+                commands.append(command)
+    return commands
 
 
 def store_client(folder: Path) -> MlflowClient:

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from .conftest import REPO
+from .conftest import readme_commands
 
 SECTION = "For a team"
 # Who the README's commands make, and the experiment alice creates and shares with bob.
@@ -61,31 +61,6 @@ class Account:
 
     name: str
     password: str
-
-
-def readme_commands(section: str = SECTION) -> list[str]:
-    """The commands of the bash blocks under the README heading `section`, in order: a line each
-    (lines ending in a backslash joined), comments and blank lines dropped, a heredoc whole with
-    its body."""
-    text = (REPO / "README.md").read_text()
-    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", body, re.S):
-        lines = iter(re.sub(r"\\\n\s*", "", block).splitlines())
-        for line in lines:
-            heredoc = re.search(r"<<'?(\w+)'?", line)
-            if heredoc:
-                body_lines = []
-                for inner in lines:
-                    body_lines.append(inner)
-                    if inner == heredoc.group(1):
-                        break
-                commands.append("\n".join([line, *body_lines]))
-                continue
-            command = re.sub(r"\s+#.*", "", line).strip()
-            if command and not command.startswith("#"):
-                commands.append(command)
-    return commands
 
 
 def exported(command: str) -> set[str]:
@@ -229,7 +204,7 @@ class TeamServer:
     def setup(self) -> None:
         """Run the section's commands: the settings checked, PostgreSQL and the server started,
         the accounts made; `uv run runner...` lines are left to the tests."""
-        commands = readme_commands()
+        commands = readme_commands(SECTION)
         # Known before anything starts, so that a failure on the way still stops PostgreSQL.
         self._pg_stop = next(c for c in commands if c.startswith("pg_ctl") and " stop" in c)
         for command in commands:

@@ -108,3 +108,14 @@ def test_a_group_over_seed_counts_only_its_finished_runs_results():
     assert rows["val/accuracy mean"].tolist() == pytest.approx([0.85, 0.7])
     assert rows["val/accuracy std"][0] == pytest.approx(0.0707107) and pd.isna(rows.iloc[1, 4])
     assert rows["val/accuracy n"].tolist() == [2, 1]
+
+
+def test_a_misspelt_over_suggests_the_parameter_and_names_those_that_differ():
+    with pytest.raises(UserError) as error:
+        compare.check_over(searched_runs(), "model.nmae")
+    assert str(error.value) == (
+        "--over 'model.nmae' is not a parameter of the runs compared: did you mean model.name? "
+        "those that differ between them are model.dropout_rate, model.name"
+    )
+    with pytest.raises(UserError, match="compared: those that differ"):
+        compare.check_over(searched_runs(), "zzz")

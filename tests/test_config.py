@@ -15,7 +15,6 @@ from runner.errors import UserError
 
 from .conftest import ENTRIES, QUICK, cli, compose_config, store_client
 
-RUNNER = [sys.executable, "-m", "runner"]
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -148,7 +147,7 @@ def test_a_data_dir_that_is_a_file_is_refused_before_training(tmp_path):
 
 
 def test_help_lists_only_the_groups_users_pick_from(tmp_path):
-    result = run_runner("--help", "--resolve", cwd=tmp_path)
+    result = cli("runner", "--help", "--resolve", cwd=tmp_path, new_store=False)
     assert result.returncode == 0
     # Resolved before any run has a folder: not None/checkpoints, nor resume: 'False'.
     assert "  checkpoint_dir: <the run's folder>/checkpoints\n  resume: false\n" in result.stdout
@@ -169,10 +168,6 @@ def test_help_lists_only_the_groups_users_pick_from(tmp_path):
         "trainer",
     ]
     assert "schema" not in groups
-
-
-def run_runner(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([*RUNNER, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize(
@@ -196,14 +191,14 @@ def run_runner(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     ],
 )
 def test_bad_override_exits_non_zero_naming_it(override, message, tmp_path):
-    result = run_runner(override, cwd=tmp_path)
+    result = cli("runner", override, cwd=tmp_path, new_store=False)
     assert result.returncode != 0
     assert message in result.stderr
     assert not (tmp_path / "mlflow.db").exists(), "a config error must not start an MLflow run"
 
 
 def test_user_error_is_one_line_without_traceback(tmp_path):
-    result = run_runner("trainer.steps=-1", cwd=tmp_path)
+    result = cli("runner", "trainer.steps=-1", cwd=tmp_path, new_store=False)
     assert result.returncode == 1
     assert "runner: error: trainer.steps=-1 must be a positive integer" in result.stderr
     assert "Traceback" not in result.stderr
@@ -324,7 +319,16 @@ def test_a_runner_key_added_with_a_plus_is_still_checked(override, message):
 def test_a_yaml_of_ones_own_that_does_not_parse_is_one_line(tmp_path):
     (tmp_path / "conf" / "model").mkdir(parents=True)
     (tmp_path / "conf" / "model" / "broken.yaml").write_text("_target_: a.b\nwidth: : 3\n")
-    result = run_runner("--config-dir", "conf", "model=broken", "--cfg", "job", cwd=tmp_path)
+    result = cli(
+        "runner",
+        "--config-dir",
+        "conf",
+        "model=broken",
+        "--cfg",
+        "job",
+        cwd=tmp_path,
+        new_store=False,
+    )
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("runner: error: mapping values are not allowed here")

@@ -394,3 +394,27 @@ def test_a_model_ending_in_softmax_must_say_it_emits_probabilities():
     assert modeling.build(said, (12, 12, 3), 5).output_shape == (None, 5)
     softmax = compose_config(["model=softmax", "model.output=probabilities"]).model
     assert modeling.build(softmax, (28, 28, 1), 10).layers[-1].name == "probabilities"
+
+
+def test_a_model_without_its_run_is_read_as_its_last_layer_says():
+    """runner-predict softmaxes a model's outputs unless it emits probabilities: one without a
+    run to say so is judged by the same rule that training checks, a softmax layer or a layer
+    whose activation is one (only the first counted, and such a model's probabilities were
+    softmaxed again)."""
+    from runner import classifier, logged_model
+
+    def emitted(model: keras.Model) -> str:
+        return logged_model.emitted(logged_model.LoggedModel(model, "a/folder", None))
+
+    assert emitted(ends_in_softmax((12, 12, 3), 5)) == classifier.PROBABILITIES
+    assert emitted(build("cnn_layers")) == classifier.LOGITS
+    said = compose_config(["model=softmax", "model.output=probabilities"]).model
+    assert emitted(modeling.build(said, (28, 28, 1), 10)) == classifier.PROBABILITIES
+    outputs = np.array([[0.0, np.log(3.0)], [5.0, 5.0]], np.float32)
+    probabilities = classifier.probabilities(outputs, classifier.LOGITS)
+    np.testing.assert_allclose(probabilities, [[0.25, 0.75], [0.5, 0.5]], rtol=1e-6)
+    assert classifier.probabilities(probabilities, classifier.PROBABILITIES) is probabilities
+    np.testing.assert_allclose(
+        classifier.logits(probabilities, classifier.PROBABILITIES), np.log(probabilities)
+    )
+    assert classifier.accuracy(outputs, np.array([1, 1])) == 0.5

@@ -1,11 +1,9 @@
 """`runner-repro`: rerun a logged run and compare its metric histories step by step."""
 
 import json
-import os
 import shlex
 import shutil
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -283,16 +281,9 @@ def test_repro_fails_fast_on_an_unreachable_server(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # closed again once the block ends
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    server = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
     started = time.monotonic()
-    result = subprocess.run(
-        [str(Path(sys.executable).with_name("runner-repro")), "feedfacefeedface"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = cli("runner-repro", "feedfacefeedface", cwd=tmp_path, env=server, timeout=60)
     assert time.monotonic() - started < 30
     assert result.returncode == 1
     [line] = result.stderr.splitlines()

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import QUICK, cli, parents_and_children
+from .conftest import QUICK, cli, parents_and_children, readme_commands
 from .slurm_cluster import SlurmCluster
-from .team_server import readme_commands
+from .team_server import SECTION
 
 # One worker runs every SLURM test: they share one cluster, and the sweep below.
 pytestmark = pytest.mark.xdist_group("slurm")
@@ -37,7 +37,7 @@ def sweep(slurm_cluster, tmp_path_factory, mnist_dir):
     """A sweep of 2 jobs on the cluster, the README's ("For a team") on this cluster's partition
     without GPUs: (its folder, the command's result)."""
     work = tmp_path_factory.mktemp("slurm_sweep")
-    [line] = [c for c in readme_commands() if "hydra/launcher=slurm" in c]
+    [line] = [c for c in readme_commands(SECTION) if "hydra/launcher=slurm" in c]
     readme = shlex.split(line)[3:]  # after `uv run runner`
     assert readme[:2] == ["-m", "hydra/launcher=slurm"] and "seed=1,2" in readme, line
     chosen = [a for a in readme if not a.startswith("hydra.launcher.partition=")]

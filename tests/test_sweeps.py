@@ -337,3 +337,14 @@ def test_compare_over_seed_gives_each_group_of_seeds_one_row_and_curve(
         "runner-compare: error: --over 'sed' is not a parameter of the runs compared: did you "
         "mean seed? those that differ between them are optimizer.lr, seed\n"
     )
+
+
+def test_a_job_is_named_by_the_overrides_that_set_it_apart():
+    """The keys a sweep's command line fixes, as the parent writes them for its jobs, and a
+    job's name from them, as its MLflow run and a lost SLURM job's line give it."""
+    command = ["model=softmax,cnn_layers", "+trainer.note=a", "data.limit=100", "seed=range(2)"]
+    fixed = sweep.sweep_keys(command, swept=False)
+    assert fixed == ["+trainer.note", "data.limit"]
+    assert sweep.sweep_keys(command, swept=True) == ["model", "seed"]
+    job = ["model=cnn_layers", "+trainer.note=a", "data.limit=100", "seed=1"]
+    assert sweep.job_name(3, job, fixed) == "#3 model=cnn_layers seed=1"

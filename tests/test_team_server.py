@@ -15,8 +15,8 @@ from PIL import Image
 
 from runner.data import TEST_IMAGES, read_idx
 
-from .conftest import QUICK, cli, compose_config
-from .team_server import readme_commands
+from .conftest import QUICK, cli, compose_config, readme_commands
+from .team_server import SECTION
 
 # Every module using the server runs on the worker that started it.
 pytestmark = pytest.mark.xdist_group("team_server")
@@ -55,7 +55,8 @@ def finish(launched: tuple[subprocess.Popen, Path]) -> tuple[int, str, str]:
 
 
 def test_readme_points_the_runner_at_the_server_without_credentials_in_the_uri(team_server):
-    [export] = [c for c in readme_commands() if c.startswith("export ") and "_USERNAME=" in c]
+    commands = readme_commands(SECTION)
+    [export] = [c for c in commands if c.startswith("export ") and "_USERNAME=" in c]
     settings = dict(word.split("=", 1) for word in shlex.split(export)[1:])
     assert settings.keys() == {
         "MLFLOW_TRACKING_URI",

@@ -4,10 +4,8 @@ run's artifacts beside it, and one that cannot be written is a one-line error.""
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -15,7 +13,7 @@ from mlflow import MlflowClient
 
 from runner.tracking import Recorder, open_store, ui_link
 
-from .conftest import QUICK, compose_config
+from .conftest import QUICK, cli, compose_config
 
 
 @pytest.fixture
@@ -173,13 +171,16 @@ def in_read_only(tmp_path, mnist_dir) -> Iterator[Callable[..., subprocess.Compl
             pytest.skip(f"no way to make a folder read-only for root here: {probe.stderr!r}")
     else:
         work.chmod(0o555)
-    env = {**os.environ, "MNIST_DIR": str(mnist_dir)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    runner = str(Path(sys.executable).with_name("runner"))
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [*prefix, runner, *args], cwd=work, env=env, capture_output=True, text=True, timeout=600
+        return cli(
+            "runner",
+            *args,
+            cwd=work,
+            mnist_dir=mnist_dir,
+            timeout=600,
+            new_store=False,
+            within=prefix,
         )
 
     yield run

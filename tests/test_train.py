@@ -187,19 +187,8 @@ def test_unreachable_tracking_server_is_a_clear_error(tmp_path, mnist_dir, args)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {
-        **os.environ,
-        "MNIST_DIR": str(mnist_dir),
-        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "runner", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    server = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    result = cli("runner", *args, cwd=tmp_path, mnist_dir=mnist_dir, env=server)
     assert result.returncode == 1
     assert f"the MLflow tracking server http://127.0.0.1:{port} does not answer" in result.stderr
     assert "Traceback" not in result.stderr

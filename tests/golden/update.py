@@ -1,22 +1,26 @@
 """Refresh the golden metric histories, deliberately: `uv run python tests/golden/update.py`.
 
-Each reference is a short run whose metric histories and environment are stored here;
-tests/test_golden.py reruns it and compares (see there for the tolerances). Refresh only when a
-change is meant to alter the numbers, and say so in the commit.
+Each reference is a short run, trained here in a scratch store; runner-repro's own save code
+writes its golden file: its overrides, config, environment and metric histories, which
+tests/test_golden.py checks as `runner-repro --golden FILE` does (see there for the tolerances).
+The config leaves out the keys that name the machine (runner-repro's MACHINE_KEYS: where the
+data, the store and the checkpoints were), which that check does not compare: the files record
+no one's folders, and a rerun reads the data where its machine's conf/ finds it. Refresh only
+when a change is meant to alter the numbers, and say so in the commit.
 """
 
-import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 import mlflow
+from omegaconf import OmegaConf
 
 GOLDEN = Path(__file__).resolve().parent
 sys.path.insert(0, str(GOLDEN.parents[1]))
 
-from runner.repro import histories, logged_environment  # noqa: E402
+from runner.repro import logged_run, machine_key, save_run  # noqa: E402
 from runner.train import compose, train  # noqa: E402
 
 QUICK = [
@@ -39,34 +43,34 @@ REFERENCES = {
 }
 
 
-def record(name: str, overrides: list[str]) -> dict:
-    """Run the reference in a scratch store; its overrides, environment and metric histories."""
+def portable(config: dict, prefix: str = "") -> dict:
+    """`config` without the keys that name the machine it ran on."""
+    return {
+        key: portable(value, f"{prefix}{key}.") if isinstance(value, dict) else value
+        for key, value in config.items()
+        if not machine_key(f"{prefix}{key}")
+    }
+
+
+def record(name: str, overrides: list[str]) -> Path:
+    """Train the reference in a scratch store and write its golden file."""
+    path = GOLDEN / f"{name}.json"
     with tempfile.TemporaryDirectory() as work:
         uri = f"sqlite:///{work}/mlflow.db"
         cwd = Path.cwd()
         os.chdir(work)
         try:
-            train(
-                compose(
-                    [*overrides, f"tracking.uri={uri}", f"tracking.experiment_name=golden_{name}"]
-                )
-            )
-            client = mlflow.MlflowClient(uri)
-            run = client.get_run(mlflow.last_active_run().info.run_id)
-            return {
-                "overrides": overrides,
-                "environment": logged_environment(run),
-                "metrics": histories(client, run),
-            }
+            train(compose([*overrides, f"tracking.uri={uri}"]))
+            run, logged = logged_run(mlflow.last_active_run().info.run_id, uri)
+            save_run(path, run, overrides, portable(OmegaConf.to_container(logged)), uri)
         finally:
             os.chdir(cwd)
+    return path
 
 
 def main() -> None:
     for name, overrides in REFERENCES.items():
-        reference = record(name, overrides)
-        (GOLDEN / f"{name}.json").write_text(json.dumps(reference, indent=1) + "\n")
-        print(f"wrote {GOLDEN / name}.json")
+        print(f"wrote {record(name, overrides)}")
 
 
 if __name__ == "__main__":
