@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Run
@@ -80,9 +81,11 @@ def in_tmp_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mnist_dir: Path, new_store: Path
 ) -> Path:
     """Work in an empty directory but for a new MLflow store (mlflow.db, as a run's would be;
-    its runs' mlruns/ land beside it)."""
+    its runs' mlruns/ land beside it), which MLflow records into until a run says otherwise:
+    not the store of a test this process ran before."""
     shutil.copyfile(new_store, tmp_path / "mlflow.db")
     monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setenv("MNIST_DIR", str(mnist_dir))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path
