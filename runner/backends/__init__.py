@@ -45,8 +45,8 @@ def select(name: str, device: Any = None) -> Backend:
 
 
 def of(name: str) -> Backend:
-    """Backend `name`, not loaded: what it offers that needs no framework (its batch order on
-    NumPy, its requirements)."""
+    """Backend `name`, without loading it: `select` loads it once a process; code the
+    selected backend is not handed to (a benchmark, a test of the batch order) takes it so."""
     if name == "jax":
         from runner.backends.jax import JaxBackend
 
