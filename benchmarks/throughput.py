@@ -128,7 +128,7 @@ def bare_fit_rate(name: str, extra: list[str], train_split: data.Split) -> float
     keras.backend.clear_session()
     keras.utils.set_random_seed(cfg.seed)
     t = cfg.trainer
-    backend = backends.current()
+    backend = backends.of(keras_backend())  # main selected it
     every = [t.log_every, t.eval_every, t.checkpoint_every]
     plan = devices.plan(cfg.device, backend.detect(), every, keras_backend())
     model = modeling.build(cfg.model, train_split.x.shape[1:], NUM_CLASSES)

@@ -14,7 +14,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from runner import backends, classifier
+from runner import classifier
+from runner.backends.base import Backend
 from runner.data import Split
 from runner.errors import UserError
 from runner.stopping import StopReason, Stops
@@ -74,11 +75,11 @@ class Throughput(keras.callbacks.Callback):
 
     The first execution of each `fit` is left out: it traces and compiles the step function."""
 
-    def __init__(self, batch_size: int, steps_per_execution: int):
+    def __init__(self, batch_size: int, steps_per_execution: int, backend: Backend):
         super().__init__()
         self.batch_size = batch_size
         self.steps_per_call = steps_per_execution
-        self.backend = backends.current()
+        self.backend = backend
         self.gpu = self.backend.has_gpu()
 
     def on_train_begin(self, logs: dict | None = None) -> None:
@@ -196,6 +197,7 @@ class Training:
     start_step: int
     steps_per_execution: int
     logits: bool  # whether the model emits logits (else probabilities)
+    backend: Backend  # the run's, which replays its training order
 
 
 class RunnerCallback(keras.callbacks.Callback):
@@ -234,12 +236,12 @@ class ProbabilityLogger(RunnerCallback):
     def attach(self, training: Training) -> None:
         self.x = training.train.x
         self.logits = training.logits
-        self.batches = backends.current().every_nth_batch(
-            len(training.train.y),
-            training.batch_size,
-            training.seed,
-            self.every,
-            training.start_step,
+        self.batches = training.backend.every_nth_batch(
+            n=len(training.train.y),
+            batch_size=training.batch_size,
+            seed=training.seed,
+            every=self.every,
+            start_step=training.start_step,
         )
         self.step = training.start_step
         self.steps_per_call = training.steps_per_execution

@@ -17,12 +17,12 @@ _CHECKOUT = Path(__file__).resolve().parent
 
 
 def describe(data_digests: dict[str, str], backend: Any) -> dict[str, Any]:
-    """The environment.json of a run on `backend` (a `runner.backends` module);
+    """The environment.json of a run on `backend` (a `runner.backends.Backend`);
     `data_digests` holds the SHA-256 of each data array."""
     return {
         "python": platform.python_version(),
-        "backend": backend.__name__.rpartition(".")[2],
-        "packages": {name: _version(name) for name in (*PACKAGES, *backend.PACKAGES)},
+        "backend": backend.name,
+        "packages": {name: _version(name) for name in (*PACKAGES, *backend.packages)},
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu": cpu(),

@@ -32,7 +32,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float | int | None]:
     from runner import backends
 
     uri = logged_model.locate(cfg.run_id, cfg.model_uri)
-    backends.select(str(cfg.backend or logged_model.backend_of(uri)))  # before Keras loads
+    backend = backends.select(str(cfg.backend or logged_model.backend_of(uri)))  # before Keras
     from runner import classifier, data
     from runner.fitting import evaluate_outputs
     from runner.repro import logged_environment
@@ -42,7 +42,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float | int | None]:
     if found.run is not None and data_cfg.get("path"):  # a file whose change the run can tell
         data.warn_if_changed(data_cfg, logged_environment(found.run).get("data_file"))
     test = fitted(data.load_test(data_cfg), found.model)
-    outputs, loss = evaluate_outputs(found.model, test, data_cfg.eval_batch_size)
+    outputs, loss = evaluate_outputs(found.model, test, data_cfg.eval_batch_size, backend)
     return {
         "loss": loss,
         "accuracy": classifier.accuracy(outputs, test.y),

@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from runner import backends, checkpoints, classifier, sweep
+from runner import checkpoints, classifier, sweep
+from runner.backends.base import Backend
 from runner.callbacks import (
     MlflowMetrics,
     RunnerCallback,
@@ -37,6 +38,7 @@ def fit(
     resumed: Checkpoint | None = None,
     extra: dict[str, Any] | None = None,
     *,
+    backend: Backend,
     stops: Stops | None = None,
 ) -> int:
     """Train from the `resumed` checkpoint's step (else 0) to `trainer.steps`, unless training
@@ -62,6 +64,7 @@ def fit(
         steps_per_execution=plan.steps_per_execution,
         resumed=resumed,
         extra=extra or {},
+        backend=backend,
     )
     # Training ends at trainer.steps, or where a callback stopped it early: a run resumed from
     # either (stopped while it tested) trains no more.
@@ -73,16 +76,38 @@ def fit(
             if start_step < aligned:
                 at_eval = aligned % trainer.eval_every == 0
                 first = aligned - start_step
-                _fit_windows(model, splits, cfg, batch, callbacks, start_step, 1, first, at_eval)
+                _fit_windows(
+                    model,
+                    splits,
+                    cfg,
+                    batch,
+                    callbacks,
+                    start_step,
+                    1,
+                    first,
+                    at_eval,
+                    backend=backend,
+                )
             if stops.reason is None and aligned < last:
                 windows = (last - aligned) // trainer.log_every
                 window = trainer.log_every
-                _fit_windows(model, splits, cfg, batch, callbacks, aligned, windows, window, True)
+                _fit_windows(
+                    model,
+                    splits,
+                    cfg,
+                    batch,
+                    callbacks,
+                    aligned,
+                    windows,
+                    window,
+                    True,
+                    backend=backend,
+                )
         _raise_if_stopped(stops, model, recorder, Path(trainer.checkpoint_dir))
     reached = optimizer_step(model)
     if reached % trainer.eval_every:
         final = model.evaluate(
-            backends.current().in_batches(splits.validation, cfg.data.eval_batch_size),
+            backend.in_batches(splits.validation, cfg.data.eval_batch_size),
             verbose=0,
             return_dict=True,
         )
@@ -100,6 +125,7 @@ def _callbacks(
     steps_per_execution: int,
     resumed: Checkpoint | None,
     extra: dict[str, Any],
+    backend: Backend,
 ) -> list[Any]:
     """The runner's callbacks for training on `batch` examples a step, with the configured
     `extra` ones among them, in the order they must run."""
@@ -112,6 +138,7 @@ def _callbacks(
         resumed.step if resumed else 0,
         steps_per_execution,
         logits=classifier.output(cfg.model) == classifier.LOGITS,
+        backend=backend,
     )
     own = {name: c for name, c in extra.items() if isinstance(c, RunnerCallback)}
     for name, callback in own.items():
@@ -120,7 +147,7 @@ def _callbacks(
             callback.restore(resumed.callbacks[name])
     callbacks = [
         counter,  # first: the others read the step it counts
-        Throughput(batch, steps_per_execution),  # adds to the logs the others see
+        Throughput(batch, steps_per_execution, backend),  # adds to the logs the others see
         MlflowMetrics(recorder, counter, trainer.log_every),
         StopOnNonFiniteLoss(stops),
         StopOnSignal(stops, recorder),
@@ -280,6 +307,8 @@ def _fit_windows(
     windows: int,
     window: int,
     validate: bool,
+    *,
+    backend: Backend,
 ) -> None:
     """`windows` Keras epochs of `window` steps from step `start`. Keras numbers the epochs from
     start // window, so with window = log_every, validation_freq lands on multiples of
@@ -287,7 +316,6 @@ def _fit_windows(
     trainer = cfg.trainer
     first = start // window
     full = window == trainer.log_every
-    backend = backends.current()
     validation = (
         backend.in_batches(splits.validation, cfg.data.eval_batch_size) if validate else None
     )
@@ -304,11 +332,11 @@ def _fit_windows(
     )
 
 
-def evaluate_outputs(model: Any, split: Split, batch_size: int) -> tuple[np.ndarray, float]:
+def evaluate_outputs(
+    model: Any, split: Split, batch_size: int, backend: Backend
+) -> tuple[np.ndarray, float]:
     """The model's outputs (logits or probabilities) for `split` and their mean loss, from one
-    pass over it."""
-    outputs = model.predict(
-        backends.current().in_batches(split, batch_size, labels=False), verbose=0
-    )
+    pass over `backend`'s batches of it."""
+    outputs = model.predict(backend.in_batches(split, batch_size, labels=False), verbose=0)
     loss = float(np.mean(model.loss(split.y, outputs)))
     return outputs, loss

@@ -26,6 +26,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from runner import access, environment, serving
+from runner.backends.base import Backend
 from runner.config import CONF_DIR
 from runner.data import Split, Splits, file_record
 from runner.errors import Interrupted, ServerLost, UserError
@@ -151,13 +152,11 @@ class Recorder:
         mlflow.log_figure(confusion, "plots/confusion_matrix.png")
         mlflow.log_figure(plots.training_curves(self.history), "plots/training_curves.png")
 
-    def log_model(self, model: Any, output: str, target: str) -> None:
+    def log_model(self, model: Any, output: str, target: str, requirements: list[str]) -> None:
         """The trained model, which emits `output` (logits or probabilities) and was built by
-        `_target_` `target`, served as `runner.serving` says; pinned requirements skip MLflow's
-        slow inference of them."""
+        `_target_` `target`, served as `runner.serving` says; pinned requirements (Keras's,
+        MLflow's and its backend's `requirements`) skip MLflow's slow inference of them."""
         import keras
-
-        from runner import backends
 
         # uv's environments have no pip, which MLflow reports as a warning while writing conda.yaml.
         logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)
@@ -167,7 +166,7 @@ class Recorder:
             output,
             pip_requirements=[
                 f"keras=={keras.__version__}",
-                *backends.current().requirements(),
+                *requirements,
                 f"mlflow=={mlflow.__version__}",
             ],
             target=target,
@@ -188,6 +187,7 @@ def mlflow_run(
     unrecorded: list[list[Any]] | None = None,
     *,
     stops: Stops,
+    backend: Backend,
 ) -> Iterator[Recorder]:
     """One MLflow run around the training; ends FAILED (with an `error` tag) if anything raises.
 
@@ -197,8 +197,8 @@ def mlflow_run(
     starts a new run that carries that run's history on under the new config (tagged
     `extends`), since MLflow's params cannot change. A new run of a `sweep_job` is nested under
     the sweep's parent run; `unrecorded` are the metrics the resumed checkpoint holds that the
-    server had not taken; `stops` holds the stop signals while MLflow opens the run. Call
-    `open_store` first.
+    server had not taken; `stops` holds the stop signals while MLflow opens the run; `backend`
+    is the run's. Call `open_store` first.
 
     A run whose server stopped answering (`ServerLost`) stays RUNNING there, if the server
     cannot be told, and is reopened by its resume.
@@ -238,7 +238,7 @@ def mlflow_run(
             if not reopen:
                 _log_config(cfg, hydra_dir)
                 _log_dataset(splits, cfg.data)
-            _log_environment(splits.digests, cfg)
+            _log_environment(splits.digests, cfg, backend)
             mlflow.set_tags(tags or {})
             recorder = Recorder(
                 run_id,
@@ -572,10 +572,8 @@ def _duplicate(error: MlflowException) -> bool:
     return any(hint in text for hint in ("UniqueViolation", "UNIQUE constraint", "duplicate key"))
 
 
-def _log_environment(data_digests: dict[str, str], cfg: DictConfig) -> None:
-    from runner import backends
-
-    described = environment.describe(data_digests, backends.current())
+def _log_environment(data_digests: dict[str, str], cfg: DictConfig, backend: Backend) -> None:
+    described = environment.describe(data_digests, backend)
     record = file_record(cfg.data)
     if record:  # the file data.path names, whose change runner-repro and runner-eval tell
         described["data_file"] = record

@@ -108,21 +108,25 @@ def train(
             extends,
             resumed.unrecorded if resumed else None,
             stops=stops,
+            backend=backend,
         ) as recorder,
         finishable(cfg.trainer, recorder.run_id),
     ):
-        reached = fit(model, splits, cfg, recorder, plan, resumed, callbacks, stops=stops)
+        reached = fit(
+            model, splits, cfg, recorder, plan, resumed, callbacks, backend=backend, stops=stops
+        )
         if stops.reason is StopReason.PRUNED:
             recorder.prune(reached)
             return recorder.final_metrics()
         if reached < cfg.trainer.steps:
             recorder.set_tag("stopped_early_at", str(reached))
-        outputs, loss = evaluate_outputs(model, splits.test, cfg.data.eval_batch_size)
+        outputs, loss = evaluate_outputs(model, splits.test, cfg.data.eval_batch_size, backend)
         recorder.log_test(splits.test, outputs, loss, reached)
         if cfg.tracking.plots:
             recorder.log_plots(splits.test, outputs)
         if cfg.trainer.log_model:
-            recorder.log_model(model, classifier.output(cfg.model), cfg.model._target_)
+            output = classifier.output(cfg.model)
+            recorder.log_model(model, output, cfg.model._target_, backend.requirements())
         final = recorder.final_metrics()
     registration = registry.settings(cfg)
     if registration and job is None:  # a sweep registers its best job's model, at its end

@@ -11,7 +11,6 @@ import gzip
 import hashlib
 import http.client
 import http.server
-import importlib
 import logging
 import re
 import socket
@@ -779,7 +778,7 @@ def indexed_split():
 def pipeline(request):
     """Each backend's batching: tf.data's on TensorFlow, NumPy's on JAX (pure NumPy, so it runs
     in this TensorFlow process)."""
-    return importlib.import_module(f"runner.backends.{request.param}")
+    return backends.of(request.param)
 
 
 def first_batches(pipeline, split: Split, batch_size: int, seed: int, count: int, start=0):
@@ -836,7 +835,8 @@ def test_a_resumed_pipeline_carries_on_where_it_stopped(pipeline, indexed_split)
 def test_every_nth_batch_is_the_batch_of_those_steps(pipeline, indexed_split, start):
     # The probabilities hook's view of the order: the batches of steps 4, 8, 12, ... after start.
     whole = first_batches(pipeline, indexed_split, 10, seed=2, count=24)
-    found = list(islice(pipeline.every_nth_batch(60, 10, 2, 4, start), 3))
+    replayed = pipeline.every_nth_batch(n=60, batch_size=10, seed=2, every=4, start_step=start)
+    found = list(islice(replayed, 3))
     steps = [step for step in range(start + 1, 25) if step % 4 == 0][:3]
     for step, indices in zip(steps, found, strict=True):
         np.testing.assert_array_equal(indices, whole[step - 1][1])

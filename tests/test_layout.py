@@ -51,3 +51,19 @@ def test_cycles_are_found():
 
 def test_runner_has_no_import_cycle():
     assert cycles(imports()) == []
+
+
+def test_the_backend_is_handed_down_not_looked_up():
+    """A run's backend is the one `backends.select` returned, passed to what computes with it:
+    no module outside `runner/backends/` asks Keras which backend it runs on."""
+    lookups = [
+        str(path.relative_to(REPO))
+        for path in (REPO / "runner").rglob("*.py")
+        if "backends" not in path.relative_to(REPO).parts
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute)
+        and node.attr == "current"
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "backends"
+    ]
+    assert lookups == []

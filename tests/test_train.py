@@ -290,7 +290,7 @@ def test_fit_that_raises_puts_the_signal_handlers_back(in_tmp_store):
         modeling.compiled(model, cfg, plan, resumed=False)
     before = {number: signal.getsignal(number) for number in preemption.STOP_SIGNALS}
     with pytest.raises(RuntimeError, match="disk on fire"):
-        fitting.fit(model, splits, cfg, None, plan, None, {"crash": Crash()})
+        fitting.fit(model, splits, cfg, None, plan, None, {"crash": Crash()}, backend=backend)
     after = {number: signal.getsignal(number) for number in preemption.STOP_SIGNALS}
     assert after == before
 

@@ -3,17 +3,17 @@ and what the runner does through it: load it, find its devices, seed it, feed it
 distribute over devices, read its GPU memory.
 
 Keras reads KERAS_BACKEND once, when it is first imported, so `select` runs before anything
-imports Keras; `current` gives the module of the backend Keras loaded. Each backend module
-(`runner.backends.tensorflow`, `runner.backends.jax`) imports only its own framework, so a JAX
-run never loads TensorFlow.
+imports Keras; the `Backend` it returns is handed down to whatever computes with it. Each
+backend module (`runner.backends.tensorflow`, `runner.backends.jax`) imports only its own
+framework, so a JAX run never loads TensorFlow.
 """
 
 import importlib.util
 import os
 import sys
-from types import ModuleType
 from typing import Any
 
+from runner.backends.base import Backend
 from runner.errors import UserError
 
 NAMES = ("tensorflow", "jax")
@@ -21,9 +21,9 @@ NAMES = ("tensorflow", "jax")
 INSTALL = {"tensorflow": "uv sync", "jax": "uv sync (or: uv pip install jax)"}
 
 
-def select(name: str, device: Any = None) -> ModuleType:
+def select(name: str, device: Any = None) -> Backend:
     """Load backend `name` for Keras, with the `device` settings that must be known before the
-    backend starts (JAX's XLA flags); returns its module. A process whose Keras already runs on
+    backend starts (JAX's XLA flags); returns it. A process whose Keras already runs on
     another backend (a reused sweep worker) cannot switch: refused in one line."""
     if name not in NAMES:
         raise UserError(f"backend={name} is not one of {', '.join(NAMES)}")
@@ -39,21 +39,18 @@ def select(name: str, device: Any = None) -> ModuleType:
             f"hydra/launcher=submitit_local, a process a job)"
         )
     os.environ["KERAS_BACKEND"] = name
-    module = _module(name)
-    module.load(device)
-    return module
+    backend = of(name)
+    backend.load(device)
+    return backend
 
 
-def current() -> ModuleType:
-    """The module of the backend Keras runs on."""
-    import keras
-
-    return _module(keras.backend.backend())
-
-
-def _module(name: str) -> ModuleType:
+def of(name: str) -> Backend:
+    """Backend `name`, without loading it: `select` loads it once a process; code the
+    selected backend is not handed to (a benchmark, a test of the batch order) takes it so."""
     if name == "jax":
-        from runner.backends import jax as module
-    else:
-        from runner.backends import tensorflow as module
-    return module
+        from runner.backends.jax import JaxBackend
+
+        return JaxBackend()
+    from runner.backends.tensorflow import TensorFlowBackend
+
+    return TensorFlowBackend()

@@ -11,19 +11,18 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
-from importlib.metadata import version
 from itertools import islice
 from typing import Any
 
 import numpy as np
 
+from runner.backends.base import Backend, cpu_split_refused
 from runner.backends.skipped_imports import UNUSED, skipping
 from runner.data import Split, check_batch_fits
 from runner.devices import Devices, Gpu, Plan, gpu_memory_mib
 from runner.environment import cpu_cores
 from runner.errors import UserError
 
-PACKAGES = ("jax", "jaxlib")
 _DEVICE_COUNT = "--xla_force_host_platform_device_count"
 _DETERMINISTIC = "--xla_gpu_deterministic_ops"
 # The XLA_FLAGS the user set, which `load` adds the device settings to.
@@ -32,26 +31,117 @@ _GIVEN_FLAGS = os.environ.get("XLA_FLAGS", "")
 _started_with: str | None = None
 
 
-def load(device: Any = None) -> None:
-    """Set what JAX reads once, when it starts, from `device`: the CPU split into
-    `cpu_devices` devices, and on GPUs deterministic XLA kernels and memory taken as needed
-    (so that sweep jobs can share a GPU), as TensorFlow's memory growth does. Then import
-    Keras, without what it would import for features a run never uses (`UNUSED`), and without
-    letting it import TensorFlow."""
-    if device is not None:
-        os.environ["XLA_FLAGS"] = flags_for(device)
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    # "Unable to initialize backend 'tpu'" at INFO, on every machine without one.
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-    with skipping(UNUSED["keras"]):
-        from keras.src.utils import module_utils
+class JaxBackend(Backend):
+    name = "jax"
+    packages = ("jax", "jaxlib")
 
-    if "tensorflow" not in sys.modules:
-        # Keras asks whether TensorFlow is installed (`tf.available`) by importing it, to seed
-        # it and to recognise its types when saving or sharding data: seconds and TensorFlow's
-        # whole runtime for nothing, as no TensorFlow object exists unless user code made one.
-        # A private attribute: tests/test_jax.py fails if a Keras release stops honouring it.
-        module_utils.tensorflow._available = False
+    def load(self, device: Any = None) -> None:
+        """Set what JAX reads once, when it starts, from `device`: the CPU split into
+        `cpu_devices` devices, and on GPUs deterministic XLA kernels and memory taken as
+        needed (so that sweep jobs can share a GPU), as TensorFlow's memory growth does. Then
+        import Keras, without what it would import for features a run never uses (`UNUSED`),
+        and without letting it import TensorFlow."""
+        if device is not None:
+            os.environ["XLA_FLAGS"] = flags_for(device)
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        # "Unable to initialize backend 'tpu'" at INFO, on every machine without one.
+        logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+        with skipping(UNUSED["keras"]):
+            from keras.src.utils import module_utils
+
+        if "tensorflow" not in sys.modules:
+            # Keras asks whether TensorFlow is installed (`tf.available`) by importing it, to
+            # seed it and to recognise its types when saving or sharding data: seconds and
+            # TensorFlow's whole runtime for nothing, as no TensorFlow object exists unless
+            # user code made one. A private attribute: tests/test_jax.py fails if a Keras
+            # release stops honouring it.
+            module_utils.tensorflow._available = False
+
+    def physical_devices(self) -> list[str]:
+        import jax
+
+        return [f"{device.platform.upper()}:{device.id}" for device in jax.devices()]
+
+    def detect(self, cpu_devices: int = 1) -> Devices:
+        """The devices JAX sees. The CPU's split (`load`) takes effect only where JAX had not
+        started yet in this process."""
+        import jax
+
+        global _started_with
+        cpus = jax.devices("cpu")  # starts JAX, with the XLA_FLAGS of `load`
+        _started_with = os.environ.get("XLA_FLAGS", "")
+        if cpu_devices > 1 and len(cpus) != cpu_devices:
+            raise cpu_split_refused(
+                cpu_devices,
+                f"JAX already set up {len(cpus)} CPU device(s) in this process (a reused sweep "
+                f"worker, or XLA_FLAGS with {_DEVICE_COUNT})",
+            )
+        gpus = tuple(
+            Gpu(device.device_kind, _capability(device), gpu_memory_mib(index))
+            for index, device in enumerate(_gpus())
+        )
+        return Devices(gpus, cpu_cores(), len(cpus))
+
+    def _distribute(self, plan: Plan) -> None:
+        """A data-parallel run sets `keras.distribution.DataParallel` over every device for
+        the process: Keras lays the weights out by it when building, and shards each batch by
+        it in `fit`, `evaluate` and `predict`."""
+        import keras
+
+        parallel = plan.strategy != "single"
+        devices = keras.distribution.list_devices()
+        keras.distribution.set_distribution(
+            keras.distribution.DataParallel(devices=devices) if parallel else None
+        )
+
+    def _determinism(self, deterministic: bool) -> None:
+        """Nothing: determinism is XLA's (`load`): JAX's CPU kernels are deterministic, and
+        its GPU ones are made so by flag."""
+
+    def build_scope(self, plan: Plan) -> contextlib.AbstractContextManager:
+        """Nothing: `start_clean` set the distribution for the whole run."""
+        return contextlib.nullcontext()
+
+    def training_dataset(
+        self, split: Split, batch_size: int, seed: int, start_step: int = 0
+    ) -> Any:
+        """Endless batches in a seeded order, reshuffled every epoch; `start_step` skips the
+        batches a resumed run has already trained on."""
+        for indices in _batch_indices(len(split.y), batch_size, seed, start_step):
+            yield split.x[indices], split.y[indices]
+
+    def in_batches(self, split: Split, batch_size: int, labels: bool = True) -> Any:
+        """A `PyDataset`, which `fit` can go through again at each validation, unlike a
+        generator."""
+        import keras
+
+        class InBatches(keras.utils.PyDataset):
+            def __len__(self) -> int:
+                return -(-len(split.y) // batch_size)
+
+            def __getitem__(self, index: int) -> tuple:
+                rows = slice(index * batch_size, (index + 1) * batch_size)
+                return (split.x[rows], split.y[rows]) if labels else (split.x[rows],)
+
+        return InBatches()
+
+    def every_nth_batch(
+        self, *, n: int, batch_size: int, seed: int, every: int, start_step: int
+    ) -> Iterator[np.ndarray]:
+        base = start_step // every * every
+        return islice(_batch_indices(n, batch_size, seed, base), every - 1, None, every)
+
+    def has_gpu(self) -> bool:
+        return bool(_gpus())
+
+    def reset_gpu_peak(self) -> None:
+        """JAX keeps one peak per process and cannot reset it: `gpu_peak_mb` is the
+        process's."""
+
+    def gpu_peak_mb(self) -> float:
+        """The most memory JAX has held on the first GPU since the process started."""
+        stats = _gpus()[0].memory_stats() or {}
+        return stats.get("peak_bytes_in_use", 0) / 2**20
 
 
 def xla_flags(given: str, device: Any) -> str:
@@ -90,39 +180,6 @@ def _value(flags: str, name: str) -> str | None:
     return values[-1] if values else None
 
 
-def requirements() -> list[str]:
-    """The pip requirements of a model this backend saved."""
-    return [f"{package}=={version(package)}" for package in PACKAGES]
-
-
-def physical_devices() -> list[str]:
-    """Every device JAX found, as `CPU:0`, `GPU:0`, ..."""
-    import jax
-
-    return [f"{device.platform.upper()}:{device.id}" for device in jax.devices()]
-
-
-def detect(cpu_devices: int = 1) -> Devices:
-    """The devices JAX sees. The CPU's split (`load`) takes effect only where JAX had not
-    started yet in this process."""
-    import jax
-
-    global _started_with
-    cpus = jax.devices("cpu")  # starts JAX, with the XLA_FLAGS of `load`
-    _started_with = os.environ.get("XLA_FLAGS", "")
-    if cpu_devices > 1 and len(cpus) != cpu_devices:
-        raise UserError(
-            f"device.cpu_devices={cpu_devices} cannot take effect: JAX already set up "
-            f"{len(cpus)} CPU device(s) in this process (a reused sweep worker, or XLA_FLAGS "
-            f"with {_DEVICE_COUNT}); run it in a new process"
-        )
-    gpus = tuple(
-        Gpu(device.device_kind, _capability(device), gpu_memory_mib(index))
-        for index, device in enumerate(_gpus())
-    )
-    return Devices(gpus, cpu_cores(), len(cpus))
-
-
 def _gpus() -> list[Any]:
     import jax
 
@@ -138,54 +195,6 @@ def _capability(device: Any) -> tuple[int, int] | None:
         return None
     major, _, minor = str(text).partition(".")
     return int(major), int(minor or 0)
-
-
-def start_clean(seed: int, deterministic: bool, plan: Plan) -> None:
-    """Forget what earlier runs in this process left behind, set the dtype policy and the
-    distribution `plan` names, then seed Python, NumPy and Keras. Determinism is XLA's
-    (`load`): JAX's CPU kernels are deterministic, and its GPU ones are made so by flag.
-
-    A data-parallel run sets `keras.distribution.DataParallel` over every device for the
-    process: Keras lays the weights out by it when building, and shards each batch by it in
-    `fit`, `evaluate` and `predict`."""
-    import keras
-
-    keras.backend.clear_session()
-    keras.config.set_dtype_policy(plan.precision)
-    parallel = plan.strategy != "single"
-    devices = keras.distribution.list_devices()
-    keras.distribution.set_distribution(
-        keras.distribution.DataParallel(devices=devices) if parallel else None
-    )
-    keras.utils.set_random_seed(seed)
-
-
-def build_scope(plan: Plan) -> contextlib.AbstractContextManager:
-    """Nothing: `start_clean` set the distribution for the whole run."""
-    return contextlib.nullcontext()
-
-
-def training_dataset(split: Split, batch_size: int, seed: int, start_step: int = 0) -> Any:
-    """Endless batches in a seeded order, reshuffled every epoch; `start_step` skips the
-    batches a resumed run has already trained on."""
-    for indices in _batch_indices(len(split.y), batch_size, seed, start_step):
-        yield split.x[indices], split.y[indices]
-
-
-def in_batches(split: Split, batch_size: int, labels: bool = True) -> Any:
-    """`split` in order, in batches, for Keras's `evaluate` and `predict`: a `PyDataset`, which
-    `fit` can go through again at each validation, unlike a generator."""
-    import keras
-
-    class InBatches(keras.utils.PyDataset):
-        def __len__(self) -> int:
-            return -(-len(split.y) // batch_size)
-
-        def __getitem__(self, index: int) -> tuple:
-            rows = slice(index * batch_size, (index + 1) * batch_size)
-            return (split.x[rows], split.y[rows]) if labels else (split.x[rows],)
-
-    return InBatches()
 
 
 def _batch_indices(n: int, batch_size: int, seed: int, start_step: int) -> Iterator[np.ndarray]:
@@ -206,27 +215,3 @@ def _batch_indices(n: int, batch_size: int, seed: int, start_step: int) -> Itera
 
 def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def every_nth_batch(
-    n: int, batch_size: int, seed: int, every: int, start_step: int
-) -> Iterator[np.ndarray]:
-    """The example indices of the batches trained at steps every, 2 * every, ... after
-    `start_step`."""
-    base = start_step // every * every
-    return islice(_batch_indices(n, batch_size, seed, base), every - 1, None, every)
-
-
-def has_gpu() -> bool:
-    """Whether JAX has a GPU to train on."""
-    return bool(_gpus())
-
-
-def reset_gpu_peak() -> None:
-    """JAX keeps one peak per process and cannot reset it: `gpu_peak_mb` is the process's."""
-
-
-def gpu_peak_mb() -> float:
-    """The most memory JAX has held on the first GPU since the process started."""
-    stats = _gpus()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use", 0) / 2**20

@@ -4,67 +4,138 @@ determinism and TensorFlow's own GPU memory statistics."""
 import contextlib
 import logging
 from collections.abc import Iterator
-from importlib.metadata import version
 from typing import Any
 
 import numpy as np
 
+from runner.backends.base import Backend, cpu_split_refused
 from runner.backends.skipped_imports import UNUSED, skipping
 from runner.data import Split, check_batch_fits
 from runner.devices import Devices, Gpu, Plan, gpu_memory_mib
 from runner.environment import cpu_cores
-from runner.errors import UserError
-
-# The packages whose versions decide a run's numbers, besides Keras's own.
-PACKAGES = ("tensorflow",)
 
 
-def load(device: Any = None) -> None:
-    """Import TensorFlow without its start-up noise (`runner.tensorflow_logs`), and without
-    the packages it and Keras would import for features a run never uses (`UNUSED`)."""
-    from runner.tensorflow_logs import load_tensorflow
+class TensorFlowBackend(Backend):
+    name = "tensorflow"
+    packages = ("tensorflow",)
 
-    with skipping(UNUSED["tensorflow"]):
-        load_tensorflow()  # before anything else imports it
-    logging.getLogger("tensorflow").setLevel(logging.WARNING)  # tf.distribute's INFO chatter
-    logging.getLogger("tensorflow").addFilter(_not_retracing)
+    def load(self, device: Any = None) -> None:
+        """Import TensorFlow without its start-up noise (`runner.tensorflow_logs`), and
+        without the packages it and Keras would import for features a run never uses
+        (`UNUSED`)."""
+        from runner.tensorflow_logs import load_tensorflow
+
+        with skipping(UNUSED["tensorflow"]):
+            load_tensorflow()  # before anything else imports it
+        logging.getLogger("tensorflow").setLevel(logging.WARNING)  # tf.distribute's INFO chatter
+        logging.getLogger("tensorflow").addFilter(_not_retracing)
+
+    def physical_devices(self) -> list[str]:
+        import tensorflow as tf
+
+        return [
+            device.name.removeprefix("/physical_device:")
+            for device in tf.config.list_physical_devices()
+        ]
+
+    def detect(self, cpu_devices: int = 1) -> Devices:
+        """The devices TensorFlow sees, with GPU memory growth on (so that sweep jobs can share
+        a GPU) and the CPU split into `cpu_devices` logical devices. Call before anything runs
+        on them: TensorFlow fixes its devices at first use."""
+        import tensorflow as tf
+
+        physical_gpus = tf.config.list_physical_devices("GPU")
+        for gpu in physical_gpus:
+            # RuntimeError: already initialized, by an earlier job in this process
+            with contextlib.suppress(RuntimeError):
+                tf.config.experimental.set_memory_growth(gpu, True)
+        _split_cpu(tf, cpu_devices)
+        gpus = tuple(_gpu(tf, gpu, index) for index, gpu in enumerate(physical_gpus))
+        return Devices(gpus, cpu_cores(), len(tf.config.list_logical_devices("CPU")))
+
+    def _distribute(self, plan: Plan) -> None:
+        """Nothing: the model keeps the strategy it is built in (`build_scope`)."""
+
+    def _determinism(self, deterministic: bool) -> None:
+        import tensorflow as tf
+
+        if deterministic:
+            tf.config.experimental.enable_op_determinism()
+        else:
+            # Not exported by tf.config, but the only way to undo an earlier run's enable call.
+            from tensorflow.python.framework import config as tf_config
+
+            tf_config.disable_op_determinism()
+
+    @contextlib.contextmanager
+    def build_scope(self, plan: Plan) -> Iterator[None]:
+        """The scope of the `tf.distribute` strategy the model is built in, which it keeps for
+        training. Only the building: a loss computed in a mirrored scope is divided by the
+        replicas."""
+        import tensorflow as tf
+
+        if plan.strategy == "single":
+            strategy = tf.distribute.get_strategy()  # the default: one device, no replication
+        else:
+            devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+            strategy = tf.distribute.MirroredStrategy([device.name for device in devices])
+        with strategy.scope():
+            yield
+
+    def training_dataset(
+        self, split: Split, batch_size: int, seed: int, start_step: int = 0
+    ) -> Any:
+        """Endless batches in a seeded order, reshuffled every epoch, prefetched behind
+        training; `start_step` skips the batches a resumed run has already trained on.
+
+        Shuffling indices and gathering whole batches costs one op per batch instead of one
+        per example, which keeps the input pipeline off the critical path even for the
+        softmax model."""
+        import tensorflow as tf
+
+        x, y = tf.constant(split.x), tf.constant(split.y)
+        return (
+            batch_indices(len(split.y), batch_size, seed)
+            .skip(start_step)
+            .map(lambda idx: (tf.gather(x, idx), tf.gather(y, idx)))
+            .prefetch(tf.data.AUTOTUNE)
+        )
+
+    def in_batches(self, split: Split, batch_size: int, labels: bool = True) -> Any:
+        """A tf.data dataset. Keras's own pipeline for arrays maps in parallel, which under op
+        determinism makes TensorFlow 2.21 print a spurious ERROR line ("NodeDef mentions
+        attribute use_unbounded_threadpool")."""
+        import tensorflow as tf
+
+        examples = (split.x, split.y) if labels else split.x
+        return tf.data.Dataset.from_tensor_slices(examples).batch(batch_size)
+
+    def every_nth_batch(
+        self, *, n: int, batch_size: int, seed: int, every: int, start_step: int
+    ) -> Iterator[np.ndarray]:
+        shard = batch_indices(n, batch_size, seed).shard(every, every - 1)
+        return shard.skip(start_step // every).as_numpy_iterator()
+
+    def has_gpu(self) -> bool:
+        import tensorflow as tf
+
+        return bool(tf.config.list_logical_devices("GPU"))
+
+    def reset_gpu_peak(self) -> None:
+        import tensorflow as tf
+
+        tf.config.experimental.reset_memory_stats("GPU:0")
+
+    def gpu_peak_mb(self) -> float:
+        import tensorflow as tf
+
+        return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
 
 
 def _not_retracing(record: logging.LogRecord) -> bool:
     """Drops TensorFlow's retracing warning, which a sweep's jobs in one process all trigger:
     each builds a new model, hence new functions to trace."""
     return "triggered tf.function retracing" not in record.getMessage()
-
-
-def requirements() -> list[str]:
-    """The pip requirements of a model this backend saved."""
-    return [f"tensorflow=={version('tensorflow')}"]
-
-
-def physical_devices() -> list[str]:
-    """Every device TensorFlow found, as `CPU:0`, `GPU:0`, ..."""
-    import tensorflow as tf
-
-    return [
-        device.name.removeprefix("/physical_device:")
-        for device in tf.config.list_physical_devices()
-    ]
-
-
-def detect(cpu_devices: int = 1) -> Devices:
-    """The devices TensorFlow sees, with GPU memory growth on (so that sweep jobs can share a
-    GPU) and the CPU split into `cpu_devices` logical devices. Call before anything runs on
-    them: TensorFlow fixes its devices at first use."""
-    import tensorflow as tf
-
-    physical_gpus = tf.config.list_physical_devices("GPU")
-    for gpu in physical_gpus:
-        # RuntimeError: already initialized, by an earlier job in this process
-        with contextlib.suppress(RuntimeError):
-            tf.config.experimental.set_memory_growth(gpu, True)
-    _split_cpu(tf, cpu_devices)
-    gpus = tuple(_gpu(tf, gpu, index) for index, gpu in enumerate(physical_gpus))
-    return Devices(gpus, cpu_cores(), len(tf.config.list_logical_devices("CPU")))
 
 
 def _split_cpu(tf: Any, count: int) -> None:
@@ -77,9 +148,9 @@ def _split_cpu(tf: Any, count: int) -> None:
         )
     except RuntimeError:
         if len(tf.config.list_logical_devices("CPU")) != count:
-            raise UserError(
-                f"device.cpu_devices={count} cannot take effect: TensorFlow already set up "
-                f"its devices in this process (a reused sweep worker); run it in a new process"
+            raise cpu_split_refused(
+                count,
+                "TensorFlow already set up its devices in this process (a reused sweep worker)",
             ) from None
 
 
@@ -90,70 +161,6 @@ def _gpu(tf: Any, device: Any, index: int) -> Gpu:
         details.get("compute_capability"),
         gpu_memory_mib(index),
     )
-
-
-def start_clean(seed: int, deterministic: bool, plan: Plan) -> None:
-    """Forget what earlier runs in this process left behind, set the dtype policy `plan`
-    names, then seed everything. The joblib launcher reuses worker processes between sweep
-    jobs, and Keras and TensorFlow keep global state (graph names, dtype policy, seeds, the
-    determinism flag) across them."""
-    import keras
-    import tensorflow as tf
-
-    keras.backend.clear_session()
-    keras.config.set_dtype_policy(plan.precision)
-    keras.utils.set_random_seed(seed)
-    if deterministic:
-        tf.config.experimental.enable_op_determinism()
-    else:
-        # Not exported by tf.config, but the only way to undo an earlier run's enable call.
-        from tensorflow.python.framework import config as tf_config
-
-        tf_config.disable_op_determinism()
-
-
-@contextlib.contextmanager
-def build_scope(plan: Plan) -> Iterator[None]:
-    """The scope of the `tf.distribute` strategy the model is built in, which it keeps for
-    training. Only the building: a loss computed in a mirrored scope is divided by the
-    replicas."""
-    import tensorflow as tf
-
-    if plan.strategy == "single":
-        strategy = tf.distribute.get_strategy()  # the default: one device, no replication
-    else:
-        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-        strategy = tf.distribute.MirroredStrategy([device.name for device in devices])
-    with strategy.scope():
-        yield
-
-
-def training_dataset(split: Split, batch_size: int, seed: int, start_step: int = 0) -> Any:
-    """Endless batches in a seeded order, reshuffled every epoch, prefetched behind training;
-    `start_step` skips the batches a resumed run has already trained on.
-
-    Shuffling indices and gathering whole batches costs one op per batch instead of one per
-    example, which keeps the input pipeline off the critical path even for the softmax model.
-    """
-    import tensorflow as tf
-
-    x, y = tf.constant(split.x), tf.constant(split.y)
-    return (
-        batch_indices(len(split.y), batch_size, seed)
-        .skip(start_step)
-        .map(lambda idx: (tf.gather(x, idx), tf.gather(y, idx)))
-        .prefetch(tf.data.AUTOTUNE)
-    )
-
-
-def in_batches(split: Split, batch_size: int, labels: bool = True) -> Any:
-    """`split` in order, in batches, for Keras's `evaluate` and `predict`. Keras's own pipeline
-    for arrays maps in parallel, which under op determinism makes TensorFlow 2.21 print a
-    spurious ERROR line ("NodeDef mentions attribute use_unbounded_threadpool")."""
-    import tensorflow as tf
-
-    examples = (split.x, split.y) if labels else split.x
-    return tf.data.Dataset.from_tensor_slices(examples).batch(batch_size)
 
 
 def batch_indices(n: int, batch_size: int, seed: int) -> Any:
@@ -168,33 +175,3 @@ def batch_indices(n: int, batch_size: int, seed: int) -> Any:
         .repeat()
         .batch(batch_size, drop_remainder=True)
     )
-
-
-def every_nth_batch(
-    n: int, batch_size: int, seed: int, every: int, start_step: int
-) -> Iterator[np.ndarray]:
-    """The example indices of the batches trained at steps every, 2 * every, ... after
-    `start_step`: what a callback acting every `every` steps needs of the training order."""
-    shard = batch_indices(n, batch_size, seed).shard(every, every - 1)
-    return shard.skip(start_step // every).as_numpy_iterator()
-
-
-def reset_gpu_peak() -> None:
-    """Start `gpu_peak_mb`'s count again."""
-    import tensorflow as tf
-
-    tf.config.experimental.reset_memory_stats("GPU:0")
-
-
-def gpu_peak_mb() -> float:
-    """The most memory TensorFlow held on GPU:0 since `reset_gpu_peak`."""
-    import tensorflow as tf
-
-    return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
-
-
-def has_gpu() -> bool:
-    """Whether TensorFlow trains on a GPU."""
-    import tensorflow as tf
-
-    return bool(tf.config.list_logical_devices("GPU"))
