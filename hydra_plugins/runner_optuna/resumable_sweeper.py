@@ -18,7 +18,9 @@ imports Optuna lazily because Hydra imports every plugin module at each start.
 
 import logging
 import math
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -159,28 +161,91 @@ class ResumableOptunaSweeper(Sweeper):
         _save_results(study, len(directions), Path(self.config.hydra.sweep.dir))
 
     def _launch(self, trials: "Trials", count: int) -> None:
-        """Run `count` trials in batches of `n_jobs`, each batch launched at once; stop, with
-        the first failed job's error, after a batch whose share of failed trials is above
+        """Run `count` trials in `n_jobs` slots that do not wait for each other: each asks the
+        study for its next trial as soon as its own has ended, so that a pruned or short trial
+        frees its slot at once and the sampler and pruner hear of each trial as it ends. The
+        basic launcher runs jobs in this process (its folder, Hydra's global state), so it gets
+        one slot. Stops, with the first failed job's error, once the share of failed trials
+        (over at least `n_jobs` of them, as a batch would be counted) is above
         `max_failure_rate`."""
-        while count > 0:
-            batch = [trials.ask(self.job_idx + i) for i in range(min(count, self.n_jobs))]
-            returns = self.launcher.launch(
-                [overrides for _, overrides in batch], initial_job_idx=self.job_idx
-            )
-            self.job_idx += len(returns)
-            failures = sum(
-                trials.tell(trial, ret) for (trial, _), ret in zip(batch, returns, strict=True)
-            )
-            if failures / len(returns) > self.max_failure_rate:
-                log.error(
-                    "%d of %d trials failed, more than max_failure_rate=%s allows",
-                    failures,
-                    len(returns),
-                    self.max_failure_rate,
-                )
-                for ret in returns:
-                    ret.return_value  # noqa: B018 - raises the job's error, with its traceback
-            count -= len(batch)
+        from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+
+        window = min(self.n_jobs, count)
+        slots = 1 if isinstance(self.launcher, BasicLauncher) else window
+        sweep = _Slots(trials, count, self.job_idx, window, self.max_failure_rate)
+        if slots == 1:
+            sweep.run(self.launcher)
+        else:
+            with ThreadPoolExecutor(slots, thread_name_prefix="trial-slot") as pool:
+                try:
+                    for slot in [pool.submit(sweep.run, self.launcher) for _ in range(slots)]:
+                        slot.result()
+                except BaseException:  # an interrupt, or a slot's error: the others ask no more
+                    sweep.stop()
+                    raise
+        self.job_idx = sweep.job_idx
+        sweep.raise_if_failed()
+
+
+class _Slots:
+    """The budget of trials that a sweep's slots share: each slot asks, launches and tells one
+    trial at a time, asking and telling under a lock, so that exactly `count` trials are
+    launched, with job numbers that are unique and increase in the order they are asked."""
+
+    def __init__(
+        self, trials: "Trials", count: int, job_idx: int, window: int, max_failure_rate: float
+    ) -> None:
+        self.trials = trials
+        self.left = count
+        self.job_idx = job_idx
+        self.window = window
+        self.max_failure_rate = max_failure_rate
+        self.ended = 0
+        self.failed: list[JobReturn] = []
+        self.stopped = False
+        self.lock = threading.Lock()
+
+    def run(self, launcher: Any) -> None:
+        """One slot: trials one after the other until the budget is spent or the sweep stops."""
+        while True:
+            with self.lock:
+                if self.stopped or self.left == 0:
+                    return
+                self.left -= 1
+                job_num, self.job_idx = self.job_idx, self.job_idx + 1
+                try:
+                    trial, overrides = self.trials.ask(job_num)
+                except BaseException:
+                    self.stopped = True
+                    raise
+            try:
+                [ret] = launcher.launch([overrides], initial_job_idx=job_num)
+            except BaseException:
+                self.stop()
+                raise
+            with self.lock:
+                self.ended += 1
+                if self.trials.tell(trial, ret):
+                    self.failed.append(ret)
+                    if len(self.failed) / max(self.ended, self.window) > self.max_failure_rate:
+                        self.stopped = True
+
+    def stop(self) -> None:
+        """Let the slots' running trials end, and start no more."""
+        with self.lock:
+            self.stopped = True
+
+    def raise_if_failed(self) -> None:
+        """Raise the first failed job's error if failures stopped the sweep."""
+        if not self.stopped:
+            return
+        log.error(
+            "%d of %d trials failed, more than max_failure_rate=%s allows",
+            len(self.failed),
+            self.ended,
+            self.max_failure_rate,
+        )
+        self.failed[0].return_value  # noqa: B018 - raises the job's error, with its traceback
 
 
 class Trials:
