@@ -286,6 +286,51 @@ def test_a_slot_asks_for_its_next_trial_without_waiting_for_the_others(tmp_path)
     assert {1, 2, 3} <= set(ended_first[: ended_first.index(0)])  # told as they ended
 
 
+def test_joblib_slots_start_a_trial_while_a_longer_one_runs(tmp_path, mnist_dir):
+    """Two slots on two joblib workers, trial 0 held until trial 2 has begun
+    (`tests.probes.WaitForJob`): trial 2 starts in the slot trial 1 freed, while trial 0 runs,
+    where batches would have waited for trial 0. The study, the sweep's results and its parent
+    run still hold exactly the three trials."""
+    begun = tmp_path / "begun"
+    begun.mkdir()
+    result = cli(
+        "runner",
+        "-m",
+        *QUICK,
+        "hydra/sweeper=runner_optuna",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.storage=sqlite:///optuna.db",
+        "hydra.sweeper.study_name=slots",
+        "hydra.sweeper.direction=maximize",
+        "optimizer.lr=interval(0.01,0.1)",
+        "+callbacks.wait._target_=tests.probes.WaitForJob",
+        f"+callbacks.wait.folder={begun}",
+        cwd=tmp_path,
+        mnist_dir=mnist_dir,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    [parent], children = parents_and_children(tmp_path)
+    assert parent.info.status == "FINISHED"
+    assert [c.info.status for c in children] == ["FINISHED"] * 3
+    *earlier, last = sorted(children, key=lambda c: c.info.start_time)
+    assert min(c.info.end_time for c in earlier) <= last.info.start_time  # a slot freed
+    assert last.info.start_time < max(c.info.end_time for c in earlier), "it waited for a batch"
+    study = optuna.load_study(study_name="slots", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert [(t.number, t.state) for t in study.trials] == [
+        (n, TrialState.COMPLETE) for n in range(3)
+    ]
+    assert len({t.user_attrs["runner.job"] for t in study.trials}) == 3
+    sweep_dir = Path(parent.data.tags["sweep.dir"])
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.name.isdigit()) == ["0", "1", "2"]
+    results = OmegaConf.load(sweep_dir / "optimization_results.yaml")
+    assert results.best_value == study.best_value
+    best = {c.info.run_id: c for c in children}[parent.data.tags["sweep.best_run_id"]]
+    assert best.data.metrics["val/accuracy"] == study.best_value
+
+
 def test_a_pruned_child_is_never_the_sweeps_best(in_tmp_store):
     """Even one whose last validation beats the finished children's."""
     client = mlflow.MlflowClient()
