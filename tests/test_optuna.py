@@ -238,10 +238,24 @@ def test_the_sweeper_launches_one_trial_per_slot_and_resumes(tmp_path):
     assert sorted((len(jobs), first) for jobs, first in launcher.batches) == [(1, 0), (1, 1)]
     assert len(study.trials) == 7
 
-    search, arguments = sweeper(tmp_path, storage, 8, Launcher(RuntimeError("job lost")))
+    # A failed job stops the sweep (max_failure_rate=0): a trial the other slot had begun
+    # ends, no other begins.
+    search, arguments = sweeper(tmp_path, storage, 11, Launcher(RuntimeError("job failed")))
+    with pytest.raises(RuntimeError, match="job failed"):
+        search.sweep(arguments)
+    failed = [t.state for t in study.trials][7:]
+    assert failed in ([TrialState.FAIL], [TrialState.FAIL] * 2)
+
+    # So does a job the launcher lost, raising its error: its trial is failed, not left running.
+    search, arguments = sweeper(tmp_path, storage, 8, Lost())
     with pytest.raises(RuntimeError, match="job lost"):
         search.sweep(arguments)
-    assert [t.state for t in study.trials][7:] == [TrialState.FAIL]
+    assert [t.state for t in study.trials][7 + len(failed) :] == [TrialState.FAIL]
+
+
+class Lost(Launcher):
+    def launch(self, overrides, initial_job_idx: int) -> list[JobReturn]:
+        raise RuntimeError("job lost")
 
 
 class Unequal(Launcher):
@@ -287,7 +301,15 @@ def test_a_slot_asks_for_its_next_trial_without_waiting_for_the_others(tmp_path)
 
 
 def test_joblib_slots_start_a_trial_while_a_longer_one_runs(tmp_path, mnist_dir):
-    """Two slots on two joblib workers, trial 0 held until trial 2 has begun
+    """Two slots on two joblib workers."""
+    launcher = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    sweep_of_unequal_trials(tmp_path, mnist_dir, launcher)
+
+
+def sweep_of_unequal_trials(
+    tmp_path: Path, mnist_dir: Path, launcher: list[str], env: dict[str, str] | None = None
+) -> None:
+    """Three trials in two slots on `launcher`, trial 0 held until trial 2 has begun
     (`tests.probes.WaitForJob`): trial 2 starts in the slot trial 1 freed, while trial 0 runs,
     where batches would have waited for trial 0. The study, the sweep's results and its parent
     run still hold exactly the three trials."""
@@ -297,9 +319,8 @@ def test_joblib_slots_start_a_trial_while_a_longer_one_runs(tmp_path, mnist_dir)
         "runner",
         "-m",
         *QUICK,
+        *launcher,
         "hydra/sweeper=runner_optuna",
-        "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=2",
         "hydra.sweeper.n_jobs=2",
         "hydra.sweeper.n_trials=3",
         "hydra.sweeper.storage=sqlite:///optuna.db",
@@ -310,6 +331,7 @@ def test_joblib_slots_start_a_trial_while_a_longer_one_runs(tmp_path, mnist_dir)
         f"+callbacks.wait.folder={begun}",
         cwd=tmp_path,
         mnist_dir=mnist_dir,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     [parent], children = parents_and_children(tmp_path)

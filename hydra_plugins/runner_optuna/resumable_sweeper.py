@@ -20,14 +20,13 @@ import logging
 import math
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, Transformer
 from hydra.core.plugins import Plugins
-from hydra.core.utils import JobReturn
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import get_method, instantiate
@@ -176,13 +175,20 @@ class ResumableOptunaSweeper(Sweeper):
         if slots == 1:
             sweep.run(self.launcher)
         else:
-            with ThreadPoolExecutor(slots, thread_name_prefix="trial-slot") as pool:
-                try:
-                    for slot in [pool.submit(sweep.run, self.launcher) for _ in range(slots)]:
-                        slot.result()
-                except BaseException:  # an interrupt, or a slot's error: the others ask no more
-                    sweep.stop()
-                    raise
+            # Daemons, so that Ctrl-C ends the command at once, as it did in the launcher's
+            # own wait: a SLURM job is not waited for, a local job has had the signal too.
+            threads = [
+                threading.Thread(target=sweep.run, args=(self.launcher,), daemon=True)
+                for _ in range(slots)
+            ]
+            for thread in threads:
+                thread.start()
+            try:
+                for thread in threads:
+                    thread.join()
+            except BaseException:
+                sweep.stop()
+                raise
         self.job_idx = sweep.job_idx
         sweep.raise_if_failed()
 
@@ -202,11 +208,14 @@ class _Slots:
         self.max_failure_rate = max_failure_rate
         self.ended = 0
         self.failed: list[JobReturn] = []
+        self.error: Exception | None = None  # the search's own (custom_search_space's, ...)
         self.stopped = False
         self.lock = threading.Lock()
 
     def run(self, launcher: Any) -> None:
-        """One slot: trials one after the other until the budget is spent or the sweep stops."""
+        """One slot: trials one after the other until the budget is spent or the sweep stops.
+        A job the launcher lost (its error raised rather than returned) is a failed trial, which
+        the study is told of rather than left running."""
         while True:
             with self.lock:
                 if self.stopped or self.left == 0:
@@ -215,14 +224,13 @@ class _Slots:
                 job_num, self.job_idx = self.job_idx, self.job_idx + 1
                 try:
                     trial, overrides = self.trials.ask(job_num)
-                except BaseException:
-                    self.stopped = True
-                    raise
+                except Exception as error:
+                    self.error, self.stopped = error, True
+                    return
             try:
                 [ret] = launcher.launch([overrides], initial_job_idx=job_num)
-            except BaseException:
-                self.stop()
-                raise
+            except Exception as error:
+                ret = JobReturn(status=JobStatus.FAILED, _return_value=error)
             with self.lock:
                 self.ended += 1
                 if self.trials.tell(trial, ret):
@@ -236,7 +244,9 @@ class _Slots:
             self.stopped = True
 
     def raise_if_failed(self) -> None:
-        """Raise the first failed job's error if failures stopped the sweep."""
+        """Raise the search's error, or the first failed job's if failures stopped the sweep."""
+        if self.error is not None:
+            raise self.error
         if not self.stopped:
             return
         log.error(
