@@ -19,6 +19,7 @@ imports Optuna lazily because Hydra imports every plugin module at each start.
 import logging
 import math
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 # The study's user attribute that records the settings it was started with.
 SETTINGS_ATTR = "runner.settings"
 DIRECTIONS = ("minimize", "maximize")
+# Seconds an interrupted sweep waits for its running jobs to stop.
+INTERRUPT_GRACE_S = 10
 
 
 class SettingsChanged(UserError):
@@ -175,8 +178,10 @@ class ResumableOptunaSweeper(Sweeper):
         if slots == 1:
             sweep.run(self.launcher)
         else:
-            # Daemons, so that Ctrl-C ends the command at once, as it did in the launcher's
-            # own wait: a SLURM job is not waited for, a local job has had the signal too.
+            # Daemons, waited for in steps, so that Ctrl-C ends the command, as it did in the
+            # launcher's own wait (a join without a timeout would not hear the signal): local
+            # jobs, which had the signal too, get a moment to stop and be told; SLURM jobs, which
+            # go on, are not waited for.
             threads = [
                 threading.Thread(target=sweep.run, args=(self.launcher,), daemon=True)
                 for _ in range(slots)
@@ -185,9 +190,13 @@ class ResumableOptunaSweeper(Sweeper):
                 thread.start()
             try:
                 for thread in threads:
-                    thread.join()
+                    while thread.is_alive():
+                        thread.join(0.2)
             except BaseException:
                 sweep.stop()
+                deadline = time.monotonic() + INTERRUPT_GRACE_S
+                for thread in threads:
+                    thread.join(max(0.0, deadline - time.monotonic()))
                 raise
         self.job_idx = sweep.job_idx
         sweep.raise_if_failed()
