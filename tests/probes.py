@@ -1,10 +1,13 @@
 """A user's callback and models for the tests, named by `_target_` (with the repository on
-PYTHONPATH): a callback that signals its own process at a chosen step, a model with dropout,
-and a model that records how each training batch is laid out over JAX's devices."""
+PYTHONPATH): a callback that signals its own process at a chosen step, one that holds a sweep's
+job until another has begun, a model with dropout, and a model that records how each training
+batch is laid out over JAX's devices."""
 
 import json
 import os
 import signal
+import time
+from pathlib import Path
 
 import keras
 
@@ -69,3 +72,26 @@ def dropout_softmax(input_shape: tuple, num_classes: int, output: str = "logits"
     if output == "probabilities":
         outputs = keras.layers.Softmax()(outputs)
     return keras.Model(inputs, outputs)
+
+
+class WaitForJob(keras.callbacks.Callback):
+    """Marks in `folder` that this sweep job has begun training; job `waiter` then holds its end
+    until job `awaited` has begun too (at most `timeout` seconds), so that a sweep's jobs are of
+    unequal length and a test can tell whether `awaited` had to wait for `waiter` to end."""
+
+    def __init__(self, folder: str, waiter: int = 0, awaited: int = 2, timeout: float = 60):
+        super().__init__()
+        from hydra.core.hydra_config import HydraConfig
+
+        self.folder, self.job = Path(folder), HydraConfig.get().job.num
+        self.waiter, self.awaited, self.timeout = waiter, awaited, timeout
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        (self.folder / f"{self.job}.begun").touch()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        deadline = time.monotonic() + self.timeout
+        while self.job == self.waiter and time.monotonic() < deadline:
+            if (self.folder / f"{self.awaited}.begun").exists():
+                return
+            time.sleep(0.1)

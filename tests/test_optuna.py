@@ -2,6 +2,8 @@
 
 import functools
 import re
+import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -170,14 +172,17 @@ def suggest_w(config, trial) -> None:
 
 
 class Launcher:
-    """Runs each batch of jobs at once, each returning its x, or failing with `error`."""
+    """Runs each batch of jobs at once, each returning its x, or failing with `error`; safe to
+    call from several threads, as the sweeper's slots do."""
 
     def __init__(self, error: Exception | None = None):
         self.batches: list[tuple[list[list[str]], int]] = []
         self.error = error
+        self.lock = threading.Lock()
 
     def launch(self, overrides, initial_job_idx: int) -> list[JobReturn]:
-        self.batches.append(([list(job) for job in overrides], initial_job_idx))
+        with self.lock:
+            self.batches.append(([list(job) for job in overrides], initial_job_idx))
         if self.error:
             return [JobReturn(status=JobStatus.FAILED, _return_value=self.error) for _ in overrides]
         return [
@@ -207,12 +212,14 @@ def sweeper(tmp_path, storage, n_trials: int, launcher: Launcher):
     return search, arguments
 
 
-def test_the_sweeper_launches_n_jobs_trials_at_a_time_and_resumes(tmp_path):
+def test_the_sweeper_launches_one_trial_per_slot_and_resumes(tmp_path):
     storage = optuna.storages.InMemoryStorage()
     launcher = Launcher()
     search, arguments = sweeper(tmp_path, storage, 5, launcher)
     search.sweep(arguments)
-    assert [(len(jobs), first) for jobs, first in launcher.batches] == [(2, 0), (2, 2), (1, 4)]
+    assert sorted((len(jobs), first) for jobs, first in launcher.batches) == [
+        (1, n) for n in range(5)
+    ]
     for jobs, _ in launcher.batches:
         for job in jobs:
             assert [o.split("=")[0] for o in job] == ["z", "x", "w", "seed"] and job[-1] == "seed=3"
@@ -228,13 +235,122 @@ def test_the_sweeper_launches_n_jobs_trials_at_a_time_and_resumes(tmp_path):
     launcher = Launcher()
     search, arguments = sweeper(tmp_path, storage, 7, launcher)
     search.sweep(arguments)
-    assert [(len(jobs), first) for jobs, first in launcher.batches] == [(2, 0)]
+    assert sorted((len(jobs), first) for jobs, first in launcher.batches) == [(1, 0), (1, 1)]
     assert len(study.trials) == 7
 
-    search, arguments = sweeper(tmp_path, storage, 8, Launcher(RuntimeError("job lost")))
+    # A failed job stops the sweep (max_failure_rate=0): a trial the other slot had begun
+    # ends, no other begins.
+    search, arguments = sweeper(tmp_path, storage, 11, Launcher(RuntimeError("job failed")))
+    with pytest.raises(RuntimeError, match="job failed"):
+        search.sweep(arguments)
+    failed = [t.state for t in study.trials][7:]
+    assert failed in ([TrialState.FAIL], [TrialState.FAIL] * 2)
+
+    # So does a job the launcher lost, raising its error: its trial is failed, not left running.
+    search, arguments = sweeper(tmp_path, storage, 8, Lost())
     with pytest.raises(RuntimeError, match="job lost"):
         search.sweep(arguments)
-    assert [t.state for t in study.trials][7:] == [TrialState.FAIL]
+    assert [t.state for t in study.trials][7 + len(failed) :] == [TrialState.FAIL]
+
+
+class Lost(Launcher):
+    def launch(self, overrides, initial_job_idx: int) -> list[JobReturn]:
+        raise RuntimeError("job lost")
+
+
+class Unequal(Launcher):
+    """Job 0 lasts until job 3 has started (or 5 s), and 0.2 s more; the others end at once.
+    Counts the jobs running at a time."""
+
+    def __init__(self):
+        super().__init__()
+        self.third = threading.Event()
+        self.running = self.most = 0
+        self.waited_in_vain = False
+
+    def launch(self, overrides, initial_job_idx: int) -> list[JobReturn]:
+        with self.lock:
+            self.running += len(overrides)
+            self.most = max(self.most, self.running)
+        if initial_job_idx + len(overrides) > 3:
+            self.third.set()
+        if initial_job_idx == 0:
+            self.waited_in_vain = not self.third.wait(5)
+        time.sleep(0.2 if initial_job_idx == 0 else 0.01)
+        with self.lock:
+            self.running -= len(overrides)
+        return super().launch(overrides, initial_job_idx)
+
+
+def test_a_slot_asks_for_its_next_trial_without_waiting_for_the_others(tmp_path):
+    """No barrier: while job 0 runs, the other slot runs jobs 1, 2 and 3, each told to the
+    study as it ends; never more than n_jobs=2 at once, and exactly n_trials of them."""
+    storage = optuna.storages.InMemoryStorage()
+    launcher = Unequal()
+    search, arguments = sweeper(tmp_path, storage, 5, launcher)
+    search.sweep(arguments)
+    assert not launcher.waited_in_vain, "job 3 waited for job 0 to end"
+    assert launcher.most == 2
+    study = optuna.load_study(study_name="s", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 5
+    assert sorted(t.user_attrs["runner.job"] for t in study.trials) == [
+        f"{tmp_path}#{n}" for n in range(5)
+    ]
+    ended_first = [t.number for t in sorted(study.trials, key=lambda t: t.datetime_complete)]
+    assert {1, 2, 3} <= set(ended_first[: ended_first.index(0)])  # told as they ended
+
+
+def test_joblib_slots_start_a_trial_while_a_longer_one_runs(tmp_path, mnist_dir):
+    """Two slots on two joblib workers."""
+    launcher = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    sweep_of_unequal_trials(tmp_path, mnist_dir, launcher)
+
+
+def sweep_of_unequal_trials(
+    tmp_path: Path, mnist_dir: Path, launcher: list[str], env: dict[str, str] | None = None
+) -> None:
+    """Three trials in two slots on `launcher`, trial 0 held until trial 2 has begun
+    (`tests.probes.WaitForJob`): trial 2 starts in the slot trial 1 freed, while trial 0 runs,
+    where batches would have waited for trial 0. The study, the sweep's results and its parent
+    run still hold exactly the three trials."""
+    begun = tmp_path / "begun"
+    begun.mkdir()
+    result = cli(
+        "runner",
+        "-m",
+        *QUICK,
+        *launcher,
+        "hydra/sweeper=runner_optuna",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.storage=sqlite:///optuna.db",
+        "hydra.sweeper.study_name=slots",
+        "hydra.sweeper.direction=maximize",
+        "optimizer.lr=interval(0.01,0.1)",
+        "+callbacks.wait._target_=tests.probes.WaitForJob",
+        f"+callbacks.wait.folder={begun}",
+        cwd=tmp_path,
+        mnist_dir=mnist_dir,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    [parent], children = parents_and_children(tmp_path)
+    assert parent.info.status == "FINISHED"
+    assert [c.info.status for c in children] == ["FINISHED"] * 3
+    *earlier, last = sorted(children, key=lambda c: c.info.start_time)
+    assert min(c.info.end_time for c in earlier) <= last.info.start_time  # a slot freed
+    assert last.info.start_time < max(c.info.end_time for c in earlier), "it waited for a batch"
+    study = optuna.load_study(study_name="slots", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert [(t.number, t.state) for t in study.trials] == [
+        (n, TrialState.COMPLETE) for n in range(3)
+    ]
+    assert len({t.user_attrs["runner.job"] for t in study.trials}) == 3
+    sweep_dir = Path(parent.data.tags["sweep.dir"])
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.name.isdigit()) == ["0", "1", "2"]
+    results = OmegaConf.load(sweep_dir / "optimization_results.yaml")
+    assert results.best_value == study.best_value
+    best = {c.info.run_id: c for c in children}[parent.data.tags["sweep.best_run_id"]]
+    assert best.data.metrics["val/accuracy"] == study.best_value
 
 
 def test_a_pruned_child_is_never_the_sweeps_best(in_tmp_store):

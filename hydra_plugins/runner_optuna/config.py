@@ -79,9 +79,11 @@ class RunnerOptunaSweeperConf:
     study_name: str | None = None
     # Finished (completed or pruned) trials the study should hold.
     n_trials: int = 20
-    # Trials launched at a time.
+    # Trials run at a time, in slots that do not wait for each other: each starts its next trial
+    # as soon as its own ends (one at a time on the basic launcher, which runs jobs in-process).
     n_jobs: int = 2
-    # The share of a batch's trials that may fail before the sweep stops.
+    # The share of the trials ended (counted over at least n_jobs) that may fail before the
+    # sweep stops.
     max_failure_rate: float = 0.0
     # The searched keys, in Hydra's sweep syntax: choice(...), range(...), interval(...),
     # tag(log, interval(...)).

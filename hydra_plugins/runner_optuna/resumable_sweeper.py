@@ -18,6 +18,8 @@ imports Optuna lazily because Hydra imports every plugin module at each start.
 
 import logging
 import math
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, Transformer
 from hydra.core.plugins import Plugins
-from hydra.core.utils import JobReturn
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import get_method, instantiate
@@ -39,6 +41,8 @@ log = logging.getLogger(__name__)
 # The study's user attribute that records the settings it was started with.
 SETTINGS_ATTR = "runner.settings"
 DIRECTIONS = ("minimize", "maximize")
+# Seconds an interrupted sweep waits for its running jobs to stop.
+INTERRUPT_GRACE_S = 10
 
 
 class SettingsChanged(UserError):
@@ -159,28 +163,108 @@ class ResumableOptunaSweeper(Sweeper):
         _save_results(study, len(directions), Path(self.config.hydra.sweep.dir))
 
     def _launch(self, trials: "Trials", count: int) -> None:
-        """Run `count` trials in batches of `n_jobs`, each batch launched at once; stop, with
-        the first failed job's error, after a batch whose share of failed trials is above
+        """Run `count` trials in `n_jobs` slots that do not wait for each other: each asks the
+        study for its next trial as soon as its own has ended, so that a pruned or short trial
+        frees its slot at once and the sampler and pruner hear of each trial as it ends. The
+        basic launcher runs jobs in this process (its folder, Hydra's global state), so it gets
+        one slot. Stops, with the first failed job's error, once the share of failed trials
+        (over at least `n_jobs` of them, as a batch would be counted) is above
         `max_failure_rate`."""
-        while count > 0:
-            batch = [trials.ask(self.job_idx + i) for i in range(min(count, self.n_jobs))]
-            returns = self.launcher.launch(
-                [overrides for _, overrides in batch], initial_job_idx=self.job_idx
-            )
-            self.job_idx += len(returns)
-            failures = sum(
-                trials.tell(trial, ret) for (trial, _), ret in zip(batch, returns, strict=True)
-            )
-            if failures / len(returns) > self.max_failure_rate:
-                log.error(
-                    "%d of %d trials failed, more than max_failure_rate=%s allows",
-                    failures,
-                    len(returns),
-                    self.max_failure_rate,
-                )
-                for ret in returns:
-                    ret.return_value  # noqa: B018 - raises the job's error, with its traceback
-            count -= len(batch)
+        from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+
+        window = min(self.n_jobs, count)
+        slots = 1 if isinstance(self.launcher, BasicLauncher) else window
+        sweep = _Slots(trials, count, self.job_idx, window, self.max_failure_rate)
+        if slots == 1:
+            sweep.run(self.launcher)
+        else:
+            # Daemons, waited for in steps, so that Ctrl-C ends the command, as it did in the
+            # launcher's own wait (a join without a timeout would not hear the signal): local
+            # jobs, which had the signal too, get a moment to stop and be told; SLURM jobs, which
+            # go on, are not waited for.
+            threads = [
+                threading.Thread(target=sweep.run, args=(self.launcher,), daemon=True)
+                for _ in range(slots)
+            ]
+            for thread in threads:
+                thread.start()
+            try:
+                for thread in threads:
+                    while thread.is_alive():
+                        thread.join(0.2)
+            except BaseException:
+                sweep.stop()
+                deadline = time.monotonic() + INTERRUPT_GRACE_S
+                for thread in threads:
+                    thread.join(max(0.0, deadline - time.monotonic()))
+                raise
+        self.job_idx = sweep.job_idx
+        sweep.raise_if_failed()
+
+
+class _Slots:
+    """The budget of trials that a sweep's slots share: each slot asks, launches and tells one
+    trial at a time, asking and telling under a lock, so that exactly `count` trials are
+    launched, with job numbers that are unique and increase in the order they are asked."""
+
+    def __init__(
+        self, trials: "Trials", count: int, job_idx: int, window: int, max_failure_rate: float
+    ) -> None:
+        self.trials = trials
+        self.left = count
+        self.job_idx = job_idx
+        self.window = window
+        self.max_failure_rate = max_failure_rate
+        self.ended = 0
+        self.failed: list[JobReturn] = []
+        self.error: Exception | None = None  # the search's own (custom_search_space's, ...)
+        self.stopped = False
+        self.lock = threading.Lock()
+
+    def run(self, launcher: Any) -> None:
+        """One slot: trials one after the other until the budget is spent or the sweep stops.
+        A job the launcher lost (its error raised rather than returned) is a failed trial, which
+        the study is told of rather than left running."""
+        while True:
+            with self.lock:
+                if self.stopped or self.left == 0:
+                    return
+                self.left -= 1
+                job_num, self.job_idx = self.job_idx, self.job_idx + 1
+                try:
+                    trial, overrides = self.trials.ask(job_num)
+                except Exception as error:
+                    self.error, self.stopped = error, True
+                    return
+            try:
+                [ret] = launcher.launch([overrides], initial_job_idx=job_num)
+            except Exception as error:
+                ret = JobReturn(status=JobStatus.FAILED, _return_value=error)
+            with self.lock:
+                self.ended += 1
+                if self.trials.tell(trial, ret):
+                    self.failed.append(ret)
+                    if len(self.failed) / max(self.ended, self.window) > self.max_failure_rate:
+                        self.stopped = True
+
+    def stop(self) -> None:
+        """Let the slots' running trials end, and start no more."""
+        with self.lock:
+            self.stopped = True
+
+    def raise_if_failed(self) -> None:
+        """Raise the search's error, or the first failed job's if failures stopped the sweep."""
+        if self.error is not None:
+            raise self.error
+        if not self.stopped:
+            return
+        log.error(
+            "%d of %d trials failed, more than max_failure_rate=%s allows",
+            len(self.failed),
+            self.ended,
+            self.max_failure_rate,
+        )
+        self.failed[0].return_value  # noqa: B018 - raises the job's error, with its traceback
 
 
 class Trials:
