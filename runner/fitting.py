@@ -3,6 +3,7 @@
 import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -70,39 +71,16 @@ def fit(
     # either (stopped while it tested) trains no more.
     last = start_step if resumed and resumed.stopped_early else trainer.steps
     aligned = min(-(-start_step // trainer.log_every) * trainer.log_every, last)
+    windows_from = partial(_fit_windows, model, splits, cfg, batch, callbacks, backend=backend)
     with stops.installed():
         with stops.training():
             # A run stopped mid-window first finishes that window on its own.
             if start_step < aligned:
                 at_eval = aligned % trainer.eval_every == 0
-                first = aligned - start_step
-                _fit_windows(
-                    model,
-                    splits,
-                    cfg,
-                    batch,
-                    callbacks,
-                    start_step,
-                    1,
-                    first,
-                    at_eval,
-                    backend=backend,
-                )
+                windows_from(start_step, 1, aligned - start_step, at_eval)
             if stops.reason is None and aligned < last:
                 windows = (last - aligned) // trainer.log_every
-                window = trainer.log_every
-                _fit_windows(
-                    model,
-                    splits,
-                    cfg,
-                    batch,
-                    callbacks,
-                    aligned,
-                    windows,
-                    window,
-                    True,
-                    backend=backend,
-                )
+                windows_from(aligned, windows, trainer.log_every, True)
         _raise_if_stopped(stops, model, recorder, Path(trainer.checkpoint_dir))
     reached = optimizer_step(model)
     if reached % trainer.eval_every:

@@ -129,7 +129,10 @@ def cli(
         and not any(a.startswith("tracking.uri=") for a in args)
         and not default_store.exists()
     ):
-        shutil.copyfile(template_store(), default_store)
+        # Whole or absent, for a test that reads it while the command runs.
+        partial = default_store.with_suffix(".db.partial")
+        shutil.copyfile(template_store(), partial)
+        partial.replace(default_store)
     command = [str(Path(sys.executable).with_name(name))]
     if report_tensorflow:
         command = [sys.executable, "-c", _REPORT_TENSORFLOW.format(name=name, main=ENTRIES[name])]
