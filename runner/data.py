@@ -79,14 +79,20 @@ def load(cfg: Any) -> Splits:
         num_classes=int(max(y_train.max(), y_test.max())) + 1,
         digests=digests,
     )
-    _warn_of_doubts(splits, int(y_train.min()), where)
+    _warn_of_labels(splits, int(y_train.min()), where)
+    # uint8 pixels are scaled to [0, 1] by construction: only float images need the look.
+    raw = {"training": x_train, "validation": x_train, "test": x_test}
+    parts = {"training": splits.train, "validation": splits.validation, "test": splits.test}
+    _warn_of_unscaled(
+        {name: split for name, split in parts.items() if raw[name].dtype != np.uint8}, where
+    )
     return splits
 
 
-def _warn_of_doubts(splits: Splits, first_label: int, where: str) -> None:
-    """One warning line for each sign of data that trains, but likely not as meant: labels
-    that do not start at 0, a class the training split lacks, float images beyond 1. The run
-    goes on, as such data may be meant."""
+def _warn_of_labels(splits: Splits, first_label: int, where: str) -> None:
+    """One warning line for each sign of labels that train, but likely not as meant: labels
+    that do not start at 0, a class the training split lacks. The run goes on, as such data may
+    be meant."""
     if first_label > 0:
         log.warning(
             "%s: y_train's labels start at %d, not 0, so the model gets outputs for classes "
@@ -105,7 +111,11 @@ def _warn_of_doubts(splits: Splits, first_label: int, where: str) -> None:
             where,
             named,
         )
-    parts = {"training": splits.train, "validation": splits.validation, "test": splits.test}
+
+
+def _warn_of_unscaled(parts: dict[str, Split], where: str) -> None:
+    """One warning line if the float images of `parts` (by split name) go beyond 1: likely
+    0-255 pixels left unscaled. The run goes on, as such data may be meant."""
     highest = {name: float(split.x.max()) for name, split in parts.items()}
     beyond = [name for name, value in highest.items() if value > 1]
     if beyond:
