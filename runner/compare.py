@@ -388,18 +388,17 @@ def _draw(
 
 
 def _existing_store(uri: str) -> str:
-    """`uri`, with a SQLite path made absolute: MLflow caches a store by its URI, so a relative
-    one would keep reading the first folder's file. A missing file is an error, as opening it
-    would create an empty store."""
-    if not uri.startswith("sqlite:///"):
-        return uri
-    path = Path(uri.removeprefix("sqlite:///")).absolute()
-    if not path.is_file():
+    """`uri`, unless it names a SQLite file that is missing: opening it would create an empty
+    store. `tracking.connect` names the file by its absolute path."""
+    from runner.tracking import sqlite_file
+
+    path = sqlite_file(uri)
+    if path is not None and not path.is_file():
         raise UserError(
             f"no MLflow store at {path}: run this where `uv run runner` recorded its runs, "
             f"or point --tracking-uri (or MLFLOW_TRACKING_URI) at the store"
         )
-    return f"sqlite:///{path}"
+    return uri
 
 
 if __name__ == "__main__":

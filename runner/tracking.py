@@ -388,7 +388,7 @@ def open_store(uri: str, experiment_name: str) -> None:
     SQLite store is created under a lock, and an experiment that another run has just created on
     a server is used as it is."""
     connect(uri)
-    database = _sqlite_file(uri)
+    database = sqlite_file(uri)
     try:
         if database is None:
             experiment = _set_experiment(experiment_name, None)
@@ -403,7 +403,7 @@ def open_store(uri: str, experiment_name: str) -> None:
         access.check_can_record(uri, experiment.experiment_id, experiment_name)
 
 
-def _sqlite_file(uri: str) -> Path | None:
+def sqlite_file(uri: str) -> Path | None:
     """The database file of a SQLite store URI, relative ones against the working folder; None
     for other stores and an in-memory database."""
     from sqlalchemy.engine import make_url
@@ -497,7 +497,7 @@ def connect(uri: str) -> None:
     server for minutes before it gives up. A SQLite file is named by its absolute path: MLflow
     keeps a store per URI for the process, so a relative one would go on naming the folder a
     first run in the process started in."""
-    database = _sqlite_file(uri)
+    database = sqlite_file(uri)
     if database is not None:
         from sqlalchemy.engine import make_url
 
