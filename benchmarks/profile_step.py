@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import throughput  # noqa: E402
 
 from runner import data  # noqa: E402
-from runner.train import compose  # noqa: E402
+from runner.cli.train import compose  # noqa: E402
 
 STEPS = 200
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from runner.environment import cpu_cores, cpu_model
+from runner.tracking.environment import cpu_cores, cpu_model
 
 
 def search(folder: Path, pruner: str, trials: int, overrides: list[str]) -> float:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from runner.environment import cpu_cores, cpu_model
+from runner.tracking.environment import cpu_cores, cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results.md"

@@ -9,7 +9,7 @@ MLflow store is found or made). A repeat runs every command once, in an order th
 one repeat to the next, so the machine's noise falls on all of them alike; the table gives each
 command's median wall time and median CPU time (user and system, the command's and its
 children's), the latter less sensitive to what else runs on the machine. Three floors come
-first: the interpreter alone; the interpreter importing `runner.train`, that is Hydra, OmegaConf
+first: the interpreter alone; the interpreter importing `runner.cli.train`, that is Hydra, OmegaConf
 and the runner's modules, which every Hydra command of the runner imports before it reads its
 arguments; and `uv run true` in the checkout, what `uv run` adds to each command typed through
 it.
@@ -42,7 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from runner.environment import cpu_cores, cpu_model  # noqa: E402
+from runner.tracking.environment import cpu_cores, cpu_model  # noqa: E402
 
 # The goal of issue 27 for each command below: an answer within this many seconds.
 GOAL_S = 1.0
@@ -65,7 +65,7 @@ COMMANDS = [
 ]
 FLOORS = [
     ("python -c pass", [sys.executable, "-c", "pass"]),
-    ("python -c 'import runner.train'", [sys.executable, "-c", "import runner.train"]),
+    ("python -c 'import runner.cli.train'", [sys.executable, "-c", "import runner.cli.train"]),
     ("uv run true", ["uv", "run", "true"]),
 ]
 FRAMEWORKS = ("tensorflow", "jax", "keras", "mlflow", "sklearn", "pandas", "matplotlib", "numpy")

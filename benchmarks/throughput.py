@@ -23,7 +23,7 @@ in executions of the training function (the same compiled step in both) and the 
 one execution's end and the next one's start (Keras's epoch bookkeeping, the callbacks, the
 metric writes), median over repeats.
 
-- runner: `runner.train.train` as `uv run runner model=NAME` would run it (callbacks, MLflow
+- runner: `runner.cli.train.train` as `uv run runner model=NAME` would run it (callbacks, MLflow
   logging and system metrics on, scratch store; one checkpoint, after the last step), timed by
   the MLflow timestamps of its windows' `train/loss`; its last window, which ends with
   validation, is left out.
@@ -59,8 +59,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from reproduce_seeds import device  # noqa: E402
 
-from runner import backends, data, devices, modeling  # noqa: E402
-from runner.train import compose, train  # noqa: E402
+from runner import (
+    backends,  # noqa: E402
+    data,  # noqa: E402
+)
+from runner.backends import devices
+from runner.cli.train import compose, train  # noqa: E402
+from runner.training import modeling  # noqa: E402
 
 NUM_CLASSES = 10  # MNIST's digits
 

@@ -1,5 +1,5 @@
 """`python -m runner` is the `runner` command."""
 
-from runner.train import main
+from runner.cli.train import main
 
 main()

@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from omegaconf import DictConfig
 
-from runner.train import compose
+from runner.cli.train import compose
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -148,11 +148,11 @@ def cli(
 
 # Each command's `main`, as pyproject.toml's [project.scripts] names it.
 ENTRIES = {
-    "runner": "runner.train",
-    "runner-eval": "runner.evaluate",
-    "runner-predict": "runner.predict",
-    "runner-repro": "runner.repro",
-    "runner-compare": "runner.compare",
+    "runner": "runner.cli.train",
+    "runner-eval": "runner.cli.evaluate",
+    "runner-predict": "runner.cli.predict",
+    "runner-repro": "runner.cli.repro",
+    "runner-compare": "runner.cli.compare",
 }
 _REPORT_TENSORFLOW = (
     "import atexit, sys\n"

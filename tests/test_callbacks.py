@@ -7,8 +7,9 @@ import keras
 import numpy as np
 import pytest
 
-from runner.callbacks import StepCounter, StepProgbar, optimizer_step
+from runner.callbacks import optimizer_step
 from runner.errors import UserError
+from runner.training.callbacks import StepCounter, StepProgbar
 
 
 class CompareWithOptimizer(keras.callbacks.Callback):
@@ -60,9 +61,9 @@ def test_early_stopping_ends_the_run_at_the_step_it_stopped(in_tmp_store, monkey
     import os
     import signal
 
-    from runner import fitting
+    from runner.cli.train import train
     from runner.errors import Interrupted
-    from runner.train import train
+    from runner.training import fitting
 
     from .conftest import QUICK, compose_config, only_run, store_client
 
@@ -105,7 +106,7 @@ def test_early_stopping_ends_the_run_at_the_step_it_stopped(in_tmp_store, monkey
 
 def test_any_keras_callback_joins_by_target(in_tmp_store):
     """keras.callbacks.CSVLogger, added on the command line, writes a row each window."""
-    from runner.train import train
+    from runner.cli.train import train
 
     from .conftest import QUICK, compose_config
 

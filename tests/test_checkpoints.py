@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runner import checkpoints, repro
+from runner.cli import repro
+from runner.cli.train import train
 from runner.errors import Interrupted, UserError
-from runner.train import train
+from runner.training import checkpoints
 
 from .conftest import (
     PROBE,
@@ -226,7 +227,8 @@ def softmax_run(folder: Path, *extra: str) -> dict:
 
 def stop_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     """Make training stop as SIGINT does, after the execution that ends on `step`."""
-    from runner.callbacks import StopOnSignal, optimizer_step
+    from runner.callbacks import optimizer_step
+    from runner.training.callbacks import StopOnSignal
 
     original = StopOnSignal.on_train_batch_end
 
@@ -256,7 +258,7 @@ def test_run_stopped_mid_window_resumes_to_the_same_history_bitwise(
     assert checkpoints.latest(stopped / "checkpoints").step == 30
     run_id = only_run(stopped).info.run_id
     assert max(m.step for m in store_client(stopped).get_metric_history(run_id, "val/loss")) == 20
-    caplog.set_level(logging.INFO, logger="runner.checkpoints")
+    caplog.set_level(logging.INFO, logger="runner.training.checkpoints")
     softmax_run(stopped, "trainer.resume=true")
 
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming")]

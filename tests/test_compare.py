@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from runner import compare
+from runner.cli import compare
 from runner.errors import UserError
 
 

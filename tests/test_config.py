@@ -10,7 +10,7 @@ import pytest
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from runner.config import check_config, register_configs
+from runner.config.schema import check_config, register_configs
 from runner.errors import UserError
 
 from .conftest import ENTRIES, QUICK, cli, compose_config, store_client
@@ -112,7 +112,7 @@ def test_check_config_names_the_bad_key(overrides, message):
     ],
 )
 def test_a_model_that_cannot_build_is_one_line_naming_the_key(overrides, message):
-    from runner import modeling
+    from runner.training import modeling
 
     with pytest.raises(UserError) as error:
         cfg = compose_config(overrides)
@@ -338,7 +338,7 @@ def test_a_yaml_of_ones_own_that_does_not_parse_is_one_line(tmp_path):
 def printed_config(argv: list[str], capsys, monkeypatch) -> str:
     """What `runner --cfg ...` prints, run in-process: it loads no backend and configures no
     logging (which `--help` does, and so runs in a process of its own)."""
-    from runner.train import run_hydra
+    from runner.cli.train import run_hydra
 
     monkeypatch.setattr(sys, "argv", ["runner", *argv])
     run_hydra()

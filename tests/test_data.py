@@ -23,6 +23,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from runner import backends
+from runner.cli.train import compose, train
 from runner.data import (
     FILES,
     TEST_IMAGES,
@@ -37,7 +38,6 @@ from runner.data import (
     read_idx,
 )
 from runner.errors import UserError
-from runner.train import compose, train
 
 from .conftest import QUICK, cli, only_run, store_client
 

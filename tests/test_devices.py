@@ -7,12 +7,12 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from runner import devices
-from runner.config import check_config
-from runner.devices import Devices, Gpu
+from runner.backends import devices
+from runner.backends.devices import Devices, Gpu
+from runner.cli.train import train
+from runner.config.schema import check_config
 from runner.errors import UserError
-from runner.fitting import configured_callbacks, intervals
-from runner.train import train
+from runner.training.fitting import configured_callbacks, intervals
 
 from .conftest import QUICK, cli, compose_config, only_run
 
@@ -88,7 +88,7 @@ def test_bad_device_settings_name_the_key(override, message):
 
 
 def test_resuming_between_executions_is_refused():
-    from runner.fitting import check_resumable
+    from runner.training.fitting import check_resumable
 
     check_resumable(100, plan(CPU))
     with pytest.raises(UserError, match="step 137, which device.steps_per_execution=50"):

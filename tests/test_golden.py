@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.repro import check_golden, compare, golden_rtol
+from runner.cli.repro import check_golden, compare, golden_rtol
 
 GOLDEN = Path(__file__).parent / "golden"
 

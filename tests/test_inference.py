@@ -17,11 +17,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from runner.cli.evaluate import evaluate
+from runner.cli.predict import predict
+from runner.cli.train import CONF_DIR, train
 from runner.data import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, read_idx
 from runner.errors import UserError
-from runner.evaluate import evaluate
-from runner.predict import predict
-from runner.train import CONF_DIR, train
 
 from .conftest import QUICK, cli, compose_config, only_run
 
@@ -168,7 +168,7 @@ def test_bad_arguments_are_told_before_tensorflow_loads(tmp_path, mnist_dir):
     ]:
         script = (
             "import sys\n"
-            f"from runner.{module} import main\n"
+            f"from runner.cli.{module} import main\n"
             f"sys.argv = {[name, *args]!r}\n"
             "try:\n"
             "    main()\n"
@@ -187,12 +187,12 @@ def test_eval_reports_the_step_the_model_reached_not_the_planned_one(tmp_path, m
     """A run that stopped early, or that an earlier runner resumed past the steps it was started
     for, has a trainer.steps parameter other than the step its model reached: here a model
     trained 60 steps, logged by a run whose parameter says 30."""
-    from runner.tensorflow_logs import load_tensorflow
+    from runner.backends.tensorflow_logs import load_tensorflow
 
     load_tensorflow()
     import keras
 
-    from runner.tracking import open_store
+    from runner.tracking.runs import open_store
 
     store = f"sqlite:///{tmp_path}/mlflow.db"
     open_store(store, "mnist")  # its artifacts beside the store, not in the working folder
@@ -299,8 +299,8 @@ def test_a_relative_data_path_is_recorded_absolute_with_its_digest(
 ):
     """A run on `data.path=sets/digits.npz` is evaluated and rerun from another folder; once the
     file changes, both say so (here in rows the run left out, so the results still agree)."""
-    from runner.repro import logged_environment
-    from runner.repro import main as repro
+    from runner.cli.repro import logged_environment
+    from runner.cli.repro import main as repro
 
     (in_tmp_store / "sets").mkdir()
     path = write_digits(in_tmp_store / "sets" / "digits.npz", test_rows=100)
@@ -342,8 +342,8 @@ def test_eval_of_a_model_of_fewer_classes_than_the_labels_is_one_line(kind):
     the model declares its output or only tells it by running."""
     import keras
 
+    from runner.cli.evaluate import fitted
     from runner.data import Split
-    from runner.evaluate import fitted
 
     from .test_models import Subclassed
 
@@ -365,7 +365,7 @@ def test_eval_of_a_model_of_fewer_classes_than_the_labels_is_one_line(kind):
 
 
 def test_sixteen_bit_grey_pngs_keep_their_levels(tmp_path):
-    from runner.predict import open_image, pixels
+    from runner.cli.predict import open_image, pixels
 
     levels = np.zeros((28, 28), np.uint16)
     levels[7:21, 12:16] = 60000  # a bright bar on black, in 16 bits
@@ -382,8 +382,8 @@ def test_an_unknown_run_is_told_before_tensorflow_loads(trained):
         "import sys\n"
         "from hydra import compose, initialize_config_dir\n"
         "from runner.errors import UserError\n"
-        "from runner.evaluate import evaluate\n"
-        "from runner.train import CONF_DIR\n"
+        "from runner.cli.evaluate import evaluate\n"
+        "from runner.cli.train import CONF_DIR\n"
         "with initialize_config_dir(config_dir=str(CONF_DIR), version_base='1.3'):\n"
         f"    cfg = compose('evaluate', ['run_id=0123456789abcdef', 'tracking.uri=sqlite:///{work}/mlflow.db'])\n"
         "try:\n"

@@ -19,10 +19,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runner import backends, checkpoints, logged_model, repro
+from runner import backends
+from runner.cli import repro
+from runner.cli.train import train
 from runner.data import TEST_IMAGES, TEST_LABELS, read_idx
 from runner.errors import UserError
-from runner.train import train
+from runner.tracking import logged_model
+from runner.training import checkpoints
 
 from .conftest import (
     PROBE,
@@ -344,9 +347,9 @@ def test_xla_flags_cannot_change_once_jax_started(monkeypatch):
 def test_data_parallel_evaluation_needs_even_batches(eval_batch, limit, refused):
     """Two devices split each evaluation batch, the last one too: 999 test examples leave a
     last batch of 499."""
+    from runner.backends.devices import Plan
     from runner.data import Split, Splits
-    from runner.devices import Plan
-    from runner.fitting import check_even_batches
+    from runner.training.fitting import check_even_batches
 
     def split(n):
         return Split(np.zeros((n, 2)), np.zeros(n))

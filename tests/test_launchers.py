@@ -49,7 +49,7 @@ def test_slurm_launcher_is_configured_and_keeps_the_nested_runs():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 60)
-    assert cfg.hydra.callbacks.nested_runs._target_ == "runner.nested_runs.NestedRuns"
+    assert cfg.hydra.callbacks.nested_runs._target_ == "runner.sweeps.nested_runs.NestedRuns"
 
 
 def test_failing_job_fails_the_sweep_and_ends_every_run(tmp_path, mnist_dir):

@@ -4,9 +4,9 @@ import keras
 import numpy as np
 import pytest
 
-from runner import modeling, optim
-from runner.config import check_config
+from runner.config.schema import check_config
 from runner.models.cnn_raw import ConvReluPool, KeepProbDropout, RawDense
+from runner.training import modeling, optim
 
 from .conftest import compose_config
 
@@ -231,7 +231,7 @@ def smoothed_cross_entropy(smoothing: float) -> keras.losses.Loss:
 
 
 def test_a_users_loss_joins_by_target(in_tmp_store):
-    from runner.train import train
+    from runner.cli.train import train
 
     from .conftest import QUICK, only_run
 
@@ -401,7 +401,8 @@ def test_a_model_without_its_run_is_read_as_its_last_layer_says():
     run to say so is judged by the same rule that training checks, a softmax layer or a layer
     whose activation is one (only the first counted, and such a model's probabilities were
     softmaxed again)."""
-    from runner import classifier, logged_model
+    from runner.models import classifier
+    from runner.tracking import logged_model
 
     def emitted(model: keras.Model) -> str:
         return logged_model.emitted(logged_model.LoggedModel(model, "a/folder", None))

@@ -15,8 +15,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from hydra_plugins.runner_optuna import resumable_sweeper
-from runner import nested_runs, pruning
 from runner.errors import UserError
+from runner.sweeps import nested_runs, pruning
 
 from .conftest import QUICK, cli, parents_and_children, store_client
 

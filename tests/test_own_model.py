@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runner import repro
+from runner.cli import repro
+from runner.cli.evaluate import evaluate
+from runner.cli.predict import predict
+from runner.cli.train import train
 from runner.data import TEST_IMAGES, TEST_LABELS, read_idx
 from runner.errors import UserError
-from runner.evaluate import evaluate
-from runner.predict import predict
-from runner.train import train
 
 from .conftest import QUICK, REPO, cli, compose_config, only_run, readme_commands, store_client
 from .test_inference import app_config

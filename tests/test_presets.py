@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from runner.backends.tensorflow import batch_indices
-from runner.config import check_config
+from runner.cli.train import train
+from runner.config.schema import check_config
 from runner.data import load
 from runner.errors import UserError
-from runner.train import train
 
 from .conftest import QUICK, cli, compose_config
 
@@ -127,7 +127,7 @@ def test_probabilities_of_the_trained_batch_are_logged(in_tmp_store, mnist_dir, 
         "optimizer.lr=0.05",
     ]
     models = []
-    import runner.modeling as model_factory
+    import runner.training.modeling as model_factory
 
     build = model_factory.build
     with pytest.MonkeyPatch.context() as patch:

@@ -22,12 +22,13 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from runner import registry, repro
+from runner.cli import repro
+from runner.cli.evaluate import evaluate
+from runner.cli.predict import predict
+from runner.cli.train import train
 from runner.data import read_idx
 from runner.errors import UserError
-from runner.evaluate import evaluate
-from runner.predict import predict
-from runner.train import train
+from runner.tracking import registry
 
 from .conftest import QUICK, REPO, cli, compose_config, parents_and_children, store_client
 from .test_inference import app_config

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner import repro
+from runner.cli import repro
+from runner.cli.repro import Difference, compare, environment_differences, rerun
 from runner.errors import UserError
-from runner.repro import Difference, compare, environment_differences, rerun
 
 from .conftest import QUICK, REPO, cli, store_client
 
@@ -199,14 +199,14 @@ def test_config_drift_is_refused_naming_each_key_until_update_rewrites_the_file(
     composes the file's overrides into another config, refused before anything trains, but for
     the keys that name the machine; --update reruns it and rewrites the file, which then
     passes."""
-    import runner.train
+    import runner.cli.train
 
     conf = tmp_path / "conf"
-    shutil.copytree(runner.train.CONF_DIR, conf)
+    shutil.copytree(runner.cli.train.CONF_DIR, conf)
     sgd = conf / "optimizer" / "sgd.yaml"
     assert "lr: 0.5\n" in sgd.read_text()
     sgd.write_text(sgd.read_text().replace("lr: 0.5\n", "lr: 0.45\n"))
-    monkeypatch.setattr(runner.train, "CONF_DIR", conf)
+    monkeypatch.setattr(runner.cli.train, "CONF_DIR", conf)
     recorded = json.loads(golden.read_text())
     recorded["config"]["tracking"]["uri"] = "sqlite:////elsewhere/mlflow.db"
     recorded["config"]["trainer"]["checkpoint_dir"] = "/elsewhere/checkpoints"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from runner.checkpoints import latest
+from runner.training.checkpoints import latest
 
 from .conftest import QUICK, only_run, parents_and_children, store_client
 from .test_slurm import on_cpus

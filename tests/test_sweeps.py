@@ -11,7 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from runner import compare, nested_runs, plots, sweep
+from runner.cli import compare
+from runner.sweeps import jobs, nested_runs
+from runner.tracking import plots
 
 from .conftest import QUICK, cli, mlflow_server, parents_and_children, store_client
 
@@ -57,7 +59,7 @@ def test_sweep_is_one_parent_run_with_a_child_run_a_job(grid):
     assert parent.data.tags["sweep.overrides"] == " ".join([*GRID, *QUICK])
     sweep_dir = Path(parent.data.tags["sweep.dir"])
     assert sweep_dir.parent.parent == grid / "multirun"
-    assert json.loads((sweep_dir / sweep.SWEEP_FILE).read_text())["parent_run_id"] == (
+    assert json.loads((sweep_dir / jobs.SWEEP_FILE).read_text())["parent_run_id"] == (
         parent.info.run_id
     )
     assert parent.data.tags["sweep.launcher"] == "BasicLauncher"
@@ -343,8 +345,8 @@ def test_a_job_is_named_by_the_overrides_that_set_it_apart():
     """The keys a sweep's command line fixes, as the parent writes them for its jobs, and a
     job's name from them, as its MLflow run and a lost SLURM job's line give it."""
     command = ["model=softmax,cnn_layers", "+trainer.note=a", "data.limit=100", "seed=range(2)"]
-    fixed = sweep.sweep_keys(command, swept=False)
+    fixed = jobs.sweep_keys(command, swept=False)
     assert fixed == ["+trainer.note", "data.limit"]
-    assert sweep.sweep_keys(command, swept=True) == ["model", "seed"]
+    assert jobs.sweep_keys(command, swept=True) == ["model", "seed"]
     job = ["model=cnn_layers", "+trainer.note=a", "data.limit=100", "seed=1"]
-    assert sweep.job_name(3, job, fixed) == "#3 model=cnn_layers seed=1"
+    assert jobs.job_name(3, job, fixed) == "#3 model=cnn_layers seed=1"

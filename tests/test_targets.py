@@ -119,7 +119,7 @@ def not_a_callback():
 
 
 def test_a_callback_target_must_give_a_keras_callback():
-    from runner.fitting import configured_callbacks
+    from runner.training.fitting import configured_callbacks
 
     cfg = OmegaConf.create({"callbacks": {"h": {"_target_": "tests.test_targets.not_a_callback"}}})
     with pytest.raises(

@@ -61,8 +61,8 @@ def test_a_user_who_may_not_record_is_told_in_one_line_before_training(
 def test_the_admin_may_record_anywhere_although_mlflow_reports_read(team_server):
     """MLflow's permission query answers READ for an admin on another user's experiment, where
     at run time an admin may do anything: the admin is let through, a reader is not."""
-    from runner.access import check_can_record
     from runner.errors import UserError
+    from runner.tracking.access import check_can_record
 
     with team_server.as_user("admin"):
         granted = team_server.api(

@@ -3,7 +3,7 @@
 import os
 import sys
 
-from runner.tensorflow_logs import _filtered_stderr, keeper
+from runner.backends.tensorflow_logs import _filtered_stderr, keeper
 
 INFO = b"I0000 00:00:1795397111.569199   24310 port.cc:153] oneDNN custom operations are on.\n"
 NO_DRIVER = (

@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from runner import backends, checkpoints, data, devices, fitting, modeling, preemption
+from runner import backends, data
+from runner.backends import devices
+from runner.cli.train import objective, train
 from runner.errors import Interrupted, Stopped
-from runner.stopping import StopReason, Stops
-from runner.train import objective, train
+from runner.sweeps import preemption
+from runner.training import checkpoints, fitting, modeling
+from runner.training.stopping import StopReason, Stops
 
 from .conftest import QUICK, cli, compose_config, only_run, store_client
 
@@ -166,7 +169,7 @@ def test_failed_training_ends_the_run_failed(in_tmp_store, monkeypatch):
 
 
 def test_diverging_loss_stops_the_run_failed_at_its_step(in_tmp_store):
-    from runner.callbacks import TrainingDiverged
+    from runner.training.callbacks import TrainingDiverged
 
     with pytest.raises(TrainingDiverged, match=r"the training loss became (nan|inf) at step \d+"):
         short_run(["experiment=deep_mnist_r", "optimizer.lr=1e6"], in_tmp_store)
@@ -210,7 +213,7 @@ def test_sigterm_ends_the_run_killed_even_sent_again_while_it_closes(
 
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    from runner import tracking
+    from runner.tracking import runs
 
     def terminated(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -219,8 +222,8 @@ def test_sigterm_ends_the_run_killed_even_sent_again_while_it_closes(
         terminated()  # as the run is being ended with the first one's error
         return error_tag(error)
 
-    error_tag = tracking._error_tag
-    monkeypatch.setattr(tracking, "_error_tag", signalled_again)
+    error_tag = runs._error_tag
+    monkeypatch.setattr(runs, "_error_tag", signalled_again)
     before = {number: signal.getsignal(number) for number in preemption.STOP_SIGNALS}
     if stopped == "opening":
         start = SystemMetricsMonitor.start
@@ -262,7 +265,7 @@ def test_sigterm_ends_the_run_killed_even_sent_again_while_it_closes(
     assert after == before, "the handlers are put back"
     if stopped == "testing":  # its resume tests it and ends the same run FINISHED
         monkeypatch.setattr(fitting, "evaluate_outputs", evaluate_outputs)
-        monkeypatch.setattr(tracking, "_error_tag", error_tag)
+        monkeypatch.setattr(runs, "_error_tag", error_tag)
         resume = ["trainer.steps=20", "trainer.eval_every=20", "trainer.resume=true"]
         short_run(resume, in_tmp_store)
         finished = only_run(in_tmp_store)

@@ -7,8 +7,8 @@ sampler propose the first trials' parameters again. A study refuses to go on und
 settings than it was started with: a study started with `trainer.steps=200` and continued with
 `trainer.steps=1000` would mix trials that cannot be compared and report the best of either.
 And `pruner` (none, median, hyperband) calls off trials that report hopeless validations
-(`runner.pruning`): each trial is marked with the job it runs as, which finds it in the study's
-storage to report to.
+(`runner.sweeps.pruning`): each trial is marked with the job it runs as, which finds it in the
+study's storage to report to.
 
 Its settings (`config.py`) are those of Hydra's Optuna sweeper (hydra-optuna-sweeper), which it
 replaced: that plugin's 1.3 release declares optuna<3 and speaks Optuna 2's deprecated API.
@@ -33,8 +33,8 @@ from hydra.types import HydraContext, TaskFunction
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from runner import pruning
 from runner.errors import UserError, reported
+from runner.sweeps import pruning
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class ResumableOptunaSweeper(Sweeper):
     @classmethod
     def check_before_sweep(cls, config: DictConfig) -> bool:
         """Whether the sweep has trials to run; raises `SettingsChanged` if the stored study was
-        started with other settings. `runner.nested_runs.NestedRuns` asks before it opens the
+        started with other settings. `runner.sweeps.nested_runs.NestedRuns` asks before it opens the
         sweep's MLflow parent run, which Hydra has its callbacks do before it builds the sweeper."""
         sweeper = config.hydra.sweeper
         storage = sweeper.storage
@@ -312,7 +312,7 @@ class Trials:
 
     def tell(self, trial: Any, ret: JobReturn) -> bool:
         """Tell the study how `trial`'s job ended, completed with its values, pruned
-        (`runner.pruning.Pruned`) or failed; whether it failed."""
+        (`runner.sweeps.pruning.Pruned`) or failed; whether it failed."""
         from optuna.trial import TrialState
 
         try:

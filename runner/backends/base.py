@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from runner.backends.devices import Devices, Plan
 from runner.data import Split
-from runner.devices import Devices, Plan
 from runner.errors import UserError
 
 

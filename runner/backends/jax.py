@@ -17,10 +17,9 @@ from typing import Any
 import numpy as np
 
 from runner.backends.base import Backend, cpu_split_refused
+from runner.backends.devices import Devices, Gpu, Plan, cpu_cores, gpu_memory_mib
 from runner.backends.skipped_imports import UNUSED, skipping
 from runner.data import Split, check_batch_fits
-from runner.devices import Devices, Gpu, Plan, gpu_memory_mib
-from runner.environment import cpu_cores
 from runner.errors import UserError
 
 _DEVICE_COUNT = "--xla_force_host_platform_device_count"

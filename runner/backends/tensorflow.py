@@ -9,10 +9,9 @@ from typing import Any
 import numpy as np
 
 from runner.backends.base import Backend, cpu_split_refused
+from runner.backends.devices import Devices, Gpu, Plan, cpu_cores, gpu_memory_mib
 from runner.backends.skipped_imports import UNUSED, skipping
 from runner.data import Split, check_batch_fits
-from runner.devices import Devices, Gpu, Plan, gpu_memory_mib
-from runner.environment import cpu_cores
 
 
 class TensorFlowBackend(Backend):
@@ -20,10 +19,10 @@ class TensorFlowBackend(Backend):
     packages = ("tensorflow",)
 
     def load(self, device: Any = None) -> None:
-        """Import TensorFlow without its start-up noise (`runner.tensorflow_logs`), and
+        """Import TensorFlow without its start-up noise (`runner.backends.tensorflow_logs`), and
         without the packages it and Keras would import for features a run never uses
         (`UNUSED`)."""
-        from runner.tensorflow_logs import load_tensorflow
+        from runner.backends.tensorflow_logs import load_tensorflow
 
         with skipping(UNUSED["tensorflow"]):
             load_tensorflow()  # before anything else imports it

@@ -20,8 +20,8 @@ from omegaconf import OmegaConf
 GOLDEN = Path(__file__).resolve().parent
 sys.path.insert(0, str(GOLDEN.parents[1]))
 
-from runner.repro import logged_run, machine_key, save_run  # noqa: E402
-from runner.train import compose, train  # noqa: E402
+from runner.cli.repro import logged_run, machine_key, save_run  # noqa: E402
+from runner.cli.train import compose, train  # noqa: E402
 
 QUICK = [
     "data.limit=2000",

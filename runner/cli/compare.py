@@ -3,7 +3,7 @@ side.
 
 One row a run: its sweep (when several are compared), its name and status, the parameters that
 differ between the runs, and the final value of the chosen metrics, sorted by one of them. The
-same table is logged to a sweep's parent run when the sweep ends (`runner.nested_runs`);
+same table is logged to a sweep's parent run when the sweep ends (`runner.sweeps.nested_runs`);
 `--plot FILE` draws the runs' validation curves in one PNG. With `--over KEY` (`--over seed`),
 one row a group of runs that differ only in the parameter KEY: the mean, standard deviation and
 count of each metric over the group, and one curve a group, its mean in a band of ±1 deviation.
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runner.errors import UserError, did_you_mean, reported
-from runner.sweep import SWEEP_DIR_TAG
+from runner.sweeps.jobs import SWEEP_DIR_TAG
 
 if TYPE_CHECKING:  # pandas and MLflow load once the arguments are parsed: --help answers at once
     import pandas as pd
@@ -349,12 +349,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     from mlflow.exceptions import MlflowException
 
-    from runner import tracking
-    from runner.access import refusal
+    from runner.tracking import runs
+    from runner.tracking.access import refusal
 
-    uri = args.tracking_uri or tracking.default_uri()
+    uri = args.tracking_uri or runs.default_uri()
     with reported("runner-compare"):
-        tracking.connect(_existing_store(uri))
+        runs.connect(_existing_store(uri))
         try:
             runs = select_runs(args.experiment, args.parent, args.all)
             metrics, sort_by = chosen_metrics(runs, args.metrics, args.sort)
@@ -379,7 +379,7 @@ def _draw(
     *,
     path: Path,
 ) -> None:
-    from runner import plots
+    from runner.tracking import plots
 
     try:
         plots.sweep_curves(runs_curves, CURVE, spread).savefig(path, format="png")
@@ -390,7 +390,7 @@ def _draw(
 def _existing_store(uri: str) -> str:
     """`uri`, unless it names a SQLite file that is missing: opening it would create an empty
     store. `tracking.connect` names the file by its absolute path."""
-    from runner.tracking import sqlite_file
+    from runner.tracking.runs import sqlite_file
 
     path = sqlite_file(uri)
     if path is not None and not path.is_file():

@@ -2,7 +2,6 @@
 
 import hashlib
 import inspect
-import os
 import platform
 import subprocess
 import sysconfig
@@ -10,10 +9,12 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from runner.backends.devices import cpu_cores
+
 # Besides the backend's own packages, which a run of the other backend leaves out: a TensorFlow
 # run's environment is the one its golden histories were recorded in.
 PACKAGES = ("keras", "mlflow", "hydra-core", "numpy")
-_CHECKOUT = Path(__file__).resolve().parent
+_CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 def describe(data_digests: dict[str, str], backend: Any) -> dict[str, Any]:
@@ -134,13 +135,6 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
-
-
-def cpu_cores() -> int:
-    """The cores this process may run on (its affinity where the OS has one, as Linux does)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def git_dirty() -> bool | None:

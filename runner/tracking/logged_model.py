@@ -32,7 +32,7 @@ def check_choice(run_id: str | None, model_uri: str | None) -> None:
 
 def locate(run_id: str | None, model_uri: str | None) -> str:
     """The URI of the model `run_id` logged, else `model_uri` (models:/, runs:/, a path), in
-    the store that `runner.tracking.connect` pointed MLflow at: a wrong run is told before
+    the store that `runner.tracking.runs.connect` pointed MLflow at: a wrong run is told before
     TensorFlow loads, which takes seconds."""
     check_choice(run_id, model_uri)
     return model_uri or _model_of_run(run_id)
@@ -108,7 +108,7 @@ def _model_of_run(run_id: str) -> str:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from runner.access import refusal
+    from runner.tracking.access import refusal
 
     try:
         run = mlflow.get_run(run_id)
@@ -175,9 +175,9 @@ def reached_step(found: LoggedModel) -> int | None:
 
 
 def emitted(found: LoggedModel) -> str:
-    """What the model emits, logits or probabilities (`runner.classifier`): as its run's
+    """What the model emits, logits or probabilities (`runner.models.classifier`): as its run's
     `model.output` says, else (a model without a run) probabilities if it ends in a softmax."""
-    from runner import classifier
+    from runner.models import classifier
 
     if found.run is not None:
         try:

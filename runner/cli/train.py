@@ -13,13 +13,14 @@ import hydra
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
-from runner import preemption, pruning, registry, sweep
-from runner.config import CONF_DIR, check_config, register_configs, resume_mode
+from runner.config.outputs import check_given_dirs, register_resolvers
+from runner.config.schema import CONF_DIR, check_config, register_configs, resume_mode
 from runner.errors import Interrupted, UserError, reported, run_hydra_app
 from runner.masking import install_masking, mask_hydra_record
-from runner.outputs import check_given_dirs, register_resolvers
-from runner.stopping import StopReason, Stops
+from runner.sweeps import jobs, preemption, pruning
 from runner.targets import importable_from_cwd
+from runner.tracking import registry
+from runner.training.stopping import StopReason, Stops
 
 register_configs()
 register_resolvers()
@@ -42,23 +43,24 @@ def train(
     controller; called from Python, `train` has one of its own."""
     check_config(cfg)
     stops = Stops() if stops is None else stops
-    from runner import tracking
     from runner.data import absolute_paths
+    from runner.tracking import runs
 
     absolute_paths(cfg.data)  # recorded so, for runner-eval and runner-repro from elsewhere
 
-    job = sweep.current_job()  # a sweep's job records into its parent's experiment
+    job = jobs.current_job()  # a sweep's job records into its parent's experiment
     # Before minutes of training: a store that cannot record is told at once.
-    tracking.open_store(
-        cfg.tracking.uri, job.experiment_name if job else cfg.tracking.experiment_name
-    )
+    runs.open_store(cfg.tracking.uri, job.experiment_name if job else cfg.tracking.experiment_name)
     from runner import backends
 
     name = str(cfg.get("backend", "tensorflow"))  # a run logged before backends: TensorFlow
     backend = backends.select(name, cfg.device)  # before anything imports Keras
-    from runner import checkpoints, classifier, data, devices, modeling
-    from runner.callbacks import ReportToTrial
-    from runner.fitting import (
+    from runner import data
+    from runner.backends import devices
+    from runner.models import classifier
+    from runner.training import checkpoints, modeling
+    from runner.training.callbacks import ReportToTrial
+    from runner.training.fitting import (
         check_even_batches,
         check_resumable,
         configured_callbacks,
@@ -99,7 +101,7 @@ def train(
     run_tags = {**found.tags(), **plan.tags(), **(tags or {})}
     with (
         stops.installed(),
-        tracking.mlflow_run(
+        runs.mlflow_run(
             cfg,
             splits,
             run_tags,
@@ -179,7 +181,7 @@ def _lost_job(error: BaseException) -> str | None:
     """A sweep's SLURM job that ended without its result, in one line: its id, state and log."""
     if "submitit" not in sys.modules:
         return None
-    from runner.slurm import job_failure
+    from runner.sweeps.slurm import job_failure
 
     return job_failure(error)
 
@@ -191,7 +193,7 @@ def run_hydra(cfg: DictConfig) -> float:
         try:
             return objective(cfg, stops)
         except UserError as error:
-            if sweep.in_multirun() and not isinstance(error, Interrupted):
+            if jobs.in_multirun() and not isinstance(error, Interrupted):
                 log.error("runner: error: %s", error)
                 raise JobFailed(str(error)) from None
             raise

@@ -1,7 +1,7 @@
 """Hydra multirun as nested MLflow runs: one parent run a sweep, each job a child under it.
 
 Hydra calls `NestedRuns` in the process that starts the sweep; the jobs find the parent run
-through `runner.sweep`. When the sweep ends, the parent gets the comparison of its children.
+through `runner.sweeps.jobs`. When the sweep ends, the parent gets the comparison of its children.
 """
 
 import atexit
@@ -14,10 +14,12 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from runner import compare, registry, slurm, tracking
+from runner.cli import compare
 from runner.errors import UserError, reported
 from runner.masking import mask
-from runner.sweep import SWEEP_DIR_TAG, SWEEP_FILE, sweep_keys
+from runner.sweeps import slurm
+from runner.sweeps.jobs import SWEEP_DIR_TAG, SWEEP_FILE, sweep_keys
+from runner.tracking import registry, runs
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ class NestedRuns(Callback):
                 if not sweeper_has_work(config):  # the sweeper says why when Hydra starts it
                     _drop_if_empty(Path(config.hydra.sweep.dir))
                     return
-                tracking.open_store(config.tracking.uri, config.tracking.experiment_name)
+                runs.open_store(config.tracking.uri, config.tracking.experiment_name)
             except UserError:
                 _drop_if_empty(Path(config.hydra.sweep.dir))
                 raise
@@ -81,7 +83,7 @@ class NestedRuns(Callback):
             "MLflow parent run %s for the sweep in %s: %s",
             self.parent_run_id,
             sweep_dir,
-            tracking.ui_link(run.info.experiment_id, self.parent_run_id),
+            runs.ui_link(run.info.experiment_id, self.parent_run_id),
         )
         # Hydra skips on_multirun_end when a job fails or the sweep is interrupted.
         atexit.register(self._finish, "FAILED")
@@ -155,7 +157,7 @@ def sweeper_has_work(config: DictConfig) -> bool:
 def summarize(client: Any, parent_run_id: str, optimized_metric: str) -> None:
     """Log the children's comparison table and validation curves to the parent run, and the
     best finished child's `optimized_metric` as the parent's `best/...` metric."""
-    from runner import plots  # matplotlib: half a second that a single run need not spend
+    from runner.tracking import plots  # matplotlib: half a second that a single run need not spend
 
     parent = client.get_run(parent_run_id)
     runs = compare.children(parent.info.experiment_id, parent_run_id)

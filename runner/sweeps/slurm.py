@@ -20,7 +20,7 @@ from submitit.core.core import Job
 from submitit.core.utils import DelayedSubmission, FailedJobError, UncompletedJobError
 from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
 
-from runner.sweep import SWEEP_FILE, job_name
+from runner.sweeps.jobs import SWEEP_FILE, job_name
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from enum import Enum
 from typing import Any
 
 from runner.errors import Interrupted, Stopped, stop_signal
-from runner.preemption import NOTICE, STOP_SIGNALS
+from runner.sweeps.preemption import NOTICE, STOP_SIGNALS
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,9 @@ class Stops:
     reason training stopped: the first one given, as the first stop is the one acted on.
 
     `installed` puts the handler in place and the previous ones back however the block ends.
-    While Keras runs the training steps (`runner.callbacks.StopOnSignal` says when, and acts on
-    the stop) a signal asks for a stop at the end of the execution under way; elsewhere it
-    raises `Stopped`. Once the command is ending on a stop (`closing`), a repeated SIGTERM or
+    While Keras runs the training steps (`runner.training.callbacks.StopOnSignal` says when, and
+    acts on the stop) a signal asks for a stop at the end of the execution under way; elsewhere
+    it raises `Stopped`. Once the command is ending on a stop (`closing`), a repeated SIGTERM or
     SIGUSR2 (SLURM may signal both a cancelled job and its step) is only logged: raised in the
     middle of the close, it would leave the MLflow run RUNNING. A second Ctrl-C is the user's,
     and still interrupts."""

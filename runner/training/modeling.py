@@ -3,8 +3,10 @@ classes, then compiled with the `optimizer` and `loss` options."""
 
 from typing import Any
 
-from runner import classifier, optim, targets
+from runner import targets
 from runner.errors import UserError
+from runner.models import classifier
+from runner.training import optim
 
 # Keys of a `model` option that the runner reads; `output` also reaches a builder that takes it.
 RUNNER_KEYS = ("name", "output")

@@ -16,8 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
-from runner import sweep
 from runner.errors import UserError, one_line
+from runner.sweeps import jobs
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class Trial:
 def this_jobs_trial() -> Trial | None:
     """The trial this job runs, if it is a job of the runner's Optuna sweeper on a stored study
     (without a pruner, it reports all the same: Optuna's plots show the curves)."""
-    if not sweep.in_multirun():
+    if not jobs.in_multirun():
         return None
     hydra = HydraConfig.get()
     sweeper = hydra.sweeper

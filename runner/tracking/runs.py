@@ -25,15 +25,15 @@ from mlflow.entities import Experiment, Metric
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from runner import access, environment, serving
 from runner.backends.base import Backend
-from runner.config import CONF_DIR
+from runner.config.schema import CONF_DIR
 from runner.data import Split, Splits, file_record
 from runner.errors import Interrupted, ServerLost, UserError
 from runner.masking import mask
-from runner.stopping import Stops
-from runner.sweep import SweepJob
+from runner.sweeps.jobs import SweepJob
 from runner.targets import label
+from runner.tracking import access, environment, serving
+from runner.training.stopping import Stops
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class Recorder:
 
     def log_test(self, test: Split, outputs: np.ndarray, loss: float, step: int) -> None:
         """Test metrics at `step`, the last."""
-        from runner import classifier
+        from runner.models import classifier
 
         accuracy = classifier.accuracy(outputs, test.y)
         self.log_metrics({"test/loss": loss, "test/accuracy": accuracy}, step=step)
@@ -145,8 +145,10 @@ class Recorder:
 
     def log_plots(self, test: Split, outputs: np.ndarray) -> None:
         """The test set's confusion matrix and the training curves, as PNG artifacts."""
-        from runner import plots  # matplotlib: half a second, for runs that draw no plots too
-        from runner.classifier import classes
+        from runner.models.classifier import classes
+        from runner.tracking import (
+            plots,  # matplotlib: half a second, for runs that draw no plots too
+        )
 
         confusion = plots.confusion_matrix(test.y, classes(outputs), outputs.shape[1])
         mlflow.log_figure(confusion, "plots/confusion_matrix.png")
@@ -154,7 +156,7 @@ class Recorder:
 
     def log_model(self, model: Any, output: str, target: str, requirements: list[str]) -> None:
         """The trained model, which emits `output` (logits or probabilities) and was built by
-        `_target_` `target`, served as `runner.serving` says; pinned requirements (Keras's,
+        `_target_` `target`, served as `runner.tracking.serving` says; pinned requirements (Keras's,
         MLflow's and its backend's `requirements`) skip MLflow's slow inference of them."""
         import keras
 

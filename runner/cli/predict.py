@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from runner.config import register_configs
+from runner.cli.train import CONF_DIR
+from runner.config.schema import register_configs
 from runner.errors import UserError, reported, run_hydra_app
 from runner.targets import importable_from_cwd
-from runner.train import CONF_DIR
 
 if TYPE_CHECKING:  # NumPy loads where it is needed: --help and argument errors answer at once
     import numpy as np
@@ -115,7 +115,7 @@ def _has_alpha(image: Any) -> bool:
 def predict(cfg: DictConfig) -> list[tuple[Path, int, np.ndarray]]:
     """Each image's class and probabilities. The command line, the images and the store are
     checked before the backend loads, which takes seconds."""
-    from runner import logged_model
+    from runner.tracking import logged_model
 
     if OmegaConf.is_missing(cfg, "images"):
         raise UserError(
@@ -124,16 +124,16 @@ def predict(cfg: DictConfig) -> list[tuple[Path, int, np.ndarray]]:
     logged_model.check_choice(cfg.run_id, cfg.model_uri)
     paths = image_paths(cfg.images)
     images = [open_image(p) for p in paths]
-    from runner import tracking
+    from runner.tracking import runs
 
-    tracking.connect(cfg.tracking.uri)
+    runs.connect(cfg.tracking.uri)
     from runner import backends
 
     uri = logged_model.locate(cfg.run_id, cfg.model_uri)
     backends.select(str(cfg.backend or logged_model.backend_of(uri)))  # before Keras loads
     import numpy as np
 
-    from runner import classifier
+    from runner.models import classifier
 
     found = logged_model.load(uri)
     shape = logged_model.input_shape(found.model)

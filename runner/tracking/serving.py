@@ -20,12 +20,12 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import Array
 
-from runner import classifier
-from runner.logged_model import FOLDER_KEY, MODULE_KEY, input_shape
-from runner.models import register_custom_objects
+from runner.models import classifier, register_custom_objects
 from runner.targets import code_of, import_code, importable_from_cwd
+from runner.tracking.logged_model import FOLDER_KEY, MODULE_KEY, input_shape
 
-# What the model emits, in the MLmodel file's metadata: runner.classifier's LOGITS or PROBABILITIES.
+# What the model emits, in the MLmodel file's metadata: runner.models.classifier's LOGITS or
+# PROBABILITIES.
 OUTPUT_KEY = "output"
 SIGNATURE = ModelSignature(
     outputs=Schema(

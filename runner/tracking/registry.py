@@ -28,7 +28,7 @@ def register(run_id: str, name: str, alias: str, metric: str, force: bool) -> st
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from runner.logged_model import locate
+    from runner.tracking.logged_model import locate
 
     client = mlflow.MlflowClient()
     try:

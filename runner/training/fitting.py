@@ -9,25 +9,25 @@ from typing import Any
 
 import numpy as np
 
-from runner import checkpoints, classifier, sweep
 from runner.backends.base import Backend
-from runner.callbacks import (
+from runner.backends.devices import Plan
+from runner.callbacks import RunnerCallback, Training, optimizer_step
+from runner.data import Split, Splits
+from runner.errors import Interrupted, ServerLost, UserError, stop_signal
+from runner.models import classifier
+from runner.sweeps import jobs
+from runner.sweeps.preemption import NOTICE, will_requeue
+from runner.training import checkpoints
+from runner.training.callbacks import (
     MlflowMetrics,
-    RunnerCallback,
     StepCounter,
     StepProgbar,
     StopOnNonFiniteLoss,
     StopOnSignal,
     Throughput,
-    Training,
-    optimizer_step,
 )
-from runner.checkpoints import Checkpoint, Checkpointer, RestoreMetrics
-from runner.data import Split, Splits
-from runner.devices import Plan
-from runner.errors import Interrupted, ServerLost, UserError, stop_signal
-from runner.preemption import NOTICE, will_requeue
-from runner.stopping import StopReason, Stops
+from runner.training.checkpoints import Checkpoint, Checkpointer, RestoreMetrics
+from runner.training.stopping import StopReason, Stops
 
 
 def fit(
@@ -241,7 +241,7 @@ def _how_to_resume(checkpoints: Path, verb: str = "carry on") -> str:
     output_dir = Path(hydra.runtime.output_dir)
     in_run = checkpoints.resolve().is_relative_to(output_dir.resolve())
     folder = f" hydra.run.dir={shlex.quote(str(output_dir))}" if in_run else ""
-    if not sweep.in_multirun():
+    if not jobs.in_multirun():
         return f"{verb} with the same command plus trainer.resume=true{folder}"
     if "Optuna" in str(hydra.sweeper.get("_target_", "")):
         return "run the search's command again: its study carries on, this trial starts over"

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from omegaconf import DictConfig
 
-from runner.config import register_configs
+from runner.cli.train import CONF_DIR
+from runner.config.schema import register_configs
 from runner.errors import UserError, reported, run_hydra_app
 from runner.targets import importable_from_cwd
-from runner.train import CONF_DIR
 
 if TYPE_CHECKING:  # NumPy loads where it is needed: --help and argument errors answer at once
     import numpy as np
@@ -23,19 +23,20 @@ register_configs()
 def evaluate(cfg: DictConfig) -> dict[str, float | int | None]:
     """Loss, accuracy and the optimizer step the model reached. The command line and the store
     are checked before the backend loads, which takes seconds."""
-    from runner import logged_model
+    from runner.tracking import logged_model
 
     logged_model.check_choice(cfg.run_id, cfg.model_uri)
-    from runner import tracking
+    from runner.tracking import runs
 
-    tracking.connect(cfg.tracking.uri)
+    runs.connect(cfg.tracking.uri)
     from runner import backends
 
     uri = logged_model.locate(cfg.run_id, cfg.model_uri)
     backend = backends.select(str(cfg.backend or logged_model.backend_of(uri)))  # before Keras
-    from runner import classifier, data
-    from runner.fitting import evaluate_outputs
-    from runner.repro import logged_environment
+    from runner import data
+    from runner.cli.repro import logged_environment
+    from runner.models import classifier
+    from runner.training.fitting import evaluate_outputs
 
     found = logged_model.load(uri)
     data_cfg = test_data(cfg.data, found)
@@ -57,7 +58,7 @@ def fitted(test: Any, model: Any) -> Any:
     import numpy as np
 
     from runner.data import Split
-    from runner.logged_model import input_shape
+    from runner.tracking.logged_model import input_shape
 
     shape = input_shape(model)
     found = test.x.shape[1:]
@@ -93,7 +94,7 @@ def test_data(given: DictConfig, found: Any) -> DictConfig:
     trained on, with the keys given (`+data.KEY=VALUE`) changed."""
     from omegaconf import OmegaConf
 
-    from runner.logged_model import logged_config
+    from runner.tracking.logged_model import logged_config
 
     if "_target_" in given:
         return given

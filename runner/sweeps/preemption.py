@@ -5,7 +5,7 @@ limit, and before a preemption where the cluster says so (`PreemptParameters=sen
 it stops a job it requeues (`scontrol requeue`, or a preemption without that setting) or cancels
 with SIGTERM. On either, the runner stops training at the end of the execution under way (its
 device.steps_per_execution steps), writes a checkpoint and ends the MLflow run KILLED
-(runner.stopping.Stops). SIGUSR2 is then handed to submitit's own handler, which calls
+(runner.training.stopping.Stops). SIGUSR2 is then handed to submitit's own handler, which calls
 the launcher's `checkpoint` (resubmit the same job) and requeues it. The requeued job runs the
 same command again; seeing `SLURM_RESTART_COUNT`, it carries on from the checkpoint in the same
 MLflow run, as `trainer.resume=true` would: a job stopped after its last step is only tested

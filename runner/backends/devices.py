@@ -2,6 +2,7 @@
 picks for them: precision, XLA, steps per execution and distribution strategy."""
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,3 +163,10 @@ def _steps_per_execution(setting: str, intervals: list[int], mirrored: bool) -> 
             f"try device.steps_per_execution=auto"
         )
     return steps
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity where the OS has one, as Linux does)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

@@ -22,7 +22,7 @@ from runner.errors import UserError, did_you_mean
 
 # The YAML files: the package's conf/ in an installed wheel (pyproject.toml's wheel sources put it
 # there), else conf/ at the top of the checkout, which uv installs in editable mode.
-CONF_DIR = Path(__file__).resolve().parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 if not CONF_DIR.is_dir():
     CONF_DIR = CONF_DIR.parents[1] / "conf"
 
@@ -242,7 +242,7 @@ def check_config(cfg: Any) -> None:
     except OmegaConfBaseException as error:
         raise UserError(
             f"trainer.checkpoint_dir cannot be resolved outside a `runner` command "
-            f"({str(error).splitlines()[0]}): compose the config with runner.train.compose, or "
+            f"({str(error).splitlines()[0]}): compose the config with runner.cli.train.compose, or "
             f"set trainer.checkpoint_dir=DIR"
         ) from None
     if t.register_as and not t.log_model:

@@ -1,7 +1,7 @@
 """A sweep's job as its MLflow run sees it: the sweep's parent run and the job's own name.
 
-`runner.nested_runs.NestedRuns`, in the process that starts the sweep, opens the parent run and
-writes its id into the sweep directory; the jobs, wherever they run (joblib's workers,
+`runner.sweeps.nested_runs.NestedRuns`, in the process that starts the sweep, opens the parent
+run and writes its id into the sweep directory; the jobs, wherever they run (joblib's workers,
 submitit's processes, SLURM nodes), read it from there, since every launcher shares that
 directory with its jobs. This module is what the jobs' side needs, and imports no other part
 of the runner.

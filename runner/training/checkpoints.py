@@ -18,11 +18,12 @@ from typing import Any
 import keras
 import numpy as np
 
-from runner.callbacks import RunnerCallback, StepCounter
+from runner.callbacks import RunnerCallback
 from runner.errors import UserError
 from runner.models import register_custom_objects
-from runner.stopping import StopReason, Stops
 from runner.targets import import_code
+from runner.training.callbacks import StepCounter
+from runner.training.stopping import StopReason, Stops
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def resume_point(cfg: Any, mode: str, digests: dict[str, str], finish: bool = Fa
     MLflow run has not recorded its ending (`tracking.run_ended`): the run was stopped after
     training, before its test and model were recorded, and the resume finishes it. With `finish`
     (a requeued SLURM job) it is taken in any case."""
-    from runner.tracking import run_ended
+    from runner.tracking.runs import run_ended
 
     directory = Path(cfg.trainer.checkpoint_dir)
     found = latest(directory)
@@ -125,7 +126,7 @@ def settings(cfg: Any, digests: dict[str, str]) -> dict[str, Any]:
     loader's keys may change the data, which this catches whatever they are."""
     from omegaconf import OmegaConf
 
-    from runner.tracking import flatten
+    from runner.tracking.runs import flatten
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     chosen = {
