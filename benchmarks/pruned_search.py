@@ -21,7 +21,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from runner.tracking.environment import cpu_cores, cpu_model
+from runner.backends.devices import cpu_cores
+from runner.tracking.environment import cpu_model
 
 
 def search(folder: Path, pruner: str, trials: int, overrides: list[str]) -> float:

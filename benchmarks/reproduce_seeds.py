@@ -21,7 +21,8 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from runner.tracking.environment import cpu_cores, cpu_model
+from runner.backends.devices import cpu_cores
+from runner.tracking.environment import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results.md"

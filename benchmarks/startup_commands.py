@@ -42,7 +42,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from runner.tracking.environment import cpu_cores, cpu_model  # noqa: E402
+from runner.backends.devices import cpu_cores  # noqa: E402
+from runner.tracking.environment import cpu_model  # noqa: E402
 
 # The goal of issue 27 for each command below: an answer within this many seconds.
 GOAL_S = 1.0
