@@ -1,0 +1,112 @@
+"""How long a training command takes to start, beside importing the frameworks it runs on.
+
+    uv run python benchmarks/startup_run.py                # 10 starts of each
+    uv run python benchmarks/startup_run.py --repeats 5
+
+A start of `runner debug=quick` is timed from the command's launch until it logs that its
+MLflow run is open: the data is loaded, the model built and compiled, and the next thing it does
+is the first training step. Beside it, in the same repeats and in alternating order, the floor:
+`python -c "import keras, mlflow"` on the TensorFlow backend, which no run can beat. Each runs
+in a scratch folder of its own with its own MLflow store, as a new user's first run would. The
+table gives the medians, the goal of issue 27 (start-up at most 1.15 times the floor), and the
+host's matmul speed, as hosts differ several-fold.
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+from startup_commands import matmul_gflops
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from runner.backends.devices import cpu_cores  # noqa: E402
+from runner.tracking.environment import cpu_model  # noqa: E402
+
+GOAL = 1.15
+# What the runner logs once its MLflow run is open, just before training.
+OPENED = "MLflow run "
+
+
+def floor(env: dict[str, str], cwd: Path) -> float:
+    """Seconds to import Keras (on TensorFlow) and MLflow in a fresh interpreter."""
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-c", "import keras, mlflow"],
+        env=env,
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return time.perf_counter() - start
+
+
+def start_up(env: dict[str, str], cwd: Path) -> float:
+    """Seconds from launching `runner debug=quick` until its MLflow run is open; the command
+    then runs to its end, so that every start leaves a finished run as a user's would."""
+    runner = str(Path(sys.executable).parent / "runner")
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        [runner, "debug=quick", f"tracking.uri=sqlite:///{cwd}/mlflow.db"],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    opened = None
+    for line in process.stdout:
+        if opened is None and OPENED in line:
+            opened = time.perf_counter() - start
+    if process.wait() != 0 or opened is None:
+        sys.exit(f"`runner debug=quick` in {cwd} failed or never opened its MLflow run")
+    return opened
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=10, help="starts of each (default 10)")
+    args = parser.parse_args()
+    if "MNIST_DIR" not in os.environ:
+        sys.exit("set MNIST_DIR to the folder of MNIST's IDX files")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    env["KERAS_BACKEND"] = "tensorflow"
+    load_before = os.getloadavg()
+    gflops = matmul_gflops()
+    floors, starts = [], []
+    with tempfile.TemporaryDirectory(prefix="startup-run-") as scratch:
+        for repeat in range(args.repeats):
+            folder = Path(scratch) / str(repeat)
+            folder.mkdir()
+            pair = [("floor", floor), ("start", start_up)]
+            for label, measure in pair if repeat % 2 == 0 else reversed(pair):
+                (floors if label == "floor" else starts).append(measure(env, folder))
+    load_after = os.getloadavg()
+    bare, runner = statistics.median(floors), statistics.median(starts)
+    print(
+        f"{date.today()}, CPU: {cpu_cores()} cores, {cpu_model()}; 4096x4096 float32 matmul in "
+        f"TensorFlow: {gflops:.0f} GFLOP/s; load averages (1, 5, 15 min) before "
+        f"{', '.join(f'{x:.2f}' for x in load_before)}, after "
+        f"{', '.join(f'{x:.2f}' for x in load_after)}\n"
+    )
+    print("| what | median s | min s | max s |\n|---|---|---|---|")
+    for label, times in (
+        ('`python -c "import keras, mlflow"` (the floor)', floors),
+        ("`runner debug=quick` until its MLflow run opens", starts),
+    ):
+        print(f"| {label} | {statistics.median(times):.2f} | {min(times):.2f} | {max(times):.2f} |")
+    verdict = "met" if runner <= GOAL * bare else "NOT met"
+    print(f"\nstart-up / floor: {runner / bare:.2f} (goal at most {GOAL}: {verdict})")
+    print(f"\nmade by: uv run python benchmarks/startup_run.py --repeats {args.repeats}")
+
+
+if __name__ == "__main__":
+    main()
