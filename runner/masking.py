@@ -16,8 +16,6 @@ import traceback
 import warnings
 from pathlib import Path
 
-from hydra.core.hydra_config import HydraConfig
-
 MASK = "***"
 
 # Hydra writes an override's colons escaped: tracking.uri=http\://user\:secret@host. A password
@@ -40,7 +38,7 @@ def mask(text: str) -> str:
 
 def mask_files(*paths: Path) -> None:
     """Mask the secrets in each text file that exists, in place: Hydra writes the config and the
-    command line's overrides into the run's folder as given."""
+    command line's overrides into the run's folder as given (`runner.sweeps.jobs` finds them)."""
     for path in paths:
         if not path.is_file():
             continue
@@ -50,20 +48,6 @@ def mask_files(*paths: Path) -> None:
             temporary = path.with_name(f".{path.name}.masking-{os.getpid()}")
             temporary.write_text(masked)
             temporary.replace(path)  # whole, even for a reader of the folder at that moment
-
-
-def mask_hydra_record() -> None:
-    """Mask the job's record of its command in its folder (`.hydra/*.yaml`), and the sweep's
-    (`multirun.yaml`), which Hydra writes before the job starts."""
-    if not HydraConfig.initialized():
-        return
-    hydra = HydraConfig.get()
-    files = []
-    if hydra.output_subdir is not None:
-        files += (Path(hydra.runtime.output_dir) / hydra.output_subdir).glob("*.yaml")
-    if hydra.mode is not None and hydra.mode.name == "MULTIRUN":
-        files.append(Path(hydra.sweep.dir) / "multirun.yaml")
-    mask_files(*files)
 
 
 def install_masking() -> None:
@@ -76,8 +60,9 @@ def install_masking() -> None:
     sys.excepthook = _masked_excepthook
     printed = warnings.showwarning
 
-    def masked_warning(message, category, filename, lineno, file=None, line=None) -> None:
-        printed(mask(str(message)), category, filename, lineno, file, line)
+    def masked_warning(message: Warning | str, *where: object) -> None:
+        """`warnings.showwarning`'s: the message masked, its category and place as they are."""
+        printed(mask(str(message)), *where)
 
     warnings.showwarning = masked_warning
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from runner.tracking.runs import open_store
+from runner.tracking.store import open_store
 
 from .conftest import QUICK, cli, compose_config, mlflow_server, store_client
 

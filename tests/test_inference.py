@@ -192,7 +192,7 @@ def test_eval_reports_the_step_the_model_reached_not_the_planned_one(tmp_path, m
     load_tensorflow()
     import keras
 
-    from runner.tracking.runs import open_store
+    from runner.tracking.store import open_store
 
     store = f"sqlite:///{tmp_path}/mlflow.db"
     open_store(store, "mnist")  # its artifacts beside the store, not in the working folder

@@ -11,7 +11,8 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from runner.tracking.runs import Recorder, open_store, ui_link
+from runner.tracking.recorder import Recorder
+from runner.tracking.store import open_store, ui_link
 
 from .conftest import QUICK, cli, compose_config
 
@@ -68,7 +69,7 @@ def test_a_dataset_another_run_logged_a_moment_before_is_linked(run_id, monkeypa
     from mlflow.exceptions import MlflowException
 
     from runner import data
-    from runner.tracking import runs
+    from runner.tracking import provenance
 
     cfg = compose_config([*QUICK, f"data.dir={mnist_dir}"])
     log_input, raced = mlflow.log_input, []
@@ -85,7 +86,7 @@ def test_a_dataset_another_run_logged_a_moment_before_is_linked(run_id, monkeypa
         log_input(dataset, context=context)
 
     monkeypatch.setattr(mlflow, "log_input", racing)
-    runs._log_dataset(data.load(cfg.data), cfg.data)
+    provenance.log_dataset(data.load(cfg.data), cfg.data)
     inputs = MlflowClient().get_run(run_id).inputs.dataset_inputs
     contexts = {tag.value for i in inputs for tag in i.tags if tag.key == "mlflow.data.context"}
     assert contexts == {"training", "validation", "test"}
@@ -94,7 +95,7 @@ def test_a_dataset_another_run_logged_a_moment_before_is_linked(run_id, monkeypa
 def test_only_a_record_inserted_meanwhile_is_asked_for_again():
     from mlflow.exceptions import MlflowException
 
-    from runner.tracking.runs import _duplicate
+    from runner.tracking.provenance import _duplicate
 
     assert _duplicate(MlflowException("UNIQUE constraint failed: datasets.experiment_id"))
     assert not _duplicate(MlflowException("RESOURCE_DOES_NOT_EXIST: run abc not found"))

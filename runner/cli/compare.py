@@ -349,12 +349,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     from mlflow.exceptions import MlflowException
 
-    from runner.tracking import runs
+    from runner.tracking import store
     from runner.tracking.access import refusal
 
-    uri = args.tracking_uri or runs.default_uri()
+    uri = args.tracking_uri or store.default_uri()
     with reported("runner-compare"):
-        runs.connect(_existing_store(uri))
+        store.connect(_existing_store(uri))
         try:
             runs = select_runs(args.experiment, args.parent, args.all)
             metrics, sort_by = chosen_metrics(runs, args.metrics, args.sort)
@@ -390,7 +390,7 @@ def _draw(
 def _existing_store(uri: str) -> str:
     """`uri`, unless it names a SQLite file that is missing: opening it would create an empty
     store. `tracking.connect` names the file by its absolute path."""
-    from runner.tracking.runs import sqlite_file
+    from runner.tracking.store import sqlite_file
 
     path = sqlite_file(uri)
     if path is not None and not path.is_file():

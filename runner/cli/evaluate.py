@@ -23,12 +23,12 @@ register_configs()
 def evaluate(cfg: DictConfig) -> dict[str, float | int | None]:
     """Loss, accuracy and the optimizer step the model reached. The command line and the store
     are checked before the backend loads, which takes seconds."""
-    from runner.tracking import logged_model
+    from runner.tracking.model_choice import check_choice
 
-    logged_model.check_choice(cfg.run_id, cfg.model_uri)
-    from runner.tracking import runs
+    check_choice(cfg.run_id, cfg.model_uri)
+    from runner.tracking import logged_model, store
 
-    runs.connect(cfg.tracking.uri)
+    store.connect(cfg.tracking.uri)
     from runner import backends
 
     uri = logged_model.locate(cfg.run_id, cfg.model_uri)

@@ -115,18 +115,18 @@ def _has_alpha(image: Any) -> bool:
 def predict(cfg: DictConfig) -> list[tuple[Path, int, np.ndarray]]:
     """Each image's class and probabilities. The command line, the images and the store are
     checked before the backend loads, which takes seconds."""
-    from runner.tracking import logged_model
+    from runner.tracking.model_choice import check_choice
 
     if OmegaConf.is_missing(cfg, "images"):
         raise UserError(
             "give the images to classify: images=<png, glob or folder> (or images='[a.png,b.png]')"
         )
-    logged_model.check_choice(cfg.run_id, cfg.model_uri)
+    check_choice(cfg.run_id, cfg.model_uri)
     paths = image_paths(cfg.images)
     images = [open_image(p) for p in paths]
-    from runner.tracking import runs
+    from runner.tracking import logged_model, store
 
-    runs.connect(cfg.tracking.uri)
+    store.connect(cfg.tracking.uri)
     from runner import backends
 
     uri = logged_model.locate(cfg.run_id, cfg.model_uri)

@@ -46,7 +46,7 @@ def compare(expected: History, found: History, rtol: float = 0.0, atol: float = 
 def environment_differences(expected: dict, found: dict) -> list[tuple[str, Any, Any]]:
     """(key, expected, found) for each dotted key of two nested mappings (environment.json, or
     a config) whose values differ."""
-    from runner.tracking.runs import flatten
+    from runner.tracking.provenance import flatten
 
     want, got = dict(flatten(expected)), dict(flatten(found))
     return [
@@ -147,10 +147,10 @@ def logged_run(run_id: str, tracking_uri: str) -> tuple[Any, Any]:
     from omegaconf import OmegaConf
 
     from runner.errors import UserError
-    from runner.tracking import runs
+    from runner.tracking import store
     from runner.tracking.access import refusal
 
-    runs.connect(tracking_uri)  # MLflow would retry an unreachable server for minutes
+    store.connect(tracking_uri)  # MLflow would retry an unreachable server for minutes
     client = mlflow.MlflowClient(tracking_uri)
     try:
         original = client.get_run(run_id)
@@ -343,7 +343,7 @@ def with_machine_keys(cfg: Any, recorded: dict) -> Any:
     file says (`--set data.dir=DIR` elsewhere), as a rerun of the recorded config did."""
     from omegaconf import OmegaConf
 
-    from runner.tracking.runs import flatten
+    from runner.tracking.provenance import flatten
 
     for key, value in flatten(recorded):
         if machine_key(key) and OmegaConf.select(cfg, key, default=None) is not None:
@@ -385,7 +385,7 @@ def overridden(logged: Any, overrides: list[str], whose: str) -> Any:
     from omegaconf import OmegaConf
 
     from runner.errors import UserError, did_you_mean
-    from runner.tracking.runs import flatten
+    from runner.tracking.provenance import flatten
 
     absent = object()
     for override in overrides:
@@ -486,7 +486,7 @@ def main(argv: list[str] | None = None) -> None:
     with reported("runner-repro"):
         check_overrides(args.overrides)  # told before MLflow loads, which takes a second
     from runner.targets import importable_from_cwd
-    from runner.tracking.runs import default_uri
+    from runner.tracking.store import default_uri
 
     importable_from_cwd()
     if args.save:
@@ -537,7 +537,7 @@ def _run_id(given: str, tracking_uri: str) -> str:
     """`given`, or the run that logged the model a models:/ URI names."""
     if not given.startswith("models:/"):
         return given
-    from runner.tracking import registry, runs
+    from runner.tracking import registry, store
 
-    runs.connect(tracking_uri)
+    store.connect(tracking_uri)
     return registry.run_of(given)

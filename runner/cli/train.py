@@ -16,10 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 from runner.config.outputs import check_given_dirs, register_resolvers
 from runner.config.schema import CONF_DIR, check_config, register_configs, resume_mode
 from runner.errors import Interrupted, UserError, reported, run_hydra_app
-from runner.masking import install_masking, mask_hydra_record
+from runner.masking import install_masking
 from runner.sweeps import jobs, preemption, pruning
-from runner.targets import importable_from_cwd
-from runner.tracking import registry
+from runner.targets import importable_from_cwd, label
 from runner.training.stopping import StopReason, Stops
 
 register_configs()
@@ -44,13 +43,14 @@ def train(
     check_config(cfg)
     stops = Stops() if stops is None else stops
     from runner.data import absolute_paths
-    from runner.tracking import runs
+    from runner.tracking import provenance, registry, runs, store
 
     absolute_paths(cfg.data)  # recorded so, for runner-eval and runner-repro from elsewhere
 
-    job = jobs.current_job()  # a sweep's job records into its parent's experiment
+    # A sweep's job records into its parent's experiment.
+    identity = jobs.run_identity(cfg.tracking.experiment_name, label(cfg.model))
     # Before minutes of training: a store that cannot record is told at once.
-    runs.open_store(cfg.tracking.uri, job.experiment_name if job else cfg.tracking.experiment_name)
+    store.open_store(cfg.tracking.uri, identity.experiment_name)
     from runner import backends
 
     name = str(cfg.get("backend", "tensorflow"))  # a run logged before backends: TensorFlow
@@ -99,18 +99,17 @@ def train(
         modeling.compiled(model, cfg, plan, resumed=resumed is not None)
         modeling.check_loss(model, cfg, splits.train.x, splits.train.y)
     run_tags = {**found.tags(), **plan.tags(), **(tags or {})}
+    config = OmegaConf.to_container(cfg, resolve=True)
+    origin = provenance.Provenance(config, splits, backend, jobs.hydra_record_dir())
+    carried = (
+        runs.Resumed(resumed.run_id, resumed.unrecorded, extends, cfg.trainer.eval_every)
+        if resumed
+        else None
+    )
     with (
         stops.installed(),
         runs.mlflow_run(
-            cfg,
-            splits,
-            run_tags,
-            resumed and resumed.run_id,
-            job,
-            extends,
-            resumed.unrecorded if resumed else None,
-            stops=stops,
-            backend=backend,
+            cfg.tracking, identity, origin, stops=stops, tags=run_tags, resumed=carried
         ) as recorder,
         finishable(cfg.trainer, recorder.run_id),
     ):
@@ -130,9 +129,9 @@ def train(
             output = classifier.output(cfg.model)
             recorder.log_model(model, output, cfg.model._target_, backend.requirements())
         final = recorder.final_metrics()
-    registration = registry.settings(cfg)
-    if registration and job is None:  # a sweep registers its best job's model, at its end
-        registry.register(recorder.run_id, *registration)
+    registration = registry.registration(cfg.trainer, cfg.optimized_metric)
+    if registration and identity.parent_run_id is None:  # a sweep registers its best, at its end
+        registry.register(recorder.run_id, registration)
     return final
 
 
@@ -188,7 +187,7 @@ def _lost_job(error: BaseException) -> str | None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def run_hydra(cfg: DictConfig) -> float:
-    mask_hydra_record()
+    jobs.mask_hydra_record()
     with reported("runner"), Stops().installed() as stops:
         try:
             return objective(cfg, stops)

@@ -1,21 +1,24 @@
-"""A sweep's job as its MLflow run sees it: the sweep's parent run and the job's own name.
+"""This Hydra job as its MLflow run sees it: its name and experiment, the sweep's parent run it
+nests under, and where Hydra recorded its command. The one module that asks Hydra's runtime
+(`HydraConfig`) about the job; it hands the rest of the runner plain values.
 
 `runner.sweeps.nested_runs.NestedRuns`, in the process that starts the sweep, opens the parent
 run and writes its id into the sweep directory; the jobs, wherever they run (joblib's workers,
 submitit's processes, SLURM nodes), read it from there, since every launcher shares that
-directory with its jobs. This module is what the jobs' side needs, and imports no other part
-of the runner.
+directory with its jobs.
 """
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 
-from runner.masking import mask
+from runner.masking import mask, mask_files
+from runner.tracking.identity import RunIdentity
 
 # Written into the sweep directory for the jobs: the parent run's id, and the keys that the
 # sweep's command line sets to one value for every job.
@@ -24,26 +27,19 @@ SWEEP_FILE = "mlflow_sweep.json"
 SWEEP_DIR_TAG = "sweep.dir"
 
 
-@dataclass(frozen=True)
-class SweepJob:
-    parent_run_id: str
-    # "#NUM" and the overrides that set this job apart from the rest of the sweep.
-    name: str
-    # The parent's experiment, which the job's run joins.
-    experiment_name: str
-
-
-def current_job() -> SweepJob | None:
-    """The sweep this job belongs to; None outside a sweep."""
-    if not in_multirun():
-        return None
-    hydra = HydraConfig.get()
-    path = Path(hydra.sweep.dir).absolute() / SWEEP_FILE
-    if not path.is_file():  # the NestedRuns callback was switched off
-        return None
-    sweep = json.loads(path.read_text())
-    name = mask(job_name(hydra.job.num, hydra.overrides.task, sweep["fixed"]))[:250]
-    return SweepJob(sweep["parent_run_id"], name, sweep["experiment_name"])
+def run_identity(experiment_name: str, default_name: str) -> RunIdentity:
+    """This job's run: a sweep's job is named `#NUM` and the overrides that set it apart, and
+    nests under the sweep's parent run, in its experiment; any other run is named by its
+    command line's overrides (else `default_name`), in `experiment_name`."""
+    if in_multirun():
+        hydra = HydraConfig.get()
+        path = Path(hydra.sweep.dir).absolute() / SWEEP_FILE
+        if path.is_file():  # else the NestedRuns callback was switched off
+            sweep = json.loads(path.read_text())
+            name = mask(job_name(hydra.job.num, hydra.overrides.task, sweep["fixed"]))[:250]
+            return RunIdentity(name, sweep["experiment_name"], sweep["parent_run_id"])
+    overrides = HydraConfig.get().job.override_dirname if HydraConfig.initialized() else ""
+    return RunIdentity(mask(overrides) or default_name, experiment_name)
 
 
 def job_name(number: int, overrides: Sequence[str], fixed: Sequence[str]) -> str:
@@ -57,8 +53,6 @@ def job_name(number: int, overrides: Sequence[str], fixed: Sequence[str]) -> str
 def sweep_keys(overrides: Sequence[str], swept: bool) -> list[str]:
     """The keys, as written, of a sweep's command-line `overrides` that sweep (`a=1,2`) or, not
     `swept`, that give one value to every job (`a=1`)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     return [
         override_key(text)
@@ -74,3 +68,30 @@ def override_key(override: str) -> str:
 
 def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def multirun_settings() -> Any | None:
+    """Hydra's own settings (the config's `hydra` node) of this job of a sweep; None outside
+    a sweep."""
+    return HydraConfig.get() if in_multirun() else None
+
+
+def hydra_record_dir() -> Path | None:
+    """Where Hydra wrote this command's config and overrides, if it did."""
+    if not HydraConfig.initialized() or HydraConfig.get().output_subdir is None:
+        return None
+    hydra = HydraConfig.get()
+    return Path(hydra.runtime.output_dir) / hydra.output_subdir
+
+
+def mask_hydra_record() -> None:
+    """Mask the job's record of its command in its folder (`.hydra/*.yaml`), and the sweep's
+    (`multirun.yaml`), which Hydra writes before the job starts."""
+    if not HydraConfig.initialized():
+        return
+    hydra = HydraConfig.get()
+    record = hydra_record_dir()
+    files = list(record.glob("*.yaml")) if record is not None else []
+    if hydra.mode is not None and hydra.mode.name == "MULTIRUN":
+        files.append(Path(hydra.sweep.dir) / "multirun.yaml")
+    mask_files(*files)

@@ -8,10 +8,13 @@ import atexit
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import mlflow
 from hydra.experimental.callback import Callback
+from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from runner.cli import compare
@@ -19,7 +22,8 @@ from runner.errors import UserError, reported
 from runner.masking import mask
 from runner.sweeps import slurm
 from runner.sweeps.jobs import SWEEP_DIR_TAG, SWEEP_FILE, sweep_keys
-from runner.tracking import registry, runs
+from runner.tracking import registry, store
+from runner.tracking.registry import Registration
 
 log = logging.getLogger(__name__)
 
@@ -29,44 +33,52 @@ CURVES_PLOT = "sweep/val_accuracy.png"
 
 class NestedRuns(Callback):
     """Opens the sweep's parent run before the first job and closes it after the last, with a
-    comparison of its children. A sweep that stops early still ends its parent, as FAILED."""
+    comparison of its children. A sweep that stops early still ends its parent, as FAILED.
+    Hydra hands it the whole config; it takes what it needs at once."""
 
     def __init__(self) -> None:
         self.parent_run_id: str | None = None
         self.optimized_metric = "val/accuracy"
         # trainer.register_as and its companions: the best job's model is registered at the end.
-        self.registration: tuple[str, str, str, bool] | None = None
+        self.registration: Registration | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        hydra, tracking = config.hydra, config.tracking
+        sweep_dir = Path(hydra.sweep.dir).absolute()
+        overrides = list(hydra.overrides.task)
         # Hydra would make any exception raised here a warning and run the jobs all the same.
         with reported("runner"):
             try:
-                _check_registration_not_swept(config)
-                if not sweeper_has_work(config):  # the sweeper says why when Hydra starts it
-                    _drop_if_empty(Path(config.hydra.sweep.dir))
+                _check_registration_not_swept(overrides, list(hydra.sweeper.get("params") or {}))
+                check = before_sweep(hydra.sweeper._target_)
+                if check is not None and not check(config):  # the sweeper says why, later
+                    _drop_if_empty(sweep_dir)
                     return
-                runs.open_store(config.tracking.uri, config.tracking.experiment_name)
+                store.open_store(tracking.uri, tracking.experiment_name)
             except UserError:
-                _drop_if_empty(Path(config.hydra.sweep.dir))
+                _drop_if_empty(sweep_dir)
                 raise
-        slurm.prepare_sweep(config)
-        import mlflow
+        slurm.prepare_sweep(hydra.launcher)
+        tags = {
+            SWEEP_DIR_TAG: str(sweep_dir),
+            "sweep.overrides": mask(" ".join(overrides)),
+            "sweep.sweeper": hydra.sweeper._target_.rsplit(".", 1)[-1],
+            "sweep.launcher": hydra.launcher._target_.rsplit(".", 1)[-1],
+        }
+        self._open_parent(tracking.experiment_name, tags, sweep_keys(overrides, swept=False))
+        self.optimized_metric = config.optimized_metric
+        self.registration = registry.registration(config.trainer, config.optimized_metric)
 
-        sweep_dir = Path(config.hydra.sweep.dir).absolute()
-        overrides = mask(" ".join(config.hydra.overrides.task))
+    def _open_parent(self, experiment_name: str, tags: dict[str, str], fixed: list[str]) -> None:
+        """Create the sweep's parent run, with `tags`, and write its id into the sweep folder
+        for the jobs, with the keys the command line gives one value (`fixed`)."""
+        sweep_dir = Path(tags[SWEEP_DIR_TAG])
         run = mlflow.MlflowClient().create_run(
-            mlflow.get_experiment_by_name(config.tracking.experiment_name).experiment_id,
-            run_name=f"sweep {overrides}"[:250],
-            tags={
-                SWEEP_DIR_TAG: str(sweep_dir),
-                "sweep.overrides": overrides,
-                "sweep.sweeper": config.hydra.sweeper._target_.rsplit(".", 1)[-1],
-                "sweep.launcher": config.hydra.launcher._target_.rsplit(".", 1)[-1],
-            },
+            mlflow.get_experiment_by_name(experiment_name).experiment_id,
+            run_name=f"sweep {tags['sweep.overrides']}"[:250],
+            tags=tags,
         )
         self.parent_run_id = run.info.run_id
-        self.optimized_metric = config.optimized_metric
-        self.registration = registry.settings(config)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / SWEEP_FILE).write_text(
             json.dumps(
@@ -74,8 +86,8 @@ class NestedRuns(Callback):
                     "parent_run_id": self.parent_run_id,
                     # The jobs record here too, whatever their own data (and so default
                     # experiment name) is: a sweep's runs stay in one experiment.
-                    "experiment_name": config.tracking.experiment_name,
-                    "fixed": sweep_keys(config.hydra.overrides.task, swept=False),
+                    "experiment_name": experiment_name,
+                    "fixed": fixed,
                 }
             )
         )
@@ -83,7 +95,7 @@ class NestedRuns(Callback):
             "MLflow parent run %s for the sweep in %s: %s",
             self.parent_run_id,
             sweep_dir,
-            runs.ui_link(run.info.experiment_id, self.parent_run_id),
+            store.ui_link(run.info.experiment_id, self.parent_run_id),
         )
         # Hydra skips on_multirun_end when a job fails or the sweep is interrupted.
         atexit.register(self._finish, "FAILED")
@@ -93,8 +105,6 @@ class NestedRuns(Callback):
         atexit.unregister(self._finish)
 
     def _finish(self, status: str) -> None:
-        import mlflow
-
         if self.parent_run_id is None:
             return
         client = mlflow.MlflowClient()
@@ -131,8 +141,8 @@ class NestedRuns(Callback):
         best = client.get_run(self.parent_run_id).data.tags.get("sweep.best_run_id")
         if best is None:
             raise UserError("no job of the sweep has a result to register its model by")
-        name = self.registration[0]
-        version = registry.register(best, *self.registration)
+        name = self.registration.name
+        version = registry.register(best, self.registration)
         client.set_tag(self.parent_run_id, "registered", f"models:/{name}/{version}")
 
 
@@ -142,16 +152,13 @@ def _drop_if_empty(folder: Path) -> None:
         folder.rmdir()
 
 
-def sweeper_has_work(config: DictConfig) -> bool:
-    """Whether the sweep will launch any job, asked before its parent run exists: Hydra calls
-    `on_multirun_start` before it builds the sweeper, so a sweeper that refused to start or had
-    nothing to run would otherwise leave an empty parent run. A sweeper class takes part with a
-    classmethod `check_before_sweep(config) -> bool`, which returns False when there is nothing
-    to run and raises a `UserError` to refuse."""
-    from hydra.utils import get_class
-
-    check = getattr(get_class(config.hydra.sweeper._target_), "check_before_sweep", None)
-    return check is None or bool(check(config))
+def before_sweep(sweeper: str) -> Callable[[DictConfig], bool] | None:
+    """How the sweeper class `sweeper` says whether the sweep will launch any job, asked before
+    its parent run exists: Hydra calls `on_multirun_start` before it builds the sweeper, so a
+    sweeper that refused to start or had nothing to run would otherwise leave an empty parent
+    run. A sweeper class takes part with a classmethod `check_before_sweep(config) -> bool`,
+    which returns False when there is nothing to run and raises a `UserError` to refuse."""
+    return getattr(get_class(sweeper), "check_before_sweep", None)
 
 
 def summarize(client: Any, parent_run_id: str, optimized_metric: str) -> None:
@@ -173,12 +180,11 @@ def summarize(client: Any, parent_run_id: str, optimized_metric: str) -> None:
         client.set_tag(parent_run_id, "sweep.best_run_id", rows["run_id"][best.index[0]])
 
 
-def _check_registration_not_swept(config: DictConfig) -> None:
+def _check_registration_not_swept(overrides: list[str], searched: list[str]) -> None:
     """A sweep registers its best job's model once, at its end, under one name: refuse a sweep
-    (or search) over trainer.register_as, its alias or force, which would register nothing."""
-    swept = sweep_keys(config.hydra.overrides.task, swept=True)
-    searched = list(config.hydra.sweeper.get("params") or {})
-    for key in swept + searched:
+    over trainer.register_as, its alias or force (in the command line's `overrides`, or the
+    sweeper's `searched` keys), which would register nothing."""
+    for key in sweep_keys(overrides, swept=True) + searched:
         if key.lstrip("+~").startswith("trainer.register_"):
             raise UserError(
                 f"{key} cannot be swept: a sweep registers its best job's model once, under one "

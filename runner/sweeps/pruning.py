@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
@@ -86,15 +85,14 @@ class Trial:
 def this_jobs_trial() -> Trial | None:
     """The trial this job runs, if it is a job of the runner's Optuna sweeper on a stored study
     (without a pruner, it reports all the same: Optuna's plots show the curves)."""
-    if not jobs.in_multirun():
+    hydra = jobs.multirun_settings()
+    if hydra is None:
         return None
-    hydra = HydraConfig.get()
     sweeper = hydra.sweeper
     runner_optuna = str(sweeper.get("_target_", "")).endswith(".ResumableOptunaSweeper")
     if not runner_optuna or sweeper.get("storage") is None:
         return None
-    import optuna
-    from optuna.trial import TrialState
+    import optuna  # which only a search's jobs need
 
     storage = sweeper.storage
     study = optuna.load_study(
@@ -103,7 +101,7 @@ def this_jobs_trial() -> Trial | None:
         pruner=build_pruner(sweeper.get("pruner")) or optuna.pruners.NopPruner(),
     )
     key = job_key(hydra, hydra.job.num)
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if trial.user_attrs.get(JOB_ATTR) == key:
             return Trial(optuna.Trial(study, trial._trial_id))
     raise UserError(

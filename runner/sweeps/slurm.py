@@ -15,7 +15,9 @@ import time
 import traceback
 from typing import Any
 
-from omegaconf import DictConfig, read_write
+from hydra.utils import get_class
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+from omegaconf import Container, read_write
 from submitit.core.core import Job
 from submitit.core.utils import DelayedSubmission, FailedJobError, UncompletedJobError
 from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
@@ -105,25 +107,23 @@ def _has_accounting() -> bool | None:
     return not ACCOUNTING_OFF.search(shown.stdout)
 
 
-def prepare_sweep(config: DictConfig) -> None:
-    """Before a sweep's jobs are submitted: with a SLURM launcher, watch the jobs with
-    `QueueWatcher`; and `gpus_per_node=0` asks for no GPU at all, where submitit would write
-    `--gpus-per-node=0` into the job script, a GPU request (of none) that a site's job
-    submission rules may send to a GPU partition or refuse."""
-    from hydra.utils import get_class
-    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
-
+def prepare_sweep(launcher: Container) -> None:
+    """Before a sweep's jobs are submitted, given Hydra's `launcher` settings (`hydra.launcher`):
+    with a SLURM launcher, watch the jobs with `QueueWatcher`; and `gpus_per_node=0` asks for no
+    GPU at all, where submitit would write `--gpus-per-node=0` into the job script, a GPU
+    request (of none) that a site's job submission rules may send to a GPU partition or
+    refuse."""
     try:
-        launcher = get_class(config.hydra.launcher._target_)
+        kind = get_class(launcher._target_)
     except (ImportError, ValueError):  # Hydra says so itself when it builds the launcher
         return
-    if not issubclass(launcher, SlurmLauncher):
+    if not issubclass(kind, SlurmLauncher):
         return
     if not isinstance(SlurmJob.watcher, QueueWatcher):
         SlurmJob.watcher = QueueWatcher(SlurmJob.watcher._delay_s)
-    if config.hydra.launcher.get("gpus_per_node") == 0:
-        with read_write(config.hydra.launcher):
-            config.hydra.launcher.gpus_per_node = None
+    if launcher.get("gpus_per_node") == 0:
+        with read_write(launcher):
+            launcher.gpus_per_node = None
 
 
 def job_failure(error: BaseException) -> str | None:

@@ -5,11 +5,13 @@ import inspect
 import platform
 import subprocess
 import sysconfig
+from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from runner.backends.devices import cpu_cores
+from runner.targets import target
 
 # Besides the backend's own packages, which a run of the other backend leaves out: a TensorFlow
 # run's environment is the one its golden histories were recorded in.
@@ -55,19 +57,18 @@ def tags(environment: dict[str, Any]) -> dict[str, str]:
 TARGETS = ("model", "data", "optimizer", "loss")
 
 
-def user_modules(cfg: Any) -> dict[str, Path]:
-    """The modules of the user's own code that `cfg`'s targets (model, data, optimizer, loss,
-    callbacks) name, each with its file: those outside the runner's package, the standard
-    library and installed packages. Call once the targets are built: it imports nothing new."""
-    from omegaconf import OmegaConf
-
-    from runner.targets import target
-
-    nodes = {path: cfg.get(path) for path in TARGETS}
-    nodes.update({f"callbacks.{name}": node for name, node in (cfg.get("callbacks") or {}).items()})
+def user_modules(config: Mapping[str, Any]) -> dict[str, Path]:
+    """The modules of the user's own code that the resolved `config`'s targets (model, data,
+    optimizer, loss, callbacks) name, each with its file: those outside the runner's package,
+    the standard library and installed packages. Call once the targets are built: it imports
+    nothing new."""
+    nodes = {path: config.get(path) for path in TARGETS}
+    nodes.update(
+        {f"callbacks.{name}": node for name, node in (config.get("callbacks") or {}).items()}
+    )
     found = {}
     for path, node in nodes.items():
-        if OmegaConf.is_dict(node) and node.get("_target_"):
+        if isinstance(node, Mapping) and node.get("_target_"):
             module = inspect.getmodule(target(node, path))
             file = getattr(module, "__file__", None)
             if module is not None and file and _users(Path(file).resolve()):

@@ -1,16 +1,20 @@
-"""Find and load a model that a training run logged to MLflow, by run id or by model URI.
-
-MLflow is imported where it is used, so that `check_choice` answers a wrong command line at
-once rather than after MLflow's and TensorFlow's seconds of loading."""
+"""Find and load a model that a training run logged to MLflow, by run id or by model URI, and
+read what its run says of it: its config, the step it reached, what it emits."""
 
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
+from mlflow.exceptions import MlflowException
+from omegaconf import OmegaConf
+
 from runner.errors import UserError
-from runner.models import register_custom_objects
+from runner.models import classifier, register_custom_objects
 from runner.targets import import_code
+from runner.tracking.access import refusal
+from runner.tracking.model_choice import check_choice
 
 # Keys of a logged model's MLmodel metadata: the module that its `_target_` names, which loading
 # imports first, and the folder it was imported from when the model was logged.
@@ -24,15 +28,9 @@ class LoggedModel:
     run: Any  # the training run (mlflow.entities.Run), for its config
 
 
-def check_choice(run_id: str | None, model_uri: str | None) -> None:
-    """Exactly one of `run_id` and `model_uri` names the model."""
-    if bool(run_id) == bool(model_uri):
-        raise UserError("give exactly one of run_id=<MLflow run id> or model_uri=<model URI>")
-
-
 def locate(run_id: str | None, model_uri: str | None) -> str:
     """The URI of the model `run_id` logged, else `model_uri` (models:/, runs:/, a path), in
-    the store that `runner.tracking.runs.connect` pointed MLflow at: a wrong run is told before
+    the store that `runner.tracking.store.connect` pointed MLflow at: a wrong run is told before
     TensorFlow loads, which takes seconds."""
     check_choice(run_id, model_uri)
     return model_uri or _model_of_run(run_id)
@@ -41,9 +39,6 @@ def locate(run_id: str | None, model_uri: str | None) -> str:
 def backend_of(uri: str) -> str:
     """The Keras backend the model at `uri` was saved on, as MLflow's Keras flavour records it
     (TensorFlow for a model saved before it did)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     try:
         if Path(uri).is_dir():
             flavors = mlflow.models.Model.load(uri).flavors
@@ -56,9 +51,6 @@ def backend_of(uri: str) -> str:
 
 def load(uri: str) -> LoggedModel:
     """The Keras model at `uri` (from `locate`), and its training run where this store has it."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     register_custom_objects()
     try:
         if Path(uri).is_dir():  # a model saved or downloaded here: its store may be elsewhere
@@ -79,8 +71,6 @@ def load(uri: str) -> LoggedModel:
 def _module_to_import(run: Any, metadata: dict[str, Any]) -> str | None:
     """What to import before the model loads: the run's `model._target_`, which models logged
     before their module was recorded have too, else the module the model's metadata records."""
-    from omegaconf import OmegaConf
-
     if run is not None:
         with suppress(UserError):  # a run logged by hand, without the runner's config.yaml
             name = OmegaConf.select(logged_config(run), "model._target_")
@@ -92,9 +82,6 @@ def _module_to_import(run: Any, metadata: dict[str, Any]) -> str | None:
 def _run_if_known(run_id: str | None) -> Any:
     """The run `run_id` in this store; None for a model without one, or whose run is in a store
     this command does not read."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     if not run_id:
         return None
     try:
@@ -105,11 +92,6 @@ def _run_if_known(run_id: str | None) -> Any:
 
 def _model_of_run(run_id: str) -> str:
     """The newest model the run logged: a resumed run logs one each time it ends."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from runner.tracking.access import refusal
-
     try:
         run = mlflow.get_run(run_id)
     except MlflowException as error:
@@ -134,10 +116,6 @@ def _model_of_run(run_id: str) -> str:
 
 def logged_config(run: Any) -> Any:
     """The resolved config the run trained with (its config.yaml artifact)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from omegaconf import OmegaConf
-
     try:
         return OmegaConf.create(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml"))
     except MlflowException as error:
@@ -165,11 +143,9 @@ def reached_step(found: LoggedModel) -> int | None:
     """The optimizer step the model reached, which a run stopped early or resumed further than
     it was started for does not share with its `trainer.steps` parameter; that parameter for a
     model saved without its optimizer."""
-    import keras
-
     optimizer = getattr(found.model, "optimizer", None)
     if optimizer is not None and optimizer.built:
-        return int(keras.ops.convert_to_numpy(optimizer.iterations))
+        return int(optimizer.iterations.numpy())
     steps = found.run.data.params.get("trainer.steps") if found.run else None
     return int(steps) if steps else None
 
@@ -177,8 +153,6 @@ def reached_step(found: LoggedModel) -> int | None:
 def emitted(found: LoggedModel) -> str:
     """What the model emits, logits or probabilities (`runner.models.classifier`): as its run's
     `model.output` says, else (a model without a run) probabilities if it ends in a softmax."""
-    from runner.models import classifier
-
     if found.run is not None:
         try:
             config = logged_config(found.run)

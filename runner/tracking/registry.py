@@ -6,30 +6,44 @@ overrides and the metric that chose it; the alias moves to it if its metric is b
 aliased version's run's (lower for a loss, higher otherwise), or when forced."""
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
+import mlflow
+import yaml
+from mlflow.exceptions import MlflowException
+
 from runner.errors import UserError
+from runner.tracking.logged_model import locate
 
 log = logging.getLogger(__name__)
 
 
-def settings(cfg: Any) -> tuple[str, str, str, bool] | None:
-    """(name, alias, metric, force) of `trainer.register_as` and its companions; None when the
-    config registers nothing."""
-    t = cfg.trainer
-    if not t.get("register_as"):
+@dataclass(frozen=True)
+class Registration:
+    """Where a run's model is registered (`trainer.register_as` and its companions): as a new
+    version of `name`, `alias` moving onto it if its `metric` beats the aliased one's, or
+    `force`d."""
+
+    name: str
+    alias: str
+    metric: str
+    force: bool = False
+
+
+def registration(trainer: Any, metric: str) -> Registration | None:
+    """What the `trainer` settings register, chosen by `metric` (`optimized_metric`); None
+    when they register nothing."""
+    if not trainer.register_as:
         return None
-    return t.register_as, t.register_alias, cfg.optimized_metric, t.register_force
+    return Registration(trainer.register_as, trainer.register_alias, metric, trainer.register_force)
 
 
-def register(run_id: str, name: str, alias: str, metric: str, force: bool) -> str:
-    """A new version of `name` from `run_id`'s newest logged model, returned; `alias` moves
-    onto it if its run's final `metric` beats the aliased version's run's, or with `force`."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from runner.tracking.logged_model import locate
-
+def register(run_id: str, registration: Registration) -> str:
+    """A new version of the registered model from `run_id`'s newest logged model, returned;
+    the alias moves onto it if its run's final metric beats the aliased version's run's, or if
+    forced."""
+    name, alias, metric = registration.name, registration.alias, registration.metric
     client = mlflow.MlflowClient()
     try:
         value = _final(client, run_id, metric)
@@ -42,7 +56,7 @@ def register(run_id: str, name: str, alias: str, metric: str, force: bool) -> st
         held = _final(client, current.run_id, metric) if current and current.run_id else None
         tags = {"run_id": run_id, "overrides": _overrides(run_id), "chosen_by": f"{metric}={value}"}
         version = mlflow.register_model(locate(run_id, None), name, tags=tags).version
-        moved = force or held is None or _better(value, held, metric)
+        moved = registration.force or held is None or _better(value, held, metric)
         if moved:
             client.set_registered_model_alias(name, alias, version)
     except MlflowException as error:
@@ -63,9 +77,6 @@ def register(run_id: str, name: str, alias: str, metric: str, force: bool) -> st
 def run_of(uri: str) -> str:
     """The run that logged the model a registry URI names: models:/NAME/VERSION or
     models:/NAME@ALIAS."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     name, _, which = uri.removeprefix("models:/").partition("@")
     if not which and "/" not in name:  # a logged model's id, models:/m-...
         try:
@@ -89,10 +100,6 @@ def run_of(uri: str) -> str:
 
 def _overrides(run_id: str) -> str:
     """The command-line overrides the run was started with, as Hydra logged them."""
-    import mlflow
-    import yaml
-    from mlflow.exceptions import MlflowException
-
     try:
         logged = mlflow.artifacts.load_text(f"runs:/{run_id}/hydra/overrides.yaml")
     except MlflowException:
@@ -101,8 +108,6 @@ def _overrides(run_id: str) -> str:
 
 
 def _aliased(client: Any, name: str, alias: str) -> Any:
-    from mlflow.exceptions import MlflowException
-
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException:

@@ -15,6 +15,7 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, Schema
@@ -38,7 +39,9 @@ SIGNATURE = ModelSignature(
 )
 
 
-def log_model(model: Any, name: str, output: str, pip_requirements: list[str], target: str) -> None:
+def log_model(
+    model: Any, *, name: str, output: str, target: str, pip_requirements: list[str]
+) -> None:
     """Log `model` (which emits `output`, built by `_target_` `target`) to the active run as
     MLflow model `name`."""
     Model.log(
@@ -56,6 +59,7 @@ def log_model(model: Any, name: str, output: str, pip_requirements: list[str], t
 def save_model(
     model: Any,
     path: str,
+    *,
     output: str,
     target: str,
     mlflow_model: Model | None = None,
@@ -90,8 +94,6 @@ class Classifier:
         self.shape = input_shape(model)
 
     def predict(self, data: Any, params: dict | None = None) -> Any:
-        import pandas as pd
-
         outputs = self.model.predict(self.images(data), batch_size=1000, verbose=0)
         probabilities = classifier.probabilities(outputs, self.output)
         return pd.DataFrame(

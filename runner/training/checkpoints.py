@@ -126,7 +126,7 @@ def settings(cfg: Any, digests: dict[str, str]) -> dict[str, Any]:
     loader's keys may change the data, which this catches whatever they are."""
     from omegaconf import OmegaConf
 
-    from runner.tracking.runs import flatten
+    from runner.tracking.provenance import flatten
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     chosen = {
