@@ -14,11 +14,11 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from runner.cli import compare
 from runner.errors import UserError, reported
 from runner.masking import mask
 from runner.sweeps import slurm
 from runner.sweeps.jobs import SWEEP_DIR_TAG, SWEEP_FILE, sweep_keys
+from runner.tracking import comparison as compare
 from runner.tracking import registry, runs
 
 log = logging.getLogger(__name__)
