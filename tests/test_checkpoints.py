@@ -12,6 +12,7 @@ import pytest
 from runner.cli import repro
 from runner.cli.train import train
 from runner.errors import Interrupted, UserError
+from runner.tracking.recorded import histories
 from runner.training import checkpoints
 
 from .conftest import (
@@ -108,7 +109,7 @@ def final_weights(run_dir: Path) -> list[np.ndarray]:
 def history(folder: Path, run_id: str) -> dict:
     """The run's metric histories, less the machine's measurements (as runner-repro compares)."""
     client = store_client(folder)
-    return repro.histories(client, client.get_run(run_id))
+    return histories(client, client.get_run(run_id))
 
 
 def runner(folder: Path, mnist_dir: Path, *args: str, signal_at: str = "", code: int = 0) -> str:

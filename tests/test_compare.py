@@ -8,6 +8,7 @@ from mlflow import MlflowClient
 
 from runner.cli import compare
 from runner.errors import UserError
+from runner.tracking import comparison
 
 
 def searched_runs() -> pd.DataFrame:
@@ -29,7 +30,7 @@ def searched_runs() -> pd.DataFrame:
 
 
 def test_a_parameter_only_some_runs_have_differs_and_is_blank_where_missing():
-    rows = compare.table(searched_runs(), ["val/accuracy"], sort_by="val/accuracy")
+    rows = comparison.table(searched_runs(), ["val/accuracy"], sort_by="val/accuracy")
     # Parameters by name: mlflow.search_runs orders its columns differently from call to call.
     assert list(rows.columns) == [
         "run",
@@ -40,34 +41,37 @@ def test_a_parameter_only_some_runs_have_differs_and_is_blank_where_missing():
         "val/accuracy",
     ]
     assert list(rows["run"]) == ["cnn", "softmax"]
-    csv = compare.render(rows, "csv").splitlines()
+    csv = comparison.render(rows, "csv").splitlines()
     assert csv[1].startswith("cnn,") and ",0.4,cnn_layers," in csv[1]
     assert ",,softmax," in csv[2]
     shuffled = searched_runs().iloc[:, ::-1]
-    assert list(compare.table(shuffled, ["val/accuracy"]).columns) == list(rows.columns)
-    text = compare.render(rows, "table")
+    assert list(comparison.table(shuffled, ["val/accuracy"]).columns) == list(rows.columns)
+    text = comparison.render(rows, "table")
     assert "nan" not in text.lower() and "None" not in text
 
 
 def test_only_metrics_the_runs_have_may_be_asked_for():
     runs = searched_runs()
-    assert compare.recorded_metrics(runs) == ["test/loss", "val/accuracy"]
-    defaults = list(compare.DEFAULT_METRICS)
-    assert compare.chosen_metrics(runs, None, None) == (defaults, "val/accuracy")
-    assert compare.chosen_metrics(runs, ["test/loss"], "test/loss") == (["test/loss"], "test/loss")
+    assert comparison.recorded_metrics(runs) == ["test/loss", "val/accuracy"]
+    defaults = list(comparison.DEFAULT_METRICS)
+    assert comparison.chosen_metrics(runs, None, None) == (defaults, "val/accuracy")
+    assert comparison.chosen_metrics(runs, ["test/loss"], "test/loss") == (
+        ["test/loss"],
+        "test/loss",
+    )
     with pytest.raises(UserError) as raised:
-        compare.chosen_metrics(runs, ["test/loss", "val/acuracy"], None)
+        comparison.chosen_metrics(runs, ["test/loss", "val/acuracy"], None)
     message = str(raised.value)
     assert "'val/acuracy'" in message and "pick from test/loss, val/accuracy" in message
     with pytest.raises(UserError, match="'test/accuracy'"):
-        compare.chosen_metrics(runs, None, "test/accuracy")
+        comparison.chosen_metrics(runs, None, "test/accuracy")
 
 
 def test_the_default_sort_is_dropped_where_no_run_has_it():
     runs = searched_runs().drop(columns="metrics.val/accuracy")
-    assert compare.chosen_metrics(runs, None, None) == (list(compare.DEFAULT_METRICS), None)
+    assert comparison.chosen_metrics(runs, None, None) == (list(comparison.DEFAULT_METRICS), None)
     with pytest.raises(UserError, match="'val/accuracy'"):
-        compare.chosen_metrics(runs, None, "val/accuracy")
+        comparison.chosen_metrics(runs, None, "val/accuracy")
 
 
 def test_compare_of_an_experiment_without_runs_says_so(in_tmp_store, capsys):
@@ -95,7 +99,7 @@ def test_a_group_over_seed_counts_only_its_finished_runs_results():
             "params.trainer.checkpoint_dir": [f"/out/{n}/checkpoints" for n in range(4)],
         }
     )
-    rows = compare.summary(runs, "seed", ["val/accuracy"], sort_by="val/accuracy")
+    rows = comparison.summary(runs, "seed", ["val/accuracy"], sort_by="val/accuracy")
     assert list(rows.columns) == [
         "model.dropout_rate",
         "seed",
@@ -112,10 +116,10 @@ def test_a_group_over_seed_counts_only_its_finished_runs_results():
 
 def test_a_misspelt_over_suggests_the_parameter_and_names_those_that_differ():
     with pytest.raises(UserError) as error:
-        compare.check_over(searched_runs(), "model.nmae")
+        comparison.check_over(searched_runs(), "model.nmae")
     assert str(error.value) == (
         "--over 'model.nmae' is not a parameter of the runs compared: did you mean model.name? "
         "those that differ between them are model.dropout_rate, model.name"
     )
     with pytest.raises(UserError, match="compared: those that differ"):
-        compare.check_over(searched_runs(), "zzz")
+        comparison.check_over(searched_runs(), "zzz")

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from runner.cli.repro import check_golden, compare, golden_rtol
+from runner.cli.reruns import check_golden
+from runner.tracking.differences import compare
+from runner.tracking.golden import golden_rtol
 
 GOLDEN = Path(__file__).parent / "golden"
 

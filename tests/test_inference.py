@@ -299,8 +299,8 @@ def test_a_relative_data_path_is_recorded_absolute_with_its_digest(
 ):
     """A run on `data.path=sets/digits.npz` is evaluated and rerun from another folder; once the
     file changes, both say so (here in rows the run left out, so the results still agree)."""
-    from runner.cli.repro import logged_environment
     from runner.cli.repro import main as repro
+    from runner.tracking.recorded import logged_environment
 
     (in_tmp_store / "sets").mkdir()
     path = write_digits(in_tmp_store / "sets" / "digits.npz", test_rows=100)

@@ -20,11 +20,10 @@ import pytest
 from PIL import Image
 
 from runner import backends
-from runner.cli import repro
 from runner.cli.train import train
 from runner.data import TEST_IMAGES, TEST_LABELS, read_idx
 from runner.errors import UserError
-from runner.tracking import logged_model
+from runner.tracking import logged_model, recorded
 from runner.training import checkpoints
 
 from .conftest import (
@@ -103,7 +102,7 @@ def test_a_jax_run_records_its_backend_and_learns(jax_softmax):
     assert (tags["backend"], tags["backend_version"]) == ("jax", version("jax"))
     assert "tensorflow_version" not in tags
     assert tags["plan.jit_compile"] == "True"
-    environment = repro.logged_environment(run)
+    environment = recorded.logged_environment(run)
     assert environment["backend"] == "jax"
     assert environment["packages"]["jaxlib"] == version("jaxlib")
     assert "tensorflow" not in environment["packages"]
@@ -172,7 +171,7 @@ def test_killed_then_interrupted_run_resumes_bitwise(jax_softmax, tmp_path, mnis
     client = store_client(tmp_path)
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert steps == list(range(10, 121, 10))
-    assert repro.histories(client, run) == repro.histories(store_client(jax_softmax), want)
+    assert recorded.histories(client, run) == recorded.histories(store_client(jax_softmax), want)
     weights = [checkpoints.latest(f / "run" / "checkpoints") for f in (tmp_path, jax_softmax)]
     got, expected = (w.load_model().get_weights() for w in weights)
     for a, b in zip(got, expected, strict=True):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runner.cli import repro
+from runner.cli import reruns
 from runner.cli.evaluate import evaluate
 from runner.cli.predict import predict
 from runner.cli.train import train
@@ -422,7 +422,7 @@ def test_a_subclassed_model_elsewhere_names_its_module_and_folder(subclassed, ru
         ),
         "pyfunc": lambda: mlflow.pyfunc.load_model(model.model_uri),
         "runner trainer.resume=extend": lambda: train(compose_config([*SUBNET, *extend])),
-        "runner-repro": lambda: repro.rerun(run_id, store, []),
+        "runner-repro": lambda: reruns.rerun(run_id, store, []),
     }
     for name, load in loads.items():
         with pytest.raises(UserError) as error:

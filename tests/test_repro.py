@@ -12,8 +12,10 @@ import pytest
 import yaml
 
 from runner.cli import repro
-from runner.cli.repro import Difference, compare, environment_differences, rerun
+from runner.cli.reruns import rerun
 from runner.errors import UserError
+from runner.tracking import recorded
+from runner.tracking.differences import Difference, compare, environment_differences
 
 from .conftest import QUICK, REPO, cli, store_client
 
@@ -245,7 +247,7 @@ def test_a_run_without_its_command_line_is_not_saved(tmp_path, new_store):
     run_id = client.create_run(experiment).info.run_id
     client.log_text(run_id, "model:\n  _target_: a.build\n", "config.yaml")
     with pytest.raises(UserError) as error:
-        repro.save(run_id, uri, tmp_path / "golden.json")
+        recorded.save(run_id, uri, tmp_path / "golden.json")
     assert str(error.value).startswith(
         f"run {run_id} logged no hydra/overrides.yaml, so its command line is unknown"
     )

@@ -7,9 +7,9 @@ import json
 import mlflow
 from mlflow import MlflowClient
 
-from runner.cli.repro import histories
 from runner.cli.train import train
 from runner.data import TEST_LABELS, read_idx
+from runner.tracking.recorded import histories
 
 from .conftest import QUICK, compose_config
 

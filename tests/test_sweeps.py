@@ -13,7 +13,7 @@ import pytest
 
 from runner.cli import compare
 from runner.sweeps import jobs, nested_runs
-from runner.tracking import plots
+from runner.tracking import comparison, plots
 
 from .conftest import QUICK, cli, mlflow_server, parents_and_children, store_client
 
@@ -107,7 +107,7 @@ def test_compare_prints_the_latest_sweep_best_first(grid, monkeypatch, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     header = lines[0].split(",")
     assert header[:3] == ["run", "run_id", "status"]
-    assert {"model.name", "optimizer.lr", *compare.DEFAULT_METRICS} <= set(header)
+    assert {"model.name", "optimizer.lr", *comparison.DEFAULT_METRICS} <= set(header)
     accuracies = [float(line.split(",")[header.index("val/accuracy")]) for line in lines[1:]]
     assert len(accuracies) == 4 and accuracies == sorted(accuracies, reverse=True)
 
@@ -207,7 +207,7 @@ def test_compare_shows_a_parameter_of_one_model_only(grid, monkeypatch, capsys):
         compare.main([*args, "--format", "csv"])
         header, *lines = capsys.readouterr().out.strip().splitlines()
         columns = header.split(",")
-        assert {"model.name", "model.dropout_rate", *compare.DEFAULT_METRICS} <= set(columns)
+        assert {"model.name", "model.dropout_rate", *comparison.DEFAULT_METRICS} <= set(columns)
         assert "best/val/accuracy" not in columns  # the sweep parent's, not the runs'
         cells = [dict(zip(columns, line.split(","), strict=True)) for line in lines]
         rates = {row["model.name"]: row["model.dropout_rate"] for row in cells}
@@ -274,7 +274,7 @@ def test_a_sweep_over_data_keeps_its_runs_in_one_experiment_and_compares_with_an
     sweep_of = {c.info.run_id: label[c.data.tags["mlflow.parentRunId"]] for c in children}
     assert dict(zip(rows["run_id"], rows["sweep"], strict=True)) == sweep_of
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    drawn = compare.curves(rows.assign(**{"tags.mlflow.runName": rows["run"]}), compare.CURVE)
+    drawn = comparison.curves(rows.assign(**{"tags.mlflow.runName": rows["run"]}), comparison.CURVE)
     assert len(drawn) == 6 and all(len(points) == 2 for points in drawn.values())
 
 
@@ -298,7 +298,7 @@ def test_compare_over_seed_gives_each_group_of_seeds_one_row_and_curve(
     assert list(rows.columns[:3]) == ["optimizer.lr", "seed", "runs"]
     assert "trainer.checkpoint_dir" not in rows.columns
     assert list(rows["seed"]) == ["1 2", "1 2"] and list(rows["runs"]) == [2, 2]
-    for metric in compare.DEFAULT_METRICS:
+    for metric in comparison.DEFAULT_METRICS:
         mean = rows.set_index("optimizer.lr")[f"{metric} mean"]
         assert mean.to_dict() == pytest.approx(final[metric].mean().to_dict())
         std = rows.set_index("optimizer.lr")[f"{metric} std"]
@@ -320,15 +320,15 @@ def test_compare_over_seed_gives_each_group_of_seeds_one_row_and_curve(
     assert rows["val/accuracy std"].isna().tolist() == [n == 1 for n in rows["runs"]]
 
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    runs = compare.children(second.info.experiment_id, second.info.run_id)
-    means, spread = compare.group_curves(runs, "seed", compare.CURVE)
+    runs = comparison.children(second.info.experiment_id, second.info.run_id)
+    means, spread = comparison.group_curves(runs, "seed", comparison.CURVE)
     assert set(means) == {"optimizer.lr=0.1 (2 runs)", "optimizer.lr=0.9 (2 runs)"}
     for name, points in means.items():
         lr = float(name.split("=")[1].split()[0])
         assert [step for step, _ in points] == [5, 10]
         assert points[-1][1] == pytest.approx(final["val/accuracy"].mean()[lr])
         assert spread[name][-1][1] == pytest.approx(final["val/accuracy"].std()[lr])
-    figure = plots.sweep_curves(means, compare.CURVE, spread)
+    figure = plots.sweep_curves(means, comparison.CURVE, spread)
     assert len(figure.axes[0].lines) == len(figure.axes[0].collections) == 2  # a band a group
 
     with pytest.raises(SystemExit, match="^1$"):

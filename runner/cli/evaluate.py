@@ -34,8 +34,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float | int | None]:
     uri = logged_model.locate(cfg.run_id, cfg.model_uri)
     backend = backends.select(str(cfg.backend or logged_model.backend_of(uri)))  # before Keras
     from runner import data
-    from runner.cli.repro import logged_environment
     from runner.models import classifier
+    from runner.tracking.recorded import logged_environment
     from runner.training.fitting import evaluate_outputs
 
     found = logged_model.load(uri)

@@ -23,8 +23,6 @@ from runner.tracking.identity import RunIdentity
 # Written into the sweep directory for the jobs: the parent run's id, and the keys that the
 # sweep's command line sets to one value for every job.
 SWEEP_FILE = "mlflow_sweep.json"
-# The tag that marks a run as a sweep's parent, holding the sweep directory.
-SWEEP_DIR_TAG = "sweep.dir"
 
 
 def run_identity(experiment_name: str, default_name: str) -> RunIdentity:

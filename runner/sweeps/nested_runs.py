@@ -17,12 +17,12 @@ from hydra.experimental.callback import Callback
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
-from runner.cli import compare
 from runner.errors import UserError, reported
 from runner.masking import mask
 from runner.sweeps import slurm
-from runner.sweeps.jobs import SWEEP_DIR_TAG, SWEEP_FILE, sweep_keys
-from runner.tracking import registry, store
+from runner.sweeps.jobs import SWEEP_FILE, sweep_keys
+from runner.tracking import comparison, registry, store
+from runner.tracking.identity import SWEEP_DIR_TAG
 from runner.tracking.registry import Registration
 
 log = logging.getLogger(__name__)
@@ -167,13 +167,13 @@ def summarize(client: Any, parent_run_id: str, optimized_metric: str) -> None:
     from runner.tracking import plots  # matplotlib: half a second that a single run need not spend
 
     parent = client.get_run(parent_run_id)
-    runs = compare.children(parent.info.experiment_id, parent_run_id)
+    runs = comparison.children(parent.info.experiment_id, parent_run_id)
     if runs.empty:
         return
-    rows = compare.table(runs, compare.DEFAULT_METRICS, sort_by=optimized_metric)
+    rows = comparison.table(runs, comparison.DEFAULT_METRICS, sort_by=optimized_metric)
     client.log_table(parent_run_id, data=rows, artifact_file=COMPARISON_TABLE)
-    curves = compare.curves(runs, compare.CURVE)
-    client.log_figure(parent_run_id, plots.sweep_curves(curves, compare.CURVE), CURVES_PLOT)
+    curves = comparison.curves(runs, comparison.CURVE)
+    client.log_figure(parent_run_id, plots.sweep_curves(curves, comparison.CURVE), CURVES_PLOT)
     best = rows[optimized_metric][rows["status"] == "FINISHED"].dropna()  # not pruned trials
     if not best.empty:
         client.log_metric(parent_run_id, f"best/{optimized_metric}", float(best.iloc[0]))

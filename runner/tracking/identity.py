@@ -4,6 +4,10 @@ run by it, knowing nothing of Hydra's sweeps."""
 
 from dataclasses import dataclass
 
+# The tag of a sweep's parent run that names the sweep's folder: it tells the parent runs apart
+# from the runs of single commands.
+SWEEP_DIR_TAG = "sweep.dir"
+
 
 @dataclass(frozen=True)
 class RunIdentity:

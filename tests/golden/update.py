@@ -20,8 +20,9 @@ from omegaconf import OmegaConf
 GOLDEN = Path(__file__).resolve().parent
 sys.path.insert(0, str(GOLDEN.parents[1]))
 
-from runner.cli.repro import logged_run, machine_key, save_run  # noqa: E402
 from runner.cli.train import compose, train  # noqa: E402
+from runner.tracking.golden import machine_key  # noqa: E402
+from runner.tracking.recorded import logged_run, save_run  # noqa: E402
 
 QUICK = [
     "data.limit=2000",
@@ -62,7 +63,8 @@ def record(name: str, overrides: list[str]) -> Path:
         try:
             train(compose([*overrides, f"tracking.uri={uri}"]))
             run, logged = logged_run(mlflow.last_active_run().info.run_id, uri)
-            save_run(path, run, overrides, portable(OmegaConf.to_container(logged)), uri)
+            config = portable(OmegaConf.to_container(logged))
+            save_run(path, run=run, overrides=overrides, config=config, tracking_uri=uri)
         finally:
             os.chdir(cwd)
     return path
