@@ -10,7 +10,7 @@ import pytest
 from runner.backends import devices
 from runner.backends.devices import Devices, Gpu
 from runner.cli.train import train
-from runner.config.schema import check_config
+from runner.config.settings import check_config
 from runner.errors import UserError
 from runner.training.fitting import configured_callbacks, intervals
 
