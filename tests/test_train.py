@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 
 from runner import backends, data
 from runner.backends import devices
-from runner.cli.train import objective, train
+from runner.cli.train import run_hydra, train
 from runner.config.settings import check_config
 from runner.errors import Interrupted, Stopped
 from runner.training import checkpoints, fitting, modeling, optim, stopping
@@ -356,7 +356,7 @@ def test_sigterm_while_starting_stops_at_once_in_one_line(tmp_path, mnist_dir):
 
 
 def test_runner_returns_the_optimized_metric_for_sweepers(in_tmp_store):
-    value = objective(compose_config([*QUICK, "model=softmax", "optimized_metric=val/loss"]))
+    value = run_hydra(compose_config([*QUICK, "model=softmax", "optimized_metric=val/loss"]))
     run = mlflow.last_active_run()
     assert value == run.data.metrics["val/loss"]
     # debug=quick draws no plots (tracking.plots=false), which take a second of a quick run.

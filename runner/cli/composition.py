@@ -18,14 +18,13 @@ from runner.models import classifier
 from runner.sweeps import preemption
 from runner.sweeps.jobs import SweepJob
 from runner.tracking import runs
-from runner.training import checkpoints, modeling, optim
+from runner.training import checkpoints, fitting, modeling, optim
 from runner.training.callbacks import ReportToTrial
 from runner.training.checkpoints import Checkpoint
 from runner.training.fitting import (
     check_even_batches,
     check_resumable,
     configured_callbacks,
-    evaluate_outputs,
     finishable,
     fit,
     intervals,
@@ -152,7 +151,9 @@ def _finish(recorder: Any, prepared: Prepared, settings: Settings, reached: int)
     model, test = prepared.model, prepared.splits.test
     if reached < settings.trainer.steps:
         recorder.set_tag("stopped_early_at", str(reached))
-    outputs, loss = evaluate_outputs(model, test, settings.data.eval_batch_size, prepared.backend)
+    outputs, loss = fitting.evaluate_outputs(
+        model, test, settings.data.eval_batch_size, prepared.backend
+    )
     recorder.log_test(test, outputs, loss, reached)
     if settings.tracking.plots:
         recorder.log_plots(test, outputs)

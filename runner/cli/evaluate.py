@@ -92,7 +92,7 @@ def _classes(model: Any, x: np.ndarray) -> int:
         return int(model(x[:1], training=False).shape[-1])
 
 
-def test_data(given: DictConfig, found: Any) -> DictConfig:
+def test_data(given: Any, found: Any) -> Any:
     """The data option to test on: the one given (`data=NAME`), else the one the model's run
     trained on, with the keys given (`+data.KEY=VALUE`) changed."""
     from omegaconf import OmegaConf

@@ -89,15 +89,6 @@ def compose(overrides: Sequence[str] = (), with_hydra: bool = False) -> DictConf
 _HYDRA_OUTPUT_DIR = "${hydra:runtime.output_dir}"
 
 
-def objective(cfg: DictConfig, stops: Stops | None = None) -> float | pruning.Pruned:
-    """Train, then give `optimized_metric`'s final value: what a Hydra sweeper optimises. A
-    trial of a pruned Optuna search gives `Pruned` if its pruner called it off."""
-    trial = pruning.this_jobs_trial()
-    tags = {"optuna.trial": str(trial.number)} if trial else None
-    value = train(cfg, tags, trial, stops)[cfg.optimized_metric]
-    return trial.result(value) if trial else value
-
-
 def _how_to_resume(checkpoints: Path, verb: str = "carry on") -> str:
     """The command that carries this run on (or, as `verb` says, finishes it): the same one,
     pointed at this run's folder when its checkpoints are there (the default
@@ -140,11 +131,16 @@ def _lost_job(error: BaseException) -> str | None:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def run_hydra(cfg: DictConfig) -> float:
+def run_hydra(cfg: DictConfig) -> float | pruning.Pruned:
+    """Train, then give `optimized_metric`'s final value: what a Hydra sweeper optimises. A
+    trial of a pruned Optuna search gives `Pruned` if its pruner called it off."""
     mask_hydra_record()
     with reported("runner"), Stops().installed() as stops:
         try:
-            return objective(cfg, stops)
+            trial = pruning.this_jobs_trial()
+            tags = {"optuna.trial": str(trial.number)} if trial else None
+            value = train(cfg, tags, trial, stops)[cfg.optimized_metric]
+            return trial.result(value) if trial else value
         except UserError as error:
             if jobs.in_multirun() and not isinstance(error, Interrupted):
                 log.error("runner: error: %s", error)

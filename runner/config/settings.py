@@ -87,7 +87,7 @@ def check_config(cfg: DictConfig) -> Settings:
         node = cfg.get(path) if path else cfg
         if OmegaConf.is_dict(node):
             _check_known_keys(path, list(node), schema)
-    for path in ("model", "optimizer", "loss", "data"):
+    for path in _OPTIONS[:-1]:
         if not OmegaConf.is_dict(cfg.get(path)):
             raise UserError(f"{path} is not set: pick an option, {path}=NAME (see runner --help)")
     model = runner_keys(cfg.model, ModelKeys, "model")
@@ -100,37 +100,14 @@ def check_config(cfg: DictConfig) -> Settings:
     _check_trainer(cfg.trainer, d)
     _check_output(cfg.loss._target_, model, loss)
     _check_optimizer(cfg.optimizer)
-    if not 0 <= optimizer.warmup_steps < cfg.trainer.steps:
-        raise UserError(
-            f"optimizer.warmup_steps={optimizer.warmup_steps} must be at least 0 and "
-            f"below trainer.steps={cfg.trainer.steps}"
-        )
+    _check_warmup(optimizer, cfg.trainer.steps)
     _check_device_settings(cfg.device, cfg.tracking)
     _check_resume(cfg.trainer)
-    if cfg.optimized_metric not in RESULT_METRICS:
-        raise UserError(
-            f"optimized_metric={cfg.optimized_metric} is not a metric every run records; "
-            f"choose one of {', '.join(RESULT_METRICS)}"
-        )
-    if not 0 <= cfg.seed < 2**32:
-        raise UserError(
-            f"seed={cfg.seed} must be between 0 and {2**32 - 1}: NumPy takes no other seed"
-        )
+    _check_run(cfg.optimized_metric, cfg.seed)
     _check_data(d, cfg.data)
     data.absolute_paths(cfg.data)
-    return _settings(cfg, model, optimizer, loss, d)
-
-
-def _settings(
-    cfg: Any, model: ModelKeys, optimizer: OptimizerKeys, loss: LossKeys, d: DataKeys
-) -> Settings:
-    trainer = OmegaConf.to_object(cfg.trainer)
-    device = OmegaConf.to_object(cfg.device)
+    trainer, device = OmegaConf.to_object(cfg.trainer), OmegaConf.to_object(cfg.device)
     spe = str(device.steps_per_execution)
-    plain = {
-        key: OmegaConf.to_container(cfg[key], resolve=True) if cfg[key] is not None else {}
-        for key in _OPTIONS
-    }
     return Settings(
         model=model,
         optimizer=optimizer,
@@ -146,8 +123,23 @@ def _settings(
         seed=cfg.seed,
         optimized_metric=cfg.optimized_metric,
         backend=Backend(cfg.backend),
-        options=Options(**plain),
+        options=Options(
+            **{
+                key: {} if cfg[key] is None else OmegaConf.to_container(cfg[key], resolve=True)
+                for key in _OPTIONS
+            }
+        ),
     )
+
+
+def _check_run(optimized_metric: str, seed: int) -> None:
+    if optimized_metric not in RESULT_METRICS:
+        raise UserError(
+            f"optimized_metric={optimized_metric} is not a metric every run records; "
+            f"choose one of {', '.join(RESULT_METRICS)}"
+        )
+    if not 0 <= seed < 2**32:
+        raise UserError(f"seed={seed} must be between 0 and {2**32 - 1}: NumPy takes no other seed")
 
 
 _OPTIONS = ("model", "optimizer", "loss", "data", "callbacks")
@@ -259,6 +251,14 @@ def _check_optimizer(o: Any) -> None:
         raise UserError(
             f"optimizer.epsilon={epsilon} must be positive: it keeps Adam's step finite where "
             f"a gradient is 0"
+        )
+
+
+def _check_warmup(own: OptimizerKeys, steps: int) -> None:
+    if not 0 <= own.warmup_steps < steps:
+        raise UserError(
+            f"optimizer.warmup_steps={own.warmup_steps} must be at least 0 and "
+            f"below trainer.steps={steps}"
         )
 
 

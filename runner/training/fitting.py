@@ -1,6 +1,6 @@
 """Keras `fit` driven in optimizer steps: one Keras epoch is one logging window."""
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -46,29 +46,18 @@ def fit(
     stops: Stops | None = None,
     carry_on: CarryOn,
 ) -> int:
-    """Train from the `resumed` checkpoint's step (else 0) to `trainer.steps`, unless training
-    ended at that checkpoint (it was stopped after training, while it tested), with the
-    configured `extra` callbacks (by name) among the runner's own; validate every `eval_every`
-    steps and after the last one; checkpoint (with the run's `run_settings`) every
-    `checkpoint_every` steps, after the last one and on SIGINT, SIGTERM or SIGUSR2, which then
-    raise `Interrupted`, saying how to carry on (`carry_on`). `stops` (the command's, else one
-    of its own) hears them and keeps why training stopped. Each step trains on
-    `data.batch_size` examples per replica, of a model that emits `logits` (else
-    probabilities). Metrics are logged only for whole windows, so a run stopped and resumed
-    logs the same history as one left alone. Returns the step training ended at, which a
-    callback that stops training (early stopping) puts before `trainer.steps`."""
+    """Train from the `resumed` checkpoint's step (else 0) to `trainer.steps` (unless training
+    ended there), `data.batch_size` examples per replica a step, with the configured `extra`
+    callbacks (by name) among the runner's own; validate every `eval_every` steps and after the
+    last; checkpoint, with `run_settings`, every `checkpoint_every` steps, after the last and on
+    SIGINT, SIGTERM or SIGUSR2, which `stops` hears and which then raise `Interrupted`, saying
+    how to carry on (`carry_on`). Metrics are logged for whole windows only, so a run stopped
+    and resumed logs the history of one left alone. Returns the step training ended at, before
+    `trainer.steps` where a callback stopped it (early stopping)."""
     start_step = resumed.step if resumed else 0
-    batch = data.batch_size * plan.replicas
     stops = Stops() if stops is None else stops
-    training = Training(
-        splits.train,
-        batch,
-        seed,
-        start_step,
-        plan.steps_per_execution,
-        logits=logits,
-        backend=backend,
-    )
+    batch, spe = data.batch_size * plan.replicas, plan.steps_per_execution
+    training = Training(splits.train, batch, seed, start_step, spe, logits, backend)
     callbacks = _callbacks(
         training=training,
         trainer=trainer,
@@ -79,38 +68,38 @@ def fit(
         extra=extra or {},
         num_classes=splits.num_classes,
     )
-    # Training ends at trainer.steps, or where a callback stopped it early: a run resumed from
-    # either (stopped while it tested) trains no more.
+    # A run resumed where a callback stopped it early (stopped while it tested) trains no more.
     last = start_step if resumed and resumed.stopped_early else trainer.steps
-    aligned = min(-(-start_step // trainer.log_every) * trainer.log_every, last)
+    windows_from = partial(_fit_windows, model, splits, trainer=trainer, training=training)
     windows_from = partial(
-        _fit_windows,
-        model,
-        splits,
-        trainer=trainer,
-        eval_batch_size=data.eval_batch_size,
-        training=training,
-        callbacks=callbacks,
-        backend=backend,
+        windows_from, eval_batch_size=data.eval_batch_size, callbacks=callbacks, backend=backend
     )
     with stops.installed():
         with stops.training():
-            # A run stopped mid-window first finishes that window on its own.
-            if start_step < aligned:
-                windows_from(start_step, 1, aligned - start_step, aligned % trainer.eval_every == 0)
-            if stops.reason is None and aligned < last:
-                windows = (last - aligned) // trainer.log_every
-                windows_from(aligned, windows, trainer.log_every, True)
-        _raise_if_stopped(stops, model, recorder, Path(trainer.checkpoint_dir), carry_on)
+            _windows(windows_from, start=start_step, last=last, trainer=trainer, stops=stops)
+        _raise_if_stopped(
+            stops, model, recorder, folder=Path(trainer.checkpoint_dir), carry_on=carry_on
+        )
     reached = optimizer_step(model)
     if reached % trainer.eval_every:
-        final = model.evaluate(
-            backend.in_batches(splits.validation, data.eval_batch_size),
-            verbose=0,
-            return_dict=True,
-        )
+        batches = backend.in_batches(splits.validation, data.eval_batch_size)
+        final = model.evaluate(batches, verbose=0, return_dict=True)
         recorder.log_metrics({f"val/{k}": v for k, v in final.items()}, step=reached)
     return reached
+
+
+def _windows(
+    windows_from: Callable[..., None], *, start: int, last: int, trainer: TrainerConf, stops: Stops
+) -> None:
+    """Train from step `start` to `last` in windows of log_every steps; a run stopped
+    mid-window first finishes that window on its own."""
+    aligned = min(-(-start // trainer.log_every) * trainer.log_every, last)
+    if start < aligned:
+        at_eval = aligned % trainer.eval_every == 0
+        windows_from(start=start, windows=1, window=aligned - start, validate=at_eval)
+    if stops.reason is None and aligned < last:
+        windows = (last - aligned) // trainer.log_every
+        windows_from(start=aligned, windows=windows, window=trainer.log_every, validate=True)
 
 
 def _callbacks(
@@ -161,7 +150,7 @@ def _callbacks(
 
 
 def _raise_if_stopped(
-    stops: Stops, model: Any, recorder: Any, folder: Path, carry_on: CarryOn
+    stops: Stops, model: Any, recorder: Any, *, folder: Path, carry_on: CarryOn
 ) -> None:
     """A lost tracking server or a stop signal ended training: raise `ServerLost` or
     `Interrupted`, saying where the checkpoint is and how to carry on."""
@@ -253,11 +242,11 @@ def check_even_batches(splits: Splits, eval_batch_size: int, plan: Plan) -> None
 def _fit_windows(
     model: Any,
     splits: Splits,
+    *,
     start: int,
     windows: int,
     window: int,
     validate: bool,
-    *,
     trainer: TrainerConf,
     eval_batch_size: int,
     training: Training,
