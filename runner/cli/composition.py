@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
 from runner import data
 from runner.backends import devices
 from runner.backends.base import Backend
@@ -16,8 +14,6 @@ from runner.config.settings import Settings
 from runner.data import Splits
 from runner.models import classifier
 from runner.sweeps import preemption
-from runner.sweeps.jobs import SweepJob
-from runner.tracking import runs
 from runner.training import checkpoints, fitting, modeling, optim
 from runner.training.callbacks import ReportToTrial
 from runner.training.checkpoints import Checkpoint
@@ -25,13 +21,13 @@ from runner.training.fitting import (
     check_even_batches,
     check_resumable,
     configured_callbacks,
-    finishable,
     fit,
     intervals,
 )
 from runner.training.stopping import CarryOn, StopReason, Stops
 
-log = logging.getLogger(__name__)
+# The line about the devices is the `runner` command's, as it was before this module split off.
+log = logging.getLogger("runner.cli.train")
 
 
 @dataclass(frozen=True)
@@ -47,11 +43,26 @@ class Prepared:
     resumed: Checkpoint | None
     model: Any
 
+    def tags(self) -> dict[str, str]:
+        """What the run is tagged with of the machine and how it trains on it."""
+        return {**self.found.tags(), **self.plan.tags()}
+
+    def extends(self, steps: int) -> bool:
+        """Whether this run carries on a checkpoint's with more steps (trainer.resume=extend):
+        a new MLflow run, as a run's params cannot change."""
+        return self.resumed is not None and self.resumed.settings.get("trainer.steps") != steps
+
 
 def prepare(
-    settings: Settings, cfg: DictConfig, *, backend: Backend, trial: Any, stops: Stops
+    settings: Settings,
+    resolved: dict[str, Any],
+    *,
+    backend: Backend,
+    trial: Any,
+    stops: Stops,
 ) -> Prepared:
-    """Devices, data, callbacks, the checkpoint to resume from and the compiled model."""
+    """Devices, data, callbacks, the checkpoint to resume from and the compiled model; the run's
+    `resolved` config (a plain container) gives the settings a checkpoint records."""
     device, trainer = settings.device, settings.trainer
     found = backend.detect(device.cpu_devices)  # before anything runs on them
     callbacks = configured_callbacks(settings.options.callbacks)
@@ -62,7 +73,7 @@ def prepare(
     backend.start_clean(settings.seed, device.deterministic, plan)
     splits = data.load(settings.options.data, settings.data)
     folder = Path(trainer.checkpoint_dir)
-    run_settings = checkpoints.settings(OmegaConf.to_container(cfg, resolve=True), splits.digests)
+    run_settings = checkpoints.settings(resolved, splits.digests)
     mode = preemption.resume_as(trainer.resume, checkpoints.latest(folder) is not None)
     resumed = (
         checkpoints.resume_point(
@@ -90,60 +101,33 @@ def prepare(
     return Prepared(backend, found, plan, splits, callbacks, run_settings, resumed, model)
 
 
-def run(
-    prepared: Prepared,
-    settings: Settings,
-    cfg: DictConfig,
-    *,
-    tags: dict[str, str] | None,
-    job: SweepJob | None,
-    stops: Stops,
-    carry_on: CarryOn,
-) -> tuple[dict[str, float], str | None]:
-    """Train, test and record the run; its final metrics and, unless its pruner ended it, its
-    MLflow run's id."""
+def train(
+    prepared: Prepared, settings: Settings, recorder: Any, *, stops: Stops, carry_on: CarryOn
+) -> dict[str, float]:
+    """Train, then test and record the run in `recorder`'s MLflow run unless its pruner
+    ended it; its final metrics."""
     p, trainer = prepared, settings.trainer
-    resumed, splits, model = p.resumed, p.splits, p.model
-    # trainer.resume=extend with more steps: a new run, as MLflow's params cannot change.
-    extends = resumed is not None and resumed.settings.get("trainer.steps") != trainer.steps
-    run_tags = {**p.found.tags(), **p.plan.tags(), **(tags or {})}
-    folder = Path(trainer.checkpoint_dir)
-    with (
-        stops.installed(),
-        runs.mlflow_run(
-            cfg,
-            splits,
-            run_tags,
-            resumed and resumed.run_id,
-            job,
-            extends,
-            resumed.unrecorded if resumed else None,
-            stops=stops,
-            backend=p.backend,
-        ) as recorder,
-        finishable(folder, trainer.steps, recorder.run_id, carry_on),
-    ):
-        reached = fit(
-            model,
-            splits,
-            trainer=trainer,
-            data=settings.data,
-            seed=settings.seed,
-            logits=settings.model.output == classifier.LOGITS,
-            recorder=recorder,
-            plan=p.plan,
-            run_settings=p.run_settings,
-            resumed=resumed,
-            extra=p.callbacks,
-            backend=p.backend,
-            stops=stops,
-            carry_on=carry_on,
-        )
-        if stops.reason is StopReason.PRUNED:
-            recorder.prune(reached)
-            return recorder.final_metrics(), None
+    reached = fit(
+        p.model,
+        p.splits,
+        trainer=trainer,
+        data=settings.data,
+        seed=settings.seed,
+        logits=settings.model.output == classifier.LOGITS,
+        recorder=recorder,
+        plan=p.plan,
+        run_settings=p.run_settings,
+        resumed=p.resumed,
+        extra=p.callbacks,
+        backend=p.backend,
+        stops=stops,
+        carry_on=carry_on,
+    )
+    if stops.reason is StopReason.PRUNED:
+        recorder.prune(reached)
+    else:
         _finish(recorder, prepared, settings, reached)
-        return recorder.final_metrics(), recorder.run_id
+    return recorder.final_metrics()
 
 
 def _finish(recorder: Any, prepared: Prepared, settings: Settings, reached: int) -> None:

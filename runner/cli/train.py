@@ -23,7 +23,7 @@ from runner.masking import install_masking, mask_hydra_record
 from runner.sweeps import jobs, preemption, pruning
 from runner.targets import importable_from_cwd
 from runner.tracking import registry
-from runner.training.stopping import CarryOn, Stops
+from runner.training.stopping import CarryOn, StopReason, Stops
 
 register_configs()
 register_resolvers()
@@ -58,15 +58,33 @@ def train(
 
     backend = backends.select(str(settings.backend), settings.device)  # before Keras loads
     from runner.cli import composition
+    from runner.training.fitting import finishable
 
     carry_on = CarryOn(_how_to_resume, preemption.will_requeue())
-    prepared = composition.prepare(settings, cfg, backend=backend, trial=trial, stops=stops)
-    final, run_id = composition.run(
-        prepared, settings, cfg, tags=tags, job=job, stops=stops, carry_on=carry_on
-    )
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    prepared = composition.prepare(settings, resolved, backend=backend, trial=trial, stops=stops)
+    resumed, steps = prepared.resumed, settings.trainer.steps
+    with (
+        stops.installed(),
+        runs.mlflow_run(
+            cfg,
+            prepared.splits,
+            {**prepared.tags(), **(tags or {})},
+            resumed and resumed.run_id,
+            job,
+            prepared.extends(steps),
+            resumed.unrecorded if resumed else None,
+            stops=stops,
+            backend=backend,
+        ) as recorder,
+        finishable(Path(settings.trainer.checkpoint_dir), steps, recorder.run_id, carry_on),
+    ):
+        final = composition.train(prepared, settings, recorder, stops=stops, carry_on=carry_on)
+    if stops.reason is StopReason.PRUNED:
+        return final
     registration = registry.settings(cfg)
-    if registration and job is None and run_id:  # a sweep registers its best job's model
-        registry.register(run_id, *registration)
+    if registration and job is None:  # a sweep registers its best job's model
+        registry.register(recorder.run_id, *registration)
     return final
 
 
