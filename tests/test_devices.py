@@ -25,10 +25,9 @@ def gpus(*capabilities: tuple[int, int]) -> Devices:
 
 
 def plan(found: Devices, *overrides: str, backend: str = "tensorflow") -> devices.Plan:
-    cfg = compose_config(list(overrides))
-    check_config(cfg)
-    every = intervals(cfg.trainer, configured_callbacks(cfg))
-    return devices.plan(cfg.device, found, every, backend)
+    settings = check_config(compose_config(list(overrides)))
+    every = intervals(settings.trainer, configured_callbacks(settings.options.callbacks))
+    return devices.plan(settings.device, found, every, backend)
 
 
 @pytest.mark.parametrize(
