@@ -106,7 +106,9 @@ def check_config(cfg: DictConfig) -> Settings:
     _check_run(cfg.optimized_metric, cfg.seed)
     _check_data(d, cfg.data)
     data.absolute_paths(cfg.data)
-    trainer, device = OmegaConf.to_object(cfg.trainer), OmegaConf.to_object(cfg.device)
+    # Typed here, as a config loaded from a run's record is not structured.
+    trainer = runner_keys(cfg.trainer, TrainerConf, "trainer")
+    device = runner_keys(cfg.device, DeviceConf, "device")
     spe = str(device.steps_per_execution)
     return Settings(
         model=model,
@@ -119,7 +121,7 @@ def check_config(cfg: DictConfig) -> Settings:
             jit_compile=JitCompile(str(device.jit_compile).lower()),
             steps_per_execution=spe if spe == "auto" else int(spe),
         ),
-        tracking=OmegaConf.to_object(cfg.tracking),
+        tracking=runner_keys(cfg.tracking, TrackingConf, "tracking"),
         seed=cfg.seed,
         optimized_metric=cfg.optimized_metric,
         backend=Backend(cfg.backend),
