@@ -21,6 +21,7 @@ import throughput  # noqa: E402
 
 from runner import data  # noqa: E402
 from runner.cli.train import compose  # noqa: E402
+from runner.config.settings import check_config  # noqa: E402
 
 STEPS = 200
 
@@ -28,7 +29,7 @@ STEPS = 200
 def profile(which: str, logdir: str) -> None:
     import tensorflow as tf
 
-    split = data.load(compose([]).data).train
+    split = data.load(compose([]).data, check_config(compose([])).data).train
     if which == "tutorial":
         # Three 100-step windows: the first warms up; the loop starts its clock when the second
         # begins, and the profiler with it.

@@ -65,7 +65,8 @@ from runner import (
 )
 from runner.backends import devices
 from runner.cli.train import compose, train  # noqa: E402
-from runner.training import modeling  # noqa: E402
+from runner.config.settings import check_config  # noqa: E402
+from runner.training import modeling, optim  # noqa: E402
 
 NUM_CLASSES = 10  # MNIST's digits
 
@@ -137,7 +138,9 @@ def bare_fit_rate(name: str, extra: list[str], train_split: data.Split) -> float
     every = [t.log_every, t.eval_every, t.checkpoint_every]
     plan = devices.plan(cfg.device, backend.detect(), every, keras_backend())
     model = modeling.build(cfg.model, train_split.x.shape[1:], NUM_CLASSES)
-    modeling.compiled(model, cfg, plan)
+    own = check_config(cfg)
+    optimizer = optim.build(own.options.optimizer, own.optimizer, own.trainer.steps)
+    modeling.compiled(model, optimizer, own.options.loss, plan)
     dataset = backend.training_dataset(train_split, cfg.data.batch_size, cfg.seed)
     return _timed_fit(model, dataset, MODELS[name][2])
 
@@ -376,7 +379,7 @@ def main() -> None:
 
 
 def measure_here(name: str, args: argparse.Namespace, repeat: int) -> dict[str, float]:
-    train_split = data.load(compose([]).data).train
+    train_split = data.load(compose([]).data, check_config(compose([])).data).train
     return measure(name, args.set, train_split, Executions(), repeat, args.only)
 
 

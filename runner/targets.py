@@ -14,11 +14,11 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from runner.errors import UserError
 
@@ -76,8 +76,8 @@ def _holder(module: str, near: str | None) -> str | None:
     return None
 
 
-def target(node: DictConfig, path: str) -> Callable:
-    """The callable `node._target_` names, imported: the longest prefix of the dotted name that
+def target(node: Mapping[str, Any], path: str) -> Callable:
+    """The callable `node`'s `_target_` names, imported: the longest prefix of the dotted name that
     is a module, then attributes. Hydra's own lookup logs its failures before raising them and
     calls a missing attribute a missing module."""
     name = node.get("_target_")
@@ -122,26 +122,26 @@ def _import_longest(name: str, path: str) -> tuple[types.ModuleType, list[str]]:
     return module, parts[end:]
 
 
-def label(node: DictConfig) -> str:
+def label(node: Mapping[str, Any]) -> str:
     """What runs are tagged and named by: the option's `name`, else its target's own name."""
     return str(node.get("name") or str(node.get("_target_", "")).rsplit(".", 1)[-1])
 
 
-def arguments(node: DictConfig, runner_keys: Iterable[str] = ()) -> dict[str, Any]:
+def arguments(node: Mapping[str, Any], runner_keys: Iterable[str] = ()) -> dict[str, Any]:
     """The keys of `node` that go to its target: all but `_target_` and the runner's own."""
     skip = {"_target_", *runner_keys}
-    values = OmegaConf.to_container(node, resolve=True)
+    values = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
     return {key: value for key, value in values.items() if key not in skip}
 
 
 def build(
-    node: DictConfig,
+    node: Mapping[str, Any],
     path: str,
     runner_keys: Iterable[str] = (),
     passed: dict[str, Any] | None = None,
     **given: Any,
 ) -> Any:
-    """Call `node._target_` with `node`'s keys (less `runner_keys`), `given` (what the runner
+    """Call `node["_target_"]` with `node`'s keys (less `runner_keys`), `given` (what the runner
     supplies, such as `input_shape`) and those of `passed` that the target takes. `path` is the
     node's place in the config (`model`, `callbacks.early_stopping`), for messages."""
     from hydra.utils import instantiate
@@ -156,7 +156,7 @@ def build(
         # Partial, then called: what the runner gives (a shape tuple, arrays) reaches the target
         # as it is, not converted to a config node.
         built = instantiate(
-            {"_target_": node._target_, "_partial_": True, **kwargs}, _convert_="all"
+            {"_target_": node["_target_"], "_partial_": True, **kwargs}, _convert_="all"
         )
         return built(**offered)
     except UserError:
@@ -172,7 +172,7 @@ def build(
             else ""
         )
         raise UserError(
-            f"{path}: {node._target_} raised {type(cause).__name__}: {message}{hint}"
+            f"{path}: {node['_target_']} raised {type(cause).__name__}: {message}{hint}"
         ) from None
 
 

@@ -10,7 +10,8 @@ import pytest
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from runner.config.schema import check_config, register_configs
+from runner.config.schema import register_configs
+from runner.config.settings import check_config
 from runner.errors import UserError
 
 from .conftest import ENTRIES, QUICK, cli, compose_config, store_client

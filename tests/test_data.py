@@ -24,6 +24,8 @@ from omegaconf import OmegaConf
 
 from runner import backends
 from runner.cli.train import compose, train
+from runner.config.schema import DataKeys
+from runner.config.settings import runner_keys
 from runner.data import (
     FILES,
     TEST_IMAGES,
@@ -33,10 +35,10 @@ from runner.data import (
     Split,
     check_sha256,
     download,
-    load,
     parse_idx,
     read_idx,
 )
+from runner.data import load as load_data
 from runner.errors import UserError
 
 from .conftest import QUICK, cli, only_run, store_client
@@ -54,6 +56,11 @@ FASHION_SHA256 = {
     TEST_IMAGES: "78dcbbfb5a27efaf1b6c1d616caca68560be8766c5bffcb2791df9273a534229",
     TEST_LABELS: "42bd18137a62d5998cdeae52bf3a0676ac6b706f5cf8439b47bb5b151ae3dccf",
 }
+
+
+def load(option):
+    """The splits of the data option `option`, with the runner's keys it holds."""
+    return load_data(option, runner_keys(option, DataKeys, "data"))
 
 
 def data_cfg(directory: Path, **overrides):
@@ -463,7 +470,9 @@ def test_download_good_file(serve, tmp_path):
     (root / "tiny-idx2-ubyte.gz").write_bytes(gzip.compress(content))
     target_dir = tmp_path / "new" / "folder"  # created on demand
 
-    path = download("tiny-idx2-ubyte", target_dir, [url], sha256(content), 5)
+    path = download(
+        "tiny-idx2-ubyte", target_dir, mirrors=[url], sha256=sha256(content), timeout_s=5
+    )
 
     assert path == target_dir / "tiny-idx2-ubyte.gz"
     assert path.read_bytes() == (root / "tiny-idx2-ubyte.gz").read_bytes()
@@ -478,7 +487,7 @@ def test_download_refuses_corrupted_copy(serve, tmp_path):
     (root / "tiny-idx1-ubyte.gz").write_bytes(gzip.compress(tampered))
 
     with pytest.raises(UserError, match=r"could not download tiny-idx1-ubyte") as info:
-        download("tiny-idx1-ubyte", tmp_path, [url], sha256(content), 5)
+        download("tiny-idx1-ubyte", tmp_path, mirrors=[url], sha256=sha256(content), timeout_s=5)
 
     message = str(info.value)
     assert f"{url}tiny-idx1-ubyte.gz" in message
@@ -491,7 +500,7 @@ def test_download_refuses_truncated_gzip(serve, tmp_path):
     compressed = gzip.compress(idx_bytes(np.arange(100, dtype=np.uint8)))
     (root / "tiny-idx1-ubyte.gz").write_bytes(compressed[:-20])
     with pytest.raises(UserError, match=r"tiny-idx1-ubyte\.gz.*corrupt or truncated"):
-        download("tiny-idx1-ubyte", tmp_path, [url], None, 5)
+        download("tiny-idx1-ubyte", tmp_path, mirrors=[url], sha256=None, timeout_s=5)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -504,7 +513,9 @@ def test_download_falls_through_unreachable_and_bad_mirrors(serve, tmp_path):
     (good_root / "tiny-idx1-ubyte.gz").write_bytes(gzip.compress(content))
     mirrors = [closed_port_url(), bad_url, empty_url, good_url]
 
-    path = download("tiny-idx1-ubyte", tmp_path, mirrors, sha256(content), 5)
+    path = download(
+        "tiny-idx1-ubyte", tmp_path, mirrors=mirrors, sha256=sha256(content), timeout_s=5
+    )
 
     np.testing.assert_array_equal(read_idx(path, sha256(content)), np.arange(6))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-idx1-ubyte.gz"]
@@ -516,12 +527,14 @@ def test_download_checks_the_digest_of_the_file_as_served(serve, tmp_path):
     served = gzip.compress(idx_bytes(np.arange(6, dtype=np.uint8)))
     (root / "tiny-idx1-ubyte.gz").write_bytes(served)
 
-    path = download("tiny-idx1-ubyte", tmp_path / "ok", [url], sha256(served), 5)
+    path = download(
+        "tiny-idx1-ubyte", tmp_path / "ok", mirrors=[url], sha256=sha256(served), timeout_s=5
+    )
     assert path.read_bytes() == served
 
     wrong = sha256(served + b"x")
     with pytest.raises(UserError, match=r"could not download tiny-idx1-ubyte") as info:
-        download("tiny-idx1-ubyte", tmp_path / "refused", [url], wrong, 5)
+        download("tiny-idx1-ubyte", tmp_path / "refused", mirrors=[url], sha256=wrong, timeout_s=5)
     assert f"{url}tiny-idx1-ubyte.gz: SHA-256 is {sha256(served)} as stored" in str(info.value)
     assert not (tmp_path / "refused").exists()
 
@@ -531,7 +544,7 @@ def test_download_accepts_uncompressed_payload(serve, tmp_path):
     url, root = serve()
     content = idx_bytes(np.arange(6, dtype=np.uint8))
     (root / "tiny-idx1-ubyte.gz").write_bytes(content)
-    path = download("tiny-idx1-ubyte", tmp_path, [url], sha256(content), 5)
+    path = download("tiny-idx1-ubyte", tmp_path, mirrors=[url], sha256=sha256(content), timeout_s=5)
     np.testing.assert_array_equal(read_idx(path, sha256(content)), np.arange(6))
 
 
@@ -543,7 +556,7 @@ def test_download_all_mirrors_fail(serve, tmp_path):
     mirrors = [refused, missing_url, corrupt_url]
 
     with pytest.raises(UserError, match=r"every mirror failed") as info:
-        download("tiny-idx1-ubyte", tmp_path / "out", mirrors, None, 5)
+        download("tiny-idx1-ubyte", tmp_path / "out", mirrors=mirrors, sha256=None, timeout_s=5)
 
     message = str(info.value)
     for mirror in mirrors:
@@ -556,7 +569,7 @@ def test_download_all_mirrors_fail(serve, tmp_path):
 
 def test_download_without_mirrors(tmp_path):
     with pytest.raises(UserError, match=r"data\.mirrors is empty"):
-        download("tiny-idx1-ubyte", tmp_path, [], None, 5)
+        download("tiny-idx1-ubyte", tmp_path, mirrors=[], sha256=None, timeout_s=5)
 
 
 def test_download_mirror_without_trailing_slash(serve, tmp_path):
@@ -564,7 +577,9 @@ def test_download_mirror_without_trailing_slash(serve, tmp_path):
     (root / "sub").mkdir()
     content = idx_bytes(np.arange(3, dtype=np.uint8))
     (root / "sub" / "tiny-idx1-ubyte.gz").write_bytes(gzip.compress(content))
-    path = download("tiny-idx1-ubyte", tmp_path, [f"{url}sub"], sha256(content), 5)
+    path = download(
+        "tiny-idx1-ubyte", tmp_path, mirrors=[f"{url}sub"], sha256=sha256(content), timeout_s=5
+    )
     assert path.is_file()
 
 
@@ -574,7 +589,13 @@ def test_download_falls_through_mirror_that_hangs_up(request, serve, tmp_path):
     content = idx_bytes(np.arange(6, dtype=np.uint8))
     (good_root / "tiny-idx1-ubyte.gz").write_bytes(gzip.compress(content))
 
-    path = download("tiny-idx1-ubyte", tmp_path, [flaky_url, good_url], sha256(content), 5)
+    path = download(
+        "tiny-idx1-ubyte",
+        tmp_path,
+        mirrors=[flaky_url, good_url],
+        sha256=sha256(content),
+        timeout_s=5,
+    )
 
     assert path.is_file()
 
@@ -585,7 +606,9 @@ def test_download_falls_through_malformed_mirror(serve, tmp_path):
     (good_root / "tiny-idx1-ubyte.gz").write_bytes(gzip.compress(content))
     mirrors = ["127.0.0.1/mnist/", good_url]  # no scheme and no port: urllib rejects it
 
-    path = download("tiny-idx1-ubyte", tmp_path, mirrors, sha256(content), 5)
+    path = download(
+        "tiny-idx1-ubyte", tmp_path, mirrors=mirrors, sha256=sha256(content), timeout_s=5
+    )
 
     assert path.is_file()
 

@@ -10,7 +10,7 @@ import pytest
 from runner.backends import devices
 from runner.backends.devices import Devices, Gpu
 from runner.cli.train import train
-from runner.config.schema import check_config
+from runner.config.settings import check_config
 from runner.errors import UserError
 from runner.training.fitting import configured_callbacks, intervals
 
@@ -25,10 +25,9 @@ def gpus(*capabilities: tuple[int, int]) -> Devices:
 
 
 def plan(found: Devices, *overrides: str, backend: str = "tensorflow") -> devices.Plan:
-    cfg = compose_config(list(overrides))
-    check_config(cfg)
-    every = intervals(cfg.trainer, configured_callbacks(cfg))
-    return devices.plan(cfg.device, found, every, backend)
+    settings = check_config(compose_config(list(overrides)))
+    every = intervals(settings.trainer, configured_callbacks(settings.options.callbacks))
+    return devices.plan(settings.device, found, every, backend)
 
 
 @pytest.mark.parametrize(

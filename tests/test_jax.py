@@ -17,6 +17,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 from runner import backends
@@ -315,7 +316,7 @@ def test_xla_flags_split_the_cpu_and_fix_gpu_kernels_unless_given():
 def test_a_checkpoint_resumes_only_on_its_own_backend(tmp_path):
     """A checkpoint from before `backend` was recorded was written on TensorFlow."""
     cfg = compose_config(["backend=jax", f"trainer.checkpoint_dir={tmp_path}"])
-    now = checkpoints.settings(cfg, {"train": "d"})
+    now = checkpoints.settings(OmegaConf.to_container(cfg, resolve=True), {"train": "d"})
     then = {k: v for k, v in now.items() if k != "backend"}
     written = checkpoints.Checkpoint(tmp_path, 10, "r1", then)
     with pytest.raises(UserError, match=r"trained with backend=tensorflow \(now jax\)"):

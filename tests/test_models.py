@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from runner.config.schema import check_config
+from runner.config.settings import check_config
 from runner.models.cnn_raw import ConvReluPool, KeepProbDropout, RawDense
 from runner.training import modeling, optim
 
@@ -70,12 +70,18 @@ def test_cnn_raw_round_trips_through_keras_saving(tmp_path):
     np.testing.assert_allclose(loaded(x), model(x), rtol=1e-6)
 
 
+def optimizer_of(cfg):
+    """The optimizer `cfg` trains with, for a run of 100 steps."""
+    settings = check_config(cfg)
+    return optim.build(settings.options.optimizer, settings.optimizer, 100)
+
+
 def test_optimizers_carry_the_configured_knobs():
-    adam = optim.build(compose_config(["optimizer=adam", "optimizer.lr=3e-4"]).optimizer, 100)
+    adam = optimizer_of(compose_config(["optimizer=adam", "optimizer.lr=3e-4"]))
     assert isinstance(adam, keras.optimizers.Adam)
     assert float(adam.learning_rate) == pytest.approx(3e-4)
     assert adam.epsilon == 1e-8
-    sgd = optim.build(compose_config(["optimizer.momentum=0.9"]).optimizer, 100)
+    sgd = optimizer_of(compose_config(["optimizer.momentum=0.9"]))
     assert isinstance(sgd, keras.optimizers.SGD)
     assert (float(sgd.learning_rate), sgd.momentum) == (0.5, 0.9)
 
@@ -91,8 +97,7 @@ def test_optimizers_carry_the_configured_knobs():
 def test_integers_for_float_keys_build_optimizers_that_step(overrides):
     """YAML and the command line read `1` as an integer, which Keras refuses for a rate."""
     cfg = compose_config(overrides)
-    check_config(cfg)
-    optimizer = optim.build(cfg.optimizer, 100)
+    optimizer = optimizer_of(cfg)
     variable = keras.Variable(np.ones(3, np.float32))
     optimizer.apply([np.full(3, 0.5, np.float32)], [variable])
     assert not np.allclose(variable.numpy(), 1.0)
@@ -194,7 +199,7 @@ def test_any_keras_optimizer_joins_by_target_with_its_own_arguments():
             "optimizer.lr=3e-4",
         ]
     )
-    adamw = optim.build(cfg.optimizer, 100)
+    adamw = optimizer_of(cfg)
     assert type(adamw) is keras.optimizers.AdamW
     assert (adamw.weight_decay, adamw.epsilon) == (0.01, 1e-8)
     assert float(adamw.learning_rate) == pytest.approx(3e-4)
@@ -372,7 +377,7 @@ def test_a_loss_that_cannot_take_integer_labels_is_refused_before_the_run():
     from runner.errors import UserError
 
     with pytest.raises(UserError, match="loss: keras.losses.CategoricalFocalCrossentropy cannot"):
-        modeling.check_loss(model, cfg, x, y)
+        modeling.check_loss(model, cfg.loss._target_, x, y)
 
 
 def ends_in_softmax(input_shape, num_classes):

@@ -9,7 +9,7 @@ import pytest
 
 from runner.backends.tensorflow import batch_indices
 from runner.cli.train import train
-from runner.config.schema import check_config
+from runner.config.settings import check_config
 from runner.data import load
 from runner.errors import UserError
 
@@ -150,7 +150,7 @@ def test_probabilities_of_the_trained_batch_are_logged(in_tmp_store, mnist_dir, 
     # At the last step the weights are final, so the rows can be recomputed from the batch that
     # step trained on: the 40th batch of the seeded training order.
     cfg = compose_config(cfg_overrides)
-    train_split = load(cfg.data).train
+    train_split = load(cfg.data, check_config(cfg).data).train
     rows = list(batch_indices(len(train_split.y), 100, cfg.seed).take(40))[-1].numpy()[:2]
     expected = keras.ops.softmax(models[0](train_split.x[rows], training=False))
     np.testing.assert_allclose(logged, keras.ops.convert_to_numpy(expected), atol=2e-3)

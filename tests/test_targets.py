@@ -121,8 +121,8 @@ def not_a_callback():
 def test_a_callback_target_must_give_a_keras_callback():
     from runner.training.fitting import configured_callbacks
 
-    cfg = OmegaConf.create({"callbacks": {"h": {"_target_": "tests.test_targets.not_a_callback"}}})
+    options = {"h": {"_target_": "tests.test_targets.not_a_callback"}}
     with pytest.raises(
         UserError, match="callbacks.h: .*not_a_callback returned a int, not a keras"
     ):
-        configured_callbacks(cfg)
+        configured_callbacks(options)

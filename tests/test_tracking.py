@@ -69,6 +69,7 @@ def test_a_dataset_another_run_logged_a_moment_before_is_linked(run_id, monkeypa
     from mlflow.exceptions import MlflowException
 
     from runner import data
+    from runner.config.settings import check_config
     from runner.tracking import provenance
 
     cfg = compose_config([*QUICK, f"data.dir={mnist_dir}"])
@@ -86,7 +87,7 @@ def test_a_dataset_another_run_logged_a_moment_before_is_linked(run_id, monkeypa
         log_input(dataset, context=context)
 
     monkeypatch.setattr(mlflow, "log_input", racing)
-    provenance.log_dataset(data.load(cfg.data), cfg.data)
+    provenance.log_dataset(data.load(cfg.data, check_config(cfg).data), cfg.data)
     inputs = MlflowClient().get_run(run_id).inputs.dataset_inputs
     contexts = {tag.value for i in inputs for tag in i.tags if tag.key == "mlflow.data.context"}
     assert contexts == {"training", "validation", "test"}

@@ -15,10 +15,10 @@ from mlflow import MlflowClient
 
 from runner import backends, data
 from runner.backends import devices
-from runner.cli.train import objective, train
+from runner.cli.train import run_hydra, train
+from runner.config.settings import check_config
 from runner.errors import Interrupted, Stopped
-from runner.sweeps import preemption
-from runner.training import checkpoints, fitting, modeling
+from runner.training import checkpoints, fitting, modeling, optim, stopping
 from runner.training.stopping import StopReason, Stops
 
 from .conftest import QUICK, cli, compose_config, only_run, store_client
@@ -224,7 +224,7 @@ def test_sigterm_ends_the_run_killed_even_sent_again_while_it_closes(
 
     error_tag = runs._error_tag
     monkeypatch.setattr(runs, "_error_tag", signalled_again)
-    before = {number: signal.getsignal(number) for number in preemption.STOP_SIGNALS}
+    before = {number: signal.getsignal(number) for number in stopping.STOP_SIGNALS}
     if stopped == "opening":
         start = SystemMetricsMonitor.start
 
@@ -261,7 +261,7 @@ def test_sigterm_ends_the_run_killed_even_sent_again_while_it_closes(
         assert 20 <= step < 80 and f"stopped by SIGTERM at step {step}," in str(stop.value)
         # The stop comes at the end of the execution under way: 20 steps (auto) here.
         assert "SIGTERM received: stopping after the 20 step(s) under way" in caplog.text
-    after = {number: signal.getsignal(number) for number in preemption.STOP_SIGNALS}
+    after = {number: signal.getsignal(number) for number in stopping.STOP_SIGNALS}
     assert after == before, "the handlers are put back"
     if stopped == "testing":  # its resume tests it and ends the same run FINISHED
         monkeypatch.setattr(fitting, "evaluate_outputs", evaluate_outputs)
@@ -283,18 +283,36 @@ def test_fit_that_raises_puts_the_signal_handlers_back(in_tmp_store):
         def on_train_batch_end(self, batch, logs=None):
             raise RuntimeError("disk on fire")
 
-    cfg = compose_config([*QUICK, "model=softmax", "data.limit=200"])
-    backend = backends.select("tensorflow", cfg.device)
-    found = backend.detect(cfg.device.cpu_devices)
-    plan = devices.plan(cfg.device, found, fitting.intervals(cfg.trainer, {}), "tensorflow")
-    splits = data.load(cfg.data)
+    settings = check_config(compose_config([*QUICK, "model=softmax", "data.limit=200"]))
+    backend = backends.select("tensorflow", settings.device)
+    found = backend.detect(settings.device.cpu_devices)
+    plan = devices.plan(
+        settings.device, found, fitting.intervals(settings.trainer, {}), "tensorflow"
+    )
+    splits = data.load(settings.options.data, settings.data)
     with backend.build_scope(plan):
-        model = modeling.build(cfg.model, splits.input_shape, splits.num_classes)
-        modeling.compiled(model, cfg, plan, resumed=False)
-    before = {number: signal.getsignal(number) for number in preemption.STOP_SIGNALS}
+        model = modeling.build(settings.options.model, splits.input_shape, splits.num_classes)
+        optimizer = optim.build(
+            settings.options.optimizer, settings.optimizer, settings.trainer.steps
+        )
+        modeling.compiled(model, optimizer, settings.options.loss, plan)
+    before = {number: signal.getsignal(number) for number in stopping.STOP_SIGNALS}
     with pytest.raises(RuntimeError, match="disk on fire"):
-        fitting.fit(model, splits, cfg, None, plan, None, {"crash": Crash()}, backend=backend)
-    after = {number: signal.getsignal(number) for number in preemption.STOP_SIGNALS}
+        fitting.fit(
+            model,
+            splits,
+            trainer=settings.trainer,
+            data=settings.data,
+            seed=settings.seed,
+            logits=True,
+            recorder=None,
+            plan=plan,
+            run_settings={},
+            extra={"crash": Crash()},
+            backend=backend,
+            carry_on=stopping.CarryOn(),
+        )
+    after = {number: signal.getsignal(number) for number in stopping.STOP_SIGNALS}
     assert after == before
 
 
@@ -302,7 +320,7 @@ def test_each_stop_controller_keeps_its_own_stops(caplog):
     """No stop is kept in a module: one command's controller, closing its run on SIGTERM, only
     logs another SIGTERM (a second Ctrl-C still interrupts), while another controller in the
     same process is stopped by it."""
-    before = {number: signal.getsignal(number) for number in preemption.STOP_SIGNALS}
+    before = {number: signal.getsignal(number) for number in stopping.STOP_SIGNALS}
     closing, fresh = Stops(), Stops()
     with pytest.raises(Stopped) as stopped, closing.installed():
         os.kill(os.getpid(), signal.SIGTERM)
@@ -313,7 +331,7 @@ def test_each_stop_controller_keeps_its_own_stops(caplog):
         os.kill(os.getpid(), signal.SIGINT)
     with pytest.raises(Stopped, match="SIGTERM"), fresh.installed():
         os.kill(os.getpid(), signal.SIGTERM)
-    assert {number: signal.getsignal(number) for number in preemption.STOP_SIGNALS} == before
+    assert {number: signal.getsignal(number) for number in stopping.STOP_SIGNALS} == before
 
 
 def test_sigterm_while_starting_stops_at_once_in_one_line(tmp_path, mnist_dir):
@@ -338,7 +356,7 @@ def test_sigterm_while_starting_stops_at_once_in_one_line(tmp_path, mnist_dir):
 
 
 def test_runner_returns_the_optimized_metric_for_sweepers(in_tmp_store):
-    value = objective(compose_config([*QUICK, "model=softmax", "optimized_metric=val/loss"]))
+    value = run_hydra(compose_config([*QUICK, "model=softmax", "optimized_metric=val/loss"]))
     run = mlflow.last_active_run()
     assert value == run.data.metrics["val/loss"]
     # debug=quick draws no plots (tracking.plots=false), which take a second of a quick run.

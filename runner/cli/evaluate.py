@@ -34,6 +34,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float | int | None]:
     uri = logged_model.locate(cfg.run_id, cfg.model_uri)
     backend = backends.select(str(cfg.backend or logged_model.backend_of(uri)))  # before Keras
     from runner import data
+    from runner.config.schema import DataKeys
+    from runner.config.settings import runner_keys
     from runner.models import classifier
     from runner.tracking.recorded import logged_environment
     from runner.training.fitting import evaluate_outputs
@@ -42,8 +44,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float | int | None]:
     data_cfg = test_data(cfg.data, found)
     if found.run is not None and data_cfg.get("path"):  # a file whose change the run can tell
         data.warn_if_changed(data_cfg, logged_environment(found.run).get("data_file"))
-    test = fitted(data.load_test(data_cfg), found.model)
-    outputs, loss = evaluate_outputs(found.model, test, data_cfg.eval_batch_size, backend)
+    own = runner_keys(data_cfg, DataKeys, "data")
+    test = fitted(data.load_test(data_cfg, own), found.model)
+    outputs, loss = evaluate_outputs(found.model, test, own.eval_batch_size, backend)
     return {
         "loss": loss,
         "accuracy": classifier.accuracy(outputs, test.y),
@@ -89,7 +92,7 @@ def _classes(model: Any, x: np.ndarray) -> int:
         return int(model(x[:1], training=False).shape[-1])
 
 
-def test_data(given: DictConfig, found: Any) -> DictConfig:
+def test_data(given: Any, found: Any) -> Any:
     """The data option to test on: the one given (`data=NAME`), else the one the model's run
     trained on, with the keys given (`+data.KEY=VALUE`) changed."""
     from omegaconf import OmegaConf

@@ -5,21 +5,24 @@ loading TensorFlow or MLflow.
 """
 
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from runner.config.outputs import check_given_dirs, register_resolvers
-from runner.config.schema import CONF_DIR, check_config, register_configs, resume_mode
+from runner.config.schema import CONF_DIR, register_configs
+from runner.config.settings import check_config
 from runner.errors import Interrupted, UserError, reported, run_hydra_app
 from runner.masking import install_masking
 from runner.sweeps import jobs, preemption, pruning
 from runner.targets import importable_from_cwd, label
-from runner.training.stopping import StopReason, Stops
+from runner.training.stopping import CarryOn, StopReason, Stops
 
 register_configs()
 register_resolvers()
@@ -39,97 +42,50 @@ def train(
     hears each validation, and a trial its pruner calls off ends its run KILLED, untested. A
     run resumed once its training is complete (it was stopped while it tested) trains nothing:
     it is tested, its model logged, and its run ended. `stops` is the command's stop
-    controller; called from Python, `train` has one of its own."""
-    check_config(cfg)
+    controller; called from Python, `train` has one of its own. This is the composition root:
+    the config is checked once, and each layer gets the settings it needs."""
+    settings = check_config(cfg)  # also makes the data's paths absolute, as they are recorded
     stops = Stops() if stops is None else stops
-    from runner.data import absolute_paths
     from runner.tracking import provenance, registry, runs, store
 
-    absolute_paths(cfg.data)  # recorded so, for runner-eval and runner-repro from elsewhere
-
     # A sweep's job records into its parent's experiment.
-    identity = jobs.run_identity(cfg.tracking.experiment_name, label(cfg.model))
+    identity = jobs.run_identity(settings.tracking.experiment_name, label(settings.options.model))
     # Before minutes of training: a store that cannot record is told at once.
-    store.open_store(cfg.tracking.uri, identity.experiment_name)
+    store.open_store(settings.tracking.uri, identity.experiment_name)
     from runner import backends
 
-    name = str(cfg.get("backend", "tensorflow"))  # a run logged before backends: TensorFlow
-    backend = backends.select(name, cfg.device)  # before anything imports Keras
-    from runner import data
-    from runner.backends import devices
-    from runner.models import classifier
-    from runner.training import checkpoints, modeling
-    from runner.training.callbacks import ReportToTrial
-    from runner.training.fitting import (
-        check_even_batches,
-        check_resumable,
-        configured_callbacks,
-        evaluate_outputs,
-        finishable,
-        fit,
-        intervals,
-    )
+    backend = backends.select(str(settings.backend), settings.device)  # before Keras loads
+    from runner.cli import composition
+    from runner.training.fitting import finishable
 
-    found = backend.detect(cfg.device.cpu_devices)  # before anything runs on them
-    callbacks = configured_callbacks(cfg)
-    plan = devices.plan(cfg.device, found, intervals(cfg.trainer, callbacks), name)
-    if trial is not None:
-        callbacks["optuna_trial"] = ReportToTrial(trial, cfg.optimized_metric, stops)
-    log.info("devices: %s; %s", found.describe(), plan.describe())
-    backend.start_clean(cfg.seed, cfg.device.deterministic, plan)
-    splits = data.load(cfg.data)
-    mode = preemption.resume_as(
-        resume_mode(cfg.trainer), checkpoints.latest(Path(cfg.trainer.checkpoint_dir)) is not None
-    )
-    resumed = (
-        checkpoints.resume_point(cfg, mode, splits.digests, finish=preemption.requeued())
-        if mode != "false"
-        else None
-    )
-    check_resumable(resumed.step if resumed else 0, plan)
-    check_even_batches(splits, cfg.data.eval_batch_size, plan)
-    # trainer.resume=extend with more steps: a new run, as MLflow's params cannot change.
-    extends = resumed is not None and resumed.settings.get("trainer.steps") != cfg.trainer.steps
-    with backend.build_scope(plan):
-        model = (
-            resumed.load_model(cfg.model._target_)
-            if resumed
-            else modeling.build(cfg.model, splits.input_shape, splits.num_classes)
-        )
-        modeling.compiled(model, cfg, plan, resumed=resumed is not None)
-        modeling.check_loss(model, cfg, splits.train.x, splits.train.y)
-    run_tags = {**found.tags(), **plan.tags(), **(tags or {})}
-    config = OmegaConf.to_container(cfg, resolve=True)
-    origin = provenance.Provenance(config, splits, backend, jobs.hydra_record_dir())
+    carry_on = CarryOn(_how_to_resume, preemption.will_requeue())
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    prepared = composition.prepare(settings, resolved, backend=backend, trial=trial, stops=stops)
+    resumed, steps = prepared.resumed, settings.trainer.steps
+    origin = provenance.Provenance(resolved, prepared.splits, backend, jobs.hydra_record_dir())
     carried = (
-        runs.Resumed(resumed.run_id, resumed.unrecorded, extends, cfg.trainer.eval_every)
+        runs.Resumed(
+            resumed.run_id, resumed.unrecorded, prepared.extends(steps), settings.trainer.eval_every
+        )
         if resumed
         else None
     )
     with (
         stops.installed(),
         runs.mlflow_run(
-            cfg.tracking, identity, origin, stops=stops, tags=run_tags, resumed=carried
+            settings.tracking,
+            identity,
+            origin,
+            stops=stops,
+            tags={**prepared.tags(), **(tags or {})},
+            resumed=carried,
         ) as recorder,
-        finishable(cfg.trainer, recorder.run_id),
+        finishable(Path(settings.trainer.checkpoint_dir), steps, recorder.run_id, carry_on),
     ):
-        reached = fit(
-            model, splits, cfg, recorder, plan, resumed, callbacks, backend=backend, stops=stops
-        )
-        if stops.reason is StopReason.PRUNED:
-            recorder.prune(reached)
-            return recorder.final_metrics()
-        if reached < cfg.trainer.steps:
-            recorder.set_tag("stopped_early_at", str(reached))
-        outputs, loss = evaluate_outputs(model, splits.test, cfg.data.eval_batch_size, backend)
-        recorder.log_test(splits.test, outputs, loss, reached)
-        if cfg.tracking.plots:
-            recorder.log_plots(splits.test, outputs)
-        if cfg.trainer.log_model:
-            output = classifier.output(cfg.model)
-            recorder.log_model(model, output, cfg.model._target_, backend.requirements())
-        final = recorder.final_metrics()
-    registration = registry.registration(cfg.trainer, cfg.optimized_metric)
+        final = composition.train(prepared, settings, recorder, stops=stops, carry_on=carry_on)
+    if stops.reason is StopReason.PRUNED:
+        return final
+    registration = registry.registration(settings.trainer, settings.optimized_metric)
     if registration and identity.parent_run_id is None:  # a sweep registers its best, at its end
         registry.register(recorder.run_id, registration)
     return final
@@ -154,13 +110,23 @@ def compose(overrides: Sequence[str] = (), with_hydra: bool = False) -> DictConf
 _HYDRA_OUTPUT_DIR = "${hydra:runtime.output_dir}"
 
 
-def objective(cfg: DictConfig, stops: Stops | None = None) -> float | pruning.Pruned:
-    """Train, then give `optimized_metric`'s final value: what a Hydra sweeper optimises. A
-    trial of a pruned Optuna search gives `Pruned` if its pruner called it off."""
-    trial = pruning.this_jobs_trial()
-    tags = {"optuna.trial": str(trial.number)} if trial else None
-    value = train(cfg, tags, trial, stops)[cfg.optimized_metric]
-    return trial.result(value) if trial else value
+def _how_to_resume(checkpoints: Path, verb: str = "carry on") -> str:
+    """The command that carries this run on (or, as `verb` says, finishes it): the same one,
+    pointed at this run's folder when its checkpoints are there (the default
+    trainer.checkpoint_dir). A sweep's job is carried on alone, with its own overrides; an
+    Optuna trial is not, as its study carries on the search instead."""
+    if not HydraConfig.initialized():
+        return f"{verb} with trainer.resume=true"
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    in_run = checkpoints.resolve().is_relative_to(output_dir.resolve())
+    folder = f" hydra.run.dir={shlex.quote(str(output_dir))}" if in_run else ""
+    if not jobs.in_multirun():
+        return f"{verb} with the same command plus trainer.resume=true{folder}"
+    if "Optuna" in str(hydra_cfg.sweeper.get("_target_", "")):
+        return "run the search's command again: its study carries on, this trial starts over"
+    overrides = " ".join(shlex.quote(o) for o in hydra_cfg.overrides.task)
+    return f"{verb} with this job alone: runner {overrides} trainer.resume=true{folder}"
 
 
 class JobFailed(CompactHydraException):
@@ -186,11 +152,16 @@ def _lost_job(error: BaseException) -> str | None:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def run_hydra(cfg: DictConfig) -> float:
+def run_hydra(cfg: DictConfig) -> float | pruning.Pruned:
+    """Train, then give `optimized_metric`'s final value: what a Hydra sweeper optimises. A
+    trial of a pruned Optuna search gives `Pruned` if its pruner called it off."""
     jobs.mask_hydra_record()
     with reported("runner"), Stops().installed() as stops:
         try:
-            return objective(cfg, stops)
+            trial = pruning.this_jobs_trial()
+            tags = {"optuna.trial": str(trial.number)} if trial else None
+            value = train(cfg, tags, trial, stops)[cfg.optimized_metric]
+            return trial.result(value) if trial else value
         except UserError as error:
             if jobs.in_multirun() and not isinstance(error, Interrupted):
                 log.error("runner: error: %s", error)

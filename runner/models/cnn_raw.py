@@ -145,6 +145,7 @@ class KeepProbDropout(keras.layers.Layer):
 def build_cnn_raw(
     input_shape: tuple[int, ...],
     num_classes: int,
+    *,
     keep_prob: float = 0.5,
     init_stddev: float = 0.1,
     bias_init: float = 0.1,

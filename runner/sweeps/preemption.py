@@ -13,12 +13,8 @@ and its run ended.
 """
 
 import os
-import signal
 
-# SLURM's notice of a coming preemption or time limit, as submitit asks for it.
-NOTICE = signal.SIGUSR2
-# Ctrl-C; a stop by `kill`, or by SLURM for a cancelled or requeued job; SLURM's notice.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, NOTICE)
+from runner.config.schema import Resume
 
 
 def requeued() -> bool:
@@ -26,10 +22,12 @@ def requeued() -> bool:
     return int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
 
 
-def resume_as(configured: str, has_checkpoint: bool) -> str:
+def resume_as(configured: Resume, has_checkpoint: bool) -> Resume:
     """`trainer.resume` for this job: `true` in a requeued job whose earlier start wrote a
     checkpoint (`has_checkpoint`), as configured otherwise."""
-    return "true" if configured == "false" and requeued() and has_checkpoint else configured
+    if configured == Resume.false and requeued() and has_checkpoint:
+        return Resume.true
+    return configured
 
 
 def will_requeue() -> bool:

@@ -19,9 +19,12 @@ import keras
 import numpy as np
 
 from runner.callbacks import RunnerCallback
+from runner.config.schema import Resume
 from runner.errors import UserError
 from runner.models import register_custom_objects
 from runner.targets import import_code
+from runner.tracking.provenance import flatten
+from runner.tracking.runs import run_ended
 from runner.training.callbacks import StepCounter
 from runner.training.stopping import StopReason, Stops
 
@@ -86,26 +89,25 @@ class Checkpoint:
         return model
 
 
-def resume_point(cfg: Any, mode: str, digests: dict[str, str], finish: bool = False) -> Checkpoint:
-    """The checkpoint `trainer.resume=<mode>` carries on from, or a clear error if there is none
-    or if `cfg` differs from its run's settings: `true` must match them all, `extend` may raise
-    trainer.steps. `digests` are the data's (`Splits.digests`), which must be the run's too.
-    A checkpoint where training ended (at the last step, or stopped early) is taken while its
-    MLflow run has not recorded its ending (`tracking.run_ended`): the run was stopped after
-    training, before its test and model were recorded, and the resume finishes it. With `finish`
-    (a requeued SLURM job) it is taken in any case."""
-    from runner.tracking.runs import run_ended
-
-    directory = Path(cfg.trainer.checkpoint_dir)
+def resume_point(
+    directory: Path, *, steps: int, mode: Resume, run_settings: dict[str, Any], finish: bool = False
+) -> Checkpoint:
+    """The checkpoint in `directory` that `trainer.resume=<mode>` carries on from, or a clear
+    error if there is none or if `run_settings` (`settings`) differ from its run's: `true` must
+    match them all, `extend` may raise trainer.steps, to `steps`. A checkpoint where training
+    ended (at the last step, or stopped early) is taken while its MLflow run has not recorded
+    its ending (`tracking.run_ended`): the run was stopped after training, before its test and
+    model were recorded, and the resume finishes it. With `finish` (a requeued SLURM job) it is
+    taken in any case."""
     found = latest(directory)
     if found is None:
         raise UserError(
             f"trainer.resume={mode} but {directory.resolve()} holds no complete checkpoint: pass "
             f"the interrupted run's folder, hydra.run.dir=outputs/<date>/<time>"
         )
-    _check_settings(found, settings(cfg, digests), mode)
-    trained = found.stopped_early or found.step >= cfg.trainer.steps
-    if trained and (mode == "extend" or (not finish and run_ended(found.run_id))):
+    _check_settings(found, run_settings, mode)
+    trained = found.stopped_early or found.step >= steps
+    if trained and (mode == Resume.extend or (not finish and run_ended(found.run_id))):
         if found.stopped_early:
             raise UserError(
                 f"the checkpoint in {directory} is where a callback stopped the run early, at "
@@ -121,14 +123,10 @@ def resume_point(cfg: Any, mode: str, digests: dict[str, str], finish: bool = Fa
     return found
 
 
-def settings(cfg: Any, digests: dict[str, str]) -> dict[str, Any]:
-    """`cfg`'s RESUME_KEYS, resolved and flattened, and a digest of the data's arrays: any
-    loader's keys may change the data, which this catches whatever they are."""
-    from omegaconf import OmegaConf
-
-    from runner.tracking.provenance import flatten
-
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+def settings(resolved: dict[str, Any], digests: dict[str, str]) -> dict[str, Any]:
+    """The RESUME_KEYS of a run's `resolved` config (a plain container), flattened, and a
+    digest of the data's arrays: any loader's keys may change the data, which this catches
+    whatever they are."""
     chosen = {
         key: value
         for key, value in flatten(resolved)
@@ -144,7 +142,7 @@ def _check_settings(checkpoint: Checkpoint, now: dict[str, Any], mode: str) -> N
         return
     was = {"backend": "tensorflow", **checkpoint.settings}  # as runs before `backend` were
     differ = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
-    if mode == "extend" and differ == ["trainer.steps"]:
+    if mode == Resume.extend and differ == ["trainer.steps"]:
         if now["trainer.steps"] <= checkpoint.step:
             raise UserError(
                 f"trainer.resume=extend needs trainer.steps above the checkpoint's step "
@@ -180,6 +178,7 @@ def latest(directory: Path) -> Checkpoint | None:
 def save(
     model: keras.Model,
     directory: Path,
+    *,
     step: int,
     run_id: str,
     keep: int,
@@ -261,6 +260,7 @@ class Checkpointer(keras.callbacks.Callback):
 
     def __init__(
         self,
+        *,
         directory: Path,
         every: int,
         last: int,
@@ -294,12 +294,12 @@ class Checkpointer(keras.callbacks.Callback):
             save(
                 self.model,
                 self.directory,
-                step,
-                self.recorder.run_id,
-                self.keep,
-                self.run_settings,
-                self.metric_state,
-                {name: callback.state() for name, callback in self.callbacks.items()},
+                step=step,
+                run_id=self.recorder.run_id,
+                keep=self.keep,
+                run_settings=self.run_settings,
+                metric_state=self.metric_state,
+                callbacks={name: callback.state() for name, callback in self.callbacks.items()},
                 stopped_early=self.stops.reason is not None and self.stops.reason.ends_training,
                 unrecorded=self.recorder.unrecorded(),
             )

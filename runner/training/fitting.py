@@ -1,22 +1,21 @@
 """Keras `fit` driven in optimizer steps: one Keras epoch is one logging window."""
 
-import shlex
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
 
+from runner import targets
 from runner.backends.base import Backend
 from runner.backends.devices import Plan
 from runner.callbacks import RunnerCallback, Training, optimizer_step
+from runner.config.schema import DataKeys, TrainerConf
 from runner.data import Split, Splits
 from runner.errors import Interrupted, ServerLost, UserError, stop_signal
-from runner.models import classifier
-from runner.sweeps import jobs
-from runner.sweeps.preemption import NOTICE, will_requeue
 from runner.training import checkpoints
 from runner.training.callbacks import (
     MlflowMetrics,
@@ -27,97 +26,96 @@ from runner.training.callbacks import (
     Throughput,
 )
 from runner.training.checkpoints import Checkpoint, Checkpointer, RestoreMetrics
-from runner.training.stopping import StopReason, Stops
+from runner.training.stopping import CarryOn, StopReason, Stops
 
 
 def fit(
     model: Any,
     splits: Splits,
-    cfg: Any,
+    *,
+    trainer: TrainerConf,
+    data: DataKeys,
+    seed: int,
+    logits: bool,
     recorder: Any,
     plan: Plan,
+    run_settings: dict[str, Any],
     resumed: Checkpoint | None = None,
     extra: dict[str, Any] | None = None,
-    *,
     backend: Backend,
     stops: Stops | None = None,
+    carry_on: CarryOn,
 ) -> int:
-    """Train from the `resumed` checkpoint's step (else 0) to `trainer.steps`, unless training
-    ended at that checkpoint (it was stopped after training, while it tested), with the
-    configured `extra` callbacks (by name) among the runner's own; validate every `eval_every`
-    steps and after the last one; checkpoint every `checkpoint_every` steps, after the last one
-    and on SIGINT, SIGTERM or SIGUSR2, which then raise `Interrupted`. `stops` (the command's,
-    else one of its own) hears them and keeps why training stopped. Each step trains on
-    `data.batch_size` examples per replica. Metrics are logged only for whole windows, so a run
-    stopped and resumed logs the same history as one left alone. Returns the step training
-    ended at, which a callback that stops training (early stopping) puts before
-    `trainer.steps`."""
-    trainer = cfg.trainer
+    """Train from the `resumed` checkpoint's step (else 0) to `trainer.steps` (unless training
+    ended there), `data.batch_size` examples per replica a step, with the configured `extra`
+    callbacks (by name) among the runner's own; validate every `eval_every` steps and after the
+    last; checkpoint, with `run_settings`, every `checkpoint_every` steps, after the last and on
+    SIGINT, SIGTERM or SIGUSR2, which `stops` hears and which then raise `Interrupted`, saying
+    how to carry on (`carry_on`). Metrics are logged for whole windows only, so a run stopped
+    and resumed logs the history of one left alone. Returns the step training ended at, before
+    `trainer.steps` where a callback stopped it (early stopping)."""
     start_step = resumed.step if resumed else 0
-    batch = cfg.data.batch_size * plan.replicas
     stops = Stops() if stops is None else stops
+    batch, spe = data.batch_size * plan.replicas, plan.steps_per_execution
+    training = Training(splits.train, batch, seed, start_step, spe, logits, backend)
     callbacks = _callbacks(
-        splits=splits,
-        cfg=cfg,
+        training=training,
+        trainer=trainer,
         recorder=recorder,
         stops=stops,
-        batch=batch,
-        steps_per_execution=plan.steps_per_execution,
+        run_settings=run_settings,
         resumed=resumed,
         extra=extra or {},
-        backend=backend,
+        num_classes=splits.num_classes,
     )
-    # Training ends at trainer.steps, or where a callback stopped it early: a run resumed from
-    # either (stopped while it tested) trains no more.
+    # A run resumed where a callback stopped it early (stopped while it tested) trains no more.
     last = start_step if resumed and resumed.stopped_early else trainer.steps
-    aligned = min(-(-start_step // trainer.log_every) * trainer.log_every, last)
-    windows_from = partial(_fit_windows, model, splits, cfg, batch, callbacks, backend=backend)
+    windows_from = partial(_fit_windows, model, splits, trainer=trainer, training=training)
+    windows_from = partial(
+        windows_from, eval_batch_size=data.eval_batch_size, callbacks=callbacks, backend=backend
+    )
     with stops.installed():
         with stops.training():
-            # A run stopped mid-window first finishes that window on its own.
-            if start_step < aligned:
-                at_eval = aligned % trainer.eval_every == 0
-                windows_from(start_step, 1, aligned - start_step, at_eval)
-            if stops.reason is None and aligned < last:
-                windows = (last - aligned) // trainer.log_every
-                windows_from(aligned, windows, trainer.log_every, True)
-        _raise_if_stopped(stops, model, recorder, Path(trainer.checkpoint_dir))
+            _windows(windows_from, start=start_step, last=last, trainer=trainer, stops=stops)
+        _raise_if_stopped(
+            stops, model, recorder, folder=Path(trainer.checkpoint_dir), carry_on=carry_on
+        )
     reached = optimizer_step(model)
     if reached % trainer.eval_every:
-        final = model.evaluate(
-            backend.in_batches(splits.validation, cfg.data.eval_batch_size),
-            verbose=0,
-            return_dict=True,
-        )
+        batches = backend.in_batches(splits.validation, data.eval_batch_size)
+        final = model.evaluate(batches, verbose=0, return_dict=True)
         recorder.log_metrics({f"val/{k}": v for k, v in final.items()}, step=reached)
     return reached
 
 
+def _windows(
+    windows_from: Callable[..., None], *, start: int, last: int, trainer: TrainerConf, stops: Stops
+) -> None:
+    """Train from step `start` to `last` in windows of log_every steps; a run stopped
+    mid-window first finishes that window on its own."""
+    aligned = min(-(-start // trainer.log_every) * trainer.log_every, last)
+    if start < aligned:
+        at_eval = aligned % trainer.eval_every == 0
+        windows_from(start=start, windows=1, window=aligned - start, validate=at_eval)
+    if stops.reason is None and aligned < last:
+        windows = (last - aligned) // trainer.log_every
+        windows_from(start=aligned, windows=windows, window=trainer.log_every, validate=True)
+
+
 def _callbacks(
     *,
-    splits: Splits,
-    cfg: Any,
+    training: Training,
+    trainer: TrainerConf,
     recorder: Any,
     stops: Stops,
-    batch: int,
-    steps_per_execution: int,
+    run_settings: dict[str, Any],
     resumed: Checkpoint | None,
     extra: dict[str, Any],
-    backend: Backend,
+    num_classes: int,
 ) -> list[Any]:
-    """The runner's callbacks for training on `batch` examples a step, with the configured
-    `extra` ones among them, in the order they must run."""
-    trainer = cfg.trainer
+    """The runner's callbacks for `training`, with the configured `extra` ones among them, in
+    the order they must run."""
     counter = StepCounter()
-    training = Training(
-        splits.train,
-        batch,
-        cfg.seed,
-        resumed.step if resumed else 0,
-        steps_per_execution,
-        logits=classifier.output(cfg.model) == classifier.LOGITS,
-        backend=backend,
-    )
     own = {name: c for name, c in extra.items() if isinstance(c, RunnerCallback)}
     for name, callback in own.items():
         callback.attach(training)
@@ -125,32 +123,35 @@ def _callbacks(
             callback.restore(resumed.callbacks[name])
     callbacks = [
         counter,  # first: the others read the step it counts
-        Throughput(batch, steps_per_execution, backend),  # adds to the logs the others see
+        # adds to the logs the others see
+        Throughput(training.batch_size, training.steps_per_execution, training.backend),
         MlflowMetrics(recorder, counter, trainer.log_every),
         StopOnNonFiniteLoss(stops),
         StopOnSignal(stops, recorder),
         *extra.values(),  # before the checkpointer, which saves where one stops training
         Checkpointer(
-            Path(trainer.checkpoint_dir),
-            trainer.checkpoint_every,
-            trainer.steps,
-            recorder,
-            trainer.keep_checkpoints,
-            counter,
-            trainer.log_every,
-            checkpoints.settings(cfg, splits.digests),
-            own,
-            stops,
+            directory=Path(trainer.checkpoint_dir),
+            every=trainer.checkpoint_every,
+            last=trainer.steps,
+            recorder=recorder,
+            keep=trainer.keep_checkpoints,
+            counter=counter,
+            window=trainer.log_every,
+            run_settings=run_settings,
+            callbacks=own,
+            stops=stops,
         ),
     ]
     if resumed and resumed.metric_state is not None:
-        callbacks.append(RestoreMetrics(resumed.metric_state, splits.num_classes))
+        callbacks.append(RestoreMetrics(resumed.metric_state, num_classes))
     if trainer.progress_bar:
         callbacks.append(StepProgbar(trainer.steps, counter))
     return callbacks
 
 
-def _raise_if_stopped(stops: Stops, model: Any, recorder: Any, folder: Path) -> None:
+def _raise_if_stopped(
+    stops: Stops, model: Any, recorder: Any, *, folder: Path, carry_on: CarryOn
+) -> None:
     """A lost tracking server or a stop signal ended training: raise `ServerLost` or
     `Interrupted`, saying where the checkpoint is and how to carry on."""
     step = optimizer_step(model)
@@ -159,36 +160,24 @@ def _raise_if_stopped(stops: Stops, model: Any, recorder: Any, folder: Path) -> 
             f"the MLflow tracking server has not answered for {recorder.patience_s:g} s "
             f"(tracking.server_patience_s): training stopped at step {step}, checkpoint "
             f"written to {folder} with the metrics the server has not taken; once the server "
-            f"is back, {_how_to_resume(folder)}"
+            f"is back, {carry_on.command(folder, 'carry on')}"
         )
     if stops.signal is not None:
-        resume = (
-            "the requeued job carries on from it"
-            if stops.signal == NOTICE and will_requeue()
-            else _how_to_resume(folder)
-        )
         raise Interrupted(
             f"stopped by {stops.signal.name} at step {step}, checkpoint written to {folder}; "
-            f"{resume}",
+            f"{carry_on.told(folder, stops.signal)}",
             stops.signal,
         )
 
 
-def configured_callbacks(cfg: Any) -> dict[str, Any]:
-    """The callbacks the `callbacks` group adds to the runner's own, built by their `_target_`,
-    by name."""
-    import keras
-
-    from runner import targets
-
-    built = {
-        name: targets.build(node, f"callbacks.{name}")
-        for name, node in (cfg.callbacks or {}).items()
-    }
+def configured_callbacks(options: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The callbacks the `callbacks` group adds to the runner's own, built by their `_target_`
+    from `options` (by name), by name."""
+    built = {name: targets.build(node, f"callbacks.{name}") for name, node in options.items()}
     for name, callback in built.items():
         if not isinstance(callback, keras.callbacks.Callback):
             raise UserError(
-                f"callbacks.{name}: {cfg.callbacks[name]._target_} returned a "
+                f"callbacks.{name}: {options[name]['_target_']} returned a "
                 f"{type(callback).__name__}, not a keras.callbacks.Callback"
             )
     return built
@@ -202,51 +191,26 @@ def intervals(trainer: Any, callbacks: dict[str, Any]) -> list[int]:
 
 
 @contextmanager
-def finishable(trainer: Any, run_id: str) -> Iterator[None]:
+def finishable(folder: Path, steps: int, run_id: str, carry_on: CarryOn) -> Iterator[None]:
     """Around training and the run's ending (final validation, test, plots, model): a stop
-    (a KeyboardInterrupt, as `stopping.Stops` raises) that comes once
-    training is complete, its last checkpoint written by the run `run_id`, raises `Interrupted`
-    saying so and how to finish the run, as a stop during training says how to carry it on."""
+    (a KeyboardInterrupt, as `stopping.Stops` raises) that comes once training is complete,
+    its last checkpoint (in `folder`, at `steps` or stopped early) written by the run `run_id`,
+    raises `Interrupted` saying so and how to finish the run (`carry_on`), as a stop during
+    training says how to carry it on."""
     try:
         yield
     except KeyboardInterrupt as error:
-        folder = Path(trainer.checkpoint_dir)
         last = checkpoints.latest(folder)
-        trained = last is not None and (last.stopped_early or last.step >= trainer.steps)
+        trained = last is not None and (last.stopped_early or last.step >= steps)
         if not trained or last.run_id != run_id:
             raise
         stopped_by = stop_signal(error)
-        finish = (
-            "the requeued job finishes it"
-            if stopped_by == NOTICE and will_requeue()
-            else _how_to_resume(folder, "finish it")
-        )
         raise Interrupted(
             f"stopped by {stopped_by.name} after the last training step, {last.step}: training "
-            f"is complete, checkpoint in {folder}; to test it and end its MLflow run, {finish}",
+            f"is complete, checkpoint in {folder}; to test it and end its MLflow run, "
+            f"{carry_on.told(folder, stopped_by, finish=True)}",
             stopped_by,
         ) from None
-
-
-def _how_to_resume(checkpoints: Path, verb: str = "carry on") -> str:
-    """The command that carries this run on (or, as `verb` says, finishes it): the same one,
-    pointed at this run's folder when its checkpoints are there (the default
-    trainer.checkpoint_dir). A sweep's job is carried on alone, with its own overrides; an
-    Optuna trial is not, as its study carries on the search instead."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return f"{verb} with trainer.resume=true"
-    hydra = HydraConfig.get()
-    output_dir = Path(hydra.runtime.output_dir)
-    in_run = checkpoints.resolve().is_relative_to(output_dir.resolve())
-    folder = f" hydra.run.dir={shlex.quote(str(output_dir))}" if in_run else ""
-    if not jobs.in_multirun():
-        return f"{verb} with the same command plus trainer.resume=true{folder}"
-    if "Optuna" in str(hydra.sweeper.get("_target_", "")):
-        return "run the search's command again: its study carries on, this trial starts over"
-    overrides = " ".join(shlex.quote(o) for o in hydra.overrides.task)
-    return f"{verb} with this job alone: runner {overrides} trainer.resume=true{folder}"
 
 
 def check_resumable(start_step: int, plan: Plan) -> None:
@@ -278,27 +242,25 @@ def check_even_batches(splits: Splits, eval_batch_size: int, plan: Plan) -> None
 def _fit_windows(
     model: Any,
     splits: Splits,
-    cfg: Any,
-    batch: int,
-    callbacks: list,
+    *,
     start: int,
     windows: int,
     window: int,
     validate: bool,
-    *,
+    trainer: TrainerConf,
+    eval_batch_size: int,
+    training: Training,
+    callbacks: list,
     backend: Backend,
 ) -> None:
     """`windows` Keras epochs of `window` steps from step `start`. Keras numbers the epochs from
     start // window, so with window = log_every, validation_freq lands on multiples of
     eval_every; a lone shorter window validates at its end if `validate`."""
-    trainer = cfg.trainer
     first = start // window
     full = window == trainer.log_every
-    validation = (
-        backend.in_batches(splits.validation, cfg.data.eval_batch_size) if validate else None
-    )
+    validation = backend.in_batches(splits.validation, eval_batch_size) if validate else None
     model.fit(
-        backend.training_dataset(splits.train, batch, cfg.seed, start),
+        backend.training_dataset(training.train, training.batch_size, training.seed, start),
         steps_per_epoch=window,
         initial_epoch=first,
         epochs=first + windows,

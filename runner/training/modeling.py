@@ -1,50 +1,49 @@
 """The model a run trains: built by the `model` option's `_target_` for the data's shape and
 classes, then compiled with the `optimizer` and `loss` options."""
 
+from collections.abc import Mapping
 from typing import Any
 
+import keras
+import numpy as np
+
 from runner import targets
+from runner.config.schema import LossKeys, ModelKeys, keys
 from runner.errors import UserError
 from runner.models import classifier
-from runner.training import optim
-
-# Keys of a `model` option that the runner reads; `output` also reaches a builder that takes it.
-RUNNER_KEYS = ("name", "output")
 
 
-def build(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Any:
+def build(option: Mapping[str, Any], input_shape: tuple[int, ...], num_classes: int) -> Any:
     """A fresh, uncompiled `keras.Model` from the `model` option, checked to be one and to give
-    an output for each of the `num_classes` classes."""
-    import keras
-
+    an output for each of the `num_classes` classes. Of the runner's keys (`ModelKeys`),
+    `output` also reaches a builder that takes it."""
+    target = option["_target_"]
     model = targets.build(
-        cfg,
+        option,
         "model",
-        RUNNER_KEYS,
-        passed={"output": classifier.output(cfg)},
+        keys(ModelKeys),
+        passed={"output": classifier.output(option)},
         input_shape=tuple(input_shape),
         num_classes=num_classes,
     )
     if not isinstance(model, keras.Model):
-        raise UserError(
-            f"model: {cfg._target_} returned a {type(model).__name__}, not a keras.Model"
-        )
+        raise UserError(f"model: {target} returned a {type(model).__name__}, not a keras.Model")
     if getattr(model, "optimizer", None) is not None:
         raise UserError(
-            f"model: {cfg._target_} returned a compiled model: return it uncompiled, and choose "
+            f"model: {target} returned a compiled model: return it uncompiled, and choose "
             f"its optimizer and loss with optimizer= and loss="
         )
-    if classifier.output(cfg) == classifier.LOGITS and classifier.ends_in_softmax(model):
+    if classifier.output(option) == classifier.LOGITS and classifier.ends_in_softmax(model):
         raise UserError(
-            f"model: {cfg._target_} ends in a softmax, so it emits probabilities, but "
+            f"model: {target} ends in a softmax, so it emits probabilities, but "
             f"model.output=logits: set model.output=probabilities and "
             f"loss=cross_entropy_of_probabilities, or end it in logits"
         )
-    _check_input(model, cfg._target_, input_shape)
-    shape = _output_shape(model, cfg._target_, input_shape, num_classes)
+    _check_input(model, target, input_shape)
+    shape = _output_shape(model, target, input_shape, num_classes)
     if len(shape) != 2 or shape[-1] != num_classes:
         raise UserError(
-            f"model: {cfg._target_} built a model whose output has shape {shape}, not "
+            f"model: {target} built a model whose output has shape {shape}, not "
             f"(batch, {num_classes}): one value for each of the data's {num_classes} classes"
         )
     return model
@@ -85,8 +84,6 @@ def _outputs(model: Any, target: str, input_shape: tuple[int, ...]) -> dict[str,
     """The shapes of the model's outputs, by name: a functional model declares them; a
     subclassed one, or a Sequential without an Input, tells them by running one example of
     zeros."""
-    import numpy as np
-
     try:
         declared = list(model.outputs)
     except (AttributeError, TypeError):
@@ -110,14 +107,12 @@ def _outputs(model: Any, target: str, input_shape: tuple[int, ...]) -> dict[str,
     return {"output": tuple(ran.shape)}
 
 
-def compiled(model: Any, cfg: Any, plan: Any, resumed: bool = False) -> Any:
-    """`model` compiled as `plan` says, with the configured optimizer and loss, measuring
-    accuracy; a model `resumed` from a checkpoint keeps its optimizer and so its state."""
-    import keras
-
+def compiled(model: Any, optimizer: Any, loss: Mapping[str, Any], plan: Any) -> Any:
+    """`model` compiled as `plan` says, with `optimizer` (a resumed model's own, which keeps its
+    state) and the `loss` option's loss, measuring accuracy."""
     model.compile(
-        optimizer=model.optimizer if resumed else optim.build(cfg.optimizer, cfg.trainer.steps),
-        loss=targets.build(cfg.loss, "loss", ("expects",)),
+        optimizer=optimizer,
+        loss=targets.build(loss, "loss", keys(LossKeys)),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=plan.jit_compile,
         steps_per_execution=plan.steps_per_execution,
@@ -125,18 +120,16 @@ def compiled(model: Any, cfg: Any, plan: Any, resumed: bool = False) -> Any:
     return model
 
 
-def check_loss(model: Any, cfg: Any, x: Any, y: Any) -> None:
-    """Score two examples with the compiled loss before any run starts: a loss that cannot take
-    the data's integer labels (one that wants one-hot targets, say) fails here in one line,
-    not inside the first training step as a traceback."""
-    import keras
-
+def check_loss(model: Any, target: str, x: Any, y: Any) -> None:
+    """Score two examples with the compiled loss (the `_target_` `target`) before any run starts:
+    a loss that cannot take the data's integer labels (one that wants one-hot targets, say)
+    fails here in one line, not inside the first training step as a traceback."""
     try:
         keras.ops.convert_to_numpy(model.loss(y[:2], model(x[:2], training=False)))
     except Exception as error:
         text = str(error).strip()
         raise UserError(
-            f"loss: {cfg.loss._target_} cannot score the model's outputs against the data's "
+            f"loss: {target} cannot score the model's outputs against the data's "
             f"labels, integers of shape (N,): {type(error).__name__}: "
             f"{text.splitlines()[0] if text else ''}"
         ) from None

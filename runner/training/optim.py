@@ -2,29 +2,26 @@
 runner's own keys (`lr`, `schedule`, `warmup_steps`) become its `learning_rate`; `adam` is
 Keras's Adam with TensorFlow's fused update kernel (`runner.fused_adam`)."""
 
+from collections.abc import Mapping
 from typing import Any
 
+import keras
+
 from runner import targets
-
-# Keys of an `optimizer` option that the runner reads rather than passes on.
-RUNNER_KEYS = ("name", "lr", "schedule", "warmup_steps")
+from runner.config.schema import OptimizerKeys, keys
 
 
-def build(cfg: Any, total_steps: int) -> Any:
-    """A `keras.optimizers.Optimizer` from `cfg`: its class's own keys as they are, its learning
-    rate following `schedule` over a run of `total_steps` steps."""
-    rate = learning_rate(
-        float(cfg.lr), str(cfg.get("schedule", "constant")), cfg.get("warmup_steps", 0), total_steps
-    )
-    return targets.build(cfg, "optimizer", RUNNER_KEYS, learning_rate=rate)
+def build(option: Mapping[str, Any], own: OptimizerKeys, total_steps: int) -> Any:
+    """A `keras.optimizers.Optimizer` from the `optimizer` option: its class's own keys as they
+    are, its learning rate following the runner's keys `own` over a run of `total_steps` steps."""
+    rate = learning_rate(float(own.lr), str(own.schedule), own.warmup_steps, total_steps)
+    return targets.build(option, "optimizer", keys(OptimizerKeys), learning_rate=rate)
 
 
 def learning_rate(peak: float, schedule: str, warmup_steps: int, total_steps: int) -> Any:
     """`peak`, reached linearly over `warmup_steps`; then held (constant) or decayed to 0 along
     a half cosine by the last step (cosine). Keras's CosineDecay does both: with alpha=1 its
     "decay" holds the rate."""
-    import keras
-
     if schedule == "constant" and not warmup_steps:
         return peak
     return keras.optimizers.schedules.CosineDecay(

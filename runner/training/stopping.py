@@ -11,15 +11,43 @@ rather than when SLURM kills it (submitit only logs SIGTERM).
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from runner.errors import Interrupted, Stopped, stop_signal
-from runner.sweeps.preemption import NOTICE, STOP_SIGNALS
 
 log = logging.getLogger(__name__)
+
+# SLURM's notice of a coming preemption or time limit, as submitit asks for it
+# (runner.sweeps.preemption).
+NOTICE = signal.SIGUSR2
+# Ctrl-C; a stop by `kill`, or by SLURM for a cancelled or requeued job; SLURM's notice.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, NOTICE)
+
+
+def _resume_alone(checkpoints: Path, verb: str) -> str:
+    return f"{verb} with trainer.resume=true"
+
+
+@dataclass(frozen=True)
+class CarryOn:
+    """How a run stopped before its end is carried on, as the command that started it knows:
+    `command(checkpoints, verb)` says what to run to carry on (or, as `verb` says, finish) the
+    run whose checkpoints are in `checkpoints`, and `requeued` whether SLURM requeues the job
+    on its notice, which then carries it on by itself."""
+
+    command: Callable[[Path, str], str] = _resume_alone
+    requeued: bool = False
+
+    def told(self, checkpoints: Path, stopped_by: signal.Signals, finish: bool = False) -> str:
+        """What carries on (with `finish`, finishes) a run stopped by `stopped_by`."""
+        if stopped_by == NOTICE and self.requeued:
+            return f"the requeued job {'finishes it' if finish else 'carries on from it'}"
+        return self.command(checkpoints, "finish it" if finish else "carry on")
 
 
 class StopReason(Enum):
