@@ -2,16 +2,20 @@
 
 Hydra calls `NestedRuns` in the process that starts the sweep; the jobs find the parent run
 through `runner.sweeps.jobs`. When the sweep ends, the parent gets the comparison of its children.
+A sweeper whose search several processes share (the runner's Optuna sweeper on a stored study)
+has them share one parent run, closed by the last of them to end.
 """
 
 import atexit
 import contextlib
+import functools
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from runner.cli import compare
@@ -36,6 +40,8 @@ class NestedRuns(Callback):
         self.optimized_metric = "val/accuracy"
         # trainer.register_as and its companions: the best job's model is registered at the end.
         self.registration: tuple[str, str, str, bool] | None = None
+        # The sweeper's way of sharing the parent with its search's other processes, if any.
+        self.shared: Any = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Hydra would make any exception raised here a warning and run the jobs all the same.
@@ -54,8 +60,10 @@ class NestedRuns(Callback):
 
         sweep_dir = Path(config.hydra.sweep.dir).absolute()
         overrides = mask(" ".join(config.hydra.overrides.task))
-        run = mlflow.MlflowClient().create_run(
-            mlflow.get_experiment_by_name(config.tracking.experiment_name).experiment_id,
+        experiment_id = mlflow.get_experiment_by_name(config.tracking.experiment_name).experiment_id
+        open_parent = functools.partial(
+            mlflow.MlflowClient().create_run,
+            experiment_id,
             run_name=f"sweep {overrides}"[:250],
             tags={
                 SWEEP_DIR_TAG: str(sweep_dir),
@@ -64,7 +72,12 @@ class NestedRuns(Callback):
                 "sweep.launcher": config.hydra.launcher._target_.rsplit(".", 1)[-1],
             },
         )
-        self.parent_run_id = run.info.run_id
+        share = getattr(get_class(config.hydra.sweeper._target_), "shared_parent", None)
+        self.shared = share(config) if share else None
+        if self.shared is None:
+            self.parent_run_id = open_parent().info.run_id
+        else:
+            self.parent_run_id = self.shared.join(lambda: open_parent().info.run_id)
         self.optimized_metric = config.optimized_metric
         self.registration = registry.settings(config)
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -83,7 +96,7 @@ class NestedRuns(Callback):
             "MLflow parent run %s for the sweep in %s: %s",
             self.parent_run_id,
             sweep_dir,
-            runs.ui_link(run.info.experiment_id, self.parent_run_id),
+            runs.ui_link(experiment_id, self.parent_run_id),
         )
         # Hydra skips on_multirun_end when a job fails or the sweep is interrupted.
         atexit.register(self._finish, "FAILED")
@@ -98,6 +111,10 @@ class NestedRuns(Callback):
         if self.parent_run_id is None:
             return
         client = mlflow.MlflowClient()
+        if self.shared is not None:
+            status = self._shared_status(client, status)
+            if status is None:
+                return
         try:
             summarize(client, self.parent_run_id, self.optimized_metric)
         except Exception as error:  # the parent must still end, whatever the summary hit
@@ -126,6 +143,21 @@ class NestedRuns(Callback):
             with reported("runner"):
                 raise refused
 
+    def _shared_status(self, client: Any, status: str) -> str | None:
+        """None while another process still runs a trial of the shared search: the parent is
+        left to it, marked with this process's error if it failed. Else the status to end the
+        parent with: FAILED if a process that left before failed."""
+        if self.shared.others_at_work():
+            if status == "FAILED":
+                client.set_tag(self.parent_run_id, "error", "a process of the search failed")
+            log.info(
+                "MLflow parent run %s is left to the search's other processes", self.parent_run_id
+            )
+            self.parent_run_id = None
+            return None
+        failed = "error" in client.get_run(self.parent_run_id).data.tags
+        return "FAILED" if failed else status
+
     def _register_best(self, client: Any) -> None:
         """Register the model of the child best by optimized_metric (summarize tagged it)."""
         best = client.get_run(self.parent_run_id).data.tags.get("sweep.best_run_id")
@@ -148,8 +180,6 @@ def sweeper_has_work(config: DictConfig) -> bool:
     nothing to run would otherwise leave an empty parent run. A sweeper class takes part with a
     classmethod `check_before_sweep(config) -> bool`, which returns False when there is nothing
     to run and raises a `UserError` to refuse."""
-    from hydra.utils import get_class
-
     check = getattr(get_class(config.hydra.sweeper._target_), "check_before_sweep", None)
     return check is None or bool(check(config))
 
