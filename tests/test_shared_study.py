@@ -1,6 +1,7 @@
 """One study, several search processes (hydra_plugins/runner_optuna/sharing.py): exactly
 n_trials between them, one settings record and one MLflow parent run, however they interleave."""
 
+import logging
 import re
 import shlex
 import shutil
@@ -22,6 +23,27 @@ from .conftest import QUICK, cli, parents_and_children, readme_commands, templat
 from .test_optuna import Launcher, sweeper
 
 SECTION = "Sweeping and comparing"
+
+
+def test_a_sqlite_study_that_another_process_shares_is_warned_of_once(caplog):
+    _, trials = raced_trials(wanted=5)
+    trials.unsafe = resumable_sweeper._unsafe_to_share("sqlite:///optuna.db", "s")
+    with caplog.at_level(logging.WARNING):
+        assert trials.ask(0) is not None and trials.ask(1) is not None
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "study 's' is in the SQLite file optuna.db, which another search process" in warning
+    assert "hydra.sweeper.storage=journal:optuna.journal" in warning and "postgresql://" in warning
+
+
+def test_a_sqlite_study_on_a_network_file_system_is_warned_of_at_once(caplog, monkeypatch):
+    assert sharing.network_file_system(Path("/proc/self")) is None
+    monkeypatch.setattr(sharing, "network_file_system", lambda path: "nfs4")
+    with caplog.at_level(logging.WARNING):
+        assert resumable_sweeper._unsafe_to_share("sqlite:////shared/optuna.db", "s") is None
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "SQLite file /shared/optuna.db on a network file system (nfs4)" in warning
+    assert "hydra.sweeper.storage=journal:optuna.journal" in warning
+    assert resumable_sweeper._unsafe_to_share("journal:optuna.journal", "s") is None
 
 
 def journal(path) -> optuna.storages.JournalStorage:
@@ -193,43 +215,43 @@ def worker_args(line: str) -> list[str]:
     return shlex.split(command)
 
 
-def shared_search(folder: Path) -> list[str]:
-    """Overrides that make the README's search a short one of 3 trials, of which each of its
-    processes runs one or more (`tests.probes.WaitForOtherProcess`), recording into `folder`."""
+def shared_search(folder: Path, trials: int) -> list[str]:
+    """Overrides that make the README's search a short one of `trials` trials, recording into
+    `folder`, each of its processes running one or more (`tests.probes.WaitForOtherProcess`)
+    where there are more trials than processes."""
+    shutil.copyfile(template_store(), folder / "mlflow.db")  # one store, made before both start
+    overrides = [*QUICK, "data.limit=500", f"hydra.sweeper.n_trials={trials}"]
+    if trials == 1:
+        return overrides
     begun = folder / "begun"
     begun.mkdir()
-    shutil.copyfile(template_store(), folder / "mlflow.db")  # one store, made before both start
     return [
-        *QUICK,
-        "data.limit=500",
-        "hydra.sweeper.n_trials=3",
+        *overrides,
         "+callbacks.wait._target_=tests.probes.WaitForOtherProcess",
         f"+callbacks.wait.folder={begun}",
     ]
 
 
-def assert_one_study_one_parent(folder: Path) -> None:
-    """The study holds exactly its 3 trials, run by two processes, each a child of one parent
-    run, which the last process closed with the comparison of them all."""
+def assert_one_study_one_parent(folder: Path, trials: int) -> optuna.Study:
+    """The study holds exactly its `trials` trials, each a child of one parent run, which the
+    last process closed with the comparison of them all."""
     study = optuna.load_study(study_name="cnn_optuna", storage=journal(folder / "optuna.journal"))
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    assert len(done) == 3
+    assert len(done) == trials
     assert all(t.user_attrs.get(sharing.SURPLUS_ATTR) for t in study.trials if t not in done)
-    assert len({t.user_attrs[sharing.WORKER_ATTR] for t in done}) == 2, "both processes ran"
     [parent], children = parents_and_children(folder)
     assert parent.info.status == "FINISHED"
     assert study.user_attrs[sharing.PARENT_ATTR]["run_id"] == parent.info.run_id
     assert sorted(int(c.data.tags["optuna.trial"]) for c in children) == [t.number for t in done]
-    assert [c.info.status for c in children] == ["FINISHED"] * 3
+    assert [c.info.status for c in children] == ["FINISHED"] * trials
     assert parent.data.metrics["best/val/accuracy"] == study.best_value
-    sweeps = list(folder.glob("multirun/*/*/mlflow_sweep.json"))
-    assert len(sweeps) == 2, "a sweep folder each"
+    return study
 
 
 def test_two_processes_of_the_readme_share_one_study(tmp_path, mnist_dir):
     """The README's two workers on one machine, at once, on one journal file."""
     [line] = [c for c in readme_commands(SECTION) if c.startswith("for worker in 1 2")]
-    args = [*worker_args(line), *shared_search(tmp_path)]
+    args = [*worker_args(line), *shared_search(tmp_path, trials=3)]
     with ThreadPoolExecutor(2) as pool:
         started = [
             pool.submit(cli, "runner", *args, cwd=tmp_path, mnist_dir=mnist_dir) for _ in "ab"
@@ -237,16 +259,20 @@ def test_two_processes_of_the_readme_share_one_study(tmp_path, mnist_dir):
         results = [f.result() for f in started]
     for result in results:
         assert result.returncode == 0, result.stderr[-3000:]
-    assert_one_study_one_parent(tmp_path)
+    study = assert_one_study_one_parent(tmp_path, trials=3)
+    workers = {t.user_attrs[sharing.WORKER_ATTR] for t in study.trials if t.state.is_finished()}
+    assert len(workers) == 2, "both processes ran trials"
+    assert len(list(tmp_path.glob("multirun/*/*/mlflow_sweep.json"))) == 2, "a sweep folder each"
 
 
 @pytest.mark.xdist_group("slurm")
 def test_a_slurm_job_array_of_the_readme_shares_one_study(slurm_cluster, tmp_path, mnist_dir):
-    """The README's job array, two tasks on the test cluster's partition without GPUs, each
-    a worker of the search."""
+    """The README's job array as written, but for its size: two tasks on the test cluster's
+    partition without GPUs, each a worker of a search of one trial (the test above has two
+    processes share the work; here one runs the trial, the other finds it taken)."""
     [line] = [c for c in readme_commands(SECTION) if c.startswith("sbatch --array=")]
     runner = shlex.quote(str(Path(sys.executable).with_name("runner")))
-    overrides = " ".join(shlex.quote(a) for a in shared_search(tmp_path))
+    overrides = " ".join(shlex.quote(a) for a in shared_search(tmp_path, trials=1))
     options = {
         "--array": "1-2",
         "--partition": slurm_cluster.partition,
@@ -272,4 +298,4 @@ def test_a_slurm_job_array_of_the_readme_shares_one_study(slurm_cluster, tmp_pat
     states = slurm_cluster.final_states(job, timeout_s=300)
     logs = "\n".join(p.read_text()[-3000:] for p in sorted(tmp_path.glob("slurm-*.out")))
     assert states == [f"{job}_{n} COMPLETED {slurm_cluster.partition}" for n in (1, 2)], logs
-    assert_one_study_one_parent(tmp_path)
+    assert_one_study_one_parent(tmp_path, trials=1)

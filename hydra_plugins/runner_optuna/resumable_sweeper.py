@@ -132,19 +132,26 @@ class ResumableOptunaSweeper(Sweeper):
                 self.study_name,
                 directions,
             )
-            _, done = _checked_study(self.study_name, self.storage, now, directions)
+            stored, done = _checked_study(self.study_name, self.storage, now, directions)
             space, fixed = search_space(self.params, arguments)
             sampler, points = _with_grid(self.sampler, space)
-        study = optuna.create_study(
-            study_name=self.study_name,
-            storage=_opened(self.storage),
-            sampler=sampler,
-            pruner=pruner or optuna.pruners.NopPruner(),
-            directions=directions,
-            load_if_exists=True,
-        )
-        if SETTINGS_ATTR not in study.user_attrs:  # a study kept in memory
+        pruner = pruner or optuna.pruners.NopPruner()
+        if stored is None:  # a study kept in memory
+            study = optuna.create_study(
+                study_name=self.study_name,
+                storage=_opened(self.storage),
+                sampler=sampler,
+                pruner=pruner,
+                directions=directions,
+            )
             study.set_user_attr(SETTINGS_ATTR, now)
+        else:
+            study = optuna.load_study(
+                study_name=self.study_name,
+                storage=_opened(self.storage),
+                sampler=sampler,
+                pruner=pruner,
+            )
         wanted = self.n_trials if points is None else min(self.n_trials, points)
         if done >= wanted:
             log.info(

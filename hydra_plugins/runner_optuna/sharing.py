@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -159,7 +159,8 @@ class SharedParent:
             generation = record["generation"] + 1 if record else 0
             lock = f"{self.study.study_name} (runner: parent run {generation})"
             try:
-                optuna.create_study(study_name=lock, storage=self.storage)
+                with _quiet():
+                    optuna.create_study(study_name=lock, storage=self.storage)
             except optuna.exceptions.DuplicatedStudyError:
                 if not _awaited(lambda g=generation: self._generation() >= g):
                     self._unlock(lock)
@@ -193,6 +194,19 @@ class SharedParent:
 
         with contextlib.suppress(KeyError):  # another process took it over first
             optuna.delete_study(study_name=lock, storage=self.storage)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Without Optuna's note on each study it creates: a lock is no news to the user."""
+    import optuna
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def _running(run_id: str) -> bool:
