@@ -12,38 +12,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import mlflow
 import optuna
 import pytest
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from hydra_plugins.runner_optuna import resumable_sweeper, sharing
+from runner.sweeps import nested_runs
 
 from .conftest import QUICK, cli, parents_and_children, readme_commands, template_store
 from .test_optuna import Launcher, sweeper
 
 SECTION = "Sweeping and comparing"
-
-
-def test_a_sqlite_study_that_another_process_shares_is_warned_of_once(caplog):
-    _, trials = raced_trials(wanted=5)
-    trials.unsafe = resumable_sweeper._unsafe_to_share("sqlite:///optuna.db", "s")
-    with caplog.at_level(logging.WARNING):
-        assert trials.ask(0) is not None and trials.ask(1) is not None
-    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert "study 's' is in the SQLite file optuna.db, which another search process" in warning
-    assert "hydra.sweeper.storage=journal:optuna.journal" in warning and "postgresql://" in warning
-
-
-def test_a_sqlite_study_on_a_network_file_system_is_warned_of_at_once(caplog, monkeypatch):
-    assert sharing.network_file_system(Path("/proc/self")) is None
-    monkeypatch.setattr(sharing, "network_file_system", lambda path: "nfs4")
-    with caplog.at_level(logging.WARNING):
-        assert resumable_sweeper._unsafe_to_share("sqlite:////shared/optuna.db", "s") is None
-    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert "SQLite file /shared/optuna.db on a network file system (nfs4)" in warning
-    assert "hydra.sweeper.storage=journal:optuna.journal" in warning
-    assert resumable_sweeper._unsafe_to_share("journal:optuna.journal", "s") is None
 
 
 def journal(path) -> optuna.storages.JournalStorage:
@@ -89,6 +70,27 @@ def test_with_two_trials_missing_both_processes_run_one():
     assert study.trials[1].user_attrs[sharing.WORKER_ATTR] == sharing.this_worker()
     assert trials.ask(1) is None  # both at work: the study is full
     assert len(study.trials) == 2, "nothing asked once it was full"
+
+
+def test_a_sqlite_study_that_another_process_shares_is_warned_of_once(caplog):
+    _, trials = raced_trials(wanted=5)
+    trials.unsafe = resumable_sweeper._unsafe_to_share("sqlite:///optuna.db", "s")
+    with caplog.at_level(logging.WARNING):
+        assert trials.ask(0) is not None and trials.ask(1) is not None
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "study 's' is in the SQLite file optuna.db, which another search process" in warning
+    assert "hydra.sweeper.storage=journal:optuna.journal" in warning and "postgresql://" in warning
+
+
+def test_a_sqlite_study_on_a_network_file_system_is_warned_of_at_once(caplog, monkeypatch):
+    assert sharing.network_file_system(Path("/proc/self")) is None
+    monkeypatch.setattr(sharing, "network_file_system", lambda path: "nfs4")
+    with caplog.at_level(logging.WARNING):
+        assert resumable_sweeper._unsafe_to_share("sqlite:////shared/optuna.db", "s") is None
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "SQLite file /shared/optuna.db on a network file system (nfs4)" in warning
+    assert "hydra.sweeper.storage=journal:optuna.journal" in warning
+    assert resumable_sweeper._unsafe_to_share("journal:optuna.journal", "s") is None
 
 
 def test_two_sweepers_on_one_journal_run_exactly_n_trials(tmp_path):
@@ -299,3 +301,29 @@ def test_a_slurm_job_array_of_the_readme_shares_one_study(slurm_cluster, tmp_pat
     logs = "\n".join(p.read_text()[-3000:] for p in sorted(tmp_path.glob("slurm-*.out")))
     assert states == [f"{job}_{n} COMPLETED {slurm_cluster.partition}" for n in (1, 2)], logs
     assert_one_study_one_parent(tmp_path, trials=1)
+
+
+class Shared:
+    """A sweeper's `SharedParent` whose other processes are, or are not, still at work."""
+
+    def __init__(self, others: bool):
+        self.others = others
+
+    def others_at_work(self) -> bool:
+        return self.others
+
+
+def test_the_last_process_to_end_closes_the_parent_failed_if_one_before_it_failed(
+    in_tmp_store,
+):
+    """A process that fails while another works leaves the parent running, marked; the last
+    process closes it, FAILED for the earlier one's failure."""
+    client = mlflow.MlflowClient()
+    parent = client.create_run(client.create_experiment("shared")).info.run_id
+    for others, status in [(True, "FAILED"), (False, "FINISHED")]:
+        process = nested_runs.NestedRuns()
+        process.parent_run_id, process.shared = parent, Shared(others)
+        process._finish(status)
+        run = client.get_run(parent)
+        assert run.info.status == ("RUNNING" if others else "FAILED")
+        assert run.data.tags["error"]
