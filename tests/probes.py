@@ -1,7 +1,8 @@
 """A user's callback and models for the tests, named by `_target_` (with the repository on
 PYTHONPATH): a callback that signals its own process at a chosen step, one that holds a sweep's
-job until another has begun, a model with dropout, and a model that records how each training
-batch is laid out over JAX's devices."""
+job until another has begun, one that holds a search process's first trial until another
+process has begun one, a model with dropout, and a model that records how each training batch
+is laid out over JAX's devices."""
 
 import json
 import os
@@ -93,5 +94,27 @@ class WaitForJob(keras.callbacks.Callback):
         deadline = time.monotonic() + self.timeout
         while self.job == self.waiter and time.monotonic() < deadline:
             if (self.folder / f"{self.awaited}.begun").exists():
+                return
+            time.sleep(0.1)
+
+
+class WaitForOtherProcess(keras.callbacks.Callback):
+    """Marks in `folder` that a job of this process has begun training, and holds the end of
+    this process's first job until a job of another process has begun (at most `timeout`
+    seconds): each of the search processes sharing a study then runs a trial."""
+
+    def __init__(self, folder: str, timeout: float = 120):
+        super().__init__()
+        self.folder, self.timeout = Path(folder), timeout
+        self.mark = self.folder / f"{os.getpid()}.begun"
+        self.first = not self.mark.exists()
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.mark.touch()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        deadline = time.monotonic() + self.timeout
+        while self.first and time.monotonic() < deadline:
+            if any(p != self.mark for p in self.folder.glob("*.begun")):
                 return
             time.sleep(0.1)

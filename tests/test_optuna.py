@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from hydra_plugins.runner_optuna import resumable_sweeper
+from hydra_plugins.runner_optuna import resumable_sweeper, sharing
 from runner.errors import UserError
 from runner.sweeps import nested_runs, pruning
 
@@ -57,7 +57,9 @@ def test_a_hopeless_trial_is_pruned_and_the_study_resumes(tmp_path, mnist_dir):
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["sweep.best_run_id"] == runs["0"].info.run_id
 
-    study.ask()  # a trial whose process died: left RUNNING in the study
+    # A trial whose process on this machine died: left RUNNING in the study.
+    host = sharing.this_worker().rpartition(":")[0]
+    study.ask().set_user_attr(sharing.WORKER_ATTR, f"{host}:{2**22 + 1}")  # above pid_max
     again = cli("runner", *RIGGED, "hydra.sweeper.n_trials=3", cwd=tmp_path, mnist_dir=mnist_dir)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "2 of 3 trials finished, 1 interrupted" in again.stdout

@@ -1,6 +1,7 @@
 """Sweeps on a real one-node SLURM cluster (tests/slurm_cluster.py), through `hydra/launcher=slurm`
 and submitit's sbatch: the runs it records, the job script it writes, what a cluster without
-accounting prints, jobs that sbatch refuses, and a job cancelled while it trains."""
+accounting prints, jobs that sbatch refuses, a job cancelled while it trains, and an Optuna
+search whose slots do not wait for each other's jobs."""
 
 import re
 import shlex
@@ -15,6 +16,7 @@ import pytest
 from .conftest import QUICK, cli, parents_and_children, readme_commands
 from .slurm_cluster import SlurmCluster
 from .team_server import SECTION
+from .test_optuna import sweep_of_unequal_trials
 
 # One worker runs every SLURM test: they share one cluster, and the sweep below.
 pytestmark = pytest.mark.xdist_group("slurm")
@@ -82,6 +84,13 @@ def test_a_cluster_without_accounting_says_so_once(sweep):
     assert output.count("Bypassing sacct error") == 0
     assert "accounting storage is disabled" not in output  # sacct's own complaint
     assert output.count("SLURM accounting is off on this cluster, so sacct cannot tell") == 1
+
+
+def test_slurm_slots_start_a_trial_while_a_longer_one_runs(slurm_cluster, tmp_path, mnist_dir):
+    """No barrier on SLURM: two slots, each trial its own sbatch job, and a slot whose job ends
+    submits the next trial while the other's longer job still runs."""
+    env = {"SLURM_CONF": slurm_cluster.env["SLURM_CONF"]}
+    sweep_of_unequal_trials(tmp_path, mnist_dir, on_cpus(slurm_cluster), env=env)
 
 
 def test_a_job_the_cluster_cannot_run_is_refused_in_one_line(slurm_cluster, tmp_path, mnist_dir):

@@ -73,8 +73,10 @@ class RunnerOptunaSweeperConf:
     sampler: SamplerConf = MISSING
     # minimize or maximize, or a list of them, one per value the jobs return.
     direction: Any = "minimize"
-    # Where the study is kept, an Optuna storage URL such as sqlite:///optuna.db; none keeps it
-    # in memory, for this command only.
+    # Where the study is kept: an Optuna storage URL such as sqlite:///optuna.db or
+    # postgresql://USER@HOST/DB, or journal:PATH, Optuna's journal file, which several search
+    # processes (on several machines, on a shared file system) can share; none keeps it in
+    # memory, for this command only.
     storage: Any = None
     study_name: str | None = None
     # Finished (completed or pruned) trials the study should hold.

@@ -8,7 +8,9 @@ settings than it was started with: a study started with `trainer.steps=200` and 
 `trainer.steps=1000` would mix trials that cannot be compared and report the best of either.
 And `pruner` (none, median, hyperband) calls off trials that report hopeless validations
 (`runner.sweeps.pruning`): each trial is marked with the job it runs as, which finds it in the
-study's storage to report to.
+study's storage to report to. The same command started several times at once, on one machine or
+several, works on one stored study together (`sharing`): exactly n_trials trials between them,
+and one MLflow parent run.
 
 Its settings (`config.py`) are those of Hydra's Optuna sweeper (hydra-optuna-sweeper), which it
 replaced: that plugin's 1.3 release declares optuna<3 and speaks Optuna 2's deprecated API.
@@ -16,6 +18,7 @@ Hydra only instantiates sweepers from the `hydra_plugins` package, hence this mo
 imports Optuna lazily because Hydra imports every plugin module at each start.
 """
 
+import functools
 import logging
 import math
 import threading
@@ -30,11 +33,13 @@ from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from hydra.utils import get_method, instantiate
+from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from runner.errors import UserError, reported
 from runner.sweeps import pruning
+
+from . import sharing
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +97,25 @@ class ResumableOptunaSweeper(Sweeper):
         sweep's MLflow parent run, which Hydra has its callbacks do before it builds the sweeper."""
         sweeper = config.hydra.sweeper
         storage = sweeper.storage
-        if isinstance(storage, DictConfig):
-            storage = instantiate(storage)
         directions = _directions(sweeper.direction)
         _checked_pruner(
             sweeper.get("pruner"), config.optimized_metric, storage, sweeper.study_name, directions
         )
-        _, done = _checked_study(sweeper.study_name, storage, settings(config))
+        _, done = _checked_study(sweeper.study_name, storage, settings(config), directions)
         return done < sweeper.n_trials
+
+    @classmethod
+    def shared_parent(cls, config: DictConfig) -> "sharing.SharedParent | None":
+        """How `NestedRuns` shares the sweep's parent run with the other processes searching the
+        same stored study (`check_before_sweep` has made it); None for a study in memory."""
+        sweeper = config.hydra.sweeper
+        if sweeper.storage is None or sweeper.study_name is None:
+            return None
+        import optuna
+
+        storage = _opened(sweeper.storage)
+        study = optuna.load_study(study_name=sweeper.study_name, storage=storage)
+        return sharing.SharedParent(study, storage)
 
     def sweep(self, arguments: list[str]) -> None:
         import optuna
@@ -116,25 +132,26 @@ class ResumableOptunaSweeper(Sweeper):
                 self.study_name,
                 directions,
             )
-            _, done = _checked_study(self.study_name, self.storage, now)
+            stored, done = _checked_study(self.study_name, self.storage, now, directions)
             space, fixed = search_space(self.params, arguments)
             sampler, points = _with_grid(self.sampler, space)
-        study = optuna.create_study(
-            study_name=self.study_name,
-            storage=self.storage,
-            sampler=sampler,
-            pruner=pruner or optuna.pruners.NopPruner(),
-            directions=directions,
-            load_if_exists=True,
-        )
-        if SETTINGS_ATTR not in study.user_attrs:
-            if study.trials:
-                log.warning(
-                    "study %r has no record of the settings its trials ran with (it predates "
-                    "the record): recording this command's",
-                    self.study_name,
-                )
+        pruner = pruner or optuna.pruners.NopPruner()
+        if stored is None:  # a study kept in memory
+            study = optuna.create_study(
+                study_name=self.study_name,
+                storage=_opened(self.storage),
+                sampler=sampler,
+                pruner=pruner,
+                directions=directions,
+            )
             study.set_user_attr(SETTINGS_ATTR, now)
+        else:
+            study = optuna.load_study(
+                study_name=self.study_name,
+                storage=_opened(self.storage),
+                sampler=sampler,
+                pruner=pruner,
+            )
         wanted = self.n_trials if points is None else min(self.n_trials, points)
         if done >= wanted:
             log.info(
@@ -144,7 +161,11 @@ class ResumableOptunaSweeper(Sweeper):
             )
             return
         if study.trials:
-            interrupted = [t.number for t in study.trials if t.state == TrialState.RUNNING]
+            interrupted = [
+                t.number
+                for t in study.trials
+                if t.state == TrialState.RUNNING and sharing.abandoned(t)
+            ]
             for number in interrupted:  # their process died: they will never report
                 study.tell(number, state=TrialState.FAIL)
             sampler.reseed_rng()  # so that the resumed search does not repeat the first proposals
@@ -158,7 +179,8 @@ class ResumableOptunaSweeper(Sweeper):
                 wanted - done,
             )
         extend = get_method(self.custom_search_space) if self.custom_search_space else None
-        trials = Trials(study, space, fixed, self.config, extend, points)
+        trials = Trials(study, space, fixed, self.config, extend, points, wanted=wanted)
+        trials.unsafe = _unsafe_to_share(self.storage, self.study_name)
         self._launch(trials, wanted - done)
         _save_results(study, len(directions), Path(self.config.hydra.sweep.dir))
 
@@ -204,8 +226,9 @@ class ResumableOptunaSweeper(Sweeper):
 
 class _Slots:
     """The budget of trials that a sweep's slots share: each slot asks, launches and tells one
-    trial at a time, asking and telling under a lock, so that exactly `count` trials are
-    launched, with job numbers that are unique and increase in the order they are asked."""
+    trial at a time, asking and telling under a lock, so that at most `count` trials are
+    launched (exactly, but for those the study's other processes run), with job numbers that are
+    unique and increase in the order they are asked."""
 
     def __init__(
         self, trials: "Trials", count: int, job_idx: int, window: int, max_failure_rate: float
@@ -229,13 +252,16 @@ class _Slots:
             with self.lock:
                 if self.stopped or self.left == 0:
                     return
-                self.left -= 1
-                job_num, self.job_idx = self.job_idx, self.job_idx + 1
+                job_num = self.job_idx
                 try:
-                    trial, overrides = self.trials.ask(job_num)
+                    asked = self.trials.ask(job_num)
                 except Exception as error:
                     self.error, self.stopped = error, True
                     return
+                if asked is None:  # other processes' trials fill the study
+                    return
+                trial, overrides = asked
+                self.left, self.job_idx = self.left - 1, job_num + 1
             try:
                 [ret] = launcher.launch([overrides], initial_job_idx=job_num)
             except Exception as error:
@@ -280,6 +306,8 @@ class Trials:
         config: DictConfig,
         extend: Any,
         points: int | None,
+        *,
+        wanted: int | None = None,
     ) -> None:
         self.study = study
         self.space = space  # the searched keys' distributions
@@ -288,13 +316,31 @@ class Trials:
         self.extend = extend  # hydra.sweeper.custom_search_space
         self.is_grid = points is not None
         self.objectives = len(study.directions)
+        # The finished trials the study should hold, whichever process runs them.
+        self.wanted = wanted
+        # A warning for when another process turns out to share the study, once.
+        self.unsafe: str | None = None
 
-    def ask(self, job_num: int) -> tuple[Any, list[str]]:
-        """A new trial, marked as job `job_num`'s, and its job's overrides: its parameters,
-        then the other overrides as given."""
+    def ask(self, job_num: int) -> tuple[Any, list[str]] | None:
+        """A new trial, marked as this process's and job `job_num`'s, and its job's overrides:
+        its parameters, then the other overrides as given; None if the study's finished trials
+        and those at work (of any process) already make `wanted`. Two processes that both see
+        one trial missing both ask: the one whose trial the storage numbered second marks it
+        failed (`sharing.SURPLUS_ATTR`) and runs nothing."""
         from optuna.trial import TrialState
 
+        if self.wanted is not None and sharing.counted(self.study) >= self.wanted:
+            return None
         trial = self.study.ask(fixed_distributions=self.space)
+        trial.set_user_attr(sharing.WORKER_ATTR, sharing.this_worker())
+        if self.wanted is not None and sharing.counted(self.study, trial.number) >= self.wanted:
+            trial.set_user_attr(sharing.SURPLUS_ATTR, True)
+            _tell(self.study, trial, self.is_grid, state=TrialState.FAIL)
+            log.info("trial %d not run: other processes' trials fill the study", trial.number)
+            return None
+        if self.unsafe and sharing.others_at_work(self.study):
+            log.warning(self.unsafe)
+            self.unsafe = None
         trial.set_user_attr(pruning.JOB_ATTR, pruning.job_key(self.config.hydra, job_num))
         for key, override in self.fixed.items():
             trial.set_user_attr(key, override.get_value_element_as_str())
@@ -468,18 +514,26 @@ def _checked_pruner(
     return pruner
 
 
-def _checked_study(name: str | None, storage: Any, now: dict[str, Any]) -> tuple[Any, int]:
+def _checked_study(
+    name: str | None, storage: Any, now: dict[str, Any], directions: list[str] | None = None
+) -> tuple[Any, int]:
     """The stored study (None if there is none yet) and its count of finished trials; raises
     `SettingsChanged` if it was started with other settings than `now`, and refuses a study whose
     trials hold Optuna 2's distribution classes (LogUniformDistribution, ...), as
-    hydra-optuna-sweeper stored them: Optuna's storages refuse to mix them with today's."""
+    hydra-optuna-sweeper stored them: Optuna's storages refuse to mix them with today's. Given
+    `directions`, a study not stored yet is made, with `now` as its settings, so that of two
+    processes starting at once with other settings, the second is refused."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
     from optuna.trial import TrialState
 
-    study = _stored_study(name, storage)
+    if directions is None or name is None or storage is None:
+        study = _stored_study(name, _opened(storage))
+        stored = None if study is None else study.user_attrs.get(SETTINGS_ATTR)
+    else:
+        opened = _opened(storage)
+        study, stored = sharing.joined_study(name, opened, directions, SETTINGS_ATTR, now)
     if study is None:
         return None, 0
-    stored = study.user_attrs.get(SETTINGS_ATTR)
     if stored is not None and stored != now:
         differences = _differences(
             _by_key(stored["fixed"]), _by_key(now["fixed"]), "{key} not set"
@@ -504,6 +558,14 @@ def _checked_study(name: str | None, storage: Any, now: dict[str, Any]) -> tuple
             f"stored {', '.join(sorted(old))} in a form Optuna no longer adds trials to: start a "
             f"new study with hydra.sweeper.study_name=<new name>"
         )
+    if stored is None and directions is not None:
+        if trials:
+            log.warning(
+                "study %r has no record of the settings its trials ran with (it predates the "
+                "record): recording this command's",
+                name,
+            )
+        study.set_user_attr(SETTINGS_ATTR, now)
     done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     return study, done
 
@@ -525,6 +587,42 @@ def _differences(then: dict[str, str], now: dict[str, str], absent: str) -> list
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _opened(spec: Any) -> Any:
+    """The storage `hydra.sweeper.storage` names (`runner.sweeps.pruning.open_storage`), one
+    object a spec in this process, so that its slots and checks share one journal reader."""
+    return _opened_text(spec) if isinstance(spec, str) else pruning.open_storage(spec)
+
+
+@functools.cache
+def _opened_text(spec: str) -> Any:
+    return pruning.open_storage(spec)
+
+
+def _unsafe_to_share(spec: Any, name: str | None) -> str | None:
+    """A warning for a storage that processes cannot share safely, if it is one, to give when
+    another process turns out to share it: a SQLite file. On a network file system, where
+    SQLite's locks fail, it is given at once."""
+    path = sharing.sqlite_file(spec)
+    if path is None:
+        return None
+    network = sharing.network_file_system(path)
+    if network:
+        log.warning(
+            "study %r is in the SQLite file %s on a network file system (%s), whose locks SQLite "
+            "cannot trust: %s",
+            name,
+            path,
+            network,
+            sharing.SHARE_INSTEAD,
+        )
+        return None
+    return (
+        f"study {name!r} is in the SQLite file {path}, which another search process uses too: "
+        f"SQLite makes them wait for each other and may fail with 'database is locked'; "
+        f"{sharing.SHARE_INSTEAD}"
+    )
 
 
 def _stored_study(name: str | None, storage: Any) -> Any:

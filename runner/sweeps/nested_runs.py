@@ -2,10 +2,13 @@
 
 Hydra calls `NestedRuns` in the process that starts the sweep; the jobs find the parent run
 through `runner.sweeps.jobs`. When the sweep ends, the parent gets the comparison of its children.
+A sweeper whose search several processes share (the runner's Optuna sweeper on a stored study)
+has them share one parent run, closed by the last of them to end.
 """
 
 import atexit
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -41,6 +44,8 @@ class NestedRuns(Callback):
         self.optimized_metric = "val/accuracy"
         # trainer.register_as and its companions: the best job's model is registered at the end.
         self.registration: Registration | None = None
+        # The sweeper's way of sharing the parent with its search's other processes, if any.
+        self.shared: Any = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         hydra, tracking = config.hydra, config.tracking
@@ -65,20 +70,28 @@ class NestedRuns(Callback):
             "sweep.sweeper": hydra.sweeper._target_.rsplit(".", 1)[-1],
             "sweep.launcher": hydra.launcher._target_.rsplit(".", 1)[-1],
         }
+        share = getattr(get_class(hydra.sweeper._target_), "shared_parent", None)
+        self.shared = share(config) if share else None
         self._open_parent(tracking.experiment_name, tags, sweep_keys(overrides, swept=False))
         self.optimized_metric = config.optimized_metric
         self.registration = registry.registration(config.trainer, config.optimized_metric)
 
     def _open_parent(self, experiment_name: str, tags: dict[str, str], fixed: list[str]) -> None:
-        """Create the sweep's parent run, with `tags`, and write its id into the sweep folder
-        for the jobs, with the keys the command line gives one value (`fixed`)."""
+        """Create the sweep's parent run, with `tags`, or join the one its search's other
+        processes share, and write its id into the sweep folder for the jobs, with the keys the
+        command line gives one value (`fixed`)."""
         sweep_dir = Path(tags[SWEEP_DIR_TAG])
-        run = mlflow.MlflowClient().create_run(
-            mlflow.get_experiment_by_name(experiment_name).experiment_id,
+        experiment_id = mlflow.get_experiment_by_name(experiment_name).experiment_id
+        open_parent = functools.partial(
+            mlflow.MlflowClient().create_run,
+            experiment_id,
             run_name=f"sweep {tags['sweep.overrides']}"[:250],
             tags=tags,
         )
-        self.parent_run_id = run.info.run_id
+        if self.shared is None:
+            self.parent_run_id = open_parent().info.run_id
+        else:
+            self.parent_run_id = self.shared.join(lambda: open_parent().info.run_id)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / SWEEP_FILE).write_text(
             json.dumps(
@@ -95,7 +108,7 @@ class NestedRuns(Callback):
             "MLflow parent run %s for the sweep in %s: %s",
             self.parent_run_id,
             sweep_dir,
-            store.ui_link(run.info.experiment_id, self.parent_run_id),
+            store.ui_link(experiment_id, self.parent_run_id),
         )
         # Hydra skips on_multirun_end when a job fails or the sweep is interrupted.
         atexit.register(self._finish, "FAILED")
@@ -108,6 +121,10 @@ class NestedRuns(Callback):
         if self.parent_run_id is None:
             return
         client = mlflow.MlflowClient()
+        if self.shared is not None:
+            status = self._shared_status(client, status)
+            if status is None:
+                return
         try:
             summarize(client, self.parent_run_id, self.optimized_metric)
         except Exception as error:  # the parent must still end, whatever the summary hit
@@ -135,6 +152,21 @@ class NestedRuns(Callback):
         if refused:
             with reported("runner"):
                 raise refused
+
+    def _shared_status(self, client: Any, status: str) -> str | None:
+        """None while another process still runs a trial of the shared search: the parent is
+        left to it, marked with this process's error if it failed. Else the status to end the
+        parent with: FAILED if a process that left before failed."""
+        if self.shared.others_at_work():
+            if status == "FAILED":
+                client.set_tag(self.parent_run_id, "error", "a process of the search failed")
+            log.info(
+                "MLflow parent run %s is left to the search's other processes", self.parent_run_id
+            )
+            self.parent_run_id = None
+            return None
+        failed = "error" in client.get_run(self.parent_run_id).data.tags
+        return "FAILED" if failed else status
 
     def _register_best(self, client: Any) -> None:
         """Register the model of the child best by optimized_metric (summarize tagged it)."""

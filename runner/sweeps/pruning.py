@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 # The trial's user attribute naming the job that runs it: `job_key`.
 JOB_ATTR = "runner.job"
+# hydra.sweeper.storage's form for Optuna's journal file, which several processes (on a shared
+# file system, several machines) can share: journal:PATH.
+JOURNAL = "journal:"
 # hydra.sweeper.pruner's names, and what they build (Optuna's defaults).
 PRUNERS = {"median": "optuna.pruners.MedianPruner", "hyperband": "optuna.pruners.HyperbandPruner"}
 
@@ -51,6 +54,19 @@ def build_pruner(spec: Any) -> Any:
             return instantiate(spec)
         except Exception as error:
             raise UserError(f"hydra.sweeper.pruner: cannot build it: {one_line(error)}") from None
+    return spec
+
+
+def open_storage(spec: Any) -> Any:
+    """The Optuna storage `hydra.sweeper.storage` names: `journal:PATH`, a journal file; a
+    `_target_` node, built; an RDB URL (sqlite:///..., postgresql://...) or None, as it is."""
+    if isinstance(spec, DictConfig):
+        return instantiate(spec)
+    if isinstance(spec, str) and spec.startswith(JOURNAL):
+        import optuna
+
+        backend = optuna.storages.journal.JournalFileBackend(spec.removeprefix(JOURNAL))
+        return optuna.storages.JournalStorage(backend)
     return spec
 
 
@@ -94,10 +110,9 @@ def this_jobs_trial() -> Trial | None:
         return None
     import optuna  # which only a search's jobs need
 
-    storage = sweeper.storage
     study = optuna.load_study(
         study_name=sweeper.study_name,
-        storage=instantiate(storage) if isinstance(storage, DictConfig) else storage,
+        storage=open_storage(sweeper.storage),
         pruner=build_pruner(sweeper.get("pruner")) or optuna.pruners.NopPruner(),
     )
     key = job_key(hydra, hydra.job.num)
