@@ -24,7 +24,7 @@ def options(group: str) -> list[str]:
 
 
 def test_groups_hold_the_options_the_tutorials_need():
-    assert options("model") == ["cnn_layers", "cnn_raw", "softmax"]
+    assert options("model") == ["cnn_layers", "cnn_raw", "softmax", "speedrun"]
     assert {"sgd", "adam"} <= set(options("optimizer"))
     assert options("data") == ["fashion_mnist", "loader", "mnist", "npz"]
     assert options("loss") == ["cross_entropy_of_probabilities", "sparse_softmax_cross_entropy"]

@@ -13,7 +13,7 @@ from runner.config.settings import check_config
 from runner.data import load
 from runner.errors import UserError
 
-from .conftest import QUICK, cli, compose_config
+from .conftest import QUICK, cli, compose_config, only_run
 
 PRESETS = {
     # name: (model, output, optimizer, lr, steps, batch, loss, probabilities every)
@@ -180,3 +180,31 @@ def test_short_fast_cnn_schedule_learns(in_tmp_store):
         "data.limit=2000",
     )
     assert metrics["test/accuracy"] >= 0.92
+
+
+def test_speedrun_is_the_runners_own_small_cnn_validated_only_at_the_end():
+    cfg = compose_config(["experiment=speedrun"])
+    assert (cfg.model.name, cfg.model._target_) == (
+        "speedrun",
+        "runner.models.speedrun.build_speedrun",
+    )
+    assert (cfg.optimizer.name, cfg.optimizer.schedule) == ("adam", "cosine")
+    assert cfg.trainer.eval_every == cfg.trainer.checkpoint_every == cfg.trainer.steps
+    assert compose_config(["experiment=speedrun", "trainer.steps=200"]).trainer.eval_every == 200
+    check_config(cfg)
+
+
+def test_short_speedrun_learns(in_tmp_store):
+    """Its recipe squeezed into 100 steps on 2,000 examples already gets most of the first 2,000
+    test digits right, evaluated at the end and recorded in the run, as in a full run."""
+    metrics = quick(
+        "speedrun",
+        in_tmp_store,
+        "trainer.steps=100",
+        "optimizer.warmup_steps=10",
+        "data.limit=2000",
+    )
+    assert metrics["test/accuracy"] >= 0.9
+    run = only_run(in_tmp_store)
+    assert run.data.metrics["test/accuracy"] == pytest.approx(metrics["test/accuracy"])
+    assert run.data.tags["model"] == "speedrun"
