@@ -1,16 +1,18 @@
 """The config is the interface: every option composes, and bad input fails before training."""
 
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
-from runner.config.schema import register_configs
+from runner.config.schema import Config, EvaluateConf, PredictConf, keys, register_configs
 from runner.config.settings import check_config
 from runner.errors import UserError
 
@@ -50,6 +52,59 @@ def test_every_yaml_starts_with_a_usage_comment():
             lines = lines[1:]
         assert lines[0].startswith("# "), f"{path} lacks its usage comment"
         assert "uv run runner" in lines[0] or "=" in lines[0], f"{path}: say how to use it"
+
+
+def _has_default(field: dataclasses.Field) -> bool:
+    return field.default_factory is not dataclasses.MISSING or field.default not in (
+        dataclasses.MISSING,
+        MISSING,
+    )
+
+
+def _keys_set(path: Path) -> set[str]:
+    """The keys YAML file `path` sets: its own, and the groups its defaults list picks."""
+    node = yaml.safe_load(path.read_text())
+    picked = {
+        group.removeprefix("optional ")
+        for entry in node.get("defaults", [])
+        if isinstance(entry, dict)
+        for group, option in entry.items()
+        if option is not None and not group.startswith("override ")
+    }
+    return {key for key in node if key not in ("defaults", "hydra")} | picked
+
+
+# Each schema the runner types a node with whole, and the YAML files that give its values.
+WHOLE_NODES = [
+    (Config, [CONF / "config.yaml"]),
+    (EvaluateConf, [CONF / "evaluate.yaml"]),
+    (PredictConf, [CONF / "predict.yaml"]),
+    *(
+        (field.type, sorted((CONF / field.name).glob("*.yaml")))
+        for field in dataclasses.fields(Config)
+        if dataclasses.is_dataclass(field.type)
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("schema", "files"), WHOLE_NODES, ids=[schema.__name__ for schema, _ in WHOLE_NODES]
+)
+def test_each_runner_key_has_its_value_in_one_place(schema, files):
+    """runner/config/schema.py's rule: a key a YAML file sets has no default in the schema, and a
+    key no YAML file sets has one there. Written twice, the two values would drift apart."""
+    defaulted = {field.name for field in dataclasses.fields(schema) if _has_default(field)}
+    assert files
+    for path in files:
+        given = _keys_set(path) & set(keys(schema))
+        twice = sorted(defaulted & given)
+        assert not twice, (
+            f"conf/{path.relative_to(CONF)} sets {twice}: drop their defaults in {schema.__name__}"
+        )
+        unset = sorted(set(keys(schema)) - defaulted - given)
+        assert not unset, (
+            f"neither conf/{path.relative_to(CONF)} nor {schema.__name__} gives {unset} a value"
+        )
 
 
 def test_defaults_match_the_tutorials():

@@ -1,14 +1,20 @@
 """Structured-config schemas: the types of the runner's own keys, so a typo fails before training,
 and of the frozen settings a checked config becomes (`runner.config.settings`).
 
-The values live in the YAML files under `conf/`; these dataclasses say what keys exist and of
-which type, and give the defaults of keys a config logged by an older runner lacks. `trainer`,
-`device` and `tracking` are the runner's alone and typed whole by `Config`. `model`,
+These dataclasses say what keys exist and of which type; each key's value is written once. A key
+a YAML file under `conf/` sets (where users read and turn the knobs) is `MISSING` here, only
+typed; a key no YAML sets (`callbacks`, runner-eval's `data`) has its default here, and
+tests/test_config.py holds to this. No default stands in for a key that a config recorded by an
+older run lacks: each key of `trainer`, `device`, `tracking` and the root is older than
+`backend`, which a rerun of a recorded config (`runner-repro`) cannot do without.
+
+`trainer`, `device` and `tracking` are the runner's alone and typed whole by `Config`. `model`,
 `optimizer`, `loss`, `data` and `callbacks` name a `_target_` whose own keys only it knows:
 `runner.targets` checks those against its signature, and `check_config` types the few keys of
-theirs that the runner reads (`ModelKeys`, ...). The schemas are stored as root-level configs,
-not in groups of their own: `runner --help` lists every group, and users must see only those
-they pick from.
+theirs that the runner reads (`ModelKeys`, ...). Those keep their defaults here: an option a
+user writes (their own model's YAML) need not set `output` or `name`, while conf/'s options
+spell them out to show them. The schemas are stored as root-level configs, not in groups of
+their own: `runner --help` lists every group, and users must see only those they pick from.
 """
 
 from dataclasses import dataclass, field, fields
@@ -115,36 +121,36 @@ class TrainerConf:
     # false, true (carry on with the checkpoint's settings) or "extend" (raise trainer.steps):
     # untyped, as a field cannot be both a bool and "extend" (OmegaConf's Union breaks Hydra's
     # merge), so that `--cfg job` shows `resume: false`; the settings hold it as a `Resume`.
-    resume: Any = False
-    progress_bar: bool = True
-    log_model: bool = True
-    register_as: str | None = None
-    register_alias: str = "champion"
-    register_force: bool = False
+    resume: Any = MISSING
+    progress_bar: bool = MISSING
+    log_model: bool = MISSING
+    register_as: str | None = MISSING
+    register_alias: str = MISSING
+    register_force: bool = MISSING
 
 
 @dataclass(frozen=True)
 class DeviceConf:
-    precision: Precision = Precision.auto
-    deterministic: bool = True
+    precision: Precision = MISSING
+    deterministic: bool = MISSING
     # "auto", "true" or "false"; typed str because a field cannot be both a bool and "auto". The
     # settings hold it as a `JitCompile`.
-    jit_compile: str = "auto"
+    jit_compile: str = MISSING
     # "auto" or a positive integer, likewise; the settings hold "auto" or the integer.
-    steps_per_execution: str = "auto"
-    strategy: Strategy = Strategy.auto
-    cpu_devices: int = 1
+    steps_per_execution: str = MISSING
+    strategy: Strategy = MISSING
+    cpu_devices: int = MISSING
 
 
 @dataclass(frozen=True)
 class TrackingConf:
     uri: str = MISSING
     experiment_name: str = MISSING
-    plots: bool = True
-    system_metrics: bool = True
-    system_metrics_every_s: float = 10.0
-    metrics_flush_every_s: float = 5.0
-    server_patience_s: float = 300.0
+    plots: bool = MISSING
+    system_metrics: bool = MISSING
+    system_metrics_every_s: float = MISSING
+    metrics_flush_every_s: float = MISSING
+    server_patience_s: float = MISSING
 
 
 # The metrics every run ends with, each a sweeper may optimise.
@@ -165,8 +171,8 @@ class Config:
     # name -> a node naming a keras.callbacks.Callback by _target_ (conf/callbacks/)
     callbacks: Any = None
     seed: int = MISSING
-    optimized_metric: str = "val/accuracy"
-    backend: Backend = Backend.tensorflow
+    optimized_metric: str = MISSING
+    backend: Backend = MISSING
 
 
 @dataclass
@@ -174,21 +180,21 @@ class EvaluateConf:
     tracking: TrackingConf = MISSING
     # Empty: the data the run trained on, with these keys changed; a data option replaces it.
     data: dict[str, Any] = field(default_factory=dict)
-    run_id: str | None = None
-    model_uri: str | None = None
+    run_id: str | None = MISSING
+    model_uri: str | None = MISSING
     # None: the backend the model was saved on.
-    backend: Backend | None = None
+    backend: Backend | None = MISSING
 
 
 @dataclass
 class PredictConf:
     tracking: TrackingConf = MISSING
-    run_id: str | None = None
-    model_uri: str | None = None
-    backend: Backend | None = None
+    run_id: str | None = MISSING
+    model_uri: str | None = MISSING
+    backend: Backend | None = MISSING
     # A path, a glob, a folder of PNGs, or a list of those.
     images: Any = MISSING
-    invert: bool = False
+    invert: bool = MISSING
 
 
 def keys(schema: type) -> tuple[str, ...]:
