@@ -14,6 +14,8 @@ import sys
 from typing import Any
 
 from runner.backends.base import Backend
+from runner.backends.jax import JaxBackend
+from runner.backends.tensorflow import TensorFlowBackend
 from runner.errors import UserError
 
 NAMES = ("tensorflow", "jax")
@@ -47,10 +49,4 @@ def select(name: str, device: Any = None) -> Backend:
 def of(name: str) -> Backend:
     """Backend `name`, without loading it: `select` loads it once a process; code the
     selected backend is not handed to (a benchmark, a test of the batch order) takes it so."""
-    if name == "jax":
-        from runner.backends.jax import JaxBackend
-
-        return JaxBackend()
-    from runner.backends.tensorflow import TensorFlowBackend
-
-    return TensorFlowBackend()
+    return JaxBackend() if name == "jax" else TensorFlowBackend()

@@ -3,10 +3,12 @@ start of a run, the pinned requirements of a saved model, the refusal of a CPU s
 comes too late. A run's backend is the instance `runner.backends.select` returns, handed down
 to whatever computes with it."""
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from importlib.metadata import version
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -18,8 +20,9 @@ from runner.errors import UserError
 
 class Backend(ABC):
     """One of Keras's backends, as the runner uses it. Each subclass imports its framework
-    only inside its methods, so that choosing a backend loads nothing else; one that lacks a
-    method cannot be made (abstract methods), so it fails at `select`, not mid-run."""
+    in `load`, once `select` has chosen it, and its methods take it from one handle of its
+    module (`keras_module` for Keras), so that choosing a backend loads nothing else; one that
+    lacks a method cannot be made (abstract methods), so it fails at `select`, not mid-run."""
 
     name: str  # as in `backend=...` and KERAS_BACKEND
     packages: tuple[str, ...]  # whose versions decide a run's numbers, besides Keras's own
@@ -46,8 +49,7 @@ class Backend(ABC):
         `deterministic`. The joblib launcher reuses worker processes between sweep jobs, and
         Keras and its framework keep global state (graph names, dtype policy, distribution,
         seeds, the determinism flag) across them."""
-        import keras
-
+        keras = keras_module()
         keras.backend.clear_session()
         keras.config.set_dtype_policy(plan.precision)
         self._distribute(plan)
@@ -96,6 +98,15 @@ class Backend(ABC):
     @abstractmethod
     def gpu_peak_mb(self) -> float:
         """The most memory the framework held on the first GPU since `reset_gpu_peak`."""
+
+
+@functools.cache
+def keras_module() -> ModuleType:
+    """Keras, imported once a process, on the backend `runner.backends.select` chose: the
+    backend's `load` imported it or its framework first."""
+    import keras
+
+    return keras
 
 
 def cpu_split_refused(count: int, why: str) -> UserError:

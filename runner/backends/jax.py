@@ -7,16 +7,18 @@ not tf.data's, so a JAX run's history is its own: reproducible on JAX, not equal
 config's on TensorFlow."""
 
 import contextlib
+import functools
 import logging
 import os
 import sys
 from collections.abc import Iterator
 from itertools import islice
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from runner.backends.base import Backend, cpu_split_refused
+from runner.backends.base import Backend, cpu_split_refused, keras_module
 from runner.backends.devices import Devices, Gpu, Plan, cpu_cores, gpu_memory_mib
 from runner.backends.skipped_imports import UNUSED, skipping
 from runner.data import Split, check_batch_fits
@@ -46,6 +48,7 @@ class JaxBackend(Backend):
         # "Unable to initialize backend 'tpu'" at INFO, on every machine without one.
         logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
         with skipping(UNUSED["keras"]):
+            # Imports Keras; `module_utils` (private) holds its TensorFlow check, below.
             from keras.src.utils import module_utils
 
         if "tensorflow" not in sys.modules:
@@ -57,17 +60,13 @@ class JaxBackend(Backend):
             module_utils.tensorflow._available = False
 
     def physical_devices(self) -> list[str]:
-        import jax
-
-        return [f"{device.platform.upper()}:{device.id}" for device in jax.devices()]
+        return [f"{device.platform.upper()}:{device.id}" for device in _jax().devices()]
 
     def detect(self, cpu_devices: int = 1) -> Devices:
         """The devices JAX sees. The CPU's split (`load`) takes effect only where JAX had not
         started yet in this process."""
-        import jax
-
         global _started_with
-        cpus = jax.devices("cpu")  # starts JAX, with the XLA_FLAGS of `load`
+        cpus = _jax().devices("cpu")  # starts JAX, with the XLA_FLAGS of `load`
         _started_with = os.environ.get("XLA_FLAGS", "")
         if cpu_devices > 1 and len(cpus) != cpu_devices:
             raise cpu_split_refused(
@@ -85,8 +84,7 @@ class JaxBackend(Backend):
         """A data-parallel run sets `keras.distribution.DataParallel` over every device for
         the process: Keras lays the weights out by it when building, and shards each batch by
         it in `fit`, `evaluate` and `predict`."""
-        import keras
-
+        keras = keras_module()
         parallel = plan.strategy != "single"
         devices = keras.distribution.list_devices()
         keras.distribution.set_distribution(
@@ -112,9 +110,8 @@ class JaxBackend(Backend):
     def in_batches(self, split: Split, batch_size: int, labels: bool = True) -> Any:
         """A `PyDataset`, which `fit` can go through again at each validation, unlike a
         generator."""
-        import keras
 
-        class InBatches(keras.utils.PyDataset):
+        class InBatches(keras_module().utils.PyDataset):
             def __len__(self) -> int:
                 return -(-len(split.y) // batch_size)
 
@@ -179,11 +176,19 @@ def _value(flags: str, name: str) -> str | None:
     return values[-1] if values else None
 
 
-def _gpus() -> list[Any]:
+@functools.cache
+def _jax() -> ModuleType:
+    """JAX, imported once a process, after `JaxBackend.load` set the XLA_FLAGS it starts with
+    (Keras imports it there); a backend taken from `runner.backends.of` finds it loaded by
+    whatever its process runs on (a test, a benchmark)."""
     import jax
 
+    return jax
+
+
+def _gpus() -> list[Any]:
     try:
-        return jax.devices("gpu")
+        return _jax().devices("gpu")
     except RuntimeError:  # no GPU backend: a CPU-only jaxlib, or no driver
         return []
 
