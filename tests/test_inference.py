@@ -69,8 +69,7 @@ def app_config(name: str, overrides: list[str]) -> EvaluateConf | PredictConf:
     their config as the commands make them."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name=name, overrides=overrides)
-    if OmegaConf.select(cfg, "tracking.experiment_name", throw_on_resolution_failure=False) is None:
-        cfg.tracking.experiment_name = ""
+    cfg.tracking.experiment_name = ""
     return OmegaConf.to_object(cfg)
 
 

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.cli.train import CONF_DIR
 from runner.config.schema import EvaluateConf, register_configs
-from runner.errors import reported, run_hydra_app
+from runner.errors import UserError, reported, run_hydra_app
 from runner.targets import importable_from_cwd
 from runner.tracking.model_choice import check_choice
 
@@ -37,11 +37,12 @@ def main() -> None:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def run_hydra(cfg: DictConfig) -> None:
     with reported("runner-eval"):
-        # Evaluating records nothing, and `${data.name}` names no experiment until the run's
-        # data is read.
-        if (
-            OmegaConf.select(cfg, "tracking.experiment_name", throw_on_resolution_failure=False)
-            is None
-        ):
-            cfg.tracking.experiment_name = ""
+        # Evaluating records into no experiment: its name, `${data.name}`, is left empty, as
+        # no data is named until the run's is read.
+        cfg.tracking.experiment_name = ""
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:  # a `???` left in the data option (`data=npz` without `data.path`)
+            raise UserError(
+                f"{missing[0]} is not set: give it on the command line, {missing[0]}=VALUE"
+            )
         print(evaluate(OmegaConf.to_object(cfg)))

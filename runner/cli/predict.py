@@ -64,12 +64,9 @@ def run_hydra(cfg: DictConfig) -> None:
                 "give the images to classify: images=<png, glob or folder> "
                 "(or images='[a.png,b.png]')"
             )
-        # Predicting records nothing, and `${data.name}` names no experiment: there is no data.
-        if (
-            OmegaConf.select(cfg, "tracking.experiment_name", throw_on_resolution_failure=False)
-            is None
-        ):
-            cfg.tracking.experiment_name = ""
+        # Predicting records into no experiment: its name, `${data.name}`, is left empty, as
+        # no data is named.
+        cfg.tracking.experiment_name = ""
         results = predict(OmegaConf.to_object(cfg))
     for result in results:
         print(result)
