@@ -169,7 +169,7 @@ class Config:
     backend: Backend = Backend.tensorflow
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvaluateConf:
     tracking: TrackingConf = MISSING
     # Empty: the data the run trained on, with these keys changed; a data option replaces it.
@@ -180,7 +180,7 @@ class EvaluateConf:
     backend: Backend | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class PredictConf:
     tracking: TrackingConf = MISSING
     run_id: str | None = None
