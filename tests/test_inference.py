@@ -14,12 +14,13 @@ import mlflow
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from PIL import Image
 
 from runner.cli.evaluate import evaluate
 from runner.cli.predict import predict
 from runner.cli.train import CONF_DIR, train
+from runner.config.schema import EvaluateConf, PredictConf
 from runner.data import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, read_idx
 from runner.errors import UserError
 
@@ -63,10 +64,13 @@ def test_eval_prints_the_guides_dict(trained, mnist_dir):
     assert not (work / "outputs" / "runner-eval").exists()
 
 
-def app_config(name: str, overrides: list[str]) -> DictConfig:
-    """The config `runner-eval` (name="evaluate") or `runner-predict` would run with."""
+def app_config(name: str, overrides: list[str]) -> EvaluateConf | PredictConf:
+    """The settings `runner-eval` (name="evaluate") or `runner-predict` would run with, made from
+    their config as the commands make them."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
+        cfg = compose(config_name=name, overrides=overrides)
+    cfg.tracking.experiment_name = ""
+    return OmegaConf.to_object(cfg)
 
 
 def test_eval_by_model_uri_matches_eval_by_run(trained, mnist_dir):
@@ -342,7 +346,7 @@ def test_eval_of_a_model_of_fewer_classes_than_the_labels_is_one_line(kind):
     the model declares its output or only tells it by running."""
     import keras
 
-    from runner.cli.evaluate import fitted
+    from runner.cli.evaluation import fitted
     from runner.data import Split
 
     from .test_models import Subclassed
@@ -365,7 +369,7 @@ def test_eval_of_a_model_of_fewer_classes_than_the_labels_is_one_line(kind):
 
 
 def test_sixteen_bit_grey_pngs_keep_their_levels(tmp_path):
-    from runner.cli.predict import open_image, pixels
+    from runner.data.images import open_image, pixels
 
     levels = np.zeros((28, 28), np.uint16)
     levels[7:21, 12:16] = 60000  # a bright bar on black, in 16 bits
@@ -381,13 +385,15 @@ def test_an_unknown_run_is_told_before_tensorflow_loads(trained):
     probe = (
         "import sys\n"
         "from hydra import compose, initialize_config_dir\n"
+        "from omegaconf import OmegaConf\n"
         "from runner.errors import UserError\n"
         "from runner.cli.evaluate import evaluate\n"
         "from runner.cli.train import CONF_DIR\n"
         "with initialize_config_dir(config_dir=str(CONF_DIR), version_base='1.3'):\n"
         f"    cfg = compose('evaluate', ['run_id=0123456789abcdef', 'tracking.uri=sqlite:///{work}/mlflow.db'])\n"
+        "cfg.tracking.experiment_name = ''  # as runner-eval sets it, with no data named\n"
         "try:\n"
-        "    evaluate(cfg)\n"
+        "    evaluate(OmegaConf.to_object(cfg))\n"
         "except UserError as error:\n"
         "    print(error, 'tensorflow' in sys.modules)\n"
     )

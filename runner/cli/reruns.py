@@ -30,9 +30,9 @@ from runner.tracking.recorded import (
     histories,
     logged_environment,
     logged_run,
+    machine_keys,
     overridden,
     save,
-    with_machine_keys,
 )
 
 
@@ -131,10 +131,13 @@ def check_golden(path: Path, overrides: list[str], update: bool = False) -> tupl
     then the file is rewritten with today's config and the rerun's environment and histories."""
     golden = load_golden(path)
     cfg = composed(golden["overrides"], path)
-    drift = config_drift(golden["config"], OmegaConf.to_container(cfg, resolve=True))
+    now = OmegaConf.to_container(cfg, resolve=True)
+    drift = config_drift(golden["config"], now)
     if not update:
         refuse_drift(path, drift)
-    cfg = overridden(with_machine_keys(cfg, golden["config"]), overrides, str(path))
+    for key, value in machine_keys(golden["config"], now):
+        OmegaConf.update(cfg, key, value)
+    cfg = overridden(cfg, overrides, str(path))
     today = OmegaConf.to_container(cfg, resolve=True)
     with tempfile.TemporaryDirectory(prefix="runner-repro-") as scratch:
         uri = f"sqlite:///{scratch}/mlflow.db"

@@ -175,7 +175,7 @@ class Config:
     backend: Backend = MISSING
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvaluateConf:
     tracking: TrackingConf = MISSING
     # Empty: the data the run trained on, with these keys changed; a data option replaces it.
@@ -186,7 +186,7 @@ class EvaluateConf:
     backend: Backend | None = MISSING
 
 
-@dataclass
+@dataclass(frozen=True)
 class PredictConf:
     tracking: TrackingConf = MISSING
     run_id: str | None = MISSING

@@ -110,13 +110,16 @@ def config_drift(recorded: dict, now: dict) -> list[tuple[str, Any, Any]]:
     return [row for row in environment_differences(recorded, now) if not machine_key(row[0])]
 
 
-def with_machine_keys(cfg: Any, recorded: dict) -> Any:
-    """`cfg` with the recorded values of its MACHINE_KEYS: the rerun reads the data where the
-    file says (`--set data.dir=DIR` elsewhere), as a rerun of the recorded config did."""
-    for key, value in flatten(recorded):
-        if machine_key(key) and OmegaConf.select(cfg, key, default=None) is not None:
-            OmegaConf.update(cfg, key, value)
-    return cfg
+def machine_keys(recorded: dict, now: dict) -> list[tuple[str, Any]]:
+    """(dotted key, recorded value) for each of the MACHINE_KEYS that the resolved config `now`
+    sets too: the rerun reads the data where the file says (`--set data.dir=DIR` elsewhere), as a
+    rerun of the `recorded` config did."""
+    given = dict(flatten(now))
+    return [
+        (key, value)
+        for key, value in flatten(recorded)
+        if machine_key(key) and given.get(key) is not None
+    ]
 
 
 def overridden(logged: Any, overrides: list[str], whose: str) -> Any:
