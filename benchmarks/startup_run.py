@@ -10,9 +10,13 @@ is the first training step. Beside it, in the same repeats and in alternating or
 in a scratch folder of its own with its own MLflow store, as a new user's first run would. The
 table gives the medians, the goal of issue 27 (start-up at most 1.15 times the floor), and the
 host's matmul speed, as hosts differ several-fold.
+
+A second table splits a start into its parts, measured inside the command (PARTS: each part
+ends when the runner returns from the step named), medians over the same number of starts.
 """
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -71,6 +75,94 @@ def start_up(env: dict[str, str], cwd: Path) -> float:
     return opened
 
 
+# Run as `runner debug=quick ...` in a process of its own: the time each step of the start ends,
+# from the interpreter's start, written as JSON to the file named by the first argument.
+PARTS = """
+import atexit, json, sys, time
+start = time.perf_counter()
+out, sys.argv = sys.argv[1], ["runner", *sys.argv[2:]]
+marks = {}
+atexit.register(lambda: open(out, "w").write(json.dumps(marks)))
+
+def mark(name):
+    marks[name] = time.perf_counter() - start
+
+def after(owner, attribute, name):
+    wrapped = getattr(owner, attribute)
+    def call(*args, **kwargs):
+        result = wrapped(*args, **kwargs)
+        mark(name)
+        return result
+    setattr(owner, attribute, call)
+
+import runner.cli.train as train
+from runner import backends
+mark("Python, Hydra, OmegaConf and the runner's light modules imported")
+
+
+def tracking():
+    from runner.tracking import runs, store
+
+    after(store, "open_store", "MLflow imported, its store opened")
+    opening = runs.mlflow_run
+    def mlflow_run(*args, **kwargs):
+        context = opening(*args, **kwargs)
+        class Opened:
+            def __enter__(self):
+                recorder = context.__enter__()
+                mark("MLflow run opened")
+                return recorder
+            def __exit__(self, *exc):
+                return context.__exit__(*exc)
+        return Opened()
+    runs.mlflow_run = mlflow_run
+
+
+def heavy():
+    from runner import data
+    from runner.training import modeling
+
+    after(data, "load", "the runner's training modules imported, data loaded")
+    after(modeling, "check_loss", "model built and compiled")
+
+
+def then(owner, attribute, name, next_step):
+    after(owner, attribute, name)
+    wrapped = getattr(owner, attribute)
+    def call(*args, **kwargs):
+        result = wrapped(*args, **kwargs)
+        next_step()
+        return result
+    setattr(owner, attribute, call)
+
+
+then(train, "check_config", "config composed by Hydra and checked", tracking)
+then(backends, "select", "backend chosen: TensorFlow and Keras imported", heavy)
+train.main()
+"""
+
+
+def parts(env: dict[str, str], cwd: Path) -> dict[str, float]:
+    """When each part of a start of `runner debug=quick` ends, seconds from the start."""
+    out = cwd / "parts.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            PARTS,
+            str(out),
+            "debug=quick",
+            f"tracking.uri=sqlite:///{cwd}/p.db",
+        ],
+        env=env,
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return json.loads(out.read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=10, help="starts of each (default 10)")
@@ -81,7 +173,7 @@ def main() -> None:
     env["KERAS_BACKEND"] = "tensorflow"
     load_before = os.getloadavg()
     gflops = matmul_gflops()
-    floors, starts = [], []
+    floors, starts, ends = [], [], []
     with tempfile.TemporaryDirectory(prefix="startup-run-") as scratch:
         for repeat in range(args.repeats):
             folder = Path(scratch) / str(repeat)
@@ -89,6 +181,7 @@ def main() -> None:
             pair = [("floor", floor), ("start", start_up)]
             for label, measure in pair if repeat % 2 == 0 else reversed(pair):
                 (floors if label == "floor" else starts).append(measure(env, folder))
+            ends.append(parts(env, folder))
     load_after = os.getloadavg()
     bare, runner = statistics.median(floors), statistics.median(starts)
     print(
@@ -103,6 +196,12 @@ def main() -> None:
         ("`runner debug=quick` until its MLflow run opens", starts),
     ):
         print(f"| {label} | {statistics.median(times):.2f} | {min(times):.2f} | {max(times):.2f} |")
+    print("\n| part of a start | ends at, s (median) | takes, s |\n|---|---|---|")
+    previous = 0.0
+    for name in ends[0]:
+        at = statistics.median(end[name] for end in ends)
+        print(f"| {name} | {at:.2f} | {at - previous:.2f} |")
+        previous = at
     verdict = "met" if runner <= GOAL * bare else "NOT met"
     print(f"\nstart-up / floor: {runner / bare:.2f} (goal at most {GOAL}: {verdict})")
     print(f"\nmade by: uv run python benchmarks/startup_run.py --repeats {args.repeats}")
