@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from runner.cli import repro
 from runner.cli.reruns import rerun
@@ -17,7 +18,7 @@ from runner.errors import UserError
 from runner.tracking import recorded
 from runner.tracking.differences import Difference, compare, environment_differences
 
-from .conftest import QUICK, REPO, cli, store_client
+from .conftest import QUICK, REPO, cli, compose_config, store_client
 
 # One worker runs this file: its tests share a module-scoped run.
 pytestmark = pytest.mark.xdist_group("test_repro")
@@ -327,4 +328,15 @@ def test_repro_of_a_run_of_an_older_layout_says_so(tmp_path):
     assert str(error.value) == (
         f"run {run_id} was recorded by an older runner, whose config names no "
         f"model._target_: rerun it with the runner of its commit, b0ad1bd"
+    )
+    # A config of a later layout that lacks a key today's runner needs: the same line names it.
+    config = OmegaConf.to_container(compose_config(["debug=quick"]))
+    del config["tracking"]["server_patience_s"]
+    run_id = client.create_run(experiment, tags={"git_commit": "74d52cf"}).info.run_id
+    client.log_text(run_id, OmegaConf.to_yaml(config), "config.yaml")
+    with pytest.raises(UserError) as error:
+        rerun(run_id, uri, [])
+    assert str(error.value) == (
+        f"run {run_id} was recorded by an older runner, whose config names no "
+        f"tracking.server_patience_s: rerun it with the runner of its commit, 74d52cf"
     )

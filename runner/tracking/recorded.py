@@ -11,6 +11,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
+from runner.config.schema import Config, DeviceConf, TrackingConf, TrainerConf, keys
 from runner.errors import UserError, did_you_mean
 from runner.tracking import store
 from runner.tracking.access import refusal
@@ -51,13 +52,31 @@ def logged_run(run_id: str, tracking_uri: str) -> tuple[Any, Any]:
             f"cannot read run {run_id} in {tracking_uri}: {error.message}"
         ) from None
     logged_cfg = OmegaConf.create(logged)
-    if OmegaConf.select(logged_cfg, "model._target_") is None:
+    lacking = _lacking(logged_cfg)
+    if lacking is not None:
         commit = original.data.tags.get("git_commit", "its git_commit tag")
         raise UserError(
             f"run {run_id} was recorded by an older runner, whose config names no "
-            f"model._target_: rerun it with the runner of its commit, {commit}"
+            f"{lacking}: rerun it with the runner of its commit, {commit}"
         )
     return original, logged_cfg
+
+
+def _lacking(logged: Any) -> str | None:
+    """The first key today's runner needs that a logged config lacks: a config recorded by an
+    earlier commit, before the key existed."""
+    if OmegaConf.select(logged, "model._target_") is None:
+        return "model._target_"
+    needed = [key for key in keys(Config) if key != "callbacks"]
+    needed += [f"{path}.{key}" for path, schema in NODES for key in keys(schema)]
+    absent = object()
+    return next(
+        (key for key in needed if OmegaConf.select(logged, key, default=absent) is absent), None
+    )
+
+
+# The runner's own nodes of a config, each every key of its schema recorded.
+NODES = (("trainer", TrainerConf), ("device", DeviceConf), ("tracking", TrackingConf))
 
 
 def logged_overrides(run: Any) -> list[str]:
