@@ -26,6 +26,7 @@ from runner.tracking.differences import (
 )
 from runner.tracking.golden import golden_rtol, load_golden, refuse_drift, write_golden
 from runner.tracking.recorded import (
+    check_trainable,
     config_drift,
     histories,
     logged_environment,
@@ -101,6 +102,7 @@ def rerun(run_id: str, tracking_uri: str, overrides: list[str]) -> tuple[Any, An
     `runner-repro` checked them); returns (original run, new run). The overrides and the store
     are checked before anything trains."""
     original, logged_cfg = logged_run(run_id, tracking_uri)
+    check_trainable(original, logged_cfg)
     # A fresh folder, so the rerun neither resumes from nor overwrites the original's checkpoints.
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     folder = Path("outputs") / "repro" / f"{run_id}_{stamp}"

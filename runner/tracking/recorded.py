@@ -52,26 +52,27 @@ def logged_run(run_id: str, tracking_uri: str) -> tuple[Any, Any]:
             f"cannot read run {run_id} in {tracking_uri}: {error.message}"
         ) from None
     logged_cfg = OmegaConf.create(logged)
-    lacking = _lacking(logged_cfg)
-    if lacking is not None:
-        commit = original.data.tags.get("git_commit", "its git_commit tag")
-        raise UserError(
-            f"run {run_id} was recorded by an older runner, whose config names no "
-            f"{lacking}: rerun it with the runner of its commit, {commit}"
-        )
+    if OmegaConf.select(logged_cfg, "model._target_") is None:
+        _refuse_older(original, "model._target_")
     return original, logged_cfg
 
 
-def _lacking(logged: Any) -> str | None:
-    """The first key today's runner needs that a logged config lacks: a config recorded by an
-    earlier commit, before the key existed."""
-    if OmegaConf.select(logged, "model._target_") is None:
-        return "model._target_"
+def check_trainable(run: Any, logged: Any) -> None:
+    """Refuse, in one line naming the key and the commit that recorded it, a logged config that
+    lacks a key today's runner trains with: recorded by an earlier commit, before it existed."""
     needed = [key for key in keys(Config) if key != "callbacks"]
     needed += [f"{path}.{key}" for path, schema in NODES for key in keys(schema)]
     absent = object()
-    return next(
-        (key for key in needed if OmegaConf.select(logged, key, default=absent) is absent), None
+    lacking = [key for key in needed if OmegaConf.select(logged, key, default=absent) is absent]
+    if lacking:
+        _refuse_older(run, lacking[0])
+
+
+def _refuse_older(run: Any, key: str) -> None:
+    commit = run.data.tags.get("git_commit", "its git_commit tag")
+    raise UserError(
+        f"run {run.info.run_id} was recorded by an older runner, whose config names no {key}: "
+        f"rerun it with the runner of its commit, {commit}"
     )
 
 
