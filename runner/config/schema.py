@@ -175,6 +175,15 @@ class Config:
     backend: Backend = MISSING
 
 
+# The nodes the runner's schemas type whole, by their path ("": the root).
+SECTIONS = (
+    ("", Config),
+    ("trainer", TrainerConf),
+    ("device", DeviceConf),
+    ("tracking", TrackingConf),
+)
+
+
 @dataclass(frozen=True)
 class EvaluateConf:
     tracking: TrackingConf = MISSING

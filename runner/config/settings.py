@@ -10,8 +10,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from runner.config.schema import (
     RESULT_METRICS,
+    SECTIONS,
     Backend,
-    Config,
     DataKeys,
     DeviceConf,
     JitCompile,
@@ -83,7 +83,7 @@ def check_config(cfg: DictConfig) -> Settings:
     are made absolute in `cfg` too, as it is recorded so (`runner.data.absolute_paths`)."""
     from runner import data
 
-    for path, schema in _SECTIONS:
+    for path, schema in SECTIONS:
         node = cfg.get(path) if path else cfg
         if OmegaConf.is_dict(node):
             _check_known_keys(path, list(node), schema)
@@ -191,15 +191,6 @@ def _check_trainer(t: Any, d: DataKeys) -> None:
             raise UserError(
                 f"trainer.{key}={t[key]} must be a multiple of trainer.log_every={t.log_every}"
             )
-
-
-# The nodes the runner's schemas type whole, by their path ("": the root).
-_SECTIONS = (
-    ("", Config),
-    ("trainer", TrainerConf),
-    ("device", DeviceConf),
-    ("tracking", TrackingConf),
-)
 
 
 def _check_known_keys(path: str, given: list[str], schema: type) -> None:

@@ -11,7 +11,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
-from runner.config.schema import Config, DeviceConf, TrackingConf, TrainerConf, keys
+from runner.config.schema import SECTIONS, keys
 from runner.errors import UserError, did_you_mean
 from runner.tracking import store
 from runner.tracking.access import refusal
@@ -60,8 +60,12 @@ def logged_run(run_id: str, tracking_uri: str) -> tuple[Any, Any]:
 def check_trainable(run: Any, logged: Any) -> None:
     """Refuse, in one line naming the key and the commit that recorded it, a logged config that
     lacks a key today's runner trains with: recorded by an earlier commit, before it existed."""
-    needed = [key for key in keys(Config) if key != "callbacks"]
-    needed += [f"{path}.{key}" for path, schema in NODES for key in keys(schema)]
+    needed = [
+        f"{path}.{key}" if path else key
+        for path, schema in SECTIONS
+        for key in keys(schema)
+        if (path, key) != ("", "callbacks")  # none unless a callback option is picked
+    ]
     absent = object()
     lacking = [key for key in needed if OmegaConf.select(logged, key, default=absent) is absent]
     if lacking:
@@ -74,10 +78,6 @@ def _refuse_older(run: Any, key: str) -> None:
         f"run {run.info.run_id} was recorded by an older runner, whose config names no {key}: "
         f"rerun it with the runner of its commit, {commit}"
     )
-
-
-# The runner's own nodes of a config, each every key of its schema recorded.
-NODES = (("trainer", TrainerConf), ("device", DeviceConf), ("tracking", TrackingConf))
 
 
 def logged_overrides(run: Any) -> list[str]:
