@@ -1,7 +1,9 @@
 """hparams_search=cnn_optuna: Optuna's trials as MLflow children, and a study that resumes."""
 
+import dataclasses
 import functools
 import re
+import signal
 import threading
 import time
 from pathlib import Path
@@ -14,11 +16,12 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from hydra_plugins.runner_optuna import resumable_sweeper, sharing
+from hydra_plugins.runner_optuna import resumable_sweeper
 from runner.errors import UserError
-from runner.sweeps import nested_runs, pruning
+from runner.sweeps import leases, nested_runs, pruning
+from runner.tracking.recorded import histories
 
-from .conftest import QUICK, cli, parents_and_children, store_client
+from .conftest import PROBE, QUICK, cli, parents_and_children, store_client
 
 # Two trials, the first with a rate that learns, the second (as TPE seeded with 10 picks them)
 # with one that cannot: the median of the trials before it prunes it at its first validation.
@@ -57,18 +60,90 @@ def test_a_hopeless_trial_is_pruned_and_the_study_resumes(tmp_path, mnist_dir):
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["sweep.best_run_id"] == runs["0"].info.run_id
 
-    # A trial whose process on this machine died: left RUNNING in the study.
-    host = sharing.this_worker().rpartition(":")[0]
-    study.ask().set_user_attr(sharing.WORKER_ATTR, f"{host}:{2**22 + 1}")  # above pid_max
+    # A trial left RUNNING by a search process on this machine that died after its job's run
+    # had ended (the run of trial 0 stands for it): taken over first, its run's result stands.
+    host = leases.this_worker().rpartition(":")[0]
+    left = study.ask({"optimizer.lr": CategoricalDistribution([0.5, 1e-7])})
+    left.set_user_attr(leases.WORKER_ATTR, f"{host}:{2**22 + 1}")  # above pid_max
+    attempt = pruning.Attempt(runs["0"].info.run_id, str(tmp_path / "gone"))
+    left.set_user_attr(pruning.ATTEMPT_ATTR, dataclasses.asdict(attempt))
     again = cli("runner", *RIGGED, "hydra.sweeper.n_trials=3", cwd=tmp_path, mnist_dir=mnist_dir)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "2 of 3 trials finished, 1 interrupted" in again.stdout
-    states = [t.state.name for t in study.trials]
-    assert states[:3] == ["COMPLETE", "PRUNED", "FAIL"] and len(states) == 4
-    assert states[3] in ("COMPLETE", "PRUNED")
+    assert "2 of 3 trials finished, 1 left running by workers that are gone" in again.stdout
+    assert "trial 2: its workers are gone; carrying it on" in again.stdout
+    assert f"trial 2: its run {attempt.run_id} had ended; its result stands" in again.stdout
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED", "COMPLETE"]
+    assert study.trials[2].value == good.value
     parents, children = parents_and_children(tmp_path)
-    assert len(parents) == 2 and len(children) == 3
+    assert len(parents) == 2 and len(children) == 2, "nothing trained again"
     assert all(p.info.status == "FINISHED" for p in parents)
+
+
+# One point searched, so both trials train alike: the second is the first left alone. A
+# checkpoint every 10 steps of 30, 5 steps an execution, and a callback that kills the search
+# at a chosen step (tests.probes.SignalAt, idle unless asked).
+KILLABLE = [
+    "-m",
+    *QUICK,
+    "trainer.checkpoint_every=10",
+    "device.steps_per_execution=5",
+    "+callbacks.signal._target_=tests.probes.SignalAt",
+    "hydra/sweeper=runner_optuna",
+    "hydra.sweeper.storage=journal:optuna.journal",
+    "hydra.sweeper.study_name=killed",
+    "hydra.sweeper.direction=maximize",
+    "hydra.sweeper.n_trials=2",
+    "hydra.sweeper.n_jobs=1",
+    "optimizer.lr=choice(0.5)",
+]
+
+
+def test_a_search_killed_mid_trial_carries_the_trial_on_from_its_checkpoint(tmp_path, mnist_dir):
+    """kill -9 at step 25 of trial 0 (checkpoint at 20) leaves the trial, its run and the
+    parent RUNNING. The command again takes the trial over: from step 20, into its own run,
+    each step logged once, ending as the second trial, which no one stopped, ends."""
+    env = {**PROBE, "RUNNER_TEST_SIGNAL": "KILL@25"}
+    killed = cli("runner", *KILLABLE, cwd=tmp_path, mnist_dir=mnist_dir, env=env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    [parent], [child] = parents_and_children(tmp_path)
+    assert (parent.info.status, child.info.status) == ("RUNNING", "RUNNING")
+
+    again = cli("runner", *KILLABLE, cwd=tmp_path, mnist_dir=mnist_dir, env=PROBE)
+    assert again.returncode == 0, again.stderr[-3000:]
+    out = again.stdout + again.stderr
+    assert "0 of 2 trials finished, 1 left running by workers that are gone" in out
+    assert f"resuming from step 20 of run {child.info.run_id}" in out
+    storage = pruning.open_storage(f"journal:{tmp_path / 'optuna.journal'}")
+    study = optuna.load_study(study_name="killed", storage=storage)
+    assert [(t.number, t.state.name) for t in study.trials] == [(0, "COMPLETE"), (1, "COMPLETE")]
+    assert study.trials[0].value == study.trials[1].value
+    marks = {
+        t.user_attrs[key] for t in study.trials for key in ("runner.worker", "runner.job_worker")
+    }
+    assert len(marks) == 1, "the basic launcher runs each trial in the search's own process"
+    [again_parent], children = parents_and_children(tmp_path)
+    assert again_parent.info.run_id == parent.info.run_id
+    assert again_parent.info.status == "FINISHED"
+    runs = {c.data.tags["optuna.trial"]: c for c in children}
+    assert runs["0"].info.run_id == child.info.run_id and len(runs) == 2
+    assert [r.info.status for r in runs.values()] == ["FINISHED", "FINISHED"]
+    client = store_client(tmp_path)
+    steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
+    assert steps == [10, 20, 30], "each step logged once"
+    assert histories(client, runs["0"]) == histories(client, runs["1"])
+
+
+def test_a_trial_carried_on_reports_only_the_validations_it_had_not():
+    study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(lower=0.5))
+    trial = pruning.Trial(study.ask(), lease_s=60, reported=frozenset({10}))
+    try:
+        assert trial.report(0.1, 10) is False, "reported by the job before: not again"
+        assert study.trials[0].intermediate_values == {}
+        assert study.trials[0].user_attrs[leases.JOB_WORKER_ATTR] == leases.this_worker()
+        assert trial.report(0.1, 20) is True
+        assert study.trials[0].intermediate_values == {20: 0.1}
+    finally:
+        trial.close()
 
 
 def test_pruners_by_name_and_a_misspelt_one():
@@ -305,16 +380,20 @@ def test_a_slot_asks_for_its_next_trial_without_waiting_for_the_others(tmp_path)
 def test_joblib_slots_start_a_trial_while_a_longer_one_runs(tmp_path, mnist_dir):
     """Two slots on two joblib workers."""
     launcher = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
-    sweep_of_unequal_trials(tmp_path, mnist_dir, launcher)
+    study = sweep_of_unequal_trials(tmp_path, mnist_dir, launcher)
+    [search] = {t.user_attrs[leases.WORKER_ATTR] for t in study.trials}
+    jobs = {t.user_attrs[leases.JOB_WORKER_ATTR] for t in study.trials}
+    assert len(jobs) == 2, "joblib's two workers ran the three trials: started once each"
+    assert search not in jobs
 
 
 def sweep_of_unequal_trials(
     tmp_path: Path, mnist_dir: Path, launcher: list[str], env: dict[str, str] | None = None
-) -> None:
+) -> optuna.Study:
     """Three trials in two slots on `launcher`, trial 0 held until trial 2 has begun
     (`tests.probes.WaitForJob`): trial 2 starts in the slot trial 1 freed, while trial 0 runs,
     where batches would have waited for trial 0. The study, the sweep's results and its parent
-    run still hold exactly the three trials."""
+    run still hold exactly the three trials; the study is returned."""
     begun = tmp_path / "begun"
     begun.mkdir()
     result = cli(
@@ -347,6 +426,7 @@ def sweep_of_unequal_trials(
         (n, TrialState.COMPLETE) for n in range(3)
     ]
     assert len({t.user_attrs["runner.job"] for t in study.trials}) == 3
+    return study
     sweep_dir = Path(parent.data.tags["sweep.dir"])
     assert sorted(p.name for p in sweep_dir.iterdir() if p.name.isdigit()) == ["0", "1", "2"]
     results = OmegaConf.load(sweep_dir / "optimization_results.yaml")

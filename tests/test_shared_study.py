@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from hydra_plugins.runner_optuna import resumable_sweeper, sharing
-from runner.sweeps import nested_runs
+from runner.sweeps import leases, nested_runs
 
 from .conftest import QUICK, cli, parents_and_children, readme_commands, template_store
 from .test_optuna import Launcher, sweeper
@@ -43,7 +43,7 @@ class Raced:
 
     def ask(self, *args, **kwargs) -> optuna.Trial:
         other = self.study.ask()
-        other.set_user_attr(sharing.WORKER_ATTR, "elsewhere:1")
+        other.set_user_attr(leases.WORKER_ATTR, "elsewhere:1")
         return self.study.ask(*args, **kwargs)
 
 
@@ -67,7 +67,7 @@ def test_with_two_trials_missing_both_processes_run_one():
     study, trials = raced_trials(wanted=2)
     trial, _ = trials.ask(0)
     assert trial.number == 1 and study.trials[1].state == TrialState.RUNNING
-    assert study.trials[1].user_attrs[sharing.WORKER_ATTR] == sharing.this_worker()
+    assert study.trials[1].user_attrs[leases.WORKER_ATTR] == leases.this_worker()
     assert trials.ask(1) is None  # both at work: the study is full
     assert len(study.trials) == 2, "nothing asked once it was full"
 
@@ -198,17 +198,75 @@ def test_processes_starting_at_once_share_one_parent_until_it_ends(tmp_path, mon
 def test_a_trial_is_abandoned_only_when_its_process_is_gone():
     study = optuna.create_study()
     mine, gone, elsewhere, unmarked = (study.ask() for _ in range(4))
-    mine.set_user_attr(sharing.WORKER_ATTR, sharing.this_worker())
-    host = sharing.this_worker().rpartition(":")[0]
-    gone.set_user_attr(sharing.WORKER_ATTR, f"{host}:{2**22 + 1}")  # above pid_max's default
-    elsewhere.set_user_attr(sharing.WORKER_ATTR, "elsewhere:1")
-    assert [sharing.abandoned(t) for t in study.trials] == [False, True, False, False]
+    mine.set_user_attr(leases.WORKER_ATTR, leases.this_worker())
+    host = leases.this_worker().rpartition(":")[0]
+    gone.set_user_attr(leases.WORKER_ATTR, f"{host}:{2**22 + 1}")  # above pid_max's default
+    elsewhere.set_user_attr(leases.WORKER_ATTR, "elsewhere:1")
+    assert [leases.abandoned(t) for t in study.trials] == [False, True, False, False]
     assert sharing.counted(study) == 3  # all but the one whose process is gone
     assert sharing.others_at_work(study)
     elsewhere_done = study.trials[2]
     study.tell(elsewhere_done.number, 1.0)
     study.tell(study.trials[3].number, 1.0)
     assert not sharing.others_at_work(study), "only this process's trial and a dead one's left"
+
+
+def test_a_trial_elsewhere_is_abandoned_once_its_lease_runs_out(monkeypatch):
+    study = optuna.create_study()
+    held, lapsed, job_here, requeued, other_job = (study.ask() for _ in range(5))
+    for trial in study.trials:
+        study_trial = optuna.Trial(study, trial._trial_id)
+        study_trial.set_user_attr(leases.WORKER_ATTR, "elsewhere:1")
+        study_trial.set_user_attr(leases.LEASE_ATTR, time.time() + 60)
+    lapsed.set_user_attr(leases.LEASE_ATTR, time.time() - 1)
+    # The search process elsewhere, its job here and alive: this machine's process tells.
+    job_here.set_user_attr(leases.LEASE_ATTR, time.time() - 1)
+    job_here.set_user_attr(leases.JOB_WORKER_ATTR, leases.this_worker())
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    requeued.set_user_attr(leases.SLURM_ATTR, "7.0")  # this SLURM job's start before its requeue
+    other_job.set_user_attr(leases.SLURM_ATTR, "8.0")
+    assert [leases.abandoned(t) for t in study.trials] == [False, True, False, True, False]
+
+
+def test_a_lease_is_taken_at_once_and_renewed_until_told(monkeypatch):
+    monkeypatch.setattr(leases, "RENEWALS", 100)  # every 10 ms
+    study = optuna.create_study()
+    trial = study.ask()
+    lease = leases.Lease(1.0)
+    lease.hold(trial)
+    first = study.trials[0].user_attrs[leases.LEASE_ATTR]
+    assert first > time.time() + 0.5
+    time.sleep(0.1)
+    assert study.trials[0].user_attrs[leases.LEASE_ATTR] > first
+    study.tell(trial, 1.0)
+    time.sleep(0.05)
+    assert trial.number not in lease.held, "a trial told is no longer renewed"
+    lease.close()
+    lease.thread.join(1)
+    assert not lease.thread.is_alive()
+
+
+def test_of_two_workers_finding_a_dead_workers_trial_one_takes_it_over(tmp_path):
+    storage = journal(tmp_path / "optuna.journal")
+    study = optuna.create_study(study_name="s", storage=storage)
+    dead = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    host = leases.this_worker().rpartition(":")[0]
+    dead.set_user_attr(leases.WORKER_ATTR, f"{host}:{2**22 + 1}")
+    marked = []
+
+    def mark(trial: optuna.Trial) -> None:
+        marked.append(trial.number)
+        trial.set_user_attr(leases.WORKER_ATTR, leases.this_worker())
+
+    with ThreadPoolExecutor(2) as pool:
+        taken = list(pool.map(lambda _: sharing.take_over(study, storage, mark), range(2)))
+    assert marked == [0]
+    assert sorted(t is None for t in taken) == [False, True]
+    [trial] = [t for t in taken if t is not None]
+    assert (trial.number, trial.params) == (0, dead.params), "its number and parameters kept"
+    assert sharing.take_over(study, storage, mark) is None, "now at work"
+    assert optuna.get_all_study_names(storage) == ["s"], "no lock left behind"
 
 
 def worker_args(line: str) -> list[str]:
@@ -262,7 +320,7 @@ def test_two_processes_of_the_readme_share_one_study(tmp_path, mnist_dir):
     for result in results:
         assert result.returncode == 0, result.stderr[-3000:]
     study = assert_one_study_one_parent(tmp_path, trials=3)
-    workers = {t.user_attrs[sharing.WORKER_ATTR] for t in study.trials if t.state.is_finished()}
+    workers = {t.user_attrs[leases.WORKER_ATTR] for t in study.trials if t.state.is_finished()}
     assert len(workers) == 2, "both processes ran trials"
     assert len(list(tmp_path.glob("multirun/*/*/mlflow_sweep.json"))) == 2, "a sweep folder each"
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from runner.sweeps import leases
+
 from .conftest import QUICK, cli, parents_and_children, readme_commands
 from .slurm_cluster import SlurmCluster
 from .team_server import SECTION
@@ -88,9 +90,11 @@ def test_a_cluster_without_accounting_says_so_once(sweep):
 
 def test_slurm_slots_start_a_trial_while_a_longer_one_runs(slurm_cluster, tmp_path, mnist_dir):
     """No barrier on SLURM: two slots, each trial its own sbatch job, and a slot whose job ends
-    submits the next trial while the other's longer job still runs."""
+    submits the next trial while the other's longer job still runs. Each trial starts a
+    process of its own, as a job of its own."""
     env = {"SLURM_CONF": slurm_cluster.env["SLURM_CONF"]}
-    sweep_of_unequal_trials(tmp_path, mnist_dir, on_cpus(slurm_cluster), env=env)
+    study = sweep_of_unequal_trials(tmp_path, mnist_dir, on_cpus(slurm_cluster), env=env)
+    assert len({t.user_attrs[leases.JOB_WORKER_ATTR] for t in study.trials}) == 3
 
 
 def test_a_job_the_cluster_cannot_run_is_refused_in_one_line(slurm_cluster, tmp_path, mnist_dir):

@@ -95,6 +95,11 @@ class RunnerOptunaSweeperConf:
     custom_search_space: str | None = None
     # none, median or hyperband (Optuna's defaults), or a pruner's {_target_: ..., ...}.
     pruner: Any = "none"
+    # Seconds a trial's workers hold it without renewing their lease (every sixth of it): a
+    # trial whose workers are gone (killed, a node lost) is taken over and carried on from its
+    # checkpoint by the next worker or rerun; at once where its workers ran on this machine or
+    # in a requeued SLURM job, after lease_s elsewhere.
+    lease_s: float = 120.0
 
 
 _store = ConfigStore.instance()

@@ -37,7 +37,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from runner.errors import UserError, reported
-from runner.sweeps import pruning
+from runner.sweeps import leases, pruning
 
 from . import sharing
 
@@ -67,6 +67,7 @@ class ResumableOptunaSweeper(Sweeper):
         params: DictConfig | None,
         custom_search_space: str | None,
         pruner: Any = "none",
+        lease_s: float = 120.0,
     ) -> None:
         self.sampler = sampler
         self.direction = direction
@@ -78,6 +79,7 @@ class ResumableOptunaSweeper(Sweeper):
         self.params = params
         self.custom_search_space = custom_search_space
         self.pruner = pruner
+        self.lease_s = lease_s
         self.job_idx = 0
 
     def setup(
@@ -161,25 +163,30 @@ class ResumableOptunaSweeper(Sweeper):
             )
             return
         if study.trials:
-            interrupted = [
-                t.number
-                for t in study.trials
-                if t.state == TrialState.RUNNING and sharing.abandoned(t)
+            left = [
+                t for t in study.trials if t.state == TrialState.RUNNING and leases.abandoned(t)
             ]
-            for number in interrupted:  # their process died: they will never report
-                study.tell(number, state=TrialState.FAIL)
             sampler.reseed_rng()  # so that the resumed search does not repeat the first proposals
             log.info(
-                "Resuming study %r: %d of %d trials finished, %d interrupted (marked failed); "
-                "running %d more",
+                "Resuming study %r: %d of %d trials finished, %d left running by workers that are "
+                "gone (carried on first); running %d more",
                 self.study_name,
                 done,
                 wanted,
-                len(interrupted),
+                len(left),
                 wanted - done,
             )
         extend = get_method(self.custom_search_space) if self.custom_search_space else None
-        trials = Trials(study, space, fixed, self.config, extend, points, wanted=wanted)
+        trials = Trials(
+            study,
+            space,
+            fixed,
+            self.config,
+            extend,
+            points,
+            wanted=wanted,
+            storage=_opened(self.storage),
+        )
         trials.unsafe = _unsafe_to_share(self.storage, self.study_name)
         self._launch(trials, wanted - done)
         _save_results(study, len(directions), Path(self.config.hydra.sweep.dir))
@@ -197,6 +204,15 @@ class ResumableOptunaSweeper(Sweeper):
         window = min(self.n_jobs, count)
         slots = 1 if isinstance(self.launcher, BasicLauncher) else window
         sweep = _Slots(trials, count, self.job_idx, window, self.max_failure_rate)
+        sweep.lease = leases.Lease(self.lease_s)
+        try:
+            self._run_slots(sweep, slots)
+        finally:
+            sweep.lease.close()
+        self.job_idx = sweep.job_idx
+        sweep.raise_if_failed()
+
+    def _run_slots(self, sweep: "_Slots", slots: int) -> None:
         if slots == 1:
             sweep.run(self.launcher)
         else:
@@ -220,8 +236,6 @@ class ResumableOptunaSweeper(Sweeper):
                 for thread in threads:
                     thread.join(max(0.0, deadline - time.monotonic()))
                 raise
-        self.job_idx = sweep.job_idx
-        sweep.raise_if_failed()
 
 
 class _Slots:
@@ -243,6 +257,7 @@ class _Slots:
         self.error: Exception | None = None  # the search's own (custom_search_space's, ...)
         self.stopped = False
         self.lock = threading.Lock()
+        self.lease: leases.Lease | None = None
 
     def run(self, launcher: Any) -> None:
         """One slot: trials one after the other until the budget is spent or the sweep stops.
@@ -262,12 +277,16 @@ class _Slots:
                     return
                 trial, overrides = asked
                 self.left, self.job_idx = self.left - 1, job_num + 1
+            if self.lease is not None:
+                self.lease.hold(trial)
             try:
                 [ret] = launcher.launch([overrides], initial_job_idx=job_num)
             except Exception as error:
                 ret = JobReturn(status=JobStatus.FAILED, _return_value=error)
             with self.lock:
                 self.ended += 1
+                if self.lease is not None:
+                    self.lease.release(trial)
                 if self.trials.tell(trial, ret):
                     self.failed.append(ret)
                     if len(self.failed) / max(self.ended, self.window) > self.max_failure_rate:
@@ -294,9 +313,9 @@ class _Slots:
 
 
 class Trials:
-    """A sweep's side of its study: `ask` gives a new trial with the overrides its job runs
-    with, `tell` records how the job ended. They hold no state between the calls, so the sweeper
-    may ask for a batch and tell it whole, or ask for each trial as a job slot frees."""
+    """A sweep's side of its study: `ask` gives a trial with the overrides its job runs with,
+    `tell` records how the job ended. They hold no state between the calls, so the sweeper may
+    ask for a batch and tell it whole, or ask for each trial as a job slot frees."""
 
     def __init__(
         self,
@@ -308,8 +327,10 @@ class Trials:
         points: int | None,
         *,
         wanted: int | None = None,
+        storage: Any = None,
     ) -> None:
         self.study = study
+        self.storage = storage  # the study's, opened: where take-overs lock
         self.space = space  # the searched keys' distributions
         self.fixed = fixed  # the other overrides, by key
         self.config = config
@@ -322,17 +343,27 @@ class Trials:
         self.unsafe: str | None = None
 
     def ask(self, job_num: int) -> tuple[Any, list[str]] | None:
-        """A new trial, marked as this process's and job `job_num`'s, and its job's overrides:
-        its parameters, then the other overrides as given; None if the study's finished trials
-        and those at work (of any process) already make `wanted`. Two processes that both see
-        one trial missing both ask: the one whose trial the storage numbered second marks it
-        failed (`sharing.SURPLUS_ATTR`) and runs nothing."""
+        """A trial, marked as this process's and job `job_num`'s, and its job's overrides: its
+        parameters, then the other overrides as given. First a trial whose workers died, taken
+        over (`sharing.take_over`) to be carried on from its checkpoint with its own number;
+        else a new one, unless the study's finished trials and those at work (of any process)
+        already make `wanted`. Two processes that both see one trial missing both ask: the one
+        whose trial the storage numbered second marks it failed (`sharing.SURPLUS_ATTR`) and
+        runs nothing."""
         from optuna.trial import TrialState
 
+        def claimed(trial: Any) -> None:
+            self._claim(trial)
+            self._mark(trial, job_num)
+
+        taken = sharing.take_over(self.study, self.storage, claimed)
+        if taken is not None:
+            log.info("trial %d: its workers are gone; carrying it on", taken.number)
+            return taken, self._overrides(taken)
         if self.wanted is not None and sharing.counted(self.study) >= self.wanted:
             return None
         trial = self.study.ask(fixed_distributions=self.space)
-        trial.set_user_attr(sharing.WORKER_ATTR, sharing.this_worker())
+        self._claim(trial)
         if self.wanted is not None and sharing.counted(self.study, trial.number) >= self.wanted:
             trial.set_user_attr(sharing.SURPLUS_ATTR, True)
             _tell(self.study, trial, self.is_grid, state=TrialState.FAIL)
@@ -341,7 +372,7 @@ class Trials:
         if self.unsafe and sharing.others_at_work(self.study):
             log.warning(self.unsafe)
             self.unsafe = None
-        trial.set_user_attr(pruning.JOB_ATTR, pruning.job_key(self.config.hydra, job_num))
+        self._mark(trial, job_num)
         for key, override in self.fixed.items():
             trial.set_user_attr(key, override.get_value_element_as_str())
         if self.extend is not None:
@@ -353,8 +384,20 @@ class Trials:
                     f"hydra.sweeper.custom_search_space suggests {', '.join(clash)}, which the "
                     f"command line sets: leave it to one of them"
                 )
+        return trial, self._overrides(trial)
+
+    def _claim(self, trial: Any) -> None:
+        """Mark `trial` as this process's, which the other workers count as at work."""
+        trial.set_user_attr(leases.WORKER_ATTR, leases.this_worker())
+        trial.set_user_attr(leases.SLURM_ATTR, leases.this_slurm_start())
+
+    def _mark(self, trial: Any, job_num: int) -> None:
+        """Mark `trial` as run as job `job_num`, which finds it by that."""
+        trial.set_user_attr(pruning.JOB_ATTR, pruning.job_key(self.config.hydra, job_num))
+
+    def _overrides(self, trial: Any) -> list[str]:
         searched = [f"{name}={value}" for name, value in trial.params.items()]
-        return trial, searched + [override.input_line for override in self.fixed.values()]
+        return searched + [override.input_line for override in self.fixed.values()]
 
     def tell(self, trial: Any, ret: JobReturn) -> bool:
         """Tell the study how `trial`'s job ended, completed with its values, pruned

@@ -1,36 +1,34 @@
 """One study, several search processes: the same search command started more than once at a
 time, on one machine or on several, each process a worker on the study in their shared storage.
 
-The storage is all the workers share, so it holds what they agree on: which process runs which
-trial (`WORKER_ATTR`), how many trials are left to ask (counted from the study's trials, whose
-numbers the storage hands out one at a time), the settings the study was started with, and the
-search's MLflow parent run (`PARENT_ATTR`). Where only one process may write a value (the
-settings, the parent run), the right to write it is won by creating a study: a storage refuses a
-second study of one name, whichever process asks a moment later.
+The storage is all the workers share, so it holds what they agree on: which processes run which
+trial and whether they live (`runner.sweeps.leases`), how many trials are left to ask (counted
+from the study's trials, whose numbers the storage hands out one at a time), the settings the
+study was started with, and the search's MLflow parent run (`PARENT_ATTR`). Where only one
+process may write a value (the settings, the parent run, a dead worker's trial), the right to
+write it is won by creating a study: a storage refuses a second study of one name, whichever
+process asks a moment later.
 """
 
 import contextlib
 import logging
-import os
-import socket
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from runner.sweeps.leases import WORKER_ATTR, abandoned, this_worker
+
 log = logging.getLogger(__name__)
 
-# The trial's user attribute naming the process that runs it, `host:pid`.
-WORKER_ATTR = "runner.worker"
 # The study's user attribute naming its search's MLflow parent run: {run_id, generation}.
 PARENT_ATTR = "runner.parent_run"
 # The user attribute of a trial asked when the other workers' trials had filled n_trials: it is
 # marked failed at once, without running.
 SURPLUS_ATTR = "runner.surplus"
-# A RUNNING trial without a worker's mark (asked a moment ago, or by a sweeper that predates the
-# marks) is taken to be at work for this many seconds after it began.
-UNMARKED_GRACE_S = 60
+# How long a take-over's lock bars the other workers from the trial: one that died holding it
+# loses it then.
+TAKE_OVER_S = 60
 # How long a worker waits for another to record what it won the right to record.
 WAIT_S = 10
 POLL_S = 0.2
@@ -56,32 +54,6 @@ SHARE_INSTEAD = (
 )
 
 
-def this_worker() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def abandoned(trial: Any) -> bool:
-    """Whether a RUNNING trial was left by a process that is gone: one on this machine whose
-    process has ended, or one without a worker's mark that began over UNMARKED_GRACE_S ago. A
-    trial of another machine's process is taken to be at work: its process cannot be asked."""
-    worker = trial.user_attrs.get(WORKER_ATTR)
-    if worker is None:
-        started = trial.datetime_start
-        return started is None or datetime.now() - started > timedelta(seconds=UNMARKED_GRACE_S)
-    host, _, pid = worker.rpartition(":")
-    return host == socket.gethostname() and not _alive(int(pid))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
-
-
 def at_work(study: Any) -> list[Any]:
     """The study's RUNNING trials that a live process runs."""
     from optuna.trial import TrialState
@@ -103,6 +75,35 @@ def counted(study: Any, below: int | None = None) -> int:
 
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     return sum(below is None or t.number < below for t in finished + at_work(study))
+
+
+def take_over(study: Any, storage: Any, mark: Callable[[Any], None]) -> Any | None:
+    """A RUNNING trial of `study` whose workers are gone (`leases.abandoned`), made this
+    process's by `mark(trial)`, as an Optuna `Trial`; None if there is none. Of processes that
+    find the same trial at once, the one that creates the lock study `<name> (runner: trial N
+    taken over, <minute>)` and then reads it still abandoned takes it."""
+    import optuna
+    from optuna.trial import TrialState
+
+    for found in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not abandoned(found):
+            continue
+        minute = int(time.time() // TAKE_OVER_S)
+        lock = f"{study.study_name} (runner: trial {found.number} taken over, {minute})"
+        try:
+            with _quiet():
+                optuna.create_study(study_name=lock, storage=storage)
+        except optuna.exceptions.DuplicatedStudyError:
+            continue
+        try:
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if any(t.number == found.number and abandoned(t) for t in running):
+                trial = optuna.Trial(study, found._trial_id)
+                mark(trial)
+                return trial
+        finally:
+            _unlock(storage, lock)
+    return None
 
 
 def joined_study(name: str, storage: Any, directions: list[str], attr: str, value: Any) -> Any:
@@ -163,7 +164,7 @@ class SharedParent:
                     optuna.create_study(study_name=lock, storage=self.storage)
             except optuna.exceptions.DuplicatedStudyError:
                 if not _awaited(lambda g=generation: self._generation() >= g):
-                    self._unlock(lock)
+                    _unlock(self.storage, lock)
                 continue
             try:
                 if self._generation() >= generation:  # recorded since it was read above
@@ -173,7 +174,7 @@ class SharedParent:
                 self.study.set_user_attr(PARENT_ATTR, record)
                 return run_id
             finally:
-                self._unlock(lock)
+                _unlock(self.storage, lock)
         log.warning(
             "could not agree on a parent run with the other processes of study %r: opening one "
             "of this process's own",
@@ -189,11 +190,12 @@ class SharedParent:
         record = self.study.user_attrs.get(PARENT_ATTR)
         return record["generation"] if record else -1
 
-    def _unlock(self, lock: str) -> None:
-        import optuna
 
-        with contextlib.suppress(KeyError):  # another process took it over first
-            optuna.delete_study(study_name=lock, storage=self.storage)
+def _unlock(storage: Any, lock: str) -> None:
+    import optuna
+
+    with contextlib.suppress(KeyError):  # another process took it over first
+        optuna.delete_study(study_name=lock, storage=storage)
 
 
 @contextlib.contextmanager

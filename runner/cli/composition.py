@@ -3,17 +3,20 @@ chosen (`runner.cli.train.train`): it builds the data, the model and the callbac
 checked `Settings`, each layer given the part it needs, then trains and records the run."""
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from runner import data
 from runner.backends import devices
 from runner.backends.base import Backend
+from runner.config.schema import Resume, TrainerConf
 from runner.config.settings import Settings
 from runner.data import Splits
 from runner.models import classifier
 from runner.sweeps import preemption
+from runner.sweeps.pruning import Attempt
+from runner.tracking.runs import Resumed
 from runner.training import checkpoints, fitting, modeling, optim
 from runner.training.callbacks import ReportToTrial
 from runner.training.checkpoints import Checkpoint
@@ -51,6 +54,25 @@ class Prepared:
         """Whether this run carries on a checkpoint's with more steps (trainer.resume=extend):
         a new MLflow run, as a run's params cannot change."""
         return self.resumed is not None and self.resumed.settings.get("trainer.steps") != steps
+
+    def reopens(self, trainer: TrainerConf, earlier: Attempt | None) -> Resumed | None:
+        """The MLflow run this run carries on: its checkpoint's (or a new one that extends it),
+        else that of the Optuna trial it took over, which had written no checkpoint."""
+        if self.resumed is not None:
+            r = self.resumed
+            extends = self.extends(trainer.steps)
+            return Resumed(r.run_id, r.unrecorded, extends, trainer.eval_every)
+        return Resumed(earlier.run_id) if earlier is not None else None
+
+
+def carried_on(settings: Settings, earlier: Attempt) -> Settings:
+    """The settings of an Optuna trial taken over from workers that died: it trains on in its
+    own checkpoints' folder, from the newest checkpoint there (else from its first step), into
+    its own MLflow run, which keeps each step it logged once."""
+    folder = Path(earlier.checkpoint_dir)
+    resume = Resume.true if checkpoints.latest(folder) is not None else Resume.false
+    trainer = replace(settings.trainer, checkpoint_dir=str(folder), resume=resume)
+    return replace(settings, trainer=trainer)
 
 
 def prepare(

@@ -59,17 +59,16 @@ def train(
     from runner.training.fitting import finishable
 
     carry_on = CarryOn(_how_to_resume, preemption.will_requeue())
+    earlier = trial.earlier if trial is not None else None
+    if earlier is not None:
+        ending = runs.recorded_ending(earlier.run_id)
+        if ending is not None:
+            return trial.ended(ending)
+        settings = composition.carried_on(settings, earlier)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     prepared = composition.prepare(settings, resolved, backend=backend, trial=trial, stops=stops)
-    resumed, steps = prepared.resumed, settings.trainer.steps
+    steps = settings.trainer.steps
     origin = provenance.Provenance(resolved, prepared.splits, backend, jobs.hydra_record_dir())
-    carried = (
-        runs.Resumed(
-            resumed.run_id, resumed.unrecorded, prepared.extends(steps), settings.trainer.eval_every
-        )
-        if resumed
-        else None
-    )
     with (
         stops.installed(),
         runs.mlflow_run(
@@ -78,10 +77,12 @@ def train(
             origin,
             stops=stops,
             tags={**prepared.tags(), **(tags or {})},
-            resumed=carried,
+            resumed=prepared.reopens(settings.trainer, earlier),
         ) as recorder,
         finishable(Path(settings.trainer.checkpoint_dir), steps, recorder.run_id, carry_on),
     ):
+        if trial is not None:
+            trial.record(pruning.Attempt(recorder.run_id, settings.trainer.checkpoint_dir))
         final = composition.train(prepared, settings, recorder, stops=stops, carry_on=carry_on)
     if stops.reason is StopReason.PRUNED:
         return final
@@ -114,7 +115,7 @@ def _how_to_resume(checkpoints: Path, verb: str = "carry on") -> str:
     """The command that carries this run on (or, as `verb` says, finishes it): the same one,
     pointed at this run's folder when its checkpoints are there (the default
     trainer.checkpoint_dir). A sweep's job is carried on alone, with its own overrides; an
-    Optuna trial is not, as its study carries on the search instead."""
+    Optuna trial is not: the search's command carries it on, from this checkpoint."""
     if not HydraConfig.initialized():
         return f"{verb} with trainer.resume=true"
     hydra_cfg = HydraConfig.get()
@@ -124,7 +125,7 @@ def _how_to_resume(checkpoints: Path, verb: str = "carry on") -> str:
     if not jobs.in_multirun():
         return f"{verb} with the same command plus trainer.resume=true{folder}"
     if "Optuna" in str(hydra_cfg.sweeper.get("_target_", "")):
-        return "run the search's command again: its study carries on, this trial starts over"
+        return "run the search's command again: it carries this trial on from here first"
     overrides = " ".join(shlex.quote(o) for o in hydra_cfg.overrides.task)
     return f"{verb} with this job alone: runner {overrides} trainer.resume=true{folder}"
 
@@ -159,9 +160,13 @@ def run_hydra(cfg: DictConfig) -> float | pruning.Pruned:
     with reported("runner"), Stops().installed() as stops:
         try:
             trial = pruning.this_jobs_trial()
-            tags = {"optuna.trial": str(trial.number)} if trial else None
-            value = train(cfg, tags, trial, stops)[cfg.optimized_metric]
-            return trial.result(value) if trial else value
+            if trial is None:
+                return train(cfg, stops=stops)[cfg.optimized_metric]
+            try:
+                tags = {"optuna.trial": str(trial.number)}
+                return trial.result(train(cfg, tags, trial, stops)[cfg.optimized_metric])
+            finally:
+                trial.close()
         except UserError as error:
             if jobs.in_multirun() and not isinstance(error, Interrupted):
                 log.error("runner: error: %s", error)

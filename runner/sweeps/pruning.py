@@ -1,5 +1,6 @@
-"""Pruned Optuna searches, the job's side: a trial reports `optimized_metric` at each validation
-and stops when the study's pruner says it is hopeless.
+"""An Optuna search's trial, the job's side: it reports `optimized_metric` at each validation
+and stops when the study's pruner says it is hopeless; it records where it trains, so that a
+worker that takes it over (its workers having died) carries it on there.
 
 A Hydra sweeper hands each job only its overrides, not the Optuna trial they came from. The
 runner's sweeper (`hydra_plugins.runner_optuna`) marks each trial it asks with the job it
@@ -8,7 +9,7 @@ reach, and reports to it there. A pruned job returns `Pruned`, and the sweeper t
 """
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,14 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from runner.errors import UserError, one_line
-from runner.sweeps import jobs
+from runner.sweeps import jobs, leases
 
 log = logging.getLogger(__name__)
 
 # The trial's user attribute naming the job that runs it: `job_key`.
 JOB_ATTR = "runner.job"
+# The trial's user attribute recording its MLflow run and checkpoints' folder: `Attempt`.
+ATTEMPT_ATTR = "runner.attempt"
 # hydra.sweeper.storage's form for Optuna's journal file, which several processes (on a shared
 # file system, several machines) can share: journal:PATH.
 JOURNAL = "journal:"
@@ -35,6 +38,15 @@ class Pruned:
     there is the last it reported)."""
 
     step: int
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """Where a trial's job trained: its MLflow run and its checkpoints' folder. A job that
+    takes the trial over carries the training on from there, into that run."""
+
+    run_id: str
+    checkpoint_dir: str
 
 
 def build_pruner(spec: Any) -> Any:
@@ -77,15 +89,42 @@ def job_key(hydra: Any, job_num: int) -> str:
 
 
 class Trial:
-    """This job's Optuna trial, which hears the validations and may call training off."""
+    """This job's Optuna trial, which hears the validations and may call training off. The job
+    holds a lease on it (`leases.Lease` of `lease_s`) until `close`; `earlier` is where a job
+    before it trained, if one did, which `reported` the validations at these steps."""
 
-    def __init__(self, trial: Any):
+    def __init__(self, trial: Any, lease_s: float, reported: frozenset[int] = frozenset()):
         self.trial = trial
         self.number: int = trial.number
         self.pruned_at: int | None = None
+        self.reported = reported
+        attempt = trial.user_attrs.get(ATTEMPT_ATTR)
+        self.earlier = Attempt(**attempt) if attempt else None
+        trial.set_user_attr(leases.JOB_WORKER_ATTR, leases.this_worker())
+        self.lease = leases.Lease(lease_s)
+        self.lease.hold(trial)
+
+    def record(self, attempt: Attempt) -> None:
+        """Record where this job trains, for a job that may have to carry it on."""
+        if attempt != self.earlier:
+            self.trial.set_user_attr(ATTEMPT_ATTR, asdict(attempt))
+
+    def ended(self, ending: Any) -> dict[str, float]:
+        """The final metrics of this trial's earlier job, whose run (`ending`, a
+        `runner.tracking.runs.Ending`) ended before the study was told: its result stands."""
+        run_id = self.earlier.run_id if self.earlier else None
+        log.info("trial %d: its run %s had ended; its result stands", self.number, run_id)
+        self.pruned_at = ending.pruned_at
+        return ending.metrics
+
+    def close(self) -> None:
+        self.lease.close()
 
     def report(self, value: float, step: int) -> bool:
-        """Record `value` at `step`; whether the pruner calls the trial off there."""
+        """Record `value` at `step`; whether the pruner calls the trial off there (not at a step
+        an earlier job of the trial reported, and so carried on from)."""
+        if step in self.reported:
+            return False
         self.trial.report(value, step)
         if not self.trial.should_prune():
             return False
@@ -118,7 +157,8 @@ def this_jobs_trial() -> Trial | None:
     key = job_key(hydra, hydra.job.num)
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if trial.user_attrs.get(JOB_ATTR) == key:
-            return Trial(optuna.Trial(study, trial._trial_id))
+            reported = frozenset(trial.intermediate_values)
+            return Trial(optuna.Trial(study, trial._trial_id), sweeper.lease_s, reported)
     raise UserError(
         f"no running trial of study {sweeper.study_name!r} is this job's ({key}): run the "
         f"search itself (runner -m ...), not one of its jobs alone"

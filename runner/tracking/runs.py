@@ -219,8 +219,35 @@ def run_ended(run_id: str) -> bool:
     """Whether the run recorded its ending: it ended FINISHED, or KILLED by its Optuna pruner.
     One stopped (or failed, or cut off from its server) after its last training step has not,
     and its resume finishes it."""
+    return _ended(_resumed_run(run_id))
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a run that recorded its ending ended: its final metrics, and the step its Optuna
+    pruner stopped it at, if it did."""
+
+    metrics: dict[str, float]
+    pruned_at: int | None
+
+
+def recorded_ending(run_id: str) -> Ending | None:
+    """The ending of a run to be carried on, if it recorded one already: an Optuna trial whose
+    job ended after its search process died, which the study was never told of."""
+    run = _resumed_run(run_id)
+    if not _ended(run):
+        return None
+    pruned = run.data.tags.get(PRUNED_TAG)
+    return Ending(dict(run.data.metrics), int(pruned) if pruned else None)
+
+
+def _ended(run: Any) -> bool:
+    return run.info.status == "FINISHED" or PRUNED_TAG in run.data.tags
+
+
+def _resumed_run(run_id: str) -> Any:
     try:
-        run = mlflow.MlflowClient().get_run(run_id)
+        return mlflow.MlflowClient().get_run(run_id)
     except MlflowException as error:
         if error.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
@@ -228,4 +255,3 @@ def run_ended(run_id: str) -> bool:
             f"the checkpoint's MLflow run {run_id} is not in the tracking store "
             f"{mask(mlflow.get_tracking_uri())}: resume with the tracking.uri it recorded into"
         ) from None
-    return run.info.status == "FINISHED" or PRUNED_TAG in run.data.tags
