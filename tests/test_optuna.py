@@ -98,32 +98,48 @@ KILLABLE = [
 ]
 
 
-def test_a_search_killed_mid_trial_carries_the_trial_on_from_its_checkpoint(tmp_path, mnist_dir):
-    """kill -9 at step 25 of trial 0 (checkpoint at 20) leaves the trial, its run and the
-    parent RUNNING. The command again takes the trial over: from step 20, into its own run,
-    each step logged once, ending as the second trial, which no one stopped, ends."""
-    env = {**PROBE, "RUNNER_TEST_SIGNAL": "KILL@25"}
-    killed = cli("runner", *KILLABLE, cwd=tmp_path, mnist_dir=mnist_dir, env=env)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    [parent], [child] = parents_and_children(tmp_path)
-    assert (parent.info.status, child.info.status) == ("RUNNING", "RUNNING")
+def test_a_search_stopped_then_killed_mid_trial_carries_the_trial_on_from_its_checkpoint(
+    tmp_path, mnist_dir
+):
+    """Ctrl-C at step 5 of trial 0 stops the search at step 10, a checkpoint written, the trial
+    left RUNNING with its lease given up. The command again takes it over from step 10, and is
+    killed -9 at step 25 (checkpoint at 20): the trial, its run and the parent stay RUNNING. The
+    command once more takes it over from step 20: the trial keeps its number and its MLflow run,
+    each step logged once, and ends as the second trial, which no one stopped, ends."""
 
-    again = cli("runner", *KILLABLE, cwd=tmp_path, mnist_dir=mnist_dir, env=PROBE)
-    assert again.returncode == 0, again.stderr[-3000:]
-    out = again.stdout + again.stderr
-    assert "0 of 2 trials finished, 1 left running by workers that are gone" in out
-    assert f"resuming from step 20 of run {child.info.run_id}" in out
+    def search(signal_at: str, code: int) -> str:
+        env = {**PROBE, "RUNNER_TEST_SIGNAL": signal_at}
+        done = cli("runner", *KILLABLE, cwd=tmp_path, mnist_dir=mnist_dir, env=env)
+        assert done.returncode == code, done.stderr[-3000:]
+        return done.stdout + done.stderr
+
     storage = pruning.open_storage(f"journal:{tmp_path / 'optuna.journal'}")
+    said = search("INT@5", 128 + signal.SIGINT)
+    assert "run the search's command again: it carries this trial on from here first" in said
+    study = optuna.load_study(study_name="killed", storage=storage)
+    [stopped] = study.trials
+    assert stopped.state.name == "RUNNING" and stopped.user_attrs[leases.LEASE_ATTR] == 0
+    assert stopped.user_attrs[leases.JOB_WORKER_ATTR] is None, "the job's process let it go"
+    [child] = parents_and_children(tmp_path)[1]
+    assert child.info.status == "KILLED"
+
+    said = search("KILL@25", -signal.SIGKILL)
+    assert "0 of 2 trials finished, 1 left running by workers that are gone" in said
+    assert "trial 0: its workers are gone; carrying it on" in said
+    assert f"resuming from step 10 of run {child.info.run_id}" in said
+
+    said = search("", 0)
+    assert f"resuming from step 20 of run {child.info.run_id}" in said
     study = optuna.load_study(study_name="killed", storage=storage)
     assert [(t.number, t.state.name) for t in study.trials] == [(0, "COMPLETE"), (1, "COMPLETE")]
     assert study.trials[0].value == study.trials[1].value
-    marks = {
-        t.user_attrs[key] for t in study.trials for key in ("runner.worker", "runner.job_worker")
-    }
+    marks = {t.user_attrs["runner.worker"] for t in study.trials}
+    marks |= {t.user_attrs[pruning.ATTEMPT_ATTR]["worker"] for t in study.trials}
     assert len(marks) == 1, "the basic launcher runs each trial in the search's own process"
-    [again_parent], children = parents_and_children(tmp_path)
-    assert again_parent.info.run_id == parent.info.run_id
-    assert again_parent.info.status == "FINISHED"
+    parents, children = parents_and_children(tmp_path)
+    # The stopped search's parent ended FAILED; the killed one's, left RUNNING, was joined by
+    # the last search, which ended it.
+    assert sorted(p.info.status for p in parents) == ["FAILED", "FINISHED"]
     runs = {c.data.tags["optuna.trial"]: c for c in children}
     assert runs["0"].info.run_id == child.info.run_id and len(runs) == 2
     assert [r.info.status for r in runs.values()] == ["FINISHED", "FINISHED"]
@@ -144,6 +160,7 @@ def test_a_trial_carried_on_reports_only_the_validations_it_had_not():
         assert study.trials[0].intermediate_values == {20: 0.1}
     finally:
         trial.close()
+    assert study.trials[0].user_attrs[leases.JOB_WORKER_ATTR] is None
 
 
 def test_pruners_by_name_and_a_misspelt_one():
@@ -382,7 +399,7 @@ def test_joblib_slots_start_a_trial_while_a_longer_one_runs(tmp_path, mnist_dir)
     launcher = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
     study = sweep_of_unequal_trials(tmp_path, mnist_dir, launcher)
     [search] = {t.user_attrs[leases.WORKER_ATTR] for t in study.trials}
-    jobs = {t.user_attrs[leases.JOB_WORKER_ATTR] for t in study.trials}
+    jobs = {t.user_attrs[pruning.ATTEMPT_ATTR]["worker"] for t in study.trials}
     assert len(jobs) == 2, "joblib's two workers ran the three trials: started once each"
     assert search not in jobs
 

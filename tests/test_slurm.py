@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.sweeps import leases
+from runner.sweeps import pruning
 
 from .conftest import QUICK, cli, parents_and_children, readme_commands
 from .slurm_cluster import SlurmCluster
@@ -94,7 +94,7 @@ def test_slurm_slots_start_a_trial_while_a_longer_one_runs(slurm_cluster, tmp_pa
     process of its own, as a job of its own."""
     env = {"SLURM_CONF": slurm_cluster.env["SLURM_CONF"]}
     study = sweep_of_unequal_trials(tmp_path, mnist_dir, on_cpus(slurm_cluster), env=env)
-    assert len({t.user_attrs[leases.JOB_WORKER_ATTR] for t in study.trials}) == 3
+    assert len({t.user_attrs[pruning.ATTEMPT_ATTR]["worker"] for t in study.trials}) == 3
 
 
 def test_a_job_the_cluster_cannot_run_is_refused_in_one_line(slurm_cluster, tmp_path, mnist_dir):

@@ -36,7 +36,7 @@ from hydra.types import HydraContext, TaskFunction
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
-from runner.errors import UserError, reported
+from runner.errors import Interrupted, UserError, reported
 from runner.sweeps import leases, pruning
 
 from . import sharing
@@ -203,12 +203,12 @@ class ResumableOptunaSweeper(Sweeper):
 
         window = min(self.n_jobs, count)
         slots = 1 if isinstance(self.launcher, BasicLauncher) else window
-        sweep = _Slots(trials, count, self.job_idx, window, self.max_failure_rate)
-        sweep.lease = leases.Lease(self.lease_s)
+        lease = leases.Lease(self.lease_s)
+        sweep = _Slots(trials, count, self.job_idx, window, self.max_failure_rate, lease)
         try:
             self._run_slots(sweep, slots)
         finally:
-            sweep.lease.close()
+            lease.close()
         self.job_idx = sweep.job_idx
         sweep.raise_if_failed()
 
@@ -231,7 +231,7 @@ class ResumableOptunaSweeper(Sweeper):
                     while thread.is_alive():
                         thread.join(0.2)
             except BaseException:
-                sweep.stop()
+                sweep.stop(interrupted=True)
                 deadline = time.monotonic() + INTERRUPT_GRACE_S
                 for thread in threads:
                     thread.join(max(0.0, deadline - time.monotonic()))
@@ -245,9 +245,16 @@ class _Slots:
     unique and increase in the order they are asked."""
 
     def __init__(
-        self, trials: "Trials", count: int, job_idx: int, window: int, max_failure_rate: float
+        self,
+        trials: "Trials",
+        count: int,
+        job_idx: int,
+        window: int,
+        max_failure_rate: float,
+        lease: leases.Lease,
     ) -> None:
         self.trials = trials
+        self.lease = lease  # on the trials at work
         self.left = count
         self.job_idx = job_idx
         self.window = window
@@ -256,13 +263,15 @@ class _Slots:
         self.failed: list[JobReturn] = []
         self.error: Exception | None = None  # the search's own (custom_search_space's, ...)
         self.stopped = False
+        self.interrupted = False
         self.lock = threading.Lock()
-        self.lease: leases.Lease | None = None
 
     def run(self, launcher: Any) -> None:
         """One slot: trials one after the other until the budget is spent or the sweep stops.
         A job the launcher lost (its error raised rather than returned) is a failed trial, which
-        the study is told of rather than left running."""
+        the study is told of rather than left running. A job stopped by a signal (Ctrl-C,
+        SIGTERM), or cut short as the sweep is interrupted, leaves its trial running, its lease
+        given up, for the search's next worker or start to carry on from its checkpoint."""
         while True:
             with self.lock:
                 if self.stopped or self.left == 0:
@@ -277,25 +286,37 @@ class _Slots:
                     return
                 trial, overrides = asked
                 self.left, self.job_idx = self.left - 1, job_num + 1
-            if self.lease is not None:
-                self.lease.hold(trial)
+            self.lease.hold(trial)
             try:
                 [ret] = launcher.launch([overrides], initial_job_idx=job_num)
             except Exception as error:
                 ret = JobReturn(status=JobStatus.FAILED, _return_value=error)
+            except BaseException:  # the job, run in this process, was stopped by a signal
+                self._leave(trial)
+                raise
             with self.lock:
                 self.ended += 1
-                if self.lease is not None:
-                    self.lease.release(trial)
+                stop = _interruption(ret)
+                if ret.status != JobStatus.COMPLETED and (stop or self.interrupted):
+                    self._leave(trial)
+                    self.error, self.stopped = self.error or stop, True
+                    continue
+                self.lease.release(trial)
                 if self.trials.tell(trial, ret):
                     self.failed.append(ret)
                     if len(self.failed) / max(self.ended, self.window) > self.max_failure_rate:
                         self.stopped = True
 
-    def stop(self) -> None:
-        """Let the slots' running trials end, and start no more."""
+    def _leave(self, trial: Any) -> None:
+        self.lease.give_up(trial)
+        log.info("trial %d stopped: the search's command, run again, carries it on", trial.number)
+
+    def stop(self, interrupted: bool = False) -> None:
+        """Let the slots' running trials end, and start no more; `interrupted`, the sweep is
+        stopped by a signal, which cuts them short."""
         with self.lock:
             self.stopped = True
+            self.interrupted = interrupted
 
     def raise_if_failed(self) -> None:
         """Raise the search's error, or the first failed job's if failures stopped the sweep."""
@@ -310,6 +331,13 @@ class _Slots:
             self.max_failure_rate,
         )
         self.failed[0].return_value  # noqa: B018 - raises the job's error, with its traceback
+
+
+def _interruption(ret: JobReturn) -> Interrupted | None:
+    """The signal's stop of a job stopped by one (Ctrl-C, SIGTERM, SIGUSR2), which wrote a
+    checkpoint to carry its trial on from; None for a job that ended otherwise."""
+    error = ret._return_value if ret.status == JobStatus.FAILED else None
+    return error if isinstance(error, Interrupted) else None
 
 
 class Trials:

@@ -92,7 +92,8 @@ def _alive(pid: int) -> bool:
 
 class Lease:
     """Renews a lease of `seconds` on each trial it holds, on a daemon thread, until closed.
-    Trials are Optuna `Trial`s, which write to their study's storage."""
+    Trials are Optuna `Trial`s, which write to their study's storage; the writes are made one at
+    a time, so that a lease given up stays given up."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
@@ -104,13 +105,19 @@ class Lease:
 
     def hold(self, trial: Any) -> None:
         """Take the lease on `trial` now, and keep renewing it."""
-        self._write(trial)
         with self.lock:
-            self.held[trial.number] = trial
+            if self._write(trial, time.time() + self.seconds):
+                self.held[trial.number] = trial
 
     def release(self, trial: Any) -> None:
         with self.lock:
             self.held.pop(trial.number, None)
+
+    def give_up(self, trial: Any) -> None:
+        """Release `trial` and end its lease now: a worker elsewhere may take it over at once."""
+        with self.lock:
+            self.held.pop(trial.number, None)
+            self._write(trial, 0.0)
 
     def close(self) -> None:
         self.closed.set()
@@ -118,16 +125,18 @@ class Lease:
     def _renew(self) -> None:
         while not self.closed.wait(self.seconds / RENEWALS):
             with self.lock:
-                trials = list(self.held.values())
-            for trial in trials:
-                self._write(trial)
+                for number, trial in list(self.held.items()):
+                    if not self._write(trial, time.time() + self.seconds):
+                        del self.held[number]
 
-    def _write(self, trial: Any) -> None:
+    def _write(self, trial: Any, until: float) -> bool:
+        """Write the lease; whether the trial still runs."""
         import optuna
 
         try:
-            trial.set_user_attr(LEASE_ATTR, time.time() + self.seconds)
+            trial.set_user_attr(LEASE_ATTR, until)
         except optuna.exceptions.UpdateFinishedTrialError:  # told while this was renewing it
-            self.release(trial)
+            return False
         except Exception as error:  # a storage busy a moment: the next renewal tries again
             log.warning("could not renew the lease on trial %d: %s", trial.number, error)
+        return True

@@ -8,8 +8,9 @@ launches it as; the job finds that trial in the study's storage, which every lau
 reach, and reports to it there. A pruned job returns `Pruned`, and the sweeper tells the study.
 """
 
+import contextlib
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +43,13 @@ class Pruned:
 
 @dataclass(frozen=True)
 class Attempt:
-    """Where a trial's job trained: its MLflow run and its checkpoints' folder. A job that
-    takes the trial over carries the training on from there, into that run."""
+    """Where a trial's job trained: its MLflow run, its checkpoints' folder and its process
+    (`host:pid`). A job that takes the trial over carries the training on from there, into
+    that run."""
 
     run_id: str
     checkpoint_dir: str
+    worker: str = field(default_factory=leases.this_worker)
 
 
 def build_pruner(spec: Any) -> Any:
@@ -118,7 +121,13 @@ class Trial:
         return ending.metrics
 
     def close(self) -> None:
+        """Stop renewing the lease and unmark this process, which may outlive the job (a joblib
+        worker) but is no longer at work on the trial."""
+        import optuna
+
         self.lease.close()
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            self.trial.set_user_attr(leases.JOB_WORKER_ATTR, None)
 
     def report(self, value: float, step: int) -> bool:
         """Record `value` at `step`; whether the pruner calls the trial off there (not at a step
