@@ -135,11 +135,11 @@ def matmul_gflops() -> float:
     return float(result.stdout.strip().splitlines()[-1])
 
 
-def checkout(ref: str, folder: Path) -> dict[str, str]:
-    """The variables that make the commands run `ref`'s runner/ and conf/, written into
-    `folder`: its runner package comes first on the path, before the checkout's own."""
+def checkout(ref: str, folder: Path, parts: tuple[str, ...] = ("runner", "conf")) -> dict[str, str]:
+    """The variables that make the commands run `ref`'s runner/ and conf/ (or other `parts`),
+    written into `folder`: its packages come first on the path, before the checkout's own."""
     archive = subprocess.run(
-        ["git", "archive", ref, "runner", "conf"], cwd=REPO, capture_output=True, check=True
+        ["git", "archive", ref, *parts], cwd=REPO, capture_output=True, check=True
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
     return {"PYTHONPATH": str(folder)}
