@@ -161,7 +161,7 @@ def _read(path: Path, sha256: str | None) -> np.ndarray:
     raw, content, array = _decode(path)
     check_sha256(raw, content, sha256, path)
     if raw.startswith(_GZIP_MAGIC):
-        idx_cache.keep(path, before, array, raw, content)
+        idx_cache.keep(path, before, array, raw=raw, content=content)
     return array
 
 

@@ -80,7 +80,7 @@ def load(source: Path) -> tuple[np.ndarray, Digests] | None:
 
 
 def keep(
-    source: Path, before: os.stat_result, array: np.ndarray, raw: bytes, content: bytes
+    source: Path, before: os.stat_result, array: np.ndarray, *, raw: bytes, content: bytes
 ) -> None:
     """Cache `array`, decoded from `source`'s bytes `raw` (decompressed: `content`), which had
     the status `before` when it was read; nothing if its folder is not to be written or the
@@ -128,6 +128,8 @@ _known: dict[int, str] = {}
 
 
 def _remember(array: np.ndarray, digest: str) -> None:
+    if array.flags.writeable:  # its bytes, and so its digest, could change
+        return
     _known[id(array)] = digest
     weakref.finalize(array, _known.pop, id(array), None)
 
