@@ -12,6 +12,7 @@ import hashlib
 import http.client
 import http.server
 import logging
+import os
 import re
 import socket
 import threading
@@ -27,6 +28,7 @@ from runner.cli.train import compose, train
 from runner.config.schema import DataKeys
 from runner.config.settings import runner_keys
 from runner.data import (
+    ARRAYS,
     FILES,
     TEST_IMAGES,
     TEST_LABELS,
@@ -35,6 +37,7 @@ from runner.data import (
     Split,
     check_sha256,
     download,
+    idx,
     parse_idx,
     read_idx,
 )
@@ -415,6 +418,139 @@ def test_load_missing_folder_without_download(tmp_path):
         load(fake_cfg(tmp_path / "nowhere"))
 
 
+# --------------------------------------------------------------------------- decoded files' cache
+
+
+def listing(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+GZIPPED = sorted(f"{name}.gz" for name in FILES)
+CACHED = sorted([*GZIPPED, *(f"{name}.gz.npz" for name in FILES)])
+
+
+@pytest.fixture
+def no_decoding(monkeypatch):
+    """Makes decoding an IDX file fail: what loads then came from the caches."""
+
+    def refused(path):
+        raise AssertionError(f"{path} decoded")
+
+    monkeypatch.setattr(idx, "_decode", refused)
+
+
+def test_gzipped_files_are_decoded_once_into_a_cache_beside_them(tmp_path, request):
+    contents = fake_mnist_contents()
+    directory = write_fake_mnist(tmp_path / "mnist", contents)
+    good = {name: sha256(content) for name, content in contents.items()}
+
+    first = load(fake_cfg(directory, sha256=good))
+    assert listing(directory) == CACHED
+    request.getfixturevalue("no_decoding")
+    again = load(fake_cfg(directory, sha256=good))
+
+    # The digests a run records are those of the decoded arrays, whichever way they were read.
+    arrays = dict(zip(ARRAYS, (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS), strict=True))
+    decoded = {
+        key: sha256(parse_idx(contents[name], name).tobytes()) for key, name in arrays.items()
+    }
+    assert first.digests == again.digests == decoded
+    for split in ("train", "validation", "test"):
+        np.testing.assert_array_equal(getattr(again, split).x, getattr(first, split).x)
+        np.testing.assert_array_equal(getattr(again, split).y, getattr(first, split).y)
+
+
+def test_a_cached_file_is_checked_against_data_sha256_as_the_file_is(tmp_path):
+    contents = fake_mnist_contents()
+    directory = write_fake_mnist(tmp_path / "mnist", contents)
+    bad = {name: sha256(content) for name, content in contents.items()}
+    bad[TEST_IMAGES] = sha256(b"something else")
+    load(fake_cfg(directory))
+    assert listing(directory) == CACHED
+
+    with pytest.raises(UserError) as from_cache:
+        load(fake_cfg(directory, sha256=bad))
+    for name in FILES:
+        (directory / f"{name}.gz.npz").unlink()
+    with pytest.raises(UserError) as from_file:
+        load(fake_cfg(directory, sha256=bad))
+
+    assert str(from_cache.value) == str(from_file.value)
+    assert str(from_file.value).startswith(f"{directory / TEST_IMAGES}.gz: SHA-256 is ")
+
+
+def test_a_changed_file_is_decoded_anew_and_its_cache_rewritten(tmp_path, request):
+    directory = write_fake_mnist(tmp_path / "mnist", fake_mnist_contents())
+    path = directory / f"{TEST_LABELS}.gz"
+    # Stored uncompressed in the gzip stream, so that new labels keep the file's size.
+    path.write_bytes(gzip.compress(idx_bytes(np.arange(10)), compresslevel=0))
+    np.testing.assert_array_equal(load(fake_cfg(directory)).test.y, np.arange(10))
+    before = path.stat()
+    path.write_bytes(gzip.compress(idx_bytes(np.full(10, 7)), compresslevel=0))
+    assert path.stat().st_size == before.st_size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+
+    np.testing.assert_array_equal(load(fake_cfg(directory)).test.y, np.full(10, 7))
+    request.getfixturevalue("no_decoding")
+    np.testing.assert_array_equal(load(fake_cfg(directory)).test.y, np.full(10, 7))
+
+
+def flip_a_byte(data: bytes) -> bytes:
+    middle = len(data) // 2  # in the array's bytes
+    return data[:middle] + bytes([data[middle] ^ 1]) + data[middle + 1 :]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [lambda data: data[: len(data) // 2], flip_a_byte, lambda data: b"", lambda data: b"x" * 99],
+    ids=["truncated", "flipped", "empty", "not-npz"],
+)
+def test_a_damaged_cache_is_ignored_and_rewritten(tmp_path, request, damage):
+    contents = fake_mnist_contents()
+    directory = write_fake_mnist(tmp_path / "mnist", contents)
+    first = load(fake_cfg(directory))
+    cache = directory / f"{TRAIN_IMAGES}.gz.npz"
+    cache.write_bytes(damage(cache.read_bytes()))
+
+    again = load(fake_cfg(directory))
+    np.testing.assert_array_equal(again.train.x, first.train.x)
+    assert again.digests == first.digests
+    request.getfixturevalue("no_decoding")
+    np.testing.assert_array_equal(load(fake_cfg(directory)).train.x, first.train.x)
+
+
+def test_no_cache_where_the_folder_may_not_be_written(tmp_path, caplog):
+    """Not even for root, whom the system lets write into a folder made read-only."""
+    contents = fake_mnist_contents()
+    directory = write_fake_mnist(tmp_path / "mnist", contents)
+    directory.chmod(0o555)
+    try:
+        with caplog.at_level(logging.INFO):
+            splits = load(fake_cfg(directory))
+    finally:
+        directory.chmod(0o755)
+    assert listing(directory) == GZIPPED
+    assert caplog.records == []
+    assert splits.digests["x_test"] == sha256(parse_idx(contents[TEST_IMAGES], "x").tobytes())
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_write_cut_short_leaves_no_cache(tmp_path, monkeypatch, error):
+    directory = write_fake_mnist(tmp_path / "mnist", fake_mnist_contents())
+
+    def cut_short(file, **arrays):
+        file.write(b"PK\x03\x04")  # the start of a zip file
+        raise error
+
+    monkeypatch.setattr(np, "savez", cut_short)
+    if isinstance(error, OSError):  # the run goes on without a cache, saying nothing
+        assert len(load(fake_cfg(directory)).test.y) == 10
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            load(fake_cfg(directory))
+    assert listing(directory) == GZIPPED
+
+
 # --------------------------------------------------------------------------- downloads
 
 
@@ -631,7 +767,7 @@ def test_load_downloads_missing_files(serve, tmp_path):
 
     splits = load(cfg)
 
-    assert sorted(p.name for p in target.iterdir()) == sorted(f"{name}.gz" for name in FILES)
+    assert listing(target) == CACHED  # the downloaded files, and their arrays decoded
     assert (len(splits.train.y), len(splits.validation.y), len(splits.test.y)) == (15, 5, 10)
     np.testing.assert_array_equal(splits.validation.y, np.arange(5))
 

@@ -1,5 +1,7 @@
 """The three tutorial models: shapes, parameter counts, initialisers and dropout as published."""
 
+from types import SimpleNamespace
+
 import keras
 import numpy as np
 import pytest
@@ -293,6 +295,31 @@ def test_a_model_of_any_keras_kind_builds(builder):
         OmegaConf.create({"_target_": f"tests.test_models.{builder}"}), (12, 12, 3), 5
     )
     assert tuple(model(np.zeros((2, 12, 12, 3), np.float32)).shape) == (2, 5)
+
+
+@pytest.mark.parametrize("builder", ["softmax", "subclassed", "sequential_without_input"])
+def test_training_with_adam_traces_its_step_once(builder):
+    """Adam's moments are made as the model is compiled: made while Keras traced the first step,
+    they made TensorFlow trace it twice."""
+    from omegaconf import OmegaConf
+
+    cfg = compose_config(["optimizer=adam"])
+    target = f"tests.test_models.{builder}" if builder != "softmax" else cfg.model._target_
+    model = modeling.build(OmegaConf.create({"_target_": target}), (28, 28, 1), 10)
+    plan = SimpleNamespace(jit_compile=False, steps_per_execution=2)
+    modeling.compiled(model, optimizer_of(cfg), cfg.loss, plan)
+    traced = []
+    step = model.train_step
+
+    def counted(data):
+        traced.append(data)
+        return step(data)
+
+    model.train_step = counted
+    x, y = np.zeros((8, 28, 28, 1), np.float32), np.arange(8) % 10
+    model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0)
+    assert len(traced) == 1
+    assert int(model.optimizer.iterations) == 4
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from runner import targets
+from runner.data import idx_cache
 from runner.data.idx import (
     FILES,
     TEST_IMAGES,
@@ -192,7 +193,7 @@ def _arrays(option: Mapping[str, Any], own: Any) -> tuple[list[np.ndarray], dict
             f"{where}: training images are {checked['x_train'].shape[1:]} but test images "
             f"{checked['x_test'].shape[1:]}"
         )
-    digests = {name: _sha256(raw[name]) for name in ARRAYS}
+    digests = {name: idx_cache.array_sha256(raw[name]) for name in ARRAYS}
     return [checked[name] for name in ARRAYS], digests, where
 
 
@@ -228,10 +229,6 @@ def _labels(y: np.ndarray, where: str) -> np.ndarray:
     if len(y) and y.min() < 0:
         raise UserError(f"{where} holds the label {y.min()}: labels must be 0, 1, 2, ...")
     return y.astype(np.int32)
-
-
-def _sha256(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
 def npz_file(path: str) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:

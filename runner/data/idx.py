@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runner.data import idx_cache
 from runner.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,8 @@ def idx_files(
     """MNIST's four IDX files (or Fashion-MNIST's, which has the same names and layout) in
     `dir`, gzipped or not, downloaded from `mirrors` if missing and allowed, each checked
     against its `sha256`: the digest of the file as served (gzipped) or of its decompressed
-    content, since releases publish one or the other."""
+    content, since releases publish one or the other. A gzipped file is decoded once, into a
+    cache beside it where its folder may be written (`runner.data.idx_cache`)."""
     source = _IdxSource(folder(dir), download, mirrors or [], sha256 or {}, download_timeout_s)
     return source.read(TRAIN_IMAGES, TRAIN_LABELS), source.read(TEST_IMAGES, TEST_LABELS)
 
@@ -66,7 +68,7 @@ class _IdxSource:
 
     def read(self, images_file: str, labels_file: str) -> tuple[np.ndarray, np.ndarray]:
         files = {name: self.locate(name) for name in (images_file, labels_file)}
-        images, labels = (read_idx(path, self.sha256.get(name)) for name, path in files.items())
+        images, labels = (_read(path, self.sha256.get(name)) for name, path in files.items())
         where = files[images_file]
         if images.ndim != 3 or labels.ndim != 1:
             raise UserError(
@@ -133,10 +135,33 @@ def download(
 
 def read_idx(path: Path, sha256: str | None = None) -> np.ndarray:
     """The array stored in an IDX file (gzipped or not), checked for truncation and checksum."""
+    raw, content, array = _decode(path)
+    check_sha256(raw, content, sha256, path)
+    return array
+
+
+def _decode(path: Path) -> tuple[bytes, bytes, np.ndarray]:
+    """An IDX file's bytes as stored, decompressed, and decoded."""
     raw = path.read_bytes()
     content = _decompress(raw, path)
-    array = parse_idx(content, path)
+    return raw, content, parse_idx(content, path)
+
+
+def _read(path: Path, sha256: str | None) -> np.ndarray:
+    """`read_idx`, through the cache of a gzipped file's array (`runner.data.idx_cache`), whose
+    digests stand for those of the file it is valid for."""
+    if path.suffix != ".gz":
+        return read_idx(path, sha256)
+    cached = idx_cache.load(path)
+    if cached is not None:
+        array, digests = cached
+        _check_digests(digests.stored, digests.decompressed, sha256, path)
+        return array
+    before = path.stat()  # a change while it is read then makes the cache stale
+    raw, content, array = _decode(path)
     check_sha256(raw, content, sha256, path)
+    if raw.startswith(_GZIP_MAGIC):
+        idx_cache.keep(path, before, array, raw=raw, content=content)
     return array
 
 
@@ -179,13 +204,19 @@ def check_sha256(raw: bytes, content: bytes, sha256: str | None, source: object)
     if sha256 is None:
         return
     stored = hashlib.sha256(raw).hexdigest()
-    if stored == sha256:
+    gzipped = stored != sha256 and raw.startswith(_GZIP_MAGIC)
+    decompressed = hashlib.sha256(content).hexdigest() if gzipped else None
+    _check_digests(stored, decompressed, sha256, source)
+
+
+def _check_digests(
+    stored: str, decompressed: str | None, sha256: str | None, source: object
+) -> None:
+    """`check_sha256` on the file's digests as `stored` and, if gzipped, `decompressed`."""
+    if sha256 is None or sha256 in (stored, decompressed):
         return
     found = f"SHA-256 is {stored}"
-    if raw.startswith(_GZIP_MAGIC):
-        decompressed = hashlib.sha256(content).hexdigest()
-        if decompressed == sha256:
-            return
+    if decompressed is not None:
         found = f"SHA-256 is {stored} as stored (gzipped) and {decompressed} decompressed"
     raise UserError(
         f"{source}: {found}, but data.sha256 expects {sha256}; the file is corrupted or from "

@@ -109,7 +109,7 @@ def _outputs(model: Any, target: str, input_shape: tuple[int, ...]) -> dict[str,
 
 def compiled(model: Any, optimizer: Any, loss: Mapping[str, Any], plan: Any) -> Any:
     """`model` compiled as `plan` says, with `optimizer` (a resumed model's own, which keeps its
-    state) and the `loss` option's loss, measuring accuracy."""
+    state) and the `loss` option's loss, measuring accuracy; the optimizer's variables made."""
     model.compile(
         optimizer=optimizer,
         loss=targets.build(loss, "loss", keys(LossKeys)),
@@ -117,6 +117,10 @@ def compiled(model: Any, optimizer: Any, loss: Mapping[str, Any], plan: Any) -> 
         jit_compile=plan.jit_compile,
         steps_per_execution=plan.steps_per_execution,
     )
+    if not model.optimizer.built:
+        # Now, not where Keras on TensorFlow would build it, while it traces the first step:
+        # a function that creates variables is traced twice (Adam's, for its moments).
+        model.optimizer.build(model.trainable_variables)
     return model
 
 
