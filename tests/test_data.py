@@ -421,6 +421,32 @@ def test_load_missing_folder_without_download(tmp_path):
 # --------------------------------------------------------------------------- decoded files' cache
 
 
+@pytest.fixture(autouse=True)
+def read_anew(monkeypatch):
+    """Each load reads the files (or the caches beside them), not what this process read of
+    them before (`idx._read`), but where a test asks for that."""
+    unchanged = idx._read_unchanged.__wrapped__
+    monkeypatch.setattr(idx, "_read_unchanged", functools.lru_cache(maxsize=0)(unchanged))
+
+
+def test_a_process_reads_an_unchanged_file_once(tmp_path, monkeypatch):
+    """As a search's trials in one process do: the same arrays, read-only, until a file
+    changes."""
+    monkeypatch.setattr(
+        idx, "_read_unchanged", functools.lru_cache(8)(idx._read_unchanged.__wrapped__)
+    )
+    directory = write_fake_mnist(tmp_path / "mnist", fake_mnist_contents(), compress=False)
+    first = idx.idx_files(directory)
+    second = idx.idx_files(directory)
+    assert all(a is b for a, b in zip(sum(first, ()), sum(second, ()), strict=True))
+    assert not any(array.flags.writeable for array in sum(first, ()))
+    path = directory / TEST_LABELS
+    path.write_bytes(idx_bytes(np.full(10, 7, np.uint8)))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    (_, _), (_, labels) = idx.idx_files(directory)
+    np.testing.assert_array_equal(labels, np.full(10, 7))
+
+
 def listing(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 

@@ -1,6 +1,7 @@
 """The loader of IDX files (MNIST, Fashion-MNIST), the `_target_` of data=mnist and
 data=fashion_mnist: find or download them, verify them, decode them."""
 
+import functools
 import gzip
 import hashlib
 import http.client
@@ -148,6 +149,21 @@ def _decode(path: Path) -> tuple[bytes, bytes, np.ndarray]:
 
 
 def _read(path: Path, sha256: str | None) -> np.ndarray:
+    """`read_idx`, once a process while the file is unchanged: the trials of a search that one
+    process runs one after another (the basic launcher's, a joblib worker's) read their data
+    once. The array is read-only, as they share it."""
+    stat = path.stat()
+    return _read_unchanged(path.resolve(), stat.st_size, stat.st_mtime_ns, sha256)
+
+
+@functools.lru_cache(maxsize=8)  # two data sets' four files
+def _read_unchanged(path: Path, size: int, mtime_ns: int, sha256: str | None) -> np.ndarray:
+    array = _read_afresh(path, sha256)
+    array.flags.writeable = False
+    return array
+
+
+def _read_afresh(path: Path, sha256: str | None) -> np.ndarray:
     """`read_idx`, through the cache of a gzipped file's array (`runner.data.idx_cache`), whose
     digests stand for those of the file it is valid for."""
     if path.suffix != ".gz":
