@@ -41,16 +41,14 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import date
 from pathlib import Path
 
 import optuna
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-from startup_commands import checkout, matmul_gflops
+from startup_commands import checkout, host_line, matmul_gflops
 
 from runner.sweeps.pruning import open_storage
-from runner.tracking.environment import cpu_cores, cpu_model
 
 # The commit before f89fae0 ("n_jobs slots that do not wait for each other"): batches of n_jobs.
 BATCH_REF = "f89fae0^"
@@ -290,12 +288,7 @@ def main() -> None:
                 folder = Path(scratch, f"{name}-{repeat}")
                 results[name].append(run(args, name, folder, code))
     load_after = os.getloadavg()
-    print(
-        f"{date.today()}, CPU: {cpu_cores()} cores, {cpu_model()}; 4096x4096 float32 matmul in "
-        f"TensorFlow: {gflops:.0f} GFLOP/s; load averages (1, 5, 15 min) before "
-        f"{', '.join(f'{x:.2f}' for x in load_before)}, after "
-        f"{', '.join(f'{x:.2f}' for x in load_after)}\n"
-    )
+    print(host_line(gflops, load_before, load_after) + "\n")
     print(
         f"{args.trials}-trial cnn_optuna search, median pruner, {args.steps} steps a trial, "
         f"validated every {args.eval_every}, data.limit={args.limit or 'null'}, "

@@ -14,23 +14,21 @@ others, from the study's own start and end times.
 """
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import optuna
-from startup_commands import matmul_gflops
+from startup_commands import host_line, matmul_gflops
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from runner.backends.devices import cpu_cores  # noqa: E402
 from runner.sweeps.pruning import open_storage  # noqa: E402
-from runner.tracking.environment import cpu_model  # noqa: E402
 
 RUNNER = str(Path(sys.executable).parent / "runner")
 
@@ -86,6 +84,7 @@ def main() -> None:
     options = parser.parse_args()
     n = options.trials
     rows: dict[str, list[float]] = {"search": [], "commands": [], "first": [], "others": []}
+    gflops, load_before = matmul_gflops(), os.getloadavg()
     for repeat in range(options.repeats):
         with tempfile.TemporaryDirectory() as scratch:
             a, b = Path(scratch, "search"), Path(scratch, "commands")
@@ -97,7 +96,7 @@ def main() -> None:
             rows["commands"].append(commands(n, b) / n)
         print(f"repeat {repeat + 1}/{options.repeats} done", file=sys.stderr)
     median = {key: statistics.median(values) for key, values in rows.items()}
-    print(f"{date.today()}, {cpu_model()}, {cpu_cores()} cores, {matmul_gflops():.0f} GFLOP/s")
+    print(host_line(gflops, load_before, os.getloadavg()))
     print(f"`uv run python benchmarks/search_startup.py --trials {n} --repeats {options.repeats}`")
     print()
     print("| how the trials start | seconds a trial (median of repeats) |")

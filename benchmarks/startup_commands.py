@@ -135,6 +135,16 @@ def matmul_gflops() -> float:
     return float(result.stdout.strip().splitlines()[-1])
 
 
+def host_line(gflops: float, load_before: tuple, load_after: tuple) -> str:
+    """The date, the host, its matmul speed and its load averages around a benchmark's runs."""
+    return (
+        f"{date.today()}, CPU: {cpu_cores()} cores, {cpu_model()}; 4096x4096 float32 matmul in "
+        f"TensorFlow: {gflops:.0f} GFLOP/s; load averages (1, 5, 15 min) before "
+        f"{', '.join(f'{x:.2f}' for x in load_before)}, after "
+        f"{', '.join(f'{x:.2f}' for x in load_after)}"
+    )
+
+
 def checkout(ref: str, folder: Path, parts: tuple[str, ...] = ("runner", "conf")) -> dict[str, str]:
     """The variables that make the commands run `ref`'s runner/ and conf/ (or other `parts`),
     written into `folder`: its packages come first on the path, before the checkout's own."""
@@ -189,12 +199,7 @@ def main() -> None:
         assert not any(Path(scratch).iterdir()), "a command wrote into its working folder"
     load_after = os.getloadavg()
 
-    print(
-        f"{date.today()}, CPU: {cpu_cores()} cores, {cpu_model()}; 4096x4096 float32 matmul in "
-        f"TensorFlow: {gflops:.0f} GFLOP/s; load averages (1, 5, 15 min) before "
-        f"{', '.join(f'{x:.2f}' for x in load_before)}, after "
-        f"{', '.join(f'{x:.2f}' for x in load_after)}\n"
-    )
+    print(host_line(gflops, load_before, load_after) + "\n")
     header = ["command", "exit", "wall s", "CPU s", f"within {GOAL_S} s", "imported"]
     for version in list(versions)[1:]:
         header += [f"{version}: wall s", "CPU s", "imported", f"CPU today/{version}"]
