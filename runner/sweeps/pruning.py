@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 # The trial's user attribute naming the job that runs it: `job_key`.
 JOB_ATTR = "runner.job"
-# The trial's user attribute recording its MLflow run and checkpoints' folder: `Attempt`.
+# The trial's user attribute recording where its job trains: `Attempt`.
 ATTEMPT_ATTR = "runner.attempt"
 # hydra.sweeper.storage's form for Optuna's journal file, which several processes (on a shared
 # file system, several machines) can share: journal:PATH.
