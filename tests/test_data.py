@@ -38,6 +38,7 @@ from runner.data import (
     check_sha256,
     download,
     idx,
+    idx_cache,
     parse_idx,
     read_idx,
 )
@@ -440,6 +441,10 @@ def test_a_process_reads_an_unchanged_file_once(tmp_path, monkeypatch):
     second = idx.idx_files(directory)
     assert all(a is b for a, b in zip(sum(first, ()), sum(second, ()), strict=True))
     assert not any(array.flags.writeable for array in sum(first, ()))
+    digests = [idx_cache.array_sha256(array) for array in sum(first, ())]
+    with monkeypatch.context() as patch:
+        patch.setattr(idx_cache, "_sha256", lambda data: pytest.fail("hashed again"))
+        assert [idx_cache.array_sha256(array) for array in sum(second, ())] == digests
     path = directory / TEST_LABELS
     path.write_bytes(idx_bytes(np.full(10, 7, np.uint8)))
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))

@@ -160,6 +160,7 @@ def _read(path: Path, sha256: str | None) -> np.ndarray:
 def _read_unchanged(path: Path, size: int, mtime_ns: int, sha256: str | None) -> np.ndarray:
     array = _read_afresh(path, sha256)
     array.flags.writeable = False
+    idx_cache.remember(array)  # hashed once, where no cache beside the file told its digest
     return array
 
 

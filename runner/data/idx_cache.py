@@ -127,6 +127,12 @@ def _writable(folder: Path) -> bool:
 _known: dict[int, str] = {}
 
 
+def remember(array: np.ndarray) -> None:
+    """Know the digest of the read-only `array` from now on: an array a process keeps and hands
+    to each of its runs, which then need not hash it again."""
+    _remember(array, array_sha256(array))
+
+
 def _remember(array: np.ndarray, digest: str) -> None:
     if array.flags.writeable:  # its bytes, and so its digest, could change
         return
